@@ -1,0 +1,21 @@
+"""flight-share client: open a catalog, read tables as pandas / Arrow / SQL, save results back."""
+
+from client.catalog import Catalog, Dataset, Relation, Table, connect
+from client.errors import (
+    AuthenticationError,
+    DataValidationError,
+    FlightShareError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    PipelineStepFailed,
+    ServerError,
+    ServerUnavailableError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "connect", "Catalog", "Dataset", "Table", "Relation",
+    "FlightShareError", "NotFoundError", "InvalidRequestError", "UnsupportedError", "PermissionDeniedError",
+    "AuthenticationError", "ServerUnavailableError", "ServerError", "DataValidationError", "PipelineStepFailed",
+]

@@ -1,0 +1,318 @@
+"""The analyst's view: Catalog -> Dataset -> Table / Relation, read as pandas, Arrow or SQL.
+
+Builder methods (``select``, ``limit``) return new relations; terminal methods (``arrow``, ``df``,
+``iter_batches``) run the read. Item access (``catalog["name"]``) is canonical; attribute access is a
+convenience that never hides a method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from client import protocol
+from client.errors import NotFoundError, translate
+from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand
+
+if TYPE_CHECKING:
+    import pandas
+
+
+@contextlib.contextmanager
+def _errors(**context: Any) -> Iterator[None]:
+    try:
+        yield
+    except (flight.FlightError, pa.ArrowException) as exc:
+        raise translate(exc, **context) from None
+
+
+class Connection:
+    """A Flight client plus the call options every request carries."""
+
+    def __init__(self, url: str, **client_kwargs: Any) -> None:
+        self.url = url
+        self.client = flight.FlightClient(url, **client_kwargs)
+        self.options = flight.FlightCallOptions()
+
+    def action(self, name: str, body: bytes = b"") -> bytes:
+        with _errors():
+            results = list(self.client.do_action(flight.Action(name, body), self.options))
+        return results[0].body.to_pybytes() if results else b""
+
+    def flight_info(self, command: Command) -> flight.FlightInfo:
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        with _errors(**_context(command)):
+            return self.client.get_flight_info(descriptor, self.options)
+
+    def schema(self, command: Command) -> pa.Schema:
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        with _errors(**_context(command)):
+            return self.client.get_schema(descriptor, self.options).schema
+
+    def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
+        """Stream a command's result, endpoint by endpoint, in order."""
+        info = self.flight_info(command)
+        for endpoint in info.endpoints:
+            with _errors(**_context(command)):
+                reader = self.client.do_get(endpoint.ticket, self.options)
+                for chunk in reader:
+                    yield chunk.data
+
+    def table(self, command: Command) -> pa.Table:
+        info = self.flight_info(command)
+        tables = []
+        for endpoint in info.endpoints:
+            with _errors(**_context(command)):
+                tables.append(self.client.do_get(endpoint.ticket, self.options).read_all())
+        return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _context(command: Command) -> dict[str, Any]:
+    context = {"dataset": command.dataset}
+    table = getattr(command, "table", None)
+    if table is not None:
+        context["table"] = table
+    return context
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A readable result: a table (optionally projected/limited) or a SQL query."""
+
+    _connection: Connection
+    _command: ReadCommand | SqlCommand
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Arrow schema, without reading data."""
+        return self._connection.schema(self._command)
+
+    def arrow(self) -> pa.Table:
+        """Read everything into a pyarrow Table."""
+        return self._connection.table(self._command)
+
+    def df(self) -> "pandas.DataFrame":
+        """Read everything into a pandas DataFrame."""
+        return self.arrow().to_pandas()
+
+    def iter_batches(self) -> Iterator[pa.RecordBatch]:
+        """Stream record batches as the server sends them."""
+        return self._connection.batches(self._command)
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        """Arrow PyCapsule stream protocol, so polars/duckdb/pyarrow can read a relation directly."""
+        reader = pa.RecordBatchReader.from_batches(self.schema, self.iter_batches())
+        return reader.__arrow_c_stream__(requested_schema)
+
+
+@dataclass(frozen=True)
+class Table(Relation):
+    """One stored table."""
+
+    _command: ReadCommand
+
+    @property
+    def name(self) -> str:
+        return self._command.table
+
+    def select(self, *columns: str) -> "Table":
+        """Only these columns."""
+        return replace(self, _command=replace(self._command, columns=tuple(columns)))
+
+    def limit(self, n: int) -> "Table":
+        """At most n rows."""
+        return replace(self, _command=replace(self._command, limit=int(n)))
+
+    def head(self, n: int = 5) -> "pandas.DataFrame":
+        """The first n rows as pandas."""
+        return self.limit(n).df()
+
+    def row_count(self) -> int:
+        """Rows in the table, as the destination reports them."""
+        return self._connection.flight_info(self._command).total_records
+
+    def __str__(self) -> str:
+        return f"Table {self._command.dataset}.{self.name}\n{self.schema}"
+
+    def __repr__(self) -> str:
+        return f"<Table {self._command.dataset}.{self.name}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(f.name)}</td><td>{html.escape(str(f.type))}</td></tr>" for f in self.schema)
+        return (f"<b>Table {html.escape(self._command.dataset)}.{html.escape(self.name)}</b>"
+                f"<table><tr><th>column</th><th>type</th></tr>{rows}</table>")
+
+
+class Dataset:
+    """One dataset of the catalog."""
+
+    def __init__(self, connection: Connection, info: DatasetInfo) -> None:
+        self._connection = connection
+        self._info = info
+
+    @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self._info
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self._info.tables)
+
+    def refresh(self) -> "Dataset":
+        """Re-read this dataset's tables and schema version from the server."""
+        body = json.dumps({"datasets": [self.name]}).encode()
+        info = CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS, body))
+        self._info = info.datasets[0]
+        return self
+
+    def table(self, name: str) -> Table:
+        if name not in self._info.tables:
+            self.refresh()
+        if name not in self._info.tables:
+            raise NotFoundError(
+                f"Table '{name}' not found in dataset '{self.name}'; tables: {', '.join(self._info.tables) or '(none)'}",
+                dataset=self.name, table=name,
+            )
+        return Table(self._connection, ReadCommand(self.name, name))
+
+    def __getitem__(self, name: str) -> Table:
+        return self.table(name)
+
+    def __getattr__(self, name: str) -> Table:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self.table(name)
+        except NotFoundError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._info.tables))
+
+    def __iter__(self) -> Iterator[Table]:
+        return (self.table(t) for t in self._info.tables)
+
+    def sql(self, query: str) -> Relation:
+        """A read-only SQL query over this dataset's tables."""
+        return Relation(self._connection, SqlCommand(self.name, query))
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per table."""
+        return {t: self.table(t).row_count() for t in self._info.tables}
+
+    def __str__(self) -> str:
+        if self._info.schema_version is None:
+            schema = f"{self._info.schema_name or self.name} (nothing stored yet)"
+        else:
+            schema = f"{self._info.schema_name}@v{self._info.schema_version}"
+        lines = [f"Dataset {self.name} tables in logical schema {schema}", *self._info.tables]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Dataset {self.name}@{self._info.destination}>"
+
+    def _repr_html_(self) -> str:
+        items = "".join(f"<li>{html.escape(t)}</li>" for t in self._info.tables)
+        return f"<b>{html.escape(str(self).splitlines()[0])}</b><ul>{items}</ul>"
+
+
+class Catalog:
+    """The datasets a profile may see on one flight-share server."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._info = self._load()
+
+    def _load(self) -> CatalogInfo:
+        return CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS))
+
+    def refresh(self) -> "Catalog":
+        """Re-read the dataset list from the server."""
+        self._info = self._load()
+        return self
+
+    @property
+    def project(self) -> str:
+        return self._info.project
+
+    @property
+    def profile(self) -> str:
+        return self._info.profile
+
+    @property
+    def datasets(self) -> list[str]:
+        return [d.name for d in self._info.datasets]
+
+    def dataset(self, name: str) -> Dataset:
+        for info in self._info.datasets:
+            if info.name == name:
+                return Dataset(self._connection, info).refresh()
+        raise NotFoundError(
+            f"Dataset '{name}' not found in project {self.project} for profile {self.profile}; "
+            f"datasets: {', '.join(self.datasets) or '(none)'}",
+            dataset=name,
+        )
+
+    def __getitem__(self, name: str) -> Dataset:
+        return self.dataset(name)
+
+    def __getattr__(self, name: str) -> Dataset:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self.dataset(name)
+        except NotFoundError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.datasets))
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return (self.dataset(n) for n in self.datasets)
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self._connection.action(protocol.ACTION_HEALTH))
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        lines = [f"Datasets in project {self.project} for profile {self.profile}:"]
+        lines += [f"{d.name}@{d.destination}[{d.location}]" for d in self._info.datasets]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Catalog {self.project} profile={self.profile} url={self._connection.url}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(d.name)}</td><td>{html.escape(d.destination)}</td><td>{html.escape(d.location)}</td>"
+            f"<td>{len(d.tables)}</td></tr>"
+            for d in self._info.datasets
+        )
+        return (f"<b>Datasets in project {html.escape(self.project)} for profile {html.escape(self.profile)}</b>"
+                f"<table><tr><th>dataset</th><th>destination</th><th>location</th><th>tables</th></tr>{rows}</table>")
+
+
+def connect(url: str = "grpc://127.0.0.1:8815", **client_kwargs: Any) -> Catalog:
+    """Open the catalog of a flight-share server."""
+    return Catalog(Connection(url, **client_kwargs))

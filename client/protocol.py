@@ -1,0 +1,275 @@
+"""The flight-share wire format: the one definition shared by server and client.
+
+Everything a Flight client in any language needs to talk to a flight-share server lives here, and
+nothing here imports dlt or duckdb (the client installs without them).
+
+Descriptors
+    ``FlightDescriptor.for_path(dataset, table)`` names a stored table. A *command* descriptor carries
+    a JSON command (UTF-8), one of::
+
+        {"v": 1, "op": "read",  "dataset": "d", "table": "t", "columns": ["a"], "limit": 10}
+        {"v": 1, "op": "sql",   "dataset": "d", "query": "SELECT ..."}
+        {"v": 1, "op": "write", "dataset": "d", "table": "t",
+         "write_disposition": "append|replace|merge", "primary_key": ["id"]}
+
+    ``columns`` and ``limit`` are optional. ``write`` commands are for DoPut only.
+
+Tickets
+    Opaque bytes returned in a FlightInfo endpoint; clients pass them back to DoGet unchanged.
+
+Actions
+    ``list-datasets`` -> one JSON result: ``{"project", "profile", "datasets": [DatasetInfo...]}``
+    ``health``        -> one JSON result: ``{"status": "ok", ...}``
+
+Errors
+    The gRPC status code says the kind (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED,
+    UNAUTHENTICATED, ...). The message is the user-facing text. Errors that carry fields (contract
+    violations, permission errors) put ``{"error": <class name>, "message": <text>, "fields": {...}}``
+    as JSON into the Flight ``extra_info`` bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping, Sequence, Union
+
+PROTOCOL_VERSION = 1
+
+ACTION_LIST_DATASETS = "list-datasets"
+ACTION_HEALTH = "health"
+ACTIONS: dict[str, str] = {
+    ACTION_LIST_DATASETS: "List the datasets the caller's profile may see, with their tables.",
+    ACTION_HEALTH: "Report server health.",
+}
+
+WriteDisposition = Literal["append", "replace", "merge"]
+WRITE_DISPOSITIONS: tuple[str, ...] = ("append", "replace", "merge")
+
+# the text pyarrow appends to a server error message on its way to a Python client
+_PYARROW_DETAIL_MARK = ". Detail: "
+
+
+class ProtocolError(ValueError):
+    """A command, ticket or descriptor that does not follow this wire format."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class ReadCommand:
+    """Read one table, optionally projected and limited."""
+
+    dataset: str
+    table: str
+    columns: tuple[str, ...] | None = None
+    limit: int | None = None
+    op: Literal["read"] = field(default="read", init=False)
+
+
+@dataclass(frozen=True)
+class SqlCommand:
+    """Run one read-only SQL query over one dataset."""
+
+    dataset: str
+    query: str
+    op: Literal["sql"] = field(default="sql", init=False)
+
+
+@dataclass(frozen=True)
+class WriteCommand:
+    """Write (DoPut) a stream into one table of one dataset."""
+
+    dataset: str
+    table: str
+    write_disposition: WriteDisposition = "append"
+    primary_key: tuple[str, ...] = ()
+    op: Literal["write"] = field(default="write", init=False)
+
+
+Command = Union[ReadCommand, SqlCommand, WriteCommand]
+
+MAX_COMMAND_BYTES = 1 << 20
+MAX_NAME_CHARS = 255
+
+
+def encode_command(command: Command) -> bytes:
+    """Serialise a command to its JSON wire form."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION}
+    for key, value in asdict(command).items():
+        if value is None or value == ():
+            continue
+        body[key] = list(value) if isinstance(value, tuple) else value
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _name(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"command key '{key}' must be a non-empty string", key)
+    if len(value) > MAX_NAME_CHARS or "\x00" in value:
+        raise ProtocolError(
+            f"command key '{key}' must be at most {MAX_NAME_CHARS} characters without NUL", key
+        )
+    return value
+
+
+def _names(body: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ProtocolError(f"command key '{key}' must be a list of column names", key)
+    return tuple(value)
+
+
+def decode_command(data: bytes) -> Command:
+    """Parse a JSON command; raise ProtocolError naming the offending key."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command is {len(data)} bytes; at most {MAX_COMMAND_BYTES} allowed")
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"command is not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("command must be a JSON object")
+    version = body.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"command version {version!r} is not supported; this server speaks v{PROTOCOL_VERSION}", "v"
+        )
+    op = body.get("op")
+    allowed = _ALLOWED_KEYS.get(op) if isinstance(op, str) else None
+    if allowed is None:
+        raise ProtocolError(f"command key 'op' must be one of {sorted(_ALLOWED_KEYS)}, got {op!r}", "op")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ProtocolError(
+            f"unknown key(s) {unknown} in '{op}' command; allowed: {sorted(allowed)}", unknown[0]
+        )
+    if op == "read":
+        limit = body.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ProtocolError("command key 'limit' must be a non-negative integer", "limit")
+        return ReadCommand(_name(body, "dataset"), _name(body, "table"), _names(body, "columns"), limit)
+    if op == "sql":
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise ProtocolError("command key 'query' must be a non-empty SQL string", "query")
+        return SqlCommand(_name(body, "dataset"), query)
+    disposition = body.get("write_disposition", "append")
+    if disposition not in WRITE_DISPOSITIONS:
+        raise ProtocolError(
+            f"command key 'write_disposition' must be one of {list(WRITE_DISPOSITIONS)}, got {disposition!r}",
+            "write_disposition",
+        )
+    primary_key = _names(body, "primary_key") or ()
+    if disposition == "merge" and not primary_key:
+        raise ProtocolError("write_disposition 'merge' needs a 'primary_key'", "primary_key")
+    return WriteCommand(_name(body, "dataset"), _name(body, "table"), disposition, primary_key)
+
+
+_ALLOWED_KEYS: dict[str, set[str]] = {
+    "read": {"v", "op", "dataset", "table", "columns", "limit"},
+    "sql": {"v", "op", "dataset", "query"},
+    "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key"},
+}
+
+
+def command_from_path(path: Sequence[bytes | str], op: Literal["read", "write"] = "read") -> Command:
+    """Turn a path descriptor ``[dataset, table]`` into a read or write command."""
+    parts = [p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in path]
+    if len(parts) != 2:
+        raise ProtocolError(f"a path descriptor must be [dataset, table], got {len(parts)} part(s)", "path")
+    body = {"dataset": parts[0], "table": parts[1]}
+    dataset, table = _name(body, "dataset"), _name(body, "table")
+    return ReadCommand(dataset, table) if op == "read" else WriteCommand(dataset, table)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset as the catalog shows it to a profile."""
+
+    name: str
+    destination: str
+    destination_type: str
+    location: str
+    schema_name: str | None
+    schema_version: int | None
+    tables: tuple[str, ...]
+    writable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tables"] = list(self.tables)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "DatasetInfo":
+        return cls(
+            name=d["name"],
+            destination=d["destination"],
+            destination_type=d["destination_type"],
+            location=d["location"],
+            schema_name=d.get("schema_name"),
+            schema_version=d.get("schema_version"),
+            tables=tuple(d.get("tables", ())),
+            writable=bool(d.get("writable", False)),
+        )
+
+
+@dataclass(frozen=True)
+class CatalogInfo:
+    """The answer to ``list-datasets``."""
+
+    project: str
+    profile: str
+    datasets: tuple[DatasetInfo, ...]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"project": self.project, "profile": self.profile, "datasets": [d.to_json() for d in self.datasets]}
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CatalogInfo":
+        d = json.loads(data)
+        return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]))
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """Structured error carried in Flight ``extra_info``."""
+
+    error: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), default=str).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> "ErrorDetail | None":
+        if not data:
+            return None
+        try:
+            d = json.loads(data)
+            return cls(str(d["error"]), str(d["message"]), dict(d.get("fields") or {}))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def server_message(flight_message: str) -> str:
+    """The server's own text from a pyarrow-decorated error message."""
+    text = flight_message.split(_PYARROW_DETAIL_MARK, 1)[0]
+    return text.strip()
+
+
+# metadata keys of a DoPut result (PutResult.app_metadata is JSON with these keys)
+PUT_RESULT_LOAD_INFO = "load_info"

@@ -1,0 +1,1 @@
+"""flight-share server: Arrow Flight over the datasets of a dlt project."""

@@ -1,0 +1,72 @@
+"""What a profile may see: datasets, their tables and Arrow schemas. No Flight types here."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pyarrow as pa
+
+from client.protocol import CatalogInfo, DatasetInfo
+from flight_server.config import DatasetAccess, ProjectConfig
+from flight_server.errors import NotFound
+from flight_server.storage import Storage, open_storage
+
+
+class Catalog:
+    """All datasets of a project, opened once; views are filtered per profile."""
+
+    def __init__(self, project: ProjectConfig) -> None:
+        self.project = project
+        self._storages: dict[str, Storage] = {}
+
+    def storage(self, dataset: str) -> Storage:
+        """The adapter of a dataset (opened on first use)."""
+        storage = self._storages.get(dataset)
+        if storage is None:
+            storage = self._storages[dataset] = open_storage(self.project, self.project.datasets[dataset])
+        return storage
+
+    def grant(self, profile: str, dataset: str) -> DatasetAccess:
+        """The profile's grant for a dataset; a dataset it may not see is reported as not existing."""
+        grants = self.project.profile(profile).datasets
+        if dataset not in grants:
+            raise NotFound(
+                f"Dataset '{dataset}' not found in project {self.project.name} for profile {profile}; "
+                f"datasets: {', '.join(grants) or '(none)'}",
+                dataset=dataset,
+            )
+        return grants[dataset]
+
+    def visible(self, profile: str) -> list[str]:
+        return list(self.project.profile(profile).datasets)
+
+    def open(self, profile: str, dataset: str) -> Storage:
+        """The adapter of a dataset the profile may see."""
+        self.grant(profile, dataset)
+        return self.storage(dataset)
+
+    def dataset_info(self, profile: str, dataset: str) -> DatasetInfo:
+        grant = self.grant(profile, dataset)
+        storage = self.storage(dataset)
+        stored = storage.stored_schema()
+        return DatasetInfo(
+            name=dataset,
+            destination=storage.destination_config.name,
+            destination_type=storage.destination_config.type,
+            location=storage.location,
+            schema_name=stored.schema.name if stored else self.project.datasets[dataset].schema_name,
+            schema_version=stored.version if stored else None,
+            tables=tuple(storage.table_names()),
+            writable=grant.write,
+        )
+
+    def info(self, profile: str, datasets: Sequence[str] | None = None) -> CatalogInfo:
+        names = [d for d in self.visible(profile) if datasets is None or d in datasets]
+        return CatalogInfo(self.project.name, profile, tuple(self.dataset_info(profile, d) for d in names))
+
+    def table_schema(self, profile: str, dataset: str, table: str, columns: Sequence[str] | None = None) -> pa.Schema:
+        return self.open(profile, dataset).arrow_schema(table, columns)
+
+    def close(self) -> None:
+        for storage in self._storages.values():
+            storage.close()

@@ -1,0 +1,77 @@
+"""The ``flight-share`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from flight_server.config import ConfigError, load_project
+
+DEFAULT_PROJECT = "configs/demo/dlt.yml"
+
+
+def _project(path: str):
+    try:
+        return load_project(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """flight-share: share the datasets of a dlt project over Arrow Flight."""
+
+
+@main.command()
+@click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True, help="Project file (dlt.yml).")
+@click.option("--host", default=None, help="Address to listen on (default: the project's server.host).")
+@click.option("--port", type=int, default=None, help="Port (default: the project's server.port; 0 picks a free one).")
+@click.option("--profile", default=None, help="Profile for every caller (default: the project's server.profile).")
+def serve(project_path: str, host: str | None, port: int | None, profile: str | None) -> None:
+    """Serve the project's datasets over Arrow Flight."""
+    from flight_server.service import FlightShareServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    project = _project(project_path)
+    host = host or project.server.host
+    port = project.server.port if port is None else port
+    if profile is not None:
+        try:
+            project.profile(profile)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    server = FlightShareServer(project, f"grpc://{host}:{port}", profile=profile)
+    click.echo(f"flight-share serving project {project.name} on grpc://{host}:{server.port} "
+               f"(profile {server.default_profile})", err=False)
+    sys.stdout.flush()
+    server.serve()
+
+
+@main.command()
+@click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True, help="Project file (dlt.yml).")
+@click.option("--events", type=int, default=2000, show_default=True, help="How many GitHub events to generate.")
+@click.option("--dataset", default="github_events_dataset", show_default=True, help="Dataset to load into.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed (same seed, same data).")
+def demo(project_path: str, events: int, dataset: str, seed: int) -> None:
+    """Generate the GitHub-events sample locally and load it with a dlt pipeline."""
+    from flight_server.demo import load_demo
+    from flight_server.storage import open_storage
+
+    project = _project(project_path)
+    if dataset not in project.datasets:
+        raise click.ClickException(f"dataset '{dataset}' is not defined in {project.file}; defined: {', '.join(project.datasets)}")
+    storage = open_storage(project, project.datasets[dataset])
+    pipelines_dir = project.data_dir / "pipelines"
+    info = load_demo(storage.dlt_destination(), dataset, events=events, seed=seed, pipelines_dir=str(pipelines_dir))
+    storage.invalidate()
+    click.echo(f"loaded {events} events into {dataset}@{storage.destination_config.name}[{storage.location}]: "
+               f"{len(storage.table_names())} tables")
+    if info.has_failed_jobs:
+        raise click.ClickException("the demo load has failed jobs")
+
+
+if __name__ == "__main__":
+    main()

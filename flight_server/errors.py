@@ -1,0 +1,109 @@
+"""Domain errors and the one table that turns them into Flight statuses.
+
+Exception tree::
+
+    ServiceError
+    ├── NotFound              -> NOT_FOUND          (dataset / table / column that the profile cannot see)
+    ├── InvalidRequest        -> INVALID_ARGUMENT   (malformed command, bad SQL, bad column)
+    ├── Unsupported           -> UNIMPLEMENTED
+    ├── Forbidden             -> PERMISSION_DENIED  (+ extra_info JSON)
+    │   └── ContractViolation -> PERMISSION_DENIED  (+ extra_info JSON with dlt's fields)
+    ├── Unauthenticated       -> UNAUTHENTICATED
+    └── Unavailable           -> UNAVAILABLE
+
+No handler invents its own mapping: :func:`to_flight_error` is used by the service for every RPC and
+nothing else reaches a client; unexpected exceptions become INTERNAL with a generic text (the
+traceback goes to the server log only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow.flight as flight
+
+from client.protocol import ErrorDetail, ProtocolError
+
+log = logging.getLogger("flight_share.server")
+
+
+class ServiceError(Exception):
+    """Base of errors a client is meant to see."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotFound(ServiceError):
+    """A dataset, table or column that does not exist for this caller."""
+
+
+class InvalidRequest(ServiceError):
+    """A request the server understood but cannot accept as sent."""
+
+
+class Unsupported(ServiceError):
+    """A request for something this server does not implement."""
+
+
+class Forbidden(ServiceError):
+    """The caller's profile does not allow this."""
+
+
+class ContractViolation(Forbidden):
+    """A write that the profile's schema contract rejects (fields as in dlt's DataValidationError)."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing or bad credentials."""
+
+
+class Unavailable(ServiceError):
+    """A destination that cannot be reached right now."""
+
+
+# gRPC NOT_FOUND / INVALID_ARGUMENT / UNIMPLEMENTED have no pyarrow Flight exception class, so they
+# are raised as the Python built-ins pyarrow maps to those codes. ``__str__`` returns the plain text
+# (KeyError would otherwise quote it) and the server runs with ``sys.tracebacklimit = 0`` so no
+# traceback rides along.
+class _WireNotFound(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _WireInvalid(ValueError):
+    pass
+
+
+class _WireUnimplemented(NotImplementedError):
+    pass
+
+
+def _detail(exc: ServiceError) -> bytes:
+    return ErrorDetail(type(exc).__name__, exc.message, exc.fields).to_bytes()
+
+
+def to_flight_error(exc: BaseException) -> BaseException:
+    """Map any exception raised in a handler to what the client may see."""
+    if isinstance(exc, flight.FlightError):
+        return exc
+    if isinstance(exc, NotFound):
+        return _WireNotFound(exc.message)
+    if isinstance(exc, (InvalidRequest, ProtocolError)):
+        return _WireInvalid(str(exc))
+    if isinstance(exc, Unsupported):
+        return _WireUnimplemented(exc.message)
+    if isinstance(exc, Forbidden):
+        return flight.FlightUnauthorizedError(exc.message, _detail(exc))
+    if isinstance(exc, Unauthenticated):
+        return flight.FlightUnauthenticatedError(exc.message, _detail(exc))
+    if isinstance(exc, Unavailable):
+        return flight.FlightUnavailableError(exc.message, _detail(exc))
+    log.error("internal error", exc_info=exc)
+    return flight.FlightInternalError("internal server error; see the server log")

@@ -1,0 +1,20 @@
+"""Destination adapters: one module per destination kind, one interface (:class:`Storage`)."""
+
+from __future__ import annotations
+
+from flight_server.config import DatasetConfig, DestinationConfig, ProjectConfig
+from flight_server.errors import Unsupported
+from flight_server.storage.base import Storage, StoredSchema
+
+
+def open_storage(project: ProjectConfig, dataset: DatasetConfig) -> Storage:
+    """The adapter for a dataset's (first) destination."""
+    destination = project.destinations[dataset.destination]
+    if destination.type == "duckdb":
+        from flight_server.storage.duckdb import DuckDBStorage
+
+        return DuckDBStorage(dataset, destination, project.server.batch_rows)
+    raise Unsupported(f"destination type '{destination.type}' of '{destination.name}' is not supported yet")
+
+
+__all__ = ["Storage", "StoredSchema", "open_storage"]

@@ -1,0 +1,97 @@
+"""Start real flight-share servers as separate processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parents[1]
+_READY = re.compile(r"serving project \S+ on grpc(?:\+tls)?://[^:]+:(\d+)")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``flight-share ARGS`` in a subprocess (the real entry point)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "flight_server.cli", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"flight-share {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(folder: Path, source: Path = REPO / "configs" / "demo" / "dlt.yml", events: int = 500) -> Path:
+    """Copy a project file into ``folder`` and load the demo events into it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    project = folder / "dlt.yml"
+    shutil.copy(source, project)
+    if events:
+        cli("demo", "--project", str(project), "--events", str(events))
+    return project
+
+
+class ServerProcess:
+    """``flight-share serve`` on a free loopback port; stop() or use as a context manager."""
+
+    def __init__(self, project: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.project = project
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flight_server.cli", "serve", "--project", str(project), "--host", "127.0.0.1",
+             "--port", "0", *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.port = self._wait_ready()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+
+    def _drain(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.log.append(line)
+
+    def _wait_ready(self, timeout: float = 60) -> int:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    time.sleep(0.2)
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}")
+                continue
+            self.log.append(line)
+            m = _READY.search(line)
+            if m:
+                threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
+                return int(m.group(1))
+        raise RuntimeError(f"server not ready within {timeout}s:\n{''.join(self.log)}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,94 @@
+"""Project file loading: typed objects, env substitution, and errors naming file and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flight_server.config import ConfigError, load_project
+from tests.servers import REPO, cli
+
+BASE = """
+project: {name: p}
+destinations:
+  lake: {type: duckdb, location: data/lake.duckdb}
+datasets:
+  ds: {destination: [lake]}
+profiles:
+  access:
+    datasets:
+      ds: {contract: freeze}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dlt.yml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_project_loads_with_the_seed_contracts() -> None:
+    project = load_project(REPO / "configs" / "demo" / "dlt.yml")
+    assert project.name == "dlt_example_project"
+    access = project.profile("access").datasets
+    assert access["github_events_dataset"].contract == "freeze"
+    assert access["reports_dataset"].contract == {"tables": "evolve", "columns": "freeze", "data_type": "freeze"}
+    assert project.datasets["github_events_dataset"].destination == "lake"
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    project = load_project(write(tmp_path, BASE))
+    assert project.destinations["lake"].location == str(tmp_path / "data" / "lake.duckdb")
+
+
+def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PG_PASSWORD", "s3cret")
+    text = BASE + """
+  other:
+    datasets: {}
+""" 
+    text = text.replace("location: data/lake.duckdb}", "location: data/lake.duckdb}\n  pg: {type: postgres, credentials: 'postgresql://u:{env.PG_PASSWORD}@127.0.0.1:5432/db'}")
+    project = load_project(write(tmp_path, text))
+    assert project.destinations["pg"].credentials == "postgresql://u:s3cret@127.0.0.1:5432/db"
+    monkeypatch.delenv("PG_PASSWORD")
+    with pytest.raises(ConfigError) as err:
+        load_project(tmp_path / "dlt.yml")
+    assert err.value.key == "destinations.pg.credentials" and "PG_PASSWORD" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "old, new, key, words",
+    [
+        ("project: {name: p}", "project: {name: p, colour: red}", "project.colour", "unknown key 'colour'"),
+        ("ds: {destination: [lake]}", "ds: {destination: [nowhere]}", "datasets.ds.destination", "destination 'nowhere' is not defined"),
+        ("contract: freeze", "contract: melt", "profiles.access.datasets.ds.contract", "contract mode 'melt' is not allowed"),
+        ("contract: freeze", "contract: {tables: evolve, columns: thaw}", "profiles.access.datasets.ds.contract.columns", "allowed: evolve, freeze, discard_row, discard_value"),
+        ("contract: freeze", "contract: {rows: freeze}", "profiles.access.datasets.ds.contract.rows", "unknown key 'rows'"),
+        ("type: duckdb", "type: oracle", "destinations.lake.type", "supported: duckdb, filesystem, postgres"),
+        ("      ds: {contract: freeze}", "      nope: {contract: freeze}", "profiles.access.datasets.nope", "dataset 'nope' is not defined"),
+        ("project: {name: p}", "project: {name: p}\nserver: {port: 99999}", "server.port", "port number"),
+        ("project: {name: p}", "project: {name: p}\nformat_version: 7", "format_version", "upgrade flight-share"),
+    ],
+)
+def test_errors_name_file_key_and_what_is_allowed(tmp_path: Path, old: str, new: str, key: str, words: str) -> None:
+    assert old in BASE
+    path = write(tmp_path, BASE.replace(old, new))
+    with pytest.raises(ConfigError) as err:
+        load_project(path)
+    assert err.value.key == key
+    assert str(path) in str(err.value) and words in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_project(write(tmp_path, "project: [unclosed"))
+    with pytest.raises(ConfigError, match="cannot read project file"):
+        load_project(tmp_path / "missing.yml")
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("contract: freeze", "contract: melt"))
+    result = cli("serve", "--project", str(path), "--port", "0", check=False, timeout=60)
+    assert result.returncode != 0
+    assert "profiles.access.datasets.ds.contract" in result.stderr and "Traceback" not in result.stderr
