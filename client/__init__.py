@@ -1,6 +1,7 @@
 """flight-share client: open a catalog, read tables as pandas / Arrow / SQL, save results back."""
 
 from client.catalog import Catalog, Dataset, Relation, Table, connect
+from client.load_info import LoadInfo
 from client.errors import (
     AuthenticationError,
     DataValidationError,
@@ -15,7 +16,7 @@ from client.errors import (
 )
 
 __all__ = [
-    "connect", "Catalog", "Dataset", "Table", "Relation",
+    "connect", "Catalog", "Dataset", "Table", "Relation", "LoadInfo",
     "FlightShareError", "NotFoundError", "InvalidRequestError", "UnsupportedError", "PermissionDeniedError",
     "AuthenticationError", "ServerUnavailableError", "ServerError", "DataValidationError", "PipelineStepFailed",
 ]

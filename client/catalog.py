@@ -17,8 +17,11 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client import protocol
-from client.errors import NotFoundError, translate
-from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand
+from client.errors import DataValidationError, InvalidRequestError, NotFoundError, PipelineStepFailed, translate
+from client.load_info import LoadInfo
+from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
+
+PUT_BATCH_ROWS = 65_536
 
 if TYPE_CHECKING:
     import pandas
@@ -72,8 +75,47 @@ class Connection:
                 tables.append(self.client.do_get(endpoint.ticket, self.options).read_all())
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
+    def put(self, command: WriteCommand, reader: pa.RecordBatchReader) -> LoadInfo:
+        """Stream batches with DoPut; a contract violation raises PipelineStepFailed like dlt."""
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        try:
+            with _errors(**_context(command)):
+                writer, results = self.client.do_put(descriptor, reader.schema, self.options)
+                try:
+                    for batch in reader:
+                        writer.write_batch(batch)
+                    writer.done_writing()
+                    answer = results.read()
+                finally:
+                    writer.close()
+        except DataValidationError as exc:
+            raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
+        body = json.loads(answer.to_pybytes()) if answer is not None else {}
+        return LoadInfo.from_json(body[protocol.PUT_RESULT_LOAD_INFO])
+
     def close(self) -> None:
         self.client.close()
+
+
+def as_reader(data: Any) -> pa.RecordBatchReader:
+    """pandas, pyarrow (Table, RecordBatch, reader), polars or any Arrow stream as a batch reader."""
+    if isinstance(data, pa.RecordBatchReader):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=PUT_BATCH_ROWS))
+    if type(data).__module__.startswith("pandas"):
+        table = pa.Table.from_pandas(data, preserve_index=False)
+        return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=PUT_BATCH_ROWS))
+    if hasattr(data, "__arrow_c_stream__"):
+        return pa.RecordBatchReader.from_stream(data)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, pa.RecordBatch) for b in data):
+        return pa.RecordBatchReader.from_batches(data[0].schema, data)
+    raise TypeError(
+        f"cannot save a {type(data).__name__}: pass a pandas or polars DataFrame, a pyarrow Table, "
+        "RecordBatch, RecordBatchReader or list of RecordBatches"
+    )
 
 
 def _context(command: Command) -> dict[str, Any]:
@@ -208,6 +250,19 @@ class Dataset:
     def sql(self, query: str) -> Relation:
         """A read-only SQL query over this dataset's tables."""
         return Relation(self._connection, SqlCommand(self.name, query))
+
+    def save(self, data: Any, table_name: str, write_disposition: str = "append",
+             primary_key: str | list[str] | None = None) -> LoadInfo:
+        """Write data into a table of this dataset under the profile's contract; returns the load info."""
+        keys = (primary_key,) if isinstance(primary_key, str) else tuple(primary_key or ())
+        command = WriteCommand(self.name, table_name, write_disposition, keys)  # type: ignore[arg-type]
+        try:  # the server's own validation, before any data moves
+            protocol.decode_command(protocol.encode_command(command))
+        except protocol.ProtocolError as exc:
+            raise InvalidRequestError(str(exc), dataset=self.name, table=table_name) from None
+        info = self._connection.put(command, as_reader(data))
+        self.refresh()
+        return info
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table."""

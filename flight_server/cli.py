@@ -64,7 +64,7 @@ def demo(project_path: str, events: int, dataset: str, seed: int) -> None:
     if dataset not in project.datasets:
         raise click.ClickException(f"dataset '{dataset}' is not defined in {project.file}; defined: {', '.join(project.datasets)}")
     storage = open_storage(project, project.datasets[dataset])
-    pipelines_dir = project.data_dir / "pipelines"
+    pipelines_dir = project.data_dir / "demo"
     info = load_demo(storage.dlt_destination(), dataset, events=events, seed=seed, pipelines_dir=str(pipelines_dir))
     storage.invalidate()
     click.echo(f"loaded {events} events into {dataset}@{storage.destination_config.name}[{storage.location}]: "

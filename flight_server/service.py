@@ -21,6 +21,7 @@ from flight_server.catalog import Catalog
 from flight_server.config import ProjectConfig
 from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
 from flight_server.sql import sandbox_query
+from flight_server.writer import Writer
 
 log = logging.getLogger("flight_share.server")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,6 +50,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.project = project
         self.catalog = Catalog(project)
         self.default_profile = profile or project.server.profile
+        self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
             protocol.ACTION_LIST_DATASETS: self._list_datasets,
             protocol.ACTION_HEALTH: self._health,
@@ -141,7 +143,11 @@ class FlightShareServer(flight.FlightServerBase):
     @_rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
-        raise Unsupported("writes are not supported by this server yet")
+        command = self._command(descriptor, "write")
+        if not isinstance(command, WriteCommand):
+            raise InvalidRequest("DoPut takes a path [dataset, table] or a 'write' command")
+        result = self.writer.put(self.profile_of(context), command, reader, context.is_cancelled)
+        writer.write(pa.py_buffer(json.dumps({protocol.PUT_RESULT_LOAD_INFO: result.to_json()}).encode()))
 
     @_rpc
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:

@@ -111,6 +111,11 @@ class Storage(ABC):
     def capabilities(self) -> Any:
         """dlt DestinationCapabilitiesContext of this destination."""
 
+    @property
+    def table_format(self) -> str | None:
+        """The table format dlt resources written here need (e.g. ``delta``), or None."""
+        return self.destination_config.table_format
+
     @abstractmethod
     def dlt_destination(self) -> Any:
         """A dlt destination (factory) that loads into this dataset's destination."""

@@ -1,0 +1,47 @@
+"""The result of a save, printed the way dlt prints a LoadInfo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """What the server stored for one ``Dataset.save``."""
+
+    pipeline_name: str
+    destination_name: str
+    destination_type: str
+    dataset_name: str
+    location: str
+    table_name: str
+    load_ids: tuple[str, ...]
+    load_seconds: float
+    rows: int
+    bytes: int
+    schema_name: str
+    schema_version: int | None
+    failed_jobs: int
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "LoadInfo":
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields["load_ids"] = tuple(d.get("load_ids", ()))
+        return cls(**fields)
+
+    @property
+    def has_failed_jobs(self) -> bool:
+        return self.failed_jobs > 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"Pipeline {self.pipeline_name} load step completed in {self.load_seconds:.2f} seconds",
+            f"{len(self.load_ids)} load package(s) were loaded to destination {self.destination_name} "
+            f"and into dataset {self.dataset_name}",
+            f"The {self.destination_name} destination used {self.location} location to store data",
+        ]
+        for load_id in self.load_ids:
+            state = "contains no failed jobs" if not self.failed_jobs else f"contains {self.failed_jobs} failed job(s)"
+            lines.append(f"Load package {load_id} is LOADED and {state}")
+        return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Schema contracts on writes: an incoming Arrow schema against the stored dlt schema.
+
+The decision is dlt's own (``Schema.resolve_contract_settings_for_table`` +
+``Schema.apply_schema_contract``, exactly what dlt's extract step runs), made on the Arrow schema
+alone so a violation is known before any row is read or stored. The writer then runs a real dlt
+pipeline with the same contract, so discard modes filter the data exactly as dlt does.
+
+Only the *wording* is ours: dlt 1.31 phrases its DataValidationError differently from the documented
+dlt+ workflow, so :func:`violation_message` formats the documented text from the error's fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow as pa
+from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
+from dlt.common.schema import Schema
+from dlt.common.schema.exceptions import DataValidationError
+from dlt.common.schema.utils import new_table
+
+from flight_server.config import Contract
+from flight_server.errors import ContractViolation
+
+_VERBS = {"tables": "tables", "columns": "columns", "data_type": "data types"}
+
+
+@dataclass(frozen=True)
+class ContractDecision:
+    """An accepted write: the dlt contract to run the pipeline with and what it will filter."""
+
+    contract: dict[str, str]
+    filters: list[tuple[str, str, str]]  # (entity, name, mode) as dlt returns them
+
+
+def expand_contract(contract: Contract) -> dict[str, str]:
+    """dlt's expansion of a shorthand or partial contract (None means dlt's default: evolve)."""
+    return dict(Schema.expand_schema_contract_settings(contract or {}))  # type: ignore[arg-type]
+
+
+def violation_message(schema_name: str, table: str, column: str | None, entity: str, mode: str,
+                      existing_type: str | None = None, incoming_type: str | None = None) -> str:
+    """The documented dlt+ wording of a contract violation."""
+    if entity == "tables":
+        where = f"In Schema: {schema_name} Table: {table}."
+        what = f"Trying to add table {table} but new tables are frozen."
+    elif entity == "columns":
+        where = f"In Schema: {schema_name} Table: {table} Column: {column}."
+        what = f"Trying to add column {column} to table {table} but columns are frozen."
+    else:
+        where = f"In Schema: {schema_name} Table: {table} Column: {column}."
+        what = (f"Trying to change data type of column {column} in table {table} from {existing_type} "
+                f"to {incoming_type} but data types are frozen.")
+    return f"In schema: {schema_name}: {where} Contract on {entity} with mode {mode} is violated. {what}"
+
+
+def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: Contract) -> ContractDecision:
+    """Decide a write of ``arrow_schema`` into ``table``; raise ContractViolation (documented text)."""
+    settings = expand_contract(contract)
+    probe = schema.clone()
+    probe.set_schema_contract(settings)  # what pipeline.run(schema_contract=...) does to the source schema
+    computed = new_table(table, columns=list(py_arrow_to_table_schema_columns(arrow_schema).values()))
+    resolved = probe.resolve_contract_settings_for_table(table, computed)
+    if resolved["columns"] != "evolve" and probe.is_new_table(table):
+        computed["x-normalizer"] = {"evolve-columns-once": True}  # as dlt's extractor: a new table may set its columns
+    empty = arrow_schema.empty_table()
+    try:
+        _, filters = probe.apply_schema_contract(resolved, computed, data_item=empty)
+    except DataValidationError as exc:
+        raise _violation(exc, probe, table, computed) from None
+    return ContractDecision(settings, list(filters or []))
+
+
+def _violation(exc: DataValidationError, schema: Schema, table: str, computed: Mapping[str, Any]) -> ContractViolation:
+    entity = str(exc.schema_entity)
+    column = exc.column_name
+    existing_type = incoming_type = None
+    if entity == "data_type" and column:
+        existing_type = schema.get_table_columns(table).get(column, {}).get("data_type")
+        incoming_type = computed["columns"].get(column, {}).get("data_type")
+    text = violation_message(exc.schema_name, exc.table_name or table, column, entity, str(exc.contract_mode),
+                             existing_type, incoming_type)
+    fields: dict[str, Any] = {
+        "schema_name": exc.schema_name,
+        "table_name": exc.table_name or table,
+        "column_name": column,
+        "schema_entity": entity,
+        "contract_mode": str(exc.contract_mode),
+    }
+    if existing_type or incoming_type:
+        fields.update(existing_data_type=existing_type, incoming_data_type=incoming_type)
+    return ContractViolation(text, **fields)

@@ -1,0 +1,308 @@
+"""Write-back through contracts, against a real server process per test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from client import (Catalog, DataValidationError, InvalidRequestError, LoadInfo, PermissionDeniedError,
+                    PipelineStepFailed, connect)
+from tests.servers import REPO, ServerProcess, make_project
+
+FROZEN_TABLE = (
+    "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is violated. "
+    "Trying to add table aggregated_issues but new tables are frozen."
+)
+FROZEN_COLUMN = (
+    "In schema: out_source: In Schema: out_source Table: aggregated_issues Column: id. Contract on columns with mode "
+    "freeze is violated. Trying to add column id to table aggregated_issues but columns are frozen."
+)
+
+
+@pytest.fixture(scope="module")
+def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("write-src"), REPO / "tests" / "write_project.yml", events=300)
+
+
+class WriteServer:
+    """A fresh copy of the loaded project and a server over it."""
+
+    def __init__(self, source: Path, folder: Path) -> None:
+        shutil.copytree(source.parent, folder)
+        self.project = folder / "dlt.yml"
+        self.data = folder / "_data"
+        self.proc = ServerProcess(self.project)
+        self.url = self.proc.url
+
+    def pipelines_left(self) -> list[str]:
+        """Pipeline folders the server left behind (pending packages would live there)."""
+        root = self.project.parent / ".flight-share" / "puts"
+        return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+    def stop_and_inspect(self, file: str, sql: str) -> list[tuple]:
+        """Stop the server (it holds duckdb's lock) and query a destination file directly."""
+        self.proc.stop()
+        with duckdb.connect(str(self.data / file), read_only=True) as con:
+            return con.execute(sql).fetchall()
+
+
+@pytest.fixture()
+def ws(loaded_project: Path, tmp_path: Path) -> Iterator[WriteServer]:
+    server = WriteServer(loaded_project, tmp_path / "project")
+    yield server
+    assert server.proc.alive or server.proc.proc.returncode is not None
+    server.proc.stop()
+
+
+def aggregate_issues(df: pd.DataFrame) -> pd.DataFrame:
+    return df.groupby("payload__action").size().reset_index(name="n")
+
+
+def test_the_seed_workflow(ws: WriteServer) -> None:
+    """Read issues_event, aggregate, save to reports (ok), to events (frozen table), add id (frozen column)."""
+    catalog = connect(ws.url)
+    df = catalog.github_events_dataset.issues_event.df()
+    reports_df = aggregate_issues(df)
+
+    info = catalog.reports_dataset.save(reports_df, table_name="aggregated_issues")
+    lines = str(info).splitlines()
+    assert lines[0].startswith("Pipeline save_aggregated_issues_pipeline load step completed in ")
+    assert lines[0].endswith(" seconds")
+    assert lines[1] == "1 load package(s) were loaded to destination warehouse and into dataset reports_dataset"
+    assert lines[2] == f"The warehouse destination used duckdb:///{str(ws.data / 'warehouse.duckdb').lstrip('/')} location to store data"
+    assert lines[3] == f"Load package {info.load_ids[0]} is LOADED and contains no failed jobs"
+    assert info.rows == len(reports_df)
+    assert str(catalog.reports_dataset).splitlines() == ["Dataset reports_dataset tables in logical schema out_source@v2", "aggregated_issues"]
+
+    events_before = catalog.github_events_dataset.info.schema_version
+    with pytest.raises(PipelineStepFailed) as failed:
+        catalog.github_events_dataset.save(reports_df, table_name="aggregated_issues")
+    text = str(failed.value)
+    assert text.startswith("Pipeline execution failed at stage extract when processing package ")
+    assert text.endswith(f"with exception:\n\n<class 'dlt.common.schema.exceptions.DataValidationError'>\n{FROZEN_TABLE}")
+    inner = failed.value.__cause__
+    assert isinstance(inner, DataValidationError) and str(inner) == FROZEN_TABLE
+    assert (inner.schema_name, inner.table_name, inner.column_name, inner.schema_entity, inner.contract_mode) == (
+        "events", "aggregated_issues", None, "tables", "freeze")
+    assert failed.value.load_id and failed.value.step == "extract"
+    assert "aggregated_issues" not in catalog.github_events_dataset.refresh().tables
+    assert catalog.github_events_dataset.info.schema_version == events_before
+
+    reports_df = catalog.reports_dataset.aggregated_issues.df()
+    reports_df["id"] = 1
+    with pytest.raises(PipelineStepFailed) as failed:
+        catalog.reports_dataset.save(reports_df, table_name="aggregated_issues")
+    assert str(failed.value.__cause__) == FROZEN_COLUMN
+    assert failed.value.__cause__.column_name == "id"
+    after = catalog.reports_dataset.aggregated_issues.arrow()
+    assert "id" not in after.column_names and after.num_rows == len(reports_df)
+    assert catalog.reports_dataset.info.schema_version == 2
+    assert ws.pipelines_left() == []
+    loads = ws.stop_and_inspect("warehouse.duckdb", "SELECT status FROM reports_dataset._dlt_loads")
+    assert loads == [(0,)]  # one load package, complete; no failed or pending ones
+
+
+def test_data_type_freeze(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    catalog.reports_dataset.save(pd.DataFrame({"k": ["a"], "n": [1]}), table_name="typed")
+    with pytest.raises(PipelineStepFailed) as failed:
+        catalog.reports_dataset.save(pd.DataFrame({"k": ["b"], "n": ["one"]}), table_name="typed")
+    inner = failed.value.__cause__
+    assert inner.schema_entity == "data_type" and inner.column_name == "n"
+    assert str(inner) == (
+        "In schema: out_source: In Schema: out_source Table: typed Column: n. Contract on data_type with mode freeze "
+        "is violated. Trying to change data type of column n in table typed from bigint to text but data types are frozen."
+    )
+    assert (inner.existing_data_type, inner.incoming_data_type) == ("bigint", "text")
+    assert catalog.reports_dataset.typed.arrow().column("k").to_pylist() == ["a"]
+    assert ws.pipelines_left() == []
+
+
+def test_discard_row_and_discard_value(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    base = pd.DataFrame({"k": ["a", "b"], "n": [1, 2]})
+    for name in ("discard_row_dataset", "discard_value_dataset"):
+        catalog[name].save(base, table_name="t")
+        catalog[name].save(pd.DataFrame({"k": ["c"], "n": [3], "extra": ["x"]}), table_name="t")
+    rows = catalog.discard_row_dataset.t.arrow()
+    assert "extra" not in rows.column_names
+    assert sorted(rows.column("k").to_pylist()) == ["a", "b"]  # the row with a new column was dropped
+    values = catalog.discard_value_dataset.t.arrow()
+    assert "extra" not in values.column_names
+    assert sorted(values.column("k").to_pylist()) == ["a", "b", "c"]  # the row kept, the value dropped
+
+
+def test_discard_row_on_tables_drops_a_new_table_silently(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    info = catalog.no_new_tables_dataset.save(pd.DataFrame({"k": [1]}), table_name="brand_new")
+    assert isinstance(info, LoadInfo)
+    assert "brand_new" not in catalog.no_new_tables_dataset.refresh().tables
+
+
+def test_no_contract_means_dlt_default_evolve(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pd.DataFrame({"k": [1]}), table_name="t")
+    catalog.open_dataset.save(pd.DataFrame({"k": [2], "more": ["x"]}), table_name="t")
+    table = catalog.open_dataset.t.arrow().sort_by("k")
+    assert table.column("more").to_pylist() == [None, "x"]
+    assert catalog.open_dataset.info.schema_version >= 3
+
+
+def test_replace_and_merge(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    ds = catalog.open_dataset
+    ds.save(pd.DataFrame({"id": [1, 2], "v": ["a", "b"]}), table_name="r")
+    ds.save(pd.DataFrame({"id": [3], "v": ["c"]}), table_name="r", write_disposition="replace")
+    assert ds.r.arrow().column("id").to_pylist() == [3]
+    ds.save(pd.DataFrame({"id": [1, 2], "v": ["a", "b"]}), table_name="m", write_disposition="merge", primary_key="id")
+    ds.save(pd.DataFrame({"id": [2, 3], "v": ["B", "c"]}), table_name="m", write_disposition="merge", primary_key="id")
+    merged = ds.m.arrow().sort_by("id")
+    assert merged.column("id").to_pylist() == [1, 2, 3] and merged.column("v").to_pylist() == ["a", "B", "c"]
+    with pytest.raises(InvalidRequestError, match="primary_key"):
+        ds.save(pd.DataFrame({"id": [1]}), table_name="m", write_disposition="merge")
+
+
+def test_large_multi_batch_put(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    n = 100_000
+    table = pa.table({"i": pa.array(range(n), pa.int64()), "s": pa.array([f"row{i % 97}" for i in range(n)]),
+                      "f": pa.array([i / 3 for i in range(n)])})
+    batches = table.to_batches(max_chunksize=7_000)
+    assert len(batches) > 10
+    info = catalog.open_dataset.save(batches, table_name="big")
+    assert info.rows == n
+    back = catalog.open_dataset.big.select("i", "s", "f").arrow().sort_by("i")
+    assert back.column("i").to_pylist() == list(range(n))
+    assert back.column("s").equals(table.column("s"))
+
+
+def test_two_clients_put_into_one_table_at_once(ws: WriteServer) -> None:
+    errors: list[BaseException] = []
+
+    def put(offset: int) -> None:
+        try:
+            frame = pd.DataFrame({"i": range(offset, offset + 20_000)})
+            connect(ws.url).open_dataset.save(frame, table_name="shared")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put, args=(k * 20_000,)) for k in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    ids = connect(ws.url).open_dataset.shared.select("i").arrow().column("i").to_pylist()
+    assert sorted(ids) == list(range(40_000))
+
+
+def test_read_only_profile_gets_permission_denied(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    with pytest.raises(PermissionDeniedError) as denied:
+        catalog.readonly_dataset.save(pd.DataFrame({"k": [1]}), table_name="t")
+    assert denied.value.dataset == "readonly_dataset" and denied.value.profile == "access"
+    assert "read-only" in str(denied.value)
+    assert catalog.readonly_dataset.refresh().tables == []
+    # the raw Flight status is PERMISSION_DENIED with the fields as JSON
+    client = flight.connect(ws.url)
+    writer, _ = client.do_put(flight.FlightDescriptor.for_path("readonly_dataset", "t"), pa.schema([("k", pa.int64())]))
+    with pytest.raises(flight.FlightUnauthorizedError) as raw:
+        writer.write_table(pa.table({"k": [1]}))
+        writer.close()
+    assert json.loads(raw.value.extra_info)["fields"]["profile"] == "access"
+
+
+def test_plain_pyarrow_put_with_a_path_descriptor(ws: WriteServer) -> None:
+    client = flight.connect(ws.url)
+    table = pa.table({"x": [1, 2, 3]})
+    writer, results = client.do_put(flight.FlightDescriptor.for_path("open_dataset", "plain"), table.schema)
+    writer.write_table(table)
+    writer.done_writing()
+    answer = json.loads(results.read().to_pybytes())
+    writer.close()
+    assert answer["load_info"]["rows"] == 3 and answer["load_info"]["pipeline_name"] == "save_plain_pipeline"
+    assert connect(ws.url).open_dataset.plain.arrow().column("x").to_pylist() == [1, 2, 3]
+
+
+def test_frozen_table_over_the_wire_carries_fields(ws: WriteServer) -> None:
+    client = flight.connect(ws.url)
+    writer, _ = client.do_put(flight.FlightDescriptor.for_path("github_events_dataset", "aggregated_issues"),
+                              pa.schema([("n", pa.int64())]))
+    with pytest.raises(flight.FlightUnauthorizedError) as raw:
+        writer.write_table(pa.table({"n": [1]}))
+        writer.close()
+    detail = json.loads(raw.value.extra_info)
+    assert detail["error"] == "ContractViolation" and detail["message"] == FROZEN_TABLE
+    assert detail["fields"]["schema_entity"] == "tables" and detail["fields"]["contract_mode"] == "freeze"
+    assert str(raw.value).startswith(FROZEN_TABLE)
+
+
+_DISCONNECTING_CLIENT = """
+import os, sys, pyarrow as pa, pyarrow.flight as flight
+client = flight.connect(sys.argv[1])
+batch = pa.record_batch({"i": pa.array(range(50_000), pa.int64())})
+writer, _ = client.do_put(flight.FlightDescriptor.for_path("open_dataset", "vanishing"), batch.schema)
+for _ in range(20):
+    writer.write_batch(batch)
+os._exit(0)  # vanish mid-stream: no done_writing, no close
+"""
+
+
+def test_client_that_disconnects_mid_stream_writes_nothing(ws: WriteServer) -> None:
+    subprocess.run([sys.executable, "-c", _DISCONNECTING_CLIENT, ws.url], check=True, timeout=60)
+    catalog = connect(ws.url)
+    # the server is still up and the upload left no table, no schema change and no package
+    for _ in range(50):
+        if ws.pipelines_left() == []:
+            break
+        import time
+
+        time.sleep(0.1)
+    assert "vanishing" not in catalog.open_dataset.refresh().tables
+    assert ws.pipelines_left() == []
+    catalog.open_dataset.save(pd.DataFrame({"i": [1]}), table_name="after")
+    assert catalog.open_dataset.after.arrow().num_rows == 1
+    assert ws.proc.alive
+
+
+def test_failures_leave_no_pending_packages(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pd.DataFrame({"k": [1]}), table_name="ok")
+    catalog.reports_dataset.save(pd.DataFrame({"n": [1]}), table_name="t1")
+    failing = [
+        lambda: catalog.github_events_dataset.save(pd.DataFrame({"n": [1]}), table_name="t1"),  # frozen table
+        lambda: catalog.reports_dataset.save(pd.DataFrame({"n": [1], "x": [2]}), table_name="t1"),  # frozen column
+        lambda: catalog.reports_dataset.save(pd.DataFrame({"n": [1.5]}), table_name="t1"),  # frozen data type
+    ]
+    for save in failing:
+        with pytest.raises(PipelineStepFailed):
+            save()
+        assert ws.pipelines_left() == []
+    # a later good save is not blocked by a stale package
+    info = catalog.open_dataset.save(pd.DataFrame({"k": [2]}), table_name="ok")
+    assert info.rows == 1 and sorted(catalog.open_dataset.ok.arrow().column("k").to_pylist()) == [1, 2]
+    loads = ws.stop_and_inspect("warehouse.duckdb", "SELECT count(*), min(status), max(status) FROM open_dataset._dlt_loads")
+    assert loads == [(2, 0, 0)]
+
+
+def test_bad_write_requests(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    with pytest.raises(InvalidRequestError, match="reserved for dlt"):
+        catalog.open_dataset.save(pd.DataFrame({"k": [1]}), table_name="_dlt_loads")
+    with pytest.raises(TypeError, match="cannot save a str"):
+        catalog.open_dataset.save("not data", table_name="t")  # type: ignore[arg-type]
+    client = flight.connect(ws.url)
+    writer, _ = client.do_put(flight.FlightDescriptor.for_path("nope_dataset", "t"), pa.schema([("k", pa.int64())]))
+    with pytest.raises(pa.ArrowKeyError, match="Dataset 'nope_dataset' not found"):
+        writer.write_table(pa.table({"k": [1]}))
+        writer.close()
+    assert ws.proc.alive
