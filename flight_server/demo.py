@@ -275,8 +275,11 @@ class _EventFactory:
             commits.append(
                 {
                     "sha": sha,
-                    "author": {"name": author["login"].replace("-", " ").title(), "email": f"{author['login']}@users.noreply.github.com"},
-                    "message": f"{_title(rng)}",
+                    "author": {
+                        "name": author["login"].replace("-", " ").title(),
+                        "email": f"{author['login']}@users.noreply.github.com",
+                    },
+                    "message": _title(rng),
                     "distinct": rng.random() < 0.95,
                     "url": f"{API}/repos/{repo['name']}/commits/{sha}",
                 }
@@ -286,7 +289,14 @@ class _EventFactory:
             "push_id": 17_000_000_000 + rng.getrandbits(30),
             "size": n,
             "distinct_size": sum(1 for c in commits if c["distinct"]),
-            "ref": rng.choice(("refs/heads/main", "refs/heads/main", "refs/heads/dev", f"refs/heads/{rng.choice(_BRANCH_PREFIXES)}/{rng.choice(_NOUNS)}")),
+            "ref": rng.choice(
+                (
+                    "refs/heads/main",
+                    "refs/heads/main",
+                    "refs/heads/dev",
+                    f"refs/heads/{rng.choice(_BRANCH_PREFIXES)}/{rng.choice(_NOUNS)}",
+                )
+            ),
             "head": commits[-1]["sha"],
             "before": _sha(rng),
             "commits": commits,
@@ -347,7 +357,8 @@ class _EventFactory:
     def _delete(self, repo: Record, created_at: datetime) -> Record:
         rng = self.rng
         if rng.random() < 0.85:
-            return {"ref": f"{rng.choice(_BRANCH_PREFIXES)}/{rng.choice(_NOUNS)}", "ref_type": "branch", "pusher_type": "user"}
+            branch = f"{rng.choice(_BRANCH_PREFIXES)}/{rng.choice(_NOUNS)}"
+            return {"ref": branch, "ref_type": "branch", "pusher_type": "user"}
         return {"ref": f"v0.{rng.randint(0, 20)}.{rng.randint(0, 9)}-rc", "ref_type": "tag", "pusher_type": "user"}
 
     def _fork(self, repo: Record, created_at: datetime) -> Record:

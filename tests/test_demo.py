@@ -145,7 +145,8 @@ def test_columns_flattened(loaded: tuple[Path, Any]) -> None:
     with duckdb.connect(str(db_path), read_only=True) as con:
         push_cols = {r[0]: r[1] for r in con.execute(f"describe {DATASET}.push_event").fetchall()}
         issue_cols = {r[0] for r in con.execute(f"describe {DATASET}.issues_event").fetchall()}
-        lo, hi = con.execute(f"select min(created_at), max(created_at) from {DATASET}.push_event").fetchone()  # type: ignore[misc]
+        span_sql = f"select min(created_at), max(created_at) from {DATASET}.push_event"
+        lo, hi = con.execute(span_sql).fetchone()  # type: ignore[misc]
     for col in ("id", "type", "actor__login", "actor__display_login", "repo__name", "public",
                 "payload__push_id", "payload__size", "payload__ref", "payload__head", "payload__before"):
         assert col in push_cols, col
