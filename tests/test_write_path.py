@@ -38,9 +38,11 @@ def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class WriteServer:
     """A fresh copy of the loaded project and a server over it."""
 
-    def __init__(self, source: Path, folder: Path) -> None:
+    def __init__(self, source: Path, folder: Path, server_settings: str = "{profile: access}") -> None:
         shutil.copytree(source.parent, folder)
         self.project = folder / "dlt.yml"
+        text = self.project.read_text().replace("server: {profile: access}", f"server: {server_settings}")
+        self.project.write_text(text)
         self.data = folder / "_data"
         self.proc = ServerProcess(self.project)
         self.url = self.proc.url
@@ -306,3 +308,19 @@ def test_bad_write_requests(ws: WriteServer) -> None:
         writer.write_table(pa.table({"k": [1]}))
         writer.close()
     assert ws.proc.alive
+
+
+def test_put_over_the_size_limit_is_refused_and_writes_nothing(loaded_project: Path, tmp_path: Path) -> None:
+    ws = WriteServer(loaded_project, tmp_path / "project", "{profile: access, max_put_bytes: 200000}")
+    try:
+        catalog = connect(ws.url)
+        small = pa.table({"i": pa.array(range(1000), pa.int64())})
+        catalog.open_dataset.save(small, table_name="limited")
+        big = pa.table({"i": pa.array(range(100_000), pa.int64())})  # 800 KB
+        with pytest.raises(InvalidRequestError, match="exceeds the server's limit of 200000 bytes"):
+            catalog.open_dataset.save(big, table_name="limited")
+        assert catalog.open_dataset.limited.row_count() == 1000
+        assert ws.pipelines_left() == []
+        assert ws.proc.alive
+    finally:
+        ws.proc.stop()
