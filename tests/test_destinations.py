@@ -11,6 +11,7 @@ errors — and that no secret shows up in any output, error text or server log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import re
@@ -412,3 +413,57 @@ def test_s3_postgres_config_reads_every_secret_from_the_environment(s3, postgres
     assert lake.type == "filesystem" and lake.table_format == "delta" and lake.location == f"s3://{s3.bucket}/lake_1"
     assert warehouse.type == "postgres" and warehouse.credentials["password"] == postgres.password
     assert re.fullmatch(r"postgres://loader:\*\*\*@127\.0\.0\.1:\d+/dlt_data", open_storage(project, project.datasets["reports_dataset"]).location)
+
+
+# --- every dlt data type: advertised schema == streamed schema ----------------------------------------
+def _typed_rows() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import datetime
+    import decimal
+
+    row = {
+        "i": 1, "f": 1.5, "d": decimal.Decimal("12.345"), "t": "x", "b": True,
+        "ts": datetime.datetime(2024, 1, 1, 12, 30, tzinfo=datetime.timezone.utc),
+        "dt": datetime.date(2024, 1, 2), "tm": datetime.time(3, 4, 5), "bin": b"\x00\x01",
+        "js": {"a": [1, 2]}, "w": decimal.Decimal(10**20), "n": None,
+    }
+    columns = {"js": {"data_type": "json"}, "tm": {"data_type": "time"}, "bin": {"data_type": "binary"},
+               "w": {"data_type": "wei"}, "n": {"data_type": "text", "nullable": True}}
+    return [row, {**row, "i": 2, "n": "y"}], columns
+
+
+@pytest.mark.parametrize("kind", ["delta_local", "postgres"])
+def test_every_dlt_type_streams_as_advertised(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    import dlt
+
+    from flight_server.config import DatasetConfig
+
+    prepared = prepare(kind, request)
+    with environment(prepared.env):
+        project = load_project(prepared.project)
+    destination = project.datasets["github_events_dataset"].destination
+    # a dataset of its own that no project lists, so no served catalog sees it change
+    project = dataclasses.replace(project, datasets={"types_dataset": DatasetConfig("types_dataset", (destination,))})
+    storage = open_storage(project, project.datasets["types_dataset"])
+    rows, columns = _typed_rows()
+    try:
+        resource = dlt.resource(rows, name="all_types", columns=columns,
+                                table_format=storage.destination_config.table_format)
+        with environment(prepared.env):
+            pipeline = dlt.pipeline(pipeline_name="types", pipelines_dir=str(tmp_path / "pipelines"),
+                                    destination=storage.dlt_destination(), dataset_name="types_dataset")
+            pipeline.run(resource, write_disposition="replace").raise_on_failed_jobs()
+        storage.invalidate()
+        advertised = storage.arrow_schema("all_types")
+        data = storage.reader("all_types", None, None).read_all()
+        assert data.schema.equals(advertised, check_metadata=True), (data.schema, advertised)
+        assert data.num_rows == 2 == storage.row_count("all_types")
+        got = {r["i"]: r for r in data.to_pylist()}
+        assert got[2]["n"] == "y" and got[1]["n"] is None and got[1]["bin"] == b"\x00\x01"
+        assert got[1]["dt"] == rows[0]["dt"] and got[1]["ts"] == rows[0]["ts"]
+        assert str(got[1]["d"]).startswith("12.345") and int(got[1]["w"]) == 10**20
+        projected = storage.reader("all_types", ["w", "tm"], 1).read_all()
+        assert projected.schema.equals(storage.arrow_schema("all_types", ["w", "tm"]))
+        result = storage.query(_sql(storage, "SELECT count(*) AS n, max(t) AS t FROM all_types")).read_all()
+        assert result.to_pylist() == [{"n": 2, "t": "x"}]
+    finally:
+        storage.close()

@@ -97,6 +97,13 @@ class DeltaStorage(Storage):
     def capabilities(self) -> Any:
         return dlt.destinations.filesystem().capabilities()
 
+    def arrow_schema_for(self, columns: dict[str, Any]) -> pa.Schema:
+        """dlt's Arrow mapping, then dlt's own adjustment to what Delta stores (``time`` and
+        ``decimal256`` — e.g. ``wei`` — are written as strings)."""
+        from dlt.common.libs.deltalake import ensure_delta_compatible_arrow_schema
+
+        return ensure_delta_compatible_arrow_schema(super().arrow_schema_for(columns))
+
     def _dlt_client(self, schema: Any) -> Any:
         from dlt.dataset.utils import get_destination_clients
 
@@ -152,11 +159,14 @@ class DeltaStorage(Storage):
         with lock:
             dt = self._tables.get(table)
             try:
+                if dt is not None:
+                    try:
+                        dt.update_incremental()
+                    except Exception:  # noqa: BLE001 - e.g. the table was dropped and written anew
+                        dt = None
                 if dt is None:
                     dt = DeltaTable(uri, storage_options=self._storage_options or None)
                     self._tables[table] = dt
-                else:
-                    dt.update_incremental()
             except TableNotFoundError:
                 raise Unavailable(
                     f"Table '{table}' of dataset '{self.dataset.name}' is in the dlt schema but no Delta table "

@@ -42,6 +42,31 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _column_sql(name: str, data_type: str | None) -> str:
+    """A column as selected for streaming: ADBC hands ``json`` and ``numeric`` out as extension types
+    (``arrow.json``, an opaque string); as text they cast to dlt's Arrow types (string, decimal) in C++.
+    ``trim_scale`` drops the zeros of e.g. ``numeric(156,78)`` (dlt's ``wei``) that exceed Arrow's
+    decimal precision."""
+    q = quote(name)
+    if data_type == "json":
+        return f"{q}::text AS {q}"
+    if data_type in ("decimal", "wei"):
+        return f"trim_scale({q})::text AS {q}"
+    return q
+
+
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
+    """ADBC's result schema without its PostgreSQL type tags (field metadata) and with extension
+    types (``arrow.json``; ``arrow.opaque`` for ``numeric`` of unknown scale) as their storage type:
+    text, which every Arrow client reads. Table reads select such columns as text and cast them to
+    dlt's types; SQL results keep them as text (cast in SQL, e.g. ``sum(x)::bigint``, for numbers)."""
+    fields = []
+    for f in schema:
+        t = f.type.storage_type if isinstance(f.type, pa.BaseExtensionType) else f.type
+        fields.append(pa.field(f.name, t, f.nullable))
+    return pa.schema(fields)
+
+
 class _Pool:
     """A small pool of ADBC connections (autocommit) to one database."""
 
@@ -171,7 +196,7 @@ class PostgresStorage(Storage):
                 if broken and attempt == 0:
                     continue  # a stale pooled connection: once more on a fresh one
                 raise self._fail(exc, what) from None
-            bare = pa.schema([f.remove_metadata() for f in reader.schema])  # ADBC tags fields with PG types
+            bare = _plain_schema(reader.schema)
             if not reader.schema.equals(bare, check_metadata=True):
                 reader = reader.cast(bare)
             return owning_reader(reader, con, cur,
@@ -225,7 +250,9 @@ class PostgresStorage(Storage):
 
     # --- reading ----------------------------------------------------------------------------
     def _select(self, table: str, columns: Sequence[str], limit: int | None) -> str:
-        sql = f"SELECT {', '.join(quote(c) for c in columns)} FROM {quote(self.dataset.name)}.{quote(table)}"
+        types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
+        select = ", ".join(_column_sql(c, types.get(c)) for c in columns)
+        sql = f"SELECT {select} FROM {quote(self.dataset.name)}.{quote(table)}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return sql
