@@ -7,11 +7,9 @@ schema from the ``_dlt_version`` folder and names each table's location, and dlt
 credentials into ``deltalake`` storage options (including ``aws_allow_http`` for an http endpoint).
 
 Reads: ``DeltaTable(...).to_pyarrow_dataset()`` → ``scanner(columns=..., batch_size=...)`` →
-``to_reader()``: an Arrow C++ stream with column projection pushed into the Parquet reads. For local
-folders and S3, the dataset's files are read through pyarrow's native filesystems (C++, no GIL per
-read) instead of deltalake's Python filesystem handler; other stores (and partitioned tables, whose
-file paths are percent-encoded in the log) use deltalake's handler. Row counts come from the Delta
-log's per-file statistics (``num_records``), falling back to Parquet footers.
+``to_reader()``: an Arrow C++ stream with column projection pushed into the Parquet reads; a LIMIT
+reads only the first batches (``Dataset.head``), a large one streams through duckdb. Row counts come
+from the Delta log's per-file statistics (``num_records``), falling back to Parquet footers.
 
 SQL: a fresh in-memory duckdb connection per query, a schema named like the dataset holding one view
 per referenced table over its Arrow dataset; external access is switched off before the query runs.
@@ -21,13 +19,12 @@ from __future__ import annotations
 
 import threading
 from typing import Any, Sequence
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import dlt
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import sqlglot
 from sqlglot import exp
 
@@ -175,40 +172,14 @@ class DeltaStorage(Storage):
                 ) from None
             return dt
 
-    def _native_filesystem(self, dt: Any, uri: str) -> pafs.FileSystem | None:
-        """pyarrow's own (C++) filesystem rooted at the table, where that is safe; else None."""
-        if dt.metadata().partition_columns:
-            return None  # partition paths are percent-encoded in the log; deltalake's handler decodes them
-        parsed = urlparse(uri)
-        if parsed.scheme == "file":
-            return pafs.SubTreeFileSystem(unquote(parsed.path), pafs.LocalFileSystem())
-        if parsed.scheme in ("s3", "s3a"):
-            o = {k.lower(): v for k, v in self._storage_options.items()}
-            endpoint = o.get("endpoint_url") or o.get("aws_endpoint_url") or o.get("aws_endpoint")
-            kwargs: dict[str, Any] = {}
-            if o.get("aws_access_key_id"):
-                kwargs.update(access_key=o["aws_access_key_id"], secret_key=o.get("aws_secret_access_key"))
-                if o.get("aws_session_token"):
-                    kwargs["session_token"] = o["aws_session_token"]
-            region = o.get("region") or o.get("aws_region")
-            if region:
-                kwargs["region"] = region
-            if endpoint:
-                ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-                kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
-            try:
-                s3 = pafs.S3FileSystem(**kwargs)
-            except Exception:  # noqa: BLE001 - no native S3 support: deltalake's handler still works
-                return None
-            return pafs.SubTreeFileSystem(f"{parsed.netloc}{unquote(parsed.path)}".rstrip("/"), s3)
-        return None
-
     def arrow_dataset(self, table: str) -> pads.Dataset:
         """The table's current files as a pyarrow dataset (nothing read yet)."""
         dt = self.delta_table(table)
-        uri = self.table_uri(table)
         with self._table_locks[table]:  # the Rust table object is not re-entrant across threads
-            return dt.to_pyarrow_dataset(filesystem=self._native_filesystem(dt, uri))
+            # deltalake's filesystem handler: object_store (Rust) with dlt's storage options, file
+            # sizes known from the log. pyarrow's own Local/S3FileSystem was measured here as well:
+            # no faster, single or 4 concurrent scans, so there is no second credential mapping.
+            return dt.to_pyarrow_dataset()
 
     # --- reading ----------------------------------------------------------------------------
     def row_count(self, table: str) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 from typing import Any, Sequence
 
 import dlt
