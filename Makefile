@@ -8,7 +8,11 @@ EVENTS ?= 2000
 install:
 	$(PY) -m pip install -q -e '.[server]'
 
+# the tests start a real PostgreSQL (initdb/pg_ctl from Debian's postgresql package) and moto's S3 server
 install-test:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
 	$(PY) -m pip install -q -e '.[test]'
 
 demo: install

@@ -188,6 +188,7 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     location = body.get("location") or body.get("bucket_url")
     if location is not None and not isinstance(location, str):
         raise r.fail(f"{key}.location", "must be a string")
+    location = r.substitute(location, f"{key}.{'location' if 'location' in body else 'bucket_url'}")
     if kind == "duckdb":
         if not location:
             location = f"{name}.duckdb"
@@ -201,6 +202,15 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     table_format = body.get("table_format")
     if table_format not in (None, "delta"):
         raise r.fail(f"{key}.table_format", f"table format '{table_format}' is not supported; supported: delta")
+    if kind == "filesystem" and table_format != "delta":
+        raise r.fail(f"{key}.table_format", "a filesystem destination is served as Delta Lake tables: set 'table_format: delta'")
+    if kind != "filesystem" and table_format is not None:
+        raise r.fail(f"{key}.table_format", f"only a filesystem destination has a table format, not a {kind} destination")
+    if kind == "postgres" and location is not None:
+        raise r.fail(f"{key}.location", "a postgres destination is given by 'credentials' (a connection string or a mapping), not a location")
+    raw_credentials = body.get("credentials")
+    if raw_credentials is not None and not isinstance(raw_credentials, (str, dict)):
+        raise r.fail(f"{key}.credentials", "must be a connection string or a mapping")
     credentials = r.substitute(body.get("credentials"), f"{key}.credentials")
     options = r.substitute(r.mapping(body.get("options"), f"{key}.options"), f"{key}.options")
     return DestinationConfig(name, kind, location, credentials, table_format, options)

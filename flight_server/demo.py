@@ -516,12 +516,16 @@ def load_demo(
     events: int = 2000,
     seed: int = 42,
     pipelines_dir: str | None = None,
+    table_format: str | None = None,
 ) -> LoadInfo:
     """Load the demo sample into ``destination`` (a dlt destination factory) and return the LoadInfo.
 
     Uses pipeline ``demo_github_events`` with write disposition ``replace``; when
     ``pipelines_dir`` is None a fresh temporary directory holds the pipeline's
     working state (it is left in place so the returned LoadInfo stays usable).
+    ``table_format`` (``"delta"``) is set on the resource, so every table it creates — the
+    dynamically named event tables and their child tables — is written in that format; dlt's
+    ``filesystem`` destination needs it to write Delta tables.
     """
     if pipelines_dir is None:
         pipelines_dir = tempfile.mkdtemp(prefix="flight_share_demo_")
@@ -532,6 +536,9 @@ def load_demo(
         dataset_name=dataset_name,
     )
     source: DltSource = github_events(events=events, seed=seed)
+    if table_format is not None:
+        for resource in source.resources.values():
+            resource.apply_hints(table_format=table_format)
     info = pipeline.run(
         source,
         write_disposition="replace",

@@ -29,3 +29,19 @@ def server(demo_project: Path) -> Iterator[ServerProcess]:
 def catalog(server: ServerProcess) -> Iterator[Catalog]:
     with connect(server.url) as cat:
         yield cat
+
+
+# --- real backing services (tests/services.py): one PostgreSQL and one S3 server per session --------
+from tests.services import PostgresServer, S3Server, postgres_server, s3_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL on a free loopback port (password auth over TCP), stopped at session end."""
+    yield from postgres_server()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3-compatible server (moto_server) on a free loopback port with one bucket."""
+    yield from s3_server()

@@ -14,6 +14,14 @@ def open_storage(project: ProjectConfig, dataset: DatasetConfig) -> Storage:
         from flight_server.storage.duckdb import DuckDBStorage
 
         return DuckDBStorage(dataset, destination, project.server.batch_rows)
+    if destination.type == "filesystem" and destination.table_format == "delta":
+        from flight_server.storage.delta import DeltaStorage
+
+        return DeltaStorage(dataset, destination, project.server.batch_rows)
+    if destination.type == "postgres":
+        from flight_server.storage.postgres import PostgresStorage
+
+        return PostgresStorage(dataset, destination, project.server.batch_rows)
     raise Unsupported(f"destination type '{destination.type}' of '{destination.name}' is not supported yet")
 
 

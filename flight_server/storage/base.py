@@ -21,6 +21,7 @@ from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import NotFound
+from flight_server.storage.lifetime import isolated
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Storage(ABC):
         self.destination_config = destination
         self._schema: StoredSchema | None = None
         self._schema_loaded = False
+        self._capabilities: Any = None
         self._lock = threading.RLock()
         self.write_lock = threading.Lock()  # one write per dataset at a time
 
@@ -102,11 +104,19 @@ class Storage(ABC):
 
     def arrow_schema_for(self, columns: dict[str, Any]) -> pa.Schema:
         # dlt's own mapping of its types to Arrow, with this destination's capabilities
-        schema = columns_to_arrow(columns, self.capabilities(), "UTC")
+        schema = columns_to_arrow(columns, self.cached_capabilities(), "UTC")
         # what a destination reader streams is nullable; advertise exactly what is streamed
         return pa.schema([f.with_nullable(True) for f in schema])
 
     # --- destination ------------------------------------------------------------------------
+    def cached_capabilities(self) -> Any:
+        """:meth:`capabilities`, resolved once: dlt resolves its config on every call (milliseconds,
+        and it keeps the caller's frames alive — see :func:`lifetime.isolated`)."""
+        with self._lock:
+            if self._capabilities is None:
+                self._capabilities = isolated(self.capabilities)
+            return self._capabilities
+
     @abstractmethod
     def capabilities(self) -> Any:
         """dlt DestinationCapabilitiesContext of this destination."""

@@ -1,0 +1,279 @@
+"""A dataset in PostgreSQL, loaded by dlt's ``postgres`` destination (a schema named like the dataset).
+
+Credentials are resolved by dlt (the project file's ``credentials`` — a connection string or a
+mapping — or dlt's config providers), then used by ADBC's PostgreSQL driver, which reads results as
+Arrow directly (binary COPY): ``cursor.execute(sql); cursor.fetch_record_batch()`` is an Arrow C++
+stream handed to Flight unchanged. Projection and LIMIT are pushed into the SQL.
+
+An ADBC stream is only valid while its cursor and connection live, so each read borrows a pooled
+connection that goes back to the pool when the stream ends or is dropped (:mod:`.lifetime`). Reads run
+in autocommit mode, so no transaction (and no lock) is left open between requests — dlt's replace
+loads need exclusive locks. Queries from the SQL sandbox run inside ``BEGIN READ ONLY`` and the
+connection is rolled back and reset before reuse.
+
+Row counts are exact (``count(*)``): FlightInfo's ``total_records`` is promised to clients as the
+number of rows a read returns, and an estimate (``pg_class.reltuples``) would break that promise.
+
+The password is never put into a message: errors from the driver are re-raised with a text of our
+own plus the driver's message with the connection URI scrubbed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from typing import Any, Sequence
+
+import dlt
+import pyarrow as pa
+import sqlglot
+
+from flight_server.config import DatasetConfig, DestinationConfig
+from flight_server.errors import InvalidRequest, Unavailable
+from flight_server.storage.base import Storage, StoredSchema
+from flight_server.storage.lifetime import isolated, owning_reader
+
+POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
+
+
+def quote(name: str) -> str:
+    """A PostgreSQL quoted identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _column_sql(name: str, data_type: str | None) -> str:
+    """A column as selected for streaming: ADBC hands ``json`` and ``numeric`` out as extension types
+    (``arrow.json``, an opaque string); as text they cast to dlt's Arrow types (string, decimal) in C++.
+    ``trim_scale`` drops the zeros of e.g. ``numeric(156,78)`` (dlt's ``wei``) that exceed Arrow's
+    decimal precision."""
+    q = quote(name)
+    if data_type == "json":
+        return f"{q}::text AS {q}"
+    if data_type in ("decimal", "wei"):
+        return f"trim_scale({q})::text AS {q}"
+    return q
+
+
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
+    """ADBC's result schema without its PostgreSQL type tags (field metadata) and with extension
+    types (``arrow.json``; ``arrow.opaque`` for ``numeric`` of unknown scale) as their storage type:
+    text, which every Arrow client reads. Table reads select such columns as text and cast them to
+    dlt's types; SQL results keep them as text (cast in SQL, e.g. ``sum(x)::bigint``, for numbers)."""
+    fields = []
+    for f in schema:
+        t = f.type.storage_type if isinstance(f.type, pa.BaseExtensionType) else f.type
+        fields.append(pa.field(f.name, t, f.nullable))
+    return pa.schema(fields)
+
+
+class _Pool:
+    """A small pool of ADBC connections (autocommit) to one database."""
+
+    def __init__(self, uri: str, size: int = POOL_SIZE) -> None:
+        self._uri = uri
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue(size)
+
+    def connect(self) -> Any:
+        import adbc_driver_postgresql.dbapi as pg
+
+        return pg.connect(self._uri, autocommit=True)
+
+    def take(self) -> Any:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self.connect()
+
+    def give(self, con: Any) -> None:
+        try:
+            self._idle.put_nowait(con)
+        except queue.Full:
+            _close_quietly(con)
+
+    def close(self) -> None:
+        while True:
+            try:
+                _close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _close_quietly(obj: Any) -> None:
+    try:
+        obj.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        pass
+
+
+class PostgresStorage(Storage):
+    """One dataset (a PostgreSQL schema) in one database."""
+
+    def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
+        super().__init__(dataset, destination)
+        self.batch_rows = batch_rows
+        self._credentials: Any = None
+        self._pool: _Pool | None = None
+
+    # --- dlt --------------------------------------------------------------------------------
+    def dlt_destination(self) -> Any:
+        return dlt.destinations.postgres(
+            credentials=self.destination_config.credentials, destination_name=self.destination_config.name
+        )
+
+    def capabilities(self) -> Any:
+        return dlt.destinations.postgres().capabilities()
+
+    def credentials(self) -> Any:
+        """dlt's resolved PostgresCredentials (from the project file or dlt's config providers)."""
+        with self._lock:
+            if self._credentials is None:
+                from dlt.common.configuration.exceptions import ConfigurationException
+                from dlt.dataset.utils import get_destination_clients
+
+                try:
+                    client = isolated(  # dlt resolves its config here: see lifetime.isolated
+                        get_destination_clients, dlt.Schema("flight_share"), self.dlt_destination(), self.dataset.name
+                    )[0]
+                except ConfigurationException as exc:
+                    raise Unavailable(
+                        f"credentials of destination '{self.destination_config.name}' are incomplete: "
+                        f"{type(exc).__name__}; set them in the project file or dlt's config",
+                        destination=self.destination_config.name,
+                    ) from None
+                self._credentials = client.config.credentials
+            return self._credentials
+
+    @property
+    def location(self) -> str:
+        try:
+            c = self.credentials()
+        except Unavailable:
+            return f"postgres://***/{self.dataset.name}"
+        port = f":{c.port}" if c.port else ""
+        user = f"{c.username}:***@" if c.username else ""
+        return f"postgres://{user}{c.host}{port}/{c.database}"
+
+    # --- connections ------------------------------------------------------------------------
+    def pool(self) -> _Pool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = _Pool(self.credentials().to_native_representation())
+            return self._pool
+
+    def _scrub(self, text: str) -> str:
+        c = self.credentials()
+        for secret in {c.to_native_representation(), str(c.password or "")} - {""}:
+            text = text.replace(secret, "***")
+        return text
+
+    def _fail(self, exc: Exception, what: str) -> Exception:
+        """A driver error as a domain error whose text holds no secret."""
+        import adbc_driver_manager
+
+        detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        message = f"{what} failed on destination '{self.destination_config.name}': {detail}"
+        if isinstance(exc, adbc_driver_manager.ProgrammingError):
+            return InvalidRequest(message, dataset=self.dataset.name)
+        return Unavailable(message, dataset=self.dataset.name)
+
+    def _stream(self, sql: str, read_only_transaction: bool = False, what: str = "read") -> pa.RecordBatchReader:
+        """Run one statement and return its Arrow stream; the connection returns to the pool after it."""
+        pool = self.pool()
+        for attempt in (0, 1):
+            try:
+                con = pool.take()
+            except Exception as exc:  # noqa: BLE001 - cannot connect
+                raise self._fail(exc, "connecting") from None
+            cur = con.cursor()
+            try:
+                if read_only_transaction:
+                    cur.execute("BEGIN TRANSACTION READ ONLY")
+                cur.execute(sql)
+                reader = cur.fetch_record_batch()
+            except Exception as exc:  # noqa: BLE001
+                broken = self._release(con, cur, read_only_transaction)
+                if broken and attempt == 0:
+                    continue  # a stale pooled connection: once more on a fresh one
+                raise self._fail(exc, what) from None
+            bare = _plain_schema(reader.schema)
+            if not reader.schema.equals(bare, check_metadata=True):
+                reader = reader.cast(bare)
+            return owning_reader(reader, con, cur,
+                                 on_close=lambda: self._release(con, cur, read_only_transaction, reader))
+        raise AssertionError("unreachable")
+
+    def _release(self, con: Any, cur: Any, in_transaction: bool, reader: Any = None) -> bool:
+        """Return a connection to the pool (rolled back, reset); True if it was broken instead."""
+        if reader is not None:
+            _close_quietly(reader)  # an unfinished stream first, or the connection stays busy
+        _close_quietly(cur)
+        try:
+            c = con.cursor()
+            try:
+                if in_transaction:
+                    c.execute("ROLLBACK")
+                c.execute("RESET ALL")
+            finally:
+                _close_quietly(c)
+        except Exception:  # noqa: BLE001 - a broken connection is dropped
+            _close_quietly(con)
+            return True
+        self.pool().give(con)
+        return False
+
+    def _scalar(self, sql: str, what: str) -> Any:
+        reader = self._stream(sql, what=what)
+        table = reader.read_all()
+        return table.column(0)[0].as_py() if table.num_rows else None
+
+    # --- schema -----------------------------------------------------------------------------
+    def _load_stored_schema(self) -> StoredSchema | None:
+        ds = self.dataset.name.replace("'", "''")
+        exists = self._scalar(
+            "SELECT count(*) FROM information_schema.tables "
+            f"WHERE table_schema = '{ds}' AND table_name = '_dlt_version'",
+            "reading the stored schema",
+        )
+        if not exists:
+            return None
+        reader = self._stream(
+            f"SELECT version, version_hash, schema FROM {quote(self.dataset.name)}._dlt_version "
+            "ORDER BY inserted_at DESC LIMIT 1",
+            what="reading the stored schema",
+        )
+        rows = reader.read_all().to_pylist()
+        if not rows:
+            return None
+        row = rows[0]
+        return StoredSchema.from_row(row["version"], row["version_hash"], json.loads(row["schema"]))
+
+    # --- reading ----------------------------------------------------------------------------
+    def _select(self, table: str, columns: Sequence[str], limit: int | None) -> str:
+        types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
+        select = ", ".join(_column_sql(c, types.get(c)) for c in columns)
+        sql = f"SELECT {select} FROM {quote(self.dataset.name)}.{quote(table)}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql
+
+    def row_count(self, table: str) -> int:
+        self.table_columns(table)  # NotFound for unknown tables
+        n = self._scalar(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}", "counting rows")
+        return int(n) if n is not None else -1
+
+    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
+        schema = self.arrow_schema(table, columns)
+        reader = self._stream(self._select(table, schema.names, limit))
+        return reader if reader.schema.equals(schema) else reader.cast(schema)
+
+    def query(self, sql: str) -> pa.RecordBatchReader:
+        # the sandbox writes duckdb's dialect; PostgreSQL gets its own
+        pg_sql = sqlglot.transpile(sql, read="duckdb", write="postgres")[0]
+        return self._stream(pg_sql, read_only_transaction=True, what="query")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
