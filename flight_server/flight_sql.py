@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
+import sqlglot
+from sqlglot import exp
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
@@ -161,6 +163,12 @@ def like(pattern: str | None) -> Callable[[str], bool]:
     return lambda name: compiled.fullmatch(name) is not None
 
 
+def _has_parameters(query: str) -> bool:
+    """Whether a statement (already parsed once by the sandbox helpers) has ``?`` / ``$1`` parameters."""
+    tree = sqlglot.parse_one(query, read="duckdb")
+    return tree.find(exp.Placeholder, exp.Parameter) is not None
+
+
 def encode_handle(query: str) -> bytes:
     return _HANDLE_PREFIX + json.dumps({"query": query}).encode()
 
@@ -218,6 +226,11 @@ class FlightSql:
             Route(pb.ActionClosePreparedStatementRequest, {"do_action": self._close_prepared}),
         ]
         self.routes: dict[str, Route] = {type_url(r.message): r for r in routes}
+        # Flight SQL action name -> the Any type URL its body carries
+        self.actions: dict[str, str] = {
+            "CreatePreparedStatement": type_url(pb.ActionCreatePreparedStatementRequest),
+            "ClosePreparedStatement": type_url(pb.ActionClosePreparedStatementRequest),
+        }
 
     # --- the hook -------------------------------------------------------------------------------
     def route(self, rpc: str, args: tuple[Any, ...]) -> Callable[[], Any] | None:
@@ -229,9 +242,12 @@ class FlightSql:
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "CloseSession":
                 return lambda: iter([_CLOSE_SESSION_CLOSED])
+            expected = self.actions.get(action.type)
+            if expected is None:
+                return lambda: self._unsupported_action(action.type)
             wrapped = unpack_any(body)
-            if wrapped is None:
-                return lambda: self._unsupported(f"action {action.type}", rpc)
+            if wrapped is None or wrapped.type_url != expected:
+                return lambda: self._bad_action_body(action.type, expected)
             return lambda: self._dispatch(rpc, wrapped, context, action.type)
         if rpc in ("get_flight_info", "get_schema", "do_put"):
             descriptor = args[1]
@@ -253,9 +269,18 @@ class FlightSql:
         if route is None or handler is None:
             self._unsupported(_short(wrapped.type_url), rpc)
         message = route.message()
-        if not wrapped.Unpack(message):
-            raise InvalidRequest(f"Flight SQL {_short(wrapped.type_url)} does not decode")
+        try:
+            message.ParseFromString(wrapped.value)
+        except DecodeError:
+            raise InvalidRequest(f"Flight SQL {_short(wrapped.type_url)} does not decode") from None
         return handler(context, message, *rest)
+
+    def _unsupported_action(self, name: str) -> Any:
+        raise Unsupported(f"Flight SQL action {name} is not supported by this server; "
+                          f"supported: {', '.join([*self.actions, 'CloseSession'])}")
+
+    def _bad_action_body(self, name: str, expected: str) -> Any:
+        raise InvalidRequest(f"Flight SQL action {name} takes a {_short(expected)} packed in google.protobuf.Any")
 
     def _unsupported(self, what: str, rpc: str) -> Any:
         supported = sorted({_short(url) for url, r in self.routes.items() if rpc in r.handlers})
@@ -358,6 +383,9 @@ class FlightSql:
                 f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
+        if _has_parameters(query):
+            # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
+            raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
         if len(datasets) > 1:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
