@@ -30,7 +30,9 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to listen on (default: the project's server.host).")
 @click.option("--port", type=int, default=None, help="Port (default: the project's server.port; 0 picks a free one).")
 @click.option("--profile", default=None, help="Profile for every caller (default: the project's server.profile).")
-def serve(project_path: str, host: str | None, port: int | None, profile: str | None) -> None:
+@click.option("--health-port", type=int, default=None,
+              help="Also serve the standard gRPC health service (grpc.health.v1) on this port (0 picks a free one).")
+def serve(project_path: str, host: str | None, port: int | None, profile: str | None, health_port: int | None) -> None:
     """Serve the project's datasets over Arrow Flight."""
     from flight_server.service import FlightShareServer
 
@@ -44,10 +46,21 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
     server = FlightShareServer(project, f"grpc://{host}:{port}", profile=profile)
+    health = None
+    if health_port is not None:
+        from flight_server.health import HealthServer
+
+        health = HealthServer(host, health_port)
+        health.set_serving(True)
+        click.echo(f"flight-share health service (grpc.health.v1) on {host}:{health.port}")
     click.echo(f"flight-share serving project {project.name} on grpc://{host}:{server.port} "
                f"(profile {server.default_profile})", err=False)
     sys.stdout.flush()
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        if health is not None:
+            health.stop()
 
 
 @main.command()

@@ -20,6 +20,7 @@ from client.protocol import Command, ReadCommand, SqlCommand, WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.config import ProjectConfig
 from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
+from flight_server.flight_sql import FlightSql
 from flight_server.sql import sandbox_query
 from flight_server.writer import Writer
 
@@ -28,11 +29,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _rpc(handler: F) -> F:
-    """Run a handler; map whatever it raises once, here."""
+    """Run a handler; map whatever it raises once, here. Flight SQL payloads go to the Flight SQL dispatch."""
 
     @functools.wraps(handler)
     def wrapped(self: "FlightShareServer", *args: Any, **kwargs: Any) -> Any:
         try:
+            flight_sql_call = self.flight_sql.route(handler.__name__, args)
+            if flight_sql_call is not None:
+                return flight_sql_call()
             return handler(self, *args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every error leaves through the mapping table
             raise to_flight_error(exc) from None
@@ -51,6 +55,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.catalog = Catalog(project)
         self.default_profile = profile or project.server.profile
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
+        self.flight_sql = FlightSql(self)  # Any-packed Flight SQL requests on the same port (see _rpc)
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
             protocol.ACTION_LIST_DATASETS: self._list_datasets,
             protocol.ACTION_HEALTH: self._health,

@@ -4,6 +4,10 @@ Parsing uses sqlglot (which dlt already depends on). A statement is accepted onl
 query (SELECT / WITH / set operation) whose every table reference names a table of the dataset; it
 is rewritten with each reference qualified to the dataset, so the engine never resolves a name the
 caller chose. Table functions (``read_csv``, ``glob`` ...) are not table references and are refused.
+
+Flight SQL statements are written against the whole project (catalog = project, schema = dataset):
+:func:`referenced_datasets` tells which dataset a statement reads, and ``sandbox_query(...,
+catalog=project)`` also accepts ``project.dataset.table``.
 """
 
 from __future__ import annotations
@@ -36,16 +40,43 @@ def _function_names(tree: exp.Expression) -> Iterable[str]:
                 yield name.lower()
 
 
-def sandbox_query(sql: str, dataset: str, tables: Iterable[str], dialect: str = "duckdb") -> str:
-    """Check a query and return it with every table qualified to ``dataset``."""
-    allowed = set(tables)
+def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except sqlglot.errors.ParseError as exc:
         raise InvalidRequest(f"SQL does not parse: {str(exc).splitlines()[0]}", dataset=dataset) from None
     if len(statements) != 1:
         raise InvalidRequest(f"exactly one SQL statement is allowed, got {len(statements)}", dataset=dataset)
-    tree = statements[0]
+    return statements[0]
+
+
+def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], list[str]]:
+    """The schema (dataset) qualifiers a query's table references name, and its unqualified table names.
+
+    CTE names are not table references. Nothing is checked here beyond parsing: the query still goes
+    through :func:`sandbox_query` for the dataset chosen.
+    """
+    tree = _parse_one(sql, dialect, None)
+    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    datasets: set[str] = set()
+    unqualified: list[str] = []
+    for table in tree.find_all(exp.Table):
+        schema = table.args.get("db")
+        if schema is not None:
+            datasets.add(schema.name)
+        elif isinstance(table.this, exp.Identifier) and table.name not in ctes:
+            unqualified.append(table.name)
+    return datasets, unqualified
+
+
+def sandbox_query(sql: str, dataset: str, tables: Iterable[str], dialect: str = "duckdb",
+                  catalog: str | None = None) -> str:
+    """Check a query and return it with every table qualified to ``dataset``.
+
+    ``catalog``: a catalog qualifier the caller may write (``catalog.dataset.table``); any other is refused.
+    """
+    allowed = set(tables)
+    tree = _parse_one(sql, dialect, dataset)
     if not isinstance(tree, _QUERY_TYPES):
         raise InvalidRequest(
             f"only SELECT queries are allowed, got {tree.key.upper()}", dataset=dataset
@@ -63,6 +94,8 @@ def sandbox_query(sql: str, dataset: str, tables: Iterable[str], dialect: str = 
                 f"table expression '{table.sql(dialect)}' is not allowed; query tables of dataset '{dataset}' by name",
                 dataset=dataset,
             )
+        if catalog is not None and table.args.get("catalog") is not None and table.catalog == catalog:
+            table.set("catalog", None)
         if table.args.get("catalog") is not None:
             raise InvalidRequest(f"table '{table.sql(dialect)}' must not name a catalog", dataset=dataset)
         schema = table.args.get("db")

@@ -1,0 +1,1 @@
+"""Generated protocol modules (see each .proto beside its module for origin and licence)."""

@@ -1,0 +1,481 @@
+"""Arrow Flight SQL on the same port as the plain Flight surface, onto the same rooms.
+
+Flight SQL requests are ``google.protobuf.Any`` messages (FlightSql.proto) in command descriptors,
+tickets, DoPut descriptors and action bodies. :meth:`FlightSql.route` is the one hook the service
+calls: it recognises an ``Any`` payload and answers from :attr:`FlightSql.routes`, one table keyed by
+the Any type URL with one method per (command, RPC). Anything else — an unknown type URL, or a known
+command on an RPC it has no meaning for — answers UNIMPLEMENTED naming the command. Errors leave
+through the service's one mapping table (``errors.to_flight_error``), like every other RPC.
+
+How the project looks to a Flight SQL client:
+
+- catalog   = the project (one catalog, ``project.name``);
+- db_schema = a dataset the caller's profile may see;
+- table     = a table of that dataset (table type ``TABLE``).
+
+Statements are read-only SELECTs through the same sandbox as the plain ``sql`` command. Every table
+is written ``dataset.table`` (or ``project.dataset.table``); one statement reads one dataset (datasets
+may live on different destinations, so there is no cross-dataset join). Statement and prepared
+statement handles carry the statement itself: the server keeps no per-statement state, and every
+DoGet runs the sandbox again under the caller's profile. Bound parameters are not supported.
+
+Bulk ingest (``CommandStatementIngest``) goes through ``Writer.put``: the same permissions, dlt
+contracts and error texts as the plain DoPut. ``schema`` names the dataset.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import sqlglot
+from sqlglot import exp
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from client.protocol import WriteCommand
+from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server.errors import InvalidRequest, NotFound, Unsupported
+from flight_server.sql import referenced_datasets, sandbox_query
+
+if TYPE_CHECKING:
+    from flight_server.service import FlightShareServer
+    from flight_server.storage import Storage
+
+TYPE_URL_PREFIX = "type.googleapis.com/"
+SQL_PACKAGE = "arrow.flight.protocol.sql."
+TABLE_TYPE = "TABLE"
+SERVER_NAME = "flight-share"
+_HANDLE_PREFIX = b"flight-share/statement/v1:"
+
+# Flight SQL (and Flight session) action names; any of them reaches this module, the rest are ours
+FLIGHT_SQL_ACTIONS = frozenset({
+    "CreatePreparedStatement", "ClosePreparedStatement", "CreatePreparedSubstraitPlan",
+    "BeginTransaction", "BeginSavepoint", "EndTransaction", "EndSavepoint", "CancelQuery",
+    "CancelFlightInfo", "RenewFlightEndpoint", "SetSessionOptions", "GetSessionOptions", "CloseSession",
+})
+# Flight.proto's CloseSessionResult{status: CLOSED}: sessions hold nothing here, so closing always succeeds
+_CLOSE_SESSION_CLOSED = b"\x08\x01"
+
+Handler = Callable[..., Any]
+
+
+def type_url(message: type[Message]) -> str:
+    return TYPE_URL_PREFIX + message.DESCRIPTOR.full_name
+
+
+def pack(message: Message) -> bytes:
+    """``message`` in a serialised ``google.protobuf.Any``."""
+    wrapped = any_pb2.Any()
+    wrapped.Pack(message)
+    return wrapped.SerializeToString()
+
+
+def unpack_any(data: bytes) -> any_pb2.Any | None:
+    """The ``Any`` in ``data``, or None if ``data`` is not one (our JSON commands start with ``{``)."""
+    if not data or data[:1] != b"\n":
+        return None
+    try:
+        wrapped = any_pb2.Any.FromString(data)
+    except DecodeError:
+        return None
+    return wrapped if wrapped.type_url.startswith(TYPE_URL_PREFIX) else None
+
+
+def _short(url: str) -> str:
+    return url.rsplit("/", 1)[-1].removeprefix(SQL_PACKAGE)
+
+
+# --- result schemas of the metadata commands (FlightSql.proto) --------------------------------------
+CATALOGS_SCHEMA = pa.schema([pa.field("catalog_name", pa.utf8(), nullable=False)])
+DB_SCHEMAS_SCHEMA = pa.schema([pa.field("catalog_name", pa.utf8()),
+                               pa.field("db_schema_name", pa.utf8(), nullable=False)])
+TABLES_SCHEMA = pa.schema([
+    pa.field("catalog_name", pa.utf8()), pa.field("db_schema_name", pa.utf8()),
+    pa.field("table_name", pa.utf8(), nullable=False), pa.field("table_type", pa.utf8(), nullable=False),
+])
+TABLES_SCHEMA_WITH_SCHEMA = TABLES_SCHEMA.append(pa.field("table_schema", pa.binary(), nullable=False))
+TABLE_TYPES_SCHEMA = pa.schema([pa.field("table_type", pa.utf8(), nullable=False)])
+
+# GetSqlInfo's value: a dense union whose children are not nullable. pa.UnionArray.from_dense makes
+# nullable children (and the Go driver's cast then fails), so the array is built from buffers.
+_SQL_INFO_CHILDREN = [
+    pa.field("string_value", pa.utf8(), nullable=False),
+    pa.field("bool_value", pa.bool_(), nullable=False),
+    pa.field("bigint_value", pa.int64(), nullable=False),
+    pa.field("int32_bitmask", pa.int32(), nullable=False),
+    pa.field("string_list", pa.list_(pa.utf8()), nullable=False),
+    pa.field("int32_to_int32_list_map", pa.map_(pa.int32(), pa.list_(pa.int32())), nullable=False),
+]
+_STRING, _BOOL, _BIGINT, _INT32, _STRING_LIST = range(5)
+SQL_INFO_SCHEMA = pa.schema([
+    pa.field("info_name", pa.uint32(), nullable=False),
+    pa.field("value", pa.dense_union(_SQL_INFO_CHILDREN, type_codes=list(range(6))), nullable=False),
+])
+
+
+def sql_info_table(values: dict[int, tuple[int, Any]]) -> pa.Table:
+    """GetSqlInfo's answer: one row per info id, each value tagged with its union child."""
+    codes: list[int] = []
+    offsets: list[int] = []
+    children: list[list[Any]] = [[] for _ in _SQL_INFO_CHILDREN]
+    for kind, value in values.values():
+        codes.append(kind)
+        offsets.append(len(children[kind]))
+        children[kind].append(value)
+    arrays = [pa.array(items, type=f.type) for items, f in zip(children, _SQL_INFO_CHILDREN)]
+    union = pa.Array.from_buffers(
+        SQL_INFO_SCHEMA.field("value").type, len(codes),
+        [None, pa.array(codes, pa.int8()).buffers()[1], pa.array(offsets, pa.int32()).buffers()[1]],
+        children=arrays,
+    )
+    return pa.Table.from_arrays([pa.array(list(values), pa.uint32()), union], schema=SQL_INFO_SCHEMA)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flight-share")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def like(pattern: str | None) -> Callable[[str], bool]:
+    """A Flight SQL filter pattern (``%`` any run, ``_`` one character, ``\\`` escapes) as a predicate."""
+    if pattern is None:
+        return lambda _name: True
+    regex = []
+    chars = iter(pattern)
+    for ch in chars:
+        if ch == "\\":
+            regex.append(re.escape(next(chars, "\\")))
+        elif ch == "%":
+            regex.append(".*")
+        elif ch == "_":
+            regex.append(".")
+        else:
+            regex.append(re.escape(ch))
+    compiled = re.compile("".join(regex), re.DOTALL)
+    return lambda name: compiled.fullmatch(name) is not None
+
+
+def _has_parameters(query: str) -> bool:
+    """Whether a statement (already parsed once by the sandbox helpers) has ``?`` / ``$1`` parameters."""
+    tree = sqlglot.parse_one(query, read="duckdb")
+    return tree.find(exp.Placeholder, exp.Parameter) is not None
+
+
+def encode_handle(query: str) -> bytes:
+    return _HANDLE_PREFIX + json.dumps({"query": query}).encode()
+
+
+def decode_handle(handle: bytes) -> str:
+    if not handle.startswith(_HANDLE_PREFIX):
+        raise InvalidRequest("not a statement handle issued by this server")
+    try:
+        query = json.loads(handle[len(_HANDLE_PREFIX):])["query"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest("not a statement handle issued by this server") from None
+    if not isinstance(query, str):
+        raise InvalidRequest("not a statement handle issued by this server")
+    return query
+
+
+@dataclass(frozen=True)
+class Route:
+    """One Flight SQL message: how to unpack it, and its handler per RPC."""
+
+    message: type[Message]
+    handlers: dict[str, Handler]
+
+
+_INGEST = pb.CommandStatementIngest.TableDefinitionOptions
+_RPC_NAMES = {"get_flight_info": "GetFlightInfo", "get_schema": "GetSchema", "do_get": "DoGet",
+              "do_put": "DoPut", "do_action": "DoAction"}
+
+
+class FlightSql:
+    """Flight SQL dispatch for one :class:`~flight_server.service.FlightShareServer`."""
+
+    def __init__(self, server: "FlightShareServer") -> None:
+        self.server = server
+        metadata = {"get_flight_info": self._metadata_info, "get_schema": self._metadata_schema,
+                    "do_get": self._metadata_get}
+        self._metadata: dict[type[Message], tuple[Callable[[Any], pa.Schema], Callable[..., pa.Table]]] = {
+            pb.CommandGetSqlInfo: (lambda _c: SQL_INFO_SCHEMA, self._sql_info),
+            pb.CommandGetCatalogs: (lambda _c: CATALOGS_SCHEMA, self._catalogs),
+            pb.CommandGetDbSchemas: (lambda _c: DB_SCHEMAS_SCHEMA, self._db_schemas),
+            pb.CommandGetTables: (lambda c: TABLES_SCHEMA_WITH_SCHEMA if c.include_schema else TABLES_SCHEMA,
+                                  self._tables),
+            pb.CommandGetTableTypes: (lambda _c: TABLE_TYPES_SCHEMA, self._table_types),
+        }
+        routes = [Route(m, metadata) for m in self._metadata]
+        routes += [
+            Route(pb.CommandStatementQuery, {"get_flight_info": self._statement_info,
+                                             "get_schema": self._statement_schema}),
+            Route(pb.CommandPreparedStatementQuery, {"get_flight_info": self._prepared_info,
+                                                     "get_schema": self._prepared_schema,
+                                                     "do_put": self._prepared_bind}),
+            Route(pb.TicketStatementQuery, {"do_get": self._statement_get}),
+            Route(pb.CommandStatementIngest, {"do_put": self._ingest}),
+            Route(pb.ActionCreatePreparedStatementRequest, {"do_action": self._create_prepared}),
+            Route(pb.ActionClosePreparedStatementRequest, {"do_action": self._close_prepared}),
+        ]
+        self.routes: dict[str, Route] = {type_url(r.message): r for r in routes}
+        # Flight SQL action name -> the Any type URL its body carries
+        self.actions: dict[str, str] = {
+            "CreatePreparedStatement": type_url(pb.ActionCreatePreparedStatementRequest),
+            "ClosePreparedStatement": type_url(pb.ActionClosePreparedStatementRequest),
+        }
+
+    # --- the hook -------------------------------------------------------------------------------
+    def route(self, rpc: str, args: tuple[Any, ...]) -> Callable[[], Any] | None:
+        """A call that answers this RPC if its payload is Flight SQL, else None (the plain surface answers)."""
+        if rpc == "do_action":
+            context, action = args[0], args[1]
+            if action.type not in FLIGHT_SQL_ACTIONS:
+                return None
+            body = action.body.to_pybytes() if action.body is not None else b""
+            if action.type == "CloseSession":
+                return lambda: iter([_CLOSE_SESSION_CLOSED])
+            expected = self.actions.get(action.type)
+            if expected is None:
+                return lambda: self._unsupported_action(action.type)
+            wrapped = unpack_any(body)
+            if wrapped is None or wrapped.type_url != expected:
+                return lambda: self._bad_action_body(action.type, expected)
+            return lambda: self._dispatch(rpc, wrapped, context, action.type)
+        if rpc in ("get_flight_info", "get_schema", "do_put"):
+            descriptor = args[1]
+            if descriptor.descriptor_type != flight.DescriptorType.CMD:
+                return None
+            payload = descriptor.command
+        elif rpc == "do_get":
+            payload = args[1].ticket
+        else:
+            return None
+        wrapped = unpack_any(payload)
+        if wrapped is None:
+            return None
+        return lambda: self._dispatch(rpc, wrapped, *args)
+
+    def _dispatch(self, rpc: str, wrapped: any_pb2.Any, context: Any, *rest: Any) -> Any:
+        route = self.routes.get(wrapped.type_url)
+        handler = route.handlers.get(rpc) if route else None
+        if route is None or handler is None:
+            self._unsupported(_short(wrapped.type_url), rpc)
+        message = route.message()
+        try:
+            message.ParseFromString(wrapped.value)
+        except DecodeError:
+            raise InvalidRequest(f"Flight SQL {_short(wrapped.type_url)} does not decode") from None
+        return handler(context, message, *rest)
+
+    def _unsupported_action(self, name: str) -> Any:
+        raise Unsupported(f"Flight SQL action {name} is not supported by this server; "
+                          f"supported: {', '.join([*self.actions, 'CloseSession'])}")
+
+    def _bad_action_body(self, name: str, expected: str) -> Any:
+        raise InvalidRequest(f"Flight SQL action {name} takes a {_short(expected)} packed in google.protobuf.Any")
+
+    def _unsupported(self, what: str, rpc: str) -> Any:
+        supported = sorted({_short(url) for url, r in self.routes.items() if rpc in r.handlers})
+        raise Unsupported(f"Flight SQL {what} is not supported by this server on {_RPC_NAMES.get(rpc, rpc)}; "
+                          f"supported there: {', '.join(supported) or '(none)'}")
+
+    # --- who and what -----------------------------------------------------------------------------
+    @property
+    def catalog_name(self) -> str:
+        return self.server.project.name
+
+    def _profile(self, context: Any) -> str:
+        return self.server.profile_of(context)
+
+    def _info(self, schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
+        return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+
+    # --- metadata commands ------------------------------------------------------------------------
+    def _metadata_info(self, context: Any, command: Message, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        schema_of, _ = self._metadata[type(command)]
+        # the ticket is the command itself: DoGet answers it under the caller's profile then
+        return self._info(schema_of(command), descriptor, descriptor.command)
+
+    def _metadata_schema(self, context: Any, command: Message, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._metadata[type(command)][0](command))
+
+    def _metadata_get(self, context: Any, command: Message, ticket: flight.Ticket) -> flight.FlightDataStream:
+        return flight.RecordBatchStream(self._metadata[type(command)][1](context, command))
+
+    def _sql_info(self, context: Any, command: Any) -> pa.Table:
+        infos: dict[int, tuple[int, Any]] = {
+            0: (_STRING, SERVER_NAME),                 # FLIGHT_SQL_SERVER_NAME
+            1: (_STRING, _version()),                     # FLIGHT_SQL_SERVER_VERSION
+            2: (_STRING, pa.__version__),              # FLIGHT_SQL_SERVER_ARROW_VERSION
+            3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY (ingest writes)
+            4: (_BOOL, True),                          # FLIGHT_SQL_SERVER_SQL
+            5: (_BOOL, False),                         # FLIGHT_SQL_SERVER_SUBSTRAIT
+            8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: none
+            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL
+            100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: none
+            101: (_INT32, 0),                          # FLIGHT_SQL_SERVER_TRANSACTION_TIMEOUT: none
+            500: (_BOOL, False),                       # SQL_DDL_CATALOG
+            501: (_BOOL, False),                       # SQL_DDL_SCHEMA
+            502: (_BOOL, False),                       # SQL_DDL_TABLE
+            504: (_STRING, '"'),                       # SQL_IDENTIFIER_QUOTE_CHAR
+            506: (_BOOL, True),                        # SQL_ALL_TABLES_ARE_SELECTABLE
+            513: (_STRING, "\\"),                      # SQL_SEARCH_STRING_ESCAPE
+            529: (_STRING, "dataset"),                 # SQL_SCHEMA_TERM
+            531: (_STRING, "project"),                 # SQL_CATALOG_TERM
+            532: (_BOOL, True),                        # SQL_CATALOG_AT_START
+            563: (_BOOL, False),                       # SQL_TRANSACTIONS_SUPPORTED
+        }
+        wanted = list(command.info) or list(infos)
+        return sql_info_table({i: infos[i] for i in wanted if i in infos})
+
+    def _catalogs(self, context: Any, command: Any) -> pa.Table:
+        return pa.Table.from_pylist([{"catalog_name": self.catalog_name}], schema=CATALOGS_SCHEMA)
+
+    def _datasets(self, context: Any, catalog: str | None, pattern: str | None) -> list[str]:
+        """The datasets the caller sees, narrowed by a catalog and a schema filter pattern."""
+        if catalog is not None and catalog != self.catalog_name:
+            return []
+        matches = like(pattern)
+        return sorted(d for d in self.server.catalog.visible(self._profile(context)) if matches(d))
+
+    def _db_schemas(self, context: Any, command: Any) -> pa.Table:
+        catalog = command.catalog if command.HasField("catalog") else None
+        pattern = command.db_schema_filter_pattern if command.HasField("db_schema_filter_pattern") else None
+        rows = [{"catalog_name": self.catalog_name, "db_schema_name": d} for d in self._datasets(context, catalog, pattern)]
+        return pa.Table.from_pylist(rows, schema=DB_SCHEMAS_SCHEMA)
+
+    def _tables(self, context: Any, command: Any) -> pa.Table:
+        catalog = command.catalog if command.HasField("catalog") else None
+        pattern = command.db_schema_filter_pattern if command.HasField("db_schema_filter_pattern") else None
+        matches = like(command.table_name_filter_pattern if command.HasField("table_name_filter_pattern") else None)
+        schema = TABLES_SCHEMA_WITH_SCHEMA if command.include_schema else TABLES_SCHEMA
+        rows = []
+        if not command.table_types or TABLE_TYPE in command.table_types:
+            for dataset in self._datasets(context, catalog, pattern):
+                storage = self.server.catalog.storage(dataset)
+                for table in sorted(t for t in storage.table_names() if matches(t)):
+                    row = {"catalog_name": self.catalog_name, "db_schema_name": dataset,
+                           "table_name": table, "table_type": TABLE_TYPE}
+                    if command.include_schema:
+                        row["table_schema"] = storage.arrow_schema(table).serialize().to_pybytes()
+                    rows.append(row)
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _table_types(self, context: Any, command: Any) -> pa.Table:
+        return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES_SCHEMA)
+
+    # --- statements -------------------------------------------------------------------------------
+    def _prepare(self, context: Any, query: str) -> tuple["Storage", str]:
+        """The storage a statement reads and the statement checked and qualified by the sandbox."""
+        profile = self._profile(context)
+        datasets, unqualified = referenced_datasets(query)
+        visible = self.server.catalog.visible(profile)
+        if unqualified:
+            raise InvalidRequest(
+                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
+                f"datasets: {', '.join(visible) or '(none)'}"
+            )
+        if _has_parameters(query):
+            # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
+            raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
+        if len(datasets) > 1:
+            raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
+        if not datasets and not visible:
+            raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
+        dataset = next(iter(datasets)) if datasets else visible[0]
+        storage = self.server.catalog.open(profile, dataset)
+        return storage, sandbox_query(query, dataset, storage.table_names(), catalog=self.catalog_name)
+
+    def _query_schema(self, context: Any, query: str) -> pa.Schema:
+        storage, sql = self._prepare(context, query)
+        return storage.query(f"SELECT * FROM ({sql}) AS q LIMIT 0").schema
+
+    def _statement_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        self._no_transaction(command)
+        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(command.query)))
+        return self._info(self._query_schema(context, command.query), descriptor, ticket)
+
+    def _statement_schema(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._query_schema(context, command.query))
+
+    def _statement_get(self, context: Any, command: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        storage, sql = self._prepare(context, decode_handle(command.statement_handle))
+        return flight.RecordBatchStream(storage.query(sql))
+
+    def _create_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
+        self._no_transaction(request)
+        schema = self._query_schema(context, request.query)
+        result = pb.ActionCreatePreparedStatementResult(
+            prepared_statement_handle=encode_handle(request.query),
+            dataset_schema=schema.serialize().to_pybytes(),
+        )
+        return iter([pack(result)])
+
+    def _close_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
+        decode_handle(request.prepared_statement_handle)  # stateless: nothing to free
+        return iter([])
+
+    def _prepared_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        query = decode_handle(command.prepared_statement_handle)
+        ticket = pack(pb.TicketStatementQuery(statement_handle=command.prepared_statement_handle))
+        return self._info(self._query_schema(context, query), descriptor, ticket)
+
+    def _prepared_schema(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._query_schema(context, decode_handle(command.prepared_statement_handle)))
+
+    def _prepared_bind(self, context: Any, command: Any, descriptor: Any, reader: Any, writer: Any) -> None:
+        raise Unsupported("bound parameters are not supported; put the values into the SQL text")
+
+    @staticmethod
+    def _no_transaction(command: Any) -> None:
+        if command.HasField("transaction_id"):
+            raise Unsupported("transactions are not supported; statements run on their own")
+
+    # --- bulk ingest ------------------------------------------------------------------------------
+    def _ingest(self, context: Any, command: Any, descriptor: Any, reader: Any, writer: Any) -> None:
+        profile = self._profile(context)
+        self._no_transaction(command)
+        if command.temporary:
+            raise Unsupported("temporary tables are not supported; ingest into a table of a dataset")
+        if command.options:
+            raise Unsupported(f"ingest options are not supported: {', '.join(sorted(command.options))}")
+        options = command.table_definition_options
+        if options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_UNSPECIFIED or \
+                options.if_exists == _INGEST.TABLE_EXISTS_OPTION_UNSPECIFIED:
+            raise InvalidRequest(
+                "table_definition_options must set if_not_exist (CREATE or FAIL) and if_exists (FAIL, APPEND or "
+                f"REPLACE); got if_not_exist={_INGEST.TableNotExistOption.Name(options.if_not_exist)}, "
+                f"if_exists={_INGEST.TableExistsOption.Name(options.if_exists)}"
+            )
+        if command.HasField("catalog") and command.catalog != self.catalog_name:
+            raise NotFound(f"Catalog '{command.catalog}' not found; the catalog is project {self.catalog_name}")
+        if not command.HasField("schema") or not command.schema:
+            visible = self.server.catalog.visible(profile)
+            raise InvalidRequest(
+                f"name the dataset to ingest into as the db_schema (datasets: {', '.join(visible) or '(none)'})"
+            )
+        dataset, table = command.schema, command.table
+        exists = table in self.server.catalog.open(profile, dataset).table_names()
+        if exists and options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL:
+            raise InvalidRequest(f"Table '{table}' already exists in dataset '{dataset}'; ingest in append or replace mode",
+                                 dataset=dataset, table=table)
+        if not exists and options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_FAIL:
+            raise NotFound(f"Table '{table}' not found in dataset '{dataset}'; ingest in create mode to add it",
+                           dataset=dataset, table=table)
+        disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
+        result = self.server.writer.put(profile, WriteCommand(dataset, table, disposition), reader, context.is_cancelled)
+        # DoPutUpdateResult goes back raw, not packed in Any
+        writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))
+
+
+def supported_commands(flight_sql: FlightSql) -> Iterable[str]:
+    """Short names of the Flight SQL messages this server answers (for docs and tests)."""
+    return sorted(_short(url) for url in flight_sql.routes)

@@ -1,0 +1,262 @@
+"""Flight SQL against a real server, driven by a real driver: ADBC's Flight SQL driver (a Go binary).
+
+Catalog = the project, db_schema = a dataset, tables qualified as ``dataset.table``. Ingest goes
+through the same contracts as the plain DoPut (the demo's github_events_dataset is frozen).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from client import connect
+from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server.flight_sql import SQL_INFO_SCHEMA, like, pack, sql_info_table
+from tests.servers import ServerProcess, make_project
+
+PROJECT = "dlt_example_project"
+EVENTS = "github_events_dataset"
+REPORTS = "reports_dataset"
+# The driver's database options. Once the server authenticates, this becomes
+# {"username": "...", "password": "..."} (adbc_driver_manager.DatabaseOptions.USERNAME / PASSWORD).
+DB_KWARGS: dict[str, str] = {}
+
+FROZEN_TABLE_TEXT = (
+    "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is "
+    "violated. Trying to add table aggregated_issues but new tables are frozen."
+)
+
+
+@pytest.fixture(scope="module")
+def sql_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server over its own copy of the demo project: these tests ingest."""
+    project = make_project(tmp_path_factory.mktemp("flight_sql"), events=300)
+    with ServerProcess(project) as proc:
+        yield proc
+        assert proc.alive, proc.output()
+
+
+@pytest.fixture()
+def conn(sql_server: ServerProcess) -> Iterator[flight_sql.Connection]:
+    with flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True) as connection:
+        yield connection
+
+
+def _error(conn: flight_sql.Connection, sql: str) -> str:
+    with conn.cursor() as cur, pytest.raises(flight_sql.Error) as info:
+        cur.execute(sql)
+        cur.fetchall()
+    return str(info.value)
+
+
+# --- connecting and browsing ---------------------------------------------------------------------
+
+def test_get_info_names_the_server(conn: flight_sql.Connection) -> None:
+    info = conn.adbc_get_info()
+    assert info["vendor_name"] == "flight-share"
+    assert info["vendor_arrow_version"] == pa.__version__
+    assert "Flight SQL" in info["driver_name"]
+
+
+def test_get_objects_lists_project_datasets_tables_and_columns(conn: flight_sql.Connection, sql_server) -> None:
+    objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+    assert [c["catalog_name"] for c in objects] == [PROJECT]
+    schemas = {s["db_schema_name"]: s for s in objects[0]["catalog_db_schemas"]}
+    assert set(schemas) == {EVENTS, REPORTS}
+    with connect(sql_server.url) as catalog:
+        expected = catalog[EVENTS].tables
+        tables = {t["table_name"]: t for t in schemas[EVENTS]["db_schema_tables"]}
+        assert sorted(tables) == sorted(expected)
+        assert {t["table_type"] for t in tables.values()} == {"TABLE"}
+        columns = [c["column_name"] for c in tables["issues_event"]["table_columns"]]
+        assert columns == catalog[EVENTS]["issues_event"].schema.names
+
+
+def test_get_objects_filters_by_pattern(conn: flight_sql.Connection) -> None:
+    objects = conn.adbc_get_objects(depth="tables", db_schema_filter="github%", table_name_filter="push\\_event%")
+    schemas = objects.read_all().to_pylist()[0]["catalog_db_schemas"]
+    assert [s["db_schema_name"] for s in schemas] == [EVENTS]
+    assert sorted(t["table_name"] for t in schemas[0]["db_schema_tables"]) == [
+        "push_event", "push_event__payload__commits"]
+
+
+def test_table_schema_and_table_types(conn: flight_sql.Connection, sql_server) -> None:
+    schema = conn.adbc_get_table_schema("issues_event", db_schema_filter=EVENTS)
+    with connect(sql_server.url) as catalog:
+        assert schema.equals(catalog[EVENTS]["issues_event"].schema)
+    assert conn.adbc_get_table_types() == ["TABLE"]
+
+
+# --- statements ----------------------------------------------------------------------------------
+
+def test_select_reads_arrow_like_the_plain_read(conn: flight_sql.Connection, sql_server) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) AS n FROM {EVENTS}.issues_event")
+        (count,) = cur.fetchone()
+        cur.execute(f"SELECT id, payload__action FROM {PROJECT}.{EVENTS}.issues_event ORDER BY id")
+        table = cur.fetch_arrow_table()
+    with connect(sql_server.url) as catalog:
+        plain = catalog[EVENTS]["issues_event"].select("id", "payload__action").arrow().sort_by("id")
+    assert count == plain.num_rows == table.num_rows > 0
+    assert table.column_names == ["id", "payload__action"]
+    assert table.column("id").to_pylist() == plain.column("id").to_pylist()
+    assert table.column("payload__action").to_pylist() == plain.column("payload__action").to_pylist()
+
+
+def test_select_without_tables_and_with_cte(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchall() == [(1,)]
+        cur.execute(f"WITH x AS (SELECT id FROM {EVENTS}.push_event) SELECT count(*) FROM x")
+        assert cur.fetchone()[0] > 0
+
+
+def test_statement_rules_are_explained(conn: flight_sql.Connection) -> None:
+    text = _error(conn, "SELECT * FROM issues_event")
+    assert "qualify every table with its dataset, as dataset.table (unqualified: issues_event)" in text
+    assert f"datasets: {EVENTS}, {REPORTS}" in text
+    text = _error(conn, f"SELECT * FROM {EVENTS}.issues_event, {REPORTS}.aggregated_issues")
+    assert f"a statement reads one dataset; this one names {EVENTS}, {REPORTS}" in text
+    assert "Dataset 'secret_dataset' not found" in _error(conn, "SELECT * FROM secret_dataset.t")
+    assert "Table 'nope' not found in dataset" in _error(conn, f"SELECT * FROM {EVENTS}.nope")
+    assert "must not name a catalog" in _error(conn, f"SELECT * FROM other.{EVENTS}.issues_event")
+    assert "only SELECT queries are allowed" in _error(conn, f"DELETE FROM {EVENTS}.issues_event")
+    assert "function 'read_csv' is not allowed" in _error(conn, "SELECT * FROM read_csv('/etc/passwd')")
+    assert "Traceback" not in text and ".py" not in text
+
+
+def test_prepared_statement_parameters_are_refused(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="bound parameters are not supported"):
+        cur.execute(f"SELECT id FROM {EVENTS}.issues_event WHERE id = ?", parameters=("1",))
+        cur.fetchall()
+
+
+# --- bulk ingest ---------------------------------------------------------------------------------
+
+def test_ingest_into_frozen_dataset_gets_the_contract_error(conn: flight_sql.Connection, sql_server) -> None:
+    data = pa.table({"payload__action": ["opened", "closed"], "n": [3, 4]})
+    with conn.cursor() as cur, pytest.raises(flight_sql.Error) as info:
+        cur.adbc_ingest("aggregated_issues", data, mode="create", db_schema_name=EVENTS)
+    assert FROZEN_TABLE_TEXT in str(info.value)
+    with connect(sql_server.url) as catalog:
+        assert "aggregated_issues" not in catalog.refresh()[EVENTS].tables
+
+
+def test_ingest_modes_create_append_replace(conn: flight_sql.Connection) -> None:
+    first = pa.table({"payload__action": ["opened", "closed"], "n": [3, 4]})
+    with conn.cursor() as cur:
+        assert cur.adbc_ingest("ingest_modes", first, mode="create", db_schema_name=REPORTS) == 2
+        with pytest.raises(flight_sql.Error, match="Table 'ingest_modes' already exists in dataset 'reports_dataset'"):
+            cur.adbc_ingest("ingest_modes", first, mode="create", db_schema_name=REPORTS)
+        assert cur.adbc_ingest("ingest_modes", first.slice(0, 1), mode="append", db_schema_name=REPORTS) == 1
+        cur.execute(f"SELECT count(*) FROM {REPORTS}.ingest_modes")
+        assert cur.fetchone()[0] == 3
+        assert cur.adbc_ingest("ingest_modes", first, mode="replace", db_schema_name=REPORTS) == 2
+        assert cur.adbc_ingest("ingest_modes", first, mode="create_append", db_schema_name=REPORTS) == 2
+        cur.execute(f"SELECT payload__action, n FROM {REPORTS}.ingest_modes ORDER BY n, payload__action")
+        assert cur.fetchall() == [("opened", 3), ("opened", 3), ("closed", 4), ("closed", 4)]
+        with pytest.raises(flight_sql.Error, match="Table 'never_made' not found in dataset 'reports_dataset'"):
+            cur.adbc_ingest("never_made", first, mode="append", db_schema_name=REPORTS)
+
+
+def test_ingest_column_contract_and_rules(conn: flight_sql.Connection) -> None:
+    base = pa.table({"payload__action": ["opened"], "n": [1]})
+    with conn.cursor() as cur:
+        cur.adbc_ingest("ingest_columns", base, mode="create", db_schema_name=REPORTS)
+        with pytest.raises(flight_sql.Error) as info:
+            cur.adbc_ingest("ingest_columns", base.append_column("id", pa.array([1])), mode="append",
+                            db_schema_name=REPORTS)
+        assert "Trying to add column id to table ingest_columns but columns are frozen." in str(info.value)
+    # a fresh cursor: ADBC statements keep the db_schema of an earlier ingest
+    with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="name the dataset to ingest into as the db_schema"):
+        cur.adbc_ingest("ingest_columns", base, mode="append")
+    with conn.cursor() as cur:
+        with pytest.raises(flight_sql.Error, match="temporary tables are not supported"):
+            cur.adbc_ingest("ingest_columns", base, mode="append", db_schema_name=REPORTS, temporary=True)
+        with pytest.raises(flight_sql.Error, match="Catalog 'other' not found"):
+            cur.adbc_ingest("ingest_columns", base, mode="append", db_schema_name=REPORTS, catalog_name="other")
+
+
+# --- the same server through pyarrow.flight: raw Flight SQL messages ---------------------------------
+
+def _flight(server: ServerProcess) -> flight.FlightClient:
+    return flight.connect(server.url)
+
+
+def test_unknown_command_is_unimplemented_with_its_name(sql_server: ServerProcess) -> None:
+    from google.protobuf import any_pb2
+
+    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetPrimaryKeys", value=b"")
+    with _flight(sql_server) as client:
+        with pytest.raises(pa.ArrowException) as info:
+            client.get_flight_info(flight.FlightDescriptor.for_command(unknown.SerializeToString()))
+        assert "Flight SQL CommandGetPrimaryKeys is not supported by this server on GetFlightInfo" in str(info.value)
+        with pytest.raises(pa.ArrowException, match="Flight SQL action BeginTransaction is not supported"):
+            list(client.do_action(flight.Action("BeginTransaction", b"")))
+        with pytest.raises(pa.ArrowException, match="CreatePreparedStatement takes a ActionCreatePreparedStatementRequest"):
+            list(client.do_action(flight.Action("CreatePreparedStatement", b"not an Any")))
+
+
+def test_statement_ticket_streams_and_handles_are_checked(sql_server: ServerProcess) -> None:
+    command = pack(pb.CommandStatementQuery(query=f"SELECT id FROM {EVENTS}.push_event LIMIT 7"))
+    with _flight(sql_server) as client:
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+        assert info.schema.names == ["id"]
+        assert client.get_schema(flight.FlightDescriptor.for_command(command)).schema.names == ["id"]
+        assert client.do_get(info.endpoints[0].ticket).read_all().num_rows == 7
+        forged = pack(pb.TicketStatementQuery(statement_handle=b"SELECT 1"))
+        with pytest.raises(pa.ArrowException, match="not a statement handle issued by this server"):
+            client.do_get(flight.Ticket(forged)).read_all()
+
+
+def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerProcess) -> None:
+    tables = pack(pb.CommandGetTables(db_schema_filter_pattern=EVENTS, table_name_filter_pattern="issues_event",
+                                      include_schema=True))
+    info_cmd = pack(pb.CommandGetSqlInfo(info=[0, 4, 8, 531]))
+    with _flight(sql_server) as client:
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(tables))
+        rows = client.do_get(info.endpoints[0].ticket).read_all().to_pylist()
+        assert [(r["catalog_name"], r["db_schema_name"], r["table_name"]) for r in rows] == [
+            (PROJECT, EVENTS, "issues_event")]
+        assert "payload__issue__title" in pa.ipc.read_schema(pa.py_buffer(rows[0]["table_schema"])).names
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(info_cmd))
+        table = client.do_get(info.endpoints[0].ticket).read_all()
+    assert table.schema.equals(SQL_INFO_SCHEMA)
+    assert dict(zip(table.column("info_name").to_pylist(), table.column("value").to_pylist())) == {
+        0: "flight-share", 4: True, 8: 0, 531: "project"}
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+def test_sql_info_union_children_are_not_nullable() -> None:
+    table = sql_info_table({0: (0, "x"), 3: (1, False), 100: (3, 7), 508: (4, ["a", "b"])})
+    union = table.schema.field("value").type
+    assert [union.field(i).nullable for i in range(union.num_fields)] == [False] * 6
+    table.validate(full=True)
+    assert table.column("value").to_pylist() == ["x", False, 7, ["a", "b"]]
+
+
+@pytest.mark.parametrize(("pattern", "name", "matches"), [
+    (None, "anything", True), ("push%", "push_event", True), ("push\\_e%", "push_event", True),
+    ("push\\_e%", "pushXevent", False), ("_ssues_event", "issues_event", True), ("issues", "issues_event", False),
+    ("a.b", "axb", False),
+])
+def test_like_patterns(pattern: str | None, name: str, matches: bool) -> None:
+    assert like(pattern)(name) is matches
+
+
+def test_sandbox_accepts_the_project_as_catalog() -> None:
+    from flight_server.errors import InvalidRequest
+    from flight_server.sql import referenced_datasets, sandbox_query
+
+    assert sandbox_query("SELECT * FROM p.d.t", "d", ["t"], catalog="p") == 'SELECT * FROM "d"."t"'
+    with pytest.raises(InvalidRequest, match="must not name a catalog"):
+        sandbox_query("SELECT * FROM q.d.t", "d", ["t"], catalog="p")
+    with pytest.raises(InvalidRequest, match="must not name a catalog"):
+        sandbox_query("SELECT * FROM p.d.t", "d", ["t"])
+    assert referenced_datasets("WITH c AS (SELECT 1) SELECT * FROM a.t JOIN c ON true JOIN u ON true") == ({"a"}, ["u"])
