@@ -72,6 +72,8 @@ class Unavailable(ServiceError):
 # are raised as the Python built-ins pyarrow maps to those codes. ``__str__`` returns the plain text
 # (KeyError would otherwise quote it) and the server runs with ``sys.tracebacklimit = 0`` so no
 # traceback rides along.
+# pyarrow appends "Detail: Python exception: <module.class>" to these; the names below are what a
+# client then reads, so they say the status, not where the server keeps its classes.
 class _WireNotFound(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
@@ -83,6 +85,21 @@ class _WireInvalid(ValueError):
 
 class _WireUnimplemented(NotImplementedError):
     pass
+
+
+for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented")):
+    _cls.__module__, _cls.__name__, _cls.__qualname__ = "builtins", _name, _name
+
+
+def _engine_rejected_query(exc: BaseException) -> bool:
+    """A query engine refusing the caller's SQL (unknown column, type mismatch, ...): a client mistake."""
+    try:
+        import duckdb
+    except ImportError:  # pragma: no cover - duckdb is a server dependency
+        return False
+    return isinstance(exc, (duckdb.BinderException, duckdb.CatalogException, duckdb.ParserException,
+                            duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException,
+                            duckdb.TypeMismatchException, duckdb.NotImplementedException))
 
 
 def _detail(exc: ServiceError) -> bytes:
@@ -97,6 +114,8 @@ def to_flight_error(exc: BaseException) -> BaseException:
         return _WireNotFound(exc.message)
     if isinstance(exc, (InvalidRequest, ProtocolError)):
         return _WireInvalid(str(exc))
+    if _engine_rejected_query(exc):
+        return _WireInvalid(f"the query was rejected: {str(exc).splitlines()[0]}")
     if isinstance(exc, Unsupported):
         return _WireUnimplemented(exc.message)
     if isinstance(exc, Forbidden):

@@ -189,3 +189,16 @@ def test_empty_dataset_is_listed(catalog: Catalog) -> None:
     reports = catalog.reports_dataset
     assert reports.tables == []
     assert str(reports).splitlines()[0].startswith("Dataset reports_dataset tables in logical schema out_source")
+
+
+def test_sql_the_engine_rejects_is_invalid_argument_not_internal(catalog: Catalog, server: ServerProcess) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        catalog.github_events_dataset.sql("SELECT no_such_column FROM issues_event").arrow()
+    assert "no_such_column" in str(err.value) and "internal" not in str(err.value)
+    client = flight.connect(server.url)
+    sql = flight.FlightDescriptor.for_command(protocol.encode_command(
+        protocol.SqlCommand("github_events_dataset", "SELECT 'x' + 1 FROM issues_event")))
+    with pytest.raises(pa.ArrowInvalid) as raw:
+        client.get_flight_info(sql)
+    assert "flight_server" not in str(raw.value)
+    assert server.alive
