@@ -55,7 +55,7 @@ def emit(relation: Any, fmt: str | None, output: str | None, progress: bool | No
     rows = write_batches(batches, schema, fmt, output)
     bar.finish(keep=output not in (None, "-"))
     if output not in (None, "-"):
-        click.echo(f"wrote {rows:,} row{'s' if rows != 1 else ''} to {output} ({fmt})", err=True)
+        click.echo(f"wrote {rows:,} row{'s' if rows != 1 else ''} to {output} ({fmt})")
 
 
 @click.command("catalog")

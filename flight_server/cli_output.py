@@ -53,7 +53,8 @@ class Progress:
     def __init__(self, label: str, total_rows: int | None = None, enabled: bool | None = None,
                  stream: IO[str] | None = None, interval: float = 0.1) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.live = self.stream.isatty()  # redraw in place; a forced progress into a file gets the last line only
+        self.enabled = self.live if enabled is None else enabled
         self.label = label
         self.total_rows = total_rows if total_rows is not None and total_rows >= 0 else None
         self.rows = 0
@@ -67,7 +68,7 @@ class Progress:
         self.rows += rows
         self.bytes += nbytes
         now = time.monotonic()
-        if self.enabled and now - self._shown >= self.interval:
+        if self.enabled and self.live and now - self._shown >= self.interval:
             self._shown = now
             self._draw(self.line())
 
@@ -83,7 +84,7 @@ class Progress:
 
     def _draw(self, text: str) -> None:
         pad = max(self._width - len(text), 0)
-        self.stream.write("\r" + text + " " * pad)
+        self.stream.write(("\r" if self.live else "") + text + " " * pad)
         self.stream.flush()
         self._width = len(text)
 
