@@ -206,7 +206,7 @@ def save_command(settings: Any, dataset: str, table: str, file: str, fmt: str | 
     with open_catalog(settings) as catalog:
         ds = catalog[dataset]
         types = {f.name: f.type for f in ds[table].schema} if table in ds.tables else {}
-        schema, batches, total = open_input(file, fmt, types)
+        schema, batches, total = open_input(file, fmt, types, Progress(f"checking {file}", enabled=progress))
         bar = Progress(f"{file} -> {dataset}.{table}", total, enabled=progress)
         reader = pa.RecordBatchReader.from_batches(schema, bar.track(batches))
         try:

@@ -24,14 +24,14 @@ MAX_CELL = 40
 PUT_BATCH_ROWS = 65_536
 
 
-class OutputError(ValueError):
-    """A format or file choice that cannot work; the message says which option to change."""
+class FileFormatError(ValueError):
+    """A data file, or a format choice, that cannot work; the message names the file or the option."""
 
 
 def format_from_path(path: str | Path, option: str) -> str:
     fmt = _EXTENSIONS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise OutputError(f"cannot tell the format of {path} from its extension; pass {option} "
+        raise FileFormatError(f"cannot tell the format of {path} from its extension; pass {option} "
                           f"({'|'.join(FILE_FORMATS)})")
     return fmt
 
@@ -167,7 +167,7 @@ def write_batches(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str
     import pyarrow.csv as pacsv
 
     if fmt == "parquet" and output in (None, "-"):
-        raise OutputError("parquet is binary: pass --output FILE")
+        raise FileFormatError("parquet is binary: pass --output FILE")
     rows = 0
     to_stdout = output in (None, "-")
     if fmt == "parquet":
@@ -194,7 +194,7 @@ def write_batches(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str
                     sink.write(json.dumps(record, default=_json_default, ensure_ascii=False).encode() + b"\n")
                 rows += batch.num_rows
         else:
-            raise OutputError(f"unknown format '{fmt}'; choose one of {', '.join(FILE_FORMATS)}")
+            raise FileFormatError(f"unknown format '{fmt}'; choose one of {', '.join(FILE_FORMATS)}")
     finally:
         if to_stdout:
             sink.flush()
@@ -218,19 +218,35 @@ def _aligned(table: pa.Table, types: Mapping[str, pa.DataType]) -> pa.Table:
     return table
 
 
-def open_input(path: str, fmt: str, types: Mapping[str, pa.DataType] | None = None
-               ) -> tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]:
+def open_input(path: str, fmt: str, types: Mapping[str, pa.DataType] | None = None,
+               checking: Progress | None = None) -> tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]:
     """A data file as (schema, batches, total rows if known). ``types``: the target table's columns.
 
     CSV streams, its columns read with the table's types where the table has them (CSV has no types of its
-    own); Parquet streams with its own types; JSON is JSON Lines (or one array of objects).
+    own). It is read twice: once to find a bad value before anything is sent (a stream that breaks off
+    midway would be stored up to there), once to send. Parquet streams with its own types; JSON is JSON
+    Lines (or one array of objects), read whole.
     """
     types = dict(types or {})
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
-        return reader.schema, iter(reader), None
+        def reader() -> pa.RecordBatchReader:
+            return pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+
+        try:
+            first = reader()
+            schema, total = first.schema, 0
+            for batch in first:
+                total += batch.num_rows
+                if checking is not None:
+                    checking.update(batch.num_rows, batch.nbytes)
+        except pa.ArrowInvalid as exc:
+            raise FileFormatError(f"{path}: {exc}") from None
+        finally:
+            if checking is not None:
+                checking.finish(keep=False)
+        return schema, iter(reader()), total
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -241,14 +257,20 @@ def open_input(path: str, fmt: str, types: Mapping[str, pa.DataType] | None = No
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             with open(path, "rb") as f:
-                records = json.load(f)
+                try:
+                    records = json.load(f)
+                except ValueError as exc:
+                    raise FileFormatError(f"{path}: not valid JSON: {exc}") from None
             if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-                raise OutputError(f"{path}: a JSON array must hold objects, one per row")
+                raise FileFormatError(f"{path}: a JSON array must hold objects, one per row")
             table = pa.Table.from_pylist(records)
         else:
             import pyarrow.json as pajson
 
-            table = pajson.read_json(path)
+            try:
+                table = pajson.read_json(path)
+            except pa.ArrowInvalid as exc:
+                raise FileFormatError(f"{path}: {exc}") from None
         table = _aligned(table, types)
         return table.schema, iter(table.to_batches(max_chunksize=PUT_BATCH_ROWS)), table.num_rows
-    raise OutputError(f"unknown format '{fmt}'; choose one of {', '.join(FILE_FORMATS)}")
+    raise FileFormatError(f"unknown format '{fmt}'; choose one of {', '.join(FILE_FORMATS)}")

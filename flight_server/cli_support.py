@@ -80,6 +80,7 @@ def _error_table() -> list[tuple[type[BaseException], int, str, Callable[[BaseEx
     import pyarrow as pa
 
     from client import errors
+    from flight_server.cli_output import FileFormatError
     from flight_server.config import ConfigError
 
     return [
@@ -91,6 +92,7 @@ def _error_table() -> list[tuple[type[BaseException], int, str, Callable[[BaseEx
         (errors.NotFoundError, EXIT_NOT_FOUND, "Error: ", _flight_text),
         (errors.FlightShareError, EXIT_ERROR, "Error: ", _flight_text),
         (ConfigError, EXIT_ERROR, "Error: ", str),
+        (FileFormatError, EXIT_ERROR, "Error: ", str),
         (FileNotFoundError, EXIT_NOT_FOUND, "Error: ", _os_error),
         (OSError, EXIT_ERROR, "Error: ", _os_error),
         (pa.ArrowException, EXIT_ERROR, "Error: ", _flight_text),

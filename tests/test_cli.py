@@ -214,6 +214,19 @@ def test_save_parquet_json_array_and_merge(write_server: ServerProcess, tmp_path
     assert_one_line_error(nokey, 1, "primary_key")
 
 
+def test_a_bad_value_deep_in_a_csv_stores_nothing(write_server: ServerProcess, tmp_path: Path) -> None:
+    """Regression: the upload streamed the rows before the bad one and the server stored them."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("k,n\n" + "".join(f"a{i},{i}\n" for i in range(200_000)) + "zz,notanumber\n")
+    result = fs(write_server, "save", "open_dataset", "half", str(bad))
+    assert_one_line_error(result, 1, str(bad), "invalid value 'notanumber'")
+    with connect(write_server.url) as catalog:
+        assert "half" not in catalog.open_dataset.tables
+    (tmp_path / "bad.json").write_text('[{"k": 1}, ')
+    assert_one_line_error(fs(write_server, "save", "open_dataset", "half", str(tmp_path / "bad.json")), 1,
+                          "not valid JSON")
+
+
 def _run_on_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     """Run the command with stderr on a pseudo-terminal; returns (exit code, stdout, what the terminal showed)."""
     main, child = pty.openpty()
