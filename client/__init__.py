@@ -2,6 +2,7 @@
 
 from client.catalog import Catalog, Dataset, Relation, Table, connect
 from client.load_info import LoadInfo
+from client.packages import DataPackage, packages
 from client.errors import (
     AuthenticationError,
     DataValidationError,
@@ -16,7 +17,7 @@ from client.errors import (
 )
 
 __all__ = [
-    "connect", "Catalog", "Dataset", "Table", "Relation", "LoadInfo",
+    "connect", "packages", "DataPackage", "Catalog", "Dataset", "Table", "Relation", "LoadInfo",
     "FlightShareError", "NotFoundError", "InvalidRequestError", "UnsupportedError", "PermissionDeniedError",
     "AuthenticationError", "ServerUnavailableError", "ServerError", "DataValidationError", "PipelineStepFailed",
 ]

@@ -1,16 +1,23 @@
-"""The ``flight-share`` command."""
+"""The ``flight-share`` command.
+
+One click group; commands live in help sections (:mod:`flight_server.cli_support`). The server-side
+commands are here and in :mod:`flight_server.cli_project`, the client-side ones in
+:mod:`flight_server.cli_data`. Every error is printed by one table (``cli_support.cli_error``).
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
 
 import click
 
+from flight_server.cli_data import DATA_COMMANDS
+from flight_server.cli_project import DEFAULT_PROJECT, PROJECT_COMMANDS
+from flight_server.cli_support import DATA_SECTION, EXIT_CODES, SERVER_SECTION, SectionedGroup, set_debug
 from flight_server.config import ConfigError, load_project
-
-DEFAULT_PROJECT = "configs/demo/dlt.yml"
 
 
 def _project(path: str):
@@ -20,12 +27,29 @@ def _project(path: str):
         raise click.ClickException(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """flight-share: share the datasets of a dlt project over Arrow Flight."""
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flight-share")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: running from a checkout)"
 
 
-@main.command()
+_EPILOG = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
+
+
+@click.group(cls=SectionedGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(_version(), "--version", prog_name="flight-share", message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """flight-share: share the datasets of a dlt project over Arrow Flight.
+
+    Run `flight-share COMMAND --help` for a command's options and examples.
+    """
+    set_debug(ctx, debug)
+
+
+@main.command(section=SERVER_SECTION)
 @click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True, help="Project file (dlt.yml).")
 @click.option("--host", default=None, help="Address to listen on (default: the project's server.host).")
 @click.option("--port", type=int, default=None, help="Port (default: the project's server.port; 0 picks a free one).")
@@ -63,7 +87,7 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
             health.stop()
 
 
-@main.command()
+@main.command(section=SERVER_SECTION)
 @click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True, help="Project file (dlt.yml).")
 @click.option("--events", type=int, default=2000, show_default=True, help="How many GitHub events to generate.")
 @click.option("--dataset", default="github_events_dataset", show_default=True, help="Dataset to load into.")
@@ -87,5 +111,11 @@ def demo(project_path: str, events: int, dataset: str, seed: int) -> None:
         raise click.ClickException("the demo load has failed jobs")
 
 
+for _command in PROJECT_COMMANDS:
+    main.add_command(_command, section=SERVER_SECTION)
+for _command in DATA_COMMANDS:
+    main.add_command(_command, section=DATA_SECTION)
+
+
 if __name__ == "__main__":
-    main()
+    main(prog_name="flight-share")

@@ -1,7 +1,8 @@
 """Load and validate a project file (``dlt.yml``) into typed, frozen objects.
 
 Everything is checked up front; a problem raises :class:`ConfigError` naming the file, the key path
-and what is allowed. Nothing downstream reads raw YAML again.
+and what is allowed. Nothing downstream reads raw YAML again. :func:`check_project` reads the same way
+but collects every problem instead of stopping at the first (``flight-share check``).
 
 Secrets are never written into the YAML: any string may hold ``{env.NAME}``, replaced by the
 environment variable ``NAME`` at load time; a destination without credentials gets them from dlt's
@@ -10,11 +11,12 @@ own config providers (environment ``DESTINATION__<NAME>__CREDENTIALS``, ``.dlt/s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Iterator, Literal, Mapping, Union
 
 import yaml
 
@@ -107,6 +109,7 @@ class ProjectConfig:
     datasets: Mapping[str, DatasetConfig]
     profiles: Mapping[str, ProfileConfig]
     server: ServerConfig
+    description: str | None = None
 
     @property
     def root(self) -> Path:
@@ -124,13 +127,36 @@ class ProjectConfig:
 
 
 class _Reader:
-    """Walks the raw YAML, keeping the file name and key path for errors."""
+    """Walks the raw YAML, keeping the file name and key path for errors.
 
-    def __init__(self, file: Path) -> None:
+    Strict (``collect=False``): the first problem raises. Collecting: :meth:`report` keeps a problem and
+    reading goes on; a raised problem ends only the enclosing :meth:`part` of the file.
+    """
+
+    def __init__(self, file: Path, collect: bool = False) -> None:
         self.file = file
+        self.collect = collect
+        self.problems: list[ConfigError] = []
 
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.file, key, problem)
+
+    def report(self, key: str, problem: str) -> None:
+        """A problem reading can step over: raised when strict, kept when collecting."""
+        error = self.fail(key, problem)
+        if not self.collect:
+            raise error
+        self.problems.append(error)
+
+    @contextlib.contextmanager
+    def part(self) -> Iterator[None]:
+        """One independent part of the file (a destination, a dataset, a grant...)."""
+        try:
+            yield
+        except ConfigError as exc:
+            if not self.collect:
+                raise
+            self.problems.append(exc)
 
     def mapping(self, value: Any, key: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
         if value is None:
@@ -141,7 +167,8 @@ class _Reader:
             for k in value:
                 if k not in allowed:
                     path = f"{key}.{k}" if key else str(k)
-                    raise self.fail(path, f"unknown key '{k}'; allowed: {', '.join(allowed)}")
+                    self.report(path, f"unknown key '{k}'; allowed: {', '.join(allowed)}")
+            value = {k: v for k, v in value.items() if k in allowed}
         return value
 
     def name(self, value: Any, key: str) -> str:
@@ -155,7 +182,8 @@ class _Reader:
             def repl(m: re.Match[str]) -> str:
                 var = m.group(1)
                 if var not in os.environ:
-                    raise self.fail(key, f"environment variable '{var}' is not set")
+                    self.report(key, f"environment variable '{var}' is not set")
+                    return m.group(0)
                 return os.environ[var]
             return _ENV_PATTERN.sub(repl, value)
         if isinstance(value, dict):
@@ -175,8 +203,8 @@ def _contract(r: _Reader, value: Any, key: str) -> Contract:
     entities = r.mapping(value, key, CONTRACT_ENTITIES)
     for entity, mode in entities.items():
         if mode not in CONTRACT_MODES:
-            raise r.fail(f"{key}.{entity}", f"contract mode '{mode}' is not allowed; allowed: {', '.join(CONTRACT_MODES)}")
-    return dict(entities)
+            r.report(f"{key}.{entity}", f"contract mode '{mode}' is not allowed; allowed: {', '.join(CONTRACT_MODES)}")
+    return {entity: mode for entity, mode in entities.items() if mode in CONTRACT_MODES}
 
 
 def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConfig:
@@ -184,10 +212,11 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     body = r.mapping(raw, key, ("type", "location", "bucket_url", "credentials", "table_format", "options"))
     kind = body.get("type")
     if kind not in DESTINATION_TYPES:
-        raise r.fail(f"{key}.type", f"destination type '{kind}' is not supported; supported: {', '.join(DESTINATION_TYPES)}")
+        r.report(f"{key}.type", f"destination type '{kind}' is not supported; supported: {', '.join(DESTINATION_TYPES)}")
     location = body.get("location") or body.get("bucket_url")
     if location is not None and not isinstance(location, str):
-        raise r.fail(f"{key}.location", "must be a string")
+        r.report(f"{key}.location", "must be a string")
+        location = None
     location = r.substitute(location, f"{key}.{'location' if 'location' in body else 'bucket_url'}")
     if kind == "duckdb":
         if not location:
@@ -196,30 +225,46 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
             location = str((root / location).resolve())
     elif kind == "filesystem":
         if not location:
-            raise r.fail(f"{key}.bucket_url", "a filesystem destination needs a 'bucket_url' (folder or s3:// URL)")
-        if "://" not in location and not os.path.isabs(location):
+            r.report(f"{key}.bucket_url", "a filesystem destination needs a 'bucket_url' (folder or s3:// URL)")
+        elif "://" not in location and not os.path.isabs(location):
             location = str((root / location).resolve())
     table_format = body.get("table_format")
     if table_format not in (None, "delta"):
-        raise r.fail(f"{key}.table_format", f"table format '{table_format}' is not supported; supported: delta")
-    if kind == "filesystem" and table_format != "delta":
-        raise r.fail(f"{key}.table_format", "a filesystem destination is served as Delta Lake tables: set 'table_format: delta'")
-    if kind != "filesystem" and table_format is not None:
-        raise r.fail(f"{key}.table_format", f"only a filesystem destination has a table format, not a {kind} destination")
+        r.report(f"{key}.table_format", f"table format '{table_format}' is not supported; supported: delta")
+    elif kind == "filesystem" and table_format != "delta":
+        r.report(f"{key}.table_format", "a filesystem destination is served as Delta Lake tables: set 'table_format: delta'")
+    elif kind != "filesystem" and table_format is not None:
+        r.report(f"{key}.table_format", f"only a filesystem destination has a table format, not a {kind} destination")
     if kind == "postgres" and location is not None:
-        raise r.fail(f"{key}.location", "a postgres destination is given by 'credentials' (a connection string or a mapping), not a location")
+        r.report(f"{key}.location", "a postgres destination is given by 'credentials' (a connection string or a mapping), not a location")
     raw_credentials = body.get("credentials")
     if raw_credentials is not None and not isinstance(raw_credentials, (str, dict)):
-        raise r.fail(f"{key}.credentials", "must be a connection string or a mapping")
+        r.report(f"{key}.credentials", "must be a connection string or a mapping")
     credentials = r.substitute(body.get("credentials"), f"{key}.credentials")
     options = r.substitute(r.mapping(body.get("options"), f"{key}.options"), f"{key}.options")
     return DestinationConfig(name, kind, location, credentials, table_format, options)
 
 
 def load_project(path: str | Path) -> ProjectConfig:
-    """Read, substitute and validate a project file."""
+    """Read, substitute and validate a project file; the first problem raises :class:`ConfigError`."""
     file = Path(path).resolve()
-    r = _Reader(file)
+    project = _read(_Reader(file))
+    assert project is not None  # a strict reader raises instead of returning nothing
+    return project
+
+
+def check_project(path: str | Path) -> tuple[ProjectConfig | None, list[ConfigError]]:
+    """Read a project file collecting every problem: ``(project, [])`` when it is valid, else ``(None, problems)``."""
+    reader = _Reader(Path(path).resolve(), collect=True)
+    with reader.part():
+        project = _read(reader)
+    if reader.problems:
+        return None, reader.problems
+    return project, []
+
+
+def _read(r: _Reader) -> ProjectConfig | None:
+    file = r.file
     try:
         text = file.read_text()
     except OSError as exc:
@@ -231,67 +276,93 @@ def load_project(path: str | Path) -> ProjectConfig:
     top = r.mapping(raw, "", ("format_version", "project", "destinations", "datasets", "profiles", "server"))
     version = top.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
+        # a newer format may mean anything: reading on would only add noise to the report
         raise r.fail("format_version", f"format {version!r} is not supported by this flight-share (reads {FORMAT_VERSION}); upgrade flight-share")
-    project = r.mapping(top.get("project"), "project", ("name", "description"))
-    name = r.name(project.get("name"), "project.name")
+    name = description = None
+    with r.part():
+        project = r.mapping(top.get("project"), "project", ("name", "description"))
+        name = r.name(project.get("name"), "project.name")
+        description = project.get("description")
+        if description is not None and not isinstance(description, str):
+            r.report("project.description", "must be a string")
+            description = None
 
-    destinations = {
-        r.name(n, f"destinations.{n}"): _destination(r, n, v, file.parent)
-        for n, v in r.mapping(top.get("destinations"), "destinations").items()
-    }
-    if not destinations:
-        raise r.fail("destinations", "at least one destination is needed")
+    # names declared in the file: a reference to a declared-but-broken entity is not a second problem
+    raw_destinations = _declared(r, top, "destinations")
+    raw_datasets = _declared(r, top, "datasets")
+    raw_profiles = _declared(r, top, "profiles")
+
+    destinations: dict[str, DestinationConfig] = {}
+    for n, v in raw_destinations.items():
+        with r.part():
+            dest_name = r.name(n, f"destinations.{n}")
+            destinations[dest_name] = _destination(r, n, v, file.parent)
+    if not raw_destinations:
+        r.report("destinations", "at least one destination is needed")
 
     datasets: dict[str, DatasetConfig] = {}
-    for ds_name, raw_ds in r.mapping(top.get("datasets"), "datasets").items():
-        key = f"datasets.{r.name(ds_name, f'datasets.{ds_name}')}"
-        body = r.mapping(raw_ds, key, ("destination", "schema_name"))
-        dests = body.get("destination")
-        dests = [dests] if isinstance(dests, str) else dests
-        if not isinstance(dests, list) or not dests:
-            raise r.fail(f"{key}.destination", "must name one destination or a list of them")
-        for d in dests:
-            if d not in destinations:
-                raise r.fail(f"{key}.destination", f"destination '{d}' is not defined; defined: {', '.join(sorted(destinations))}")
-        schema_name = body.get("schema_name")
-        if schema_name is not None:
-            r.name(schema_name, f"{key}.schema_name")
-        datasets[ds_name] = DatasetConfig(ds_name, tuple(dests), schema_name)
+    for ds_name, raw_ds in raw_datasets.items():
+        with r.part():
+            key = f"datasets.{r.name(ds_name, f'datasets.{ds_name}')}"
+            body = r.mapping(raw_ds, key, ("destination", "schema_name"))
+            dests = body.get("destination")
+            dests = [dests] if isinstance(dests, str) else dests
+            if not isinstance(dests, list) or not dests:
+                raise r.fail(f"{key}.destination", "must name one destination or a list of them")
+            for d in dests:
+                if d not in raw_destinations:
+                    r.report(f"{key}.destination", f"destination '{d}' is not defined; defined: {', '.join(sorted(map(str, raw_destinations)))}")
+            schema_name = body.get("schema_name")
+            if schema_name is not None:
+                r.name(schema_name, f"{key}.schema_name")
+            datasets[ds_name] = DatasetConfig(ds_name, tuple(dests), schema_name)
 
     profiles: dict[str, ProfileConfig] = {}
-    for p_name, raw_p in r.mapping(top.get("profiles"), "profiles").items():
-        key = f"profiles.{r.name(p_name, f'profiles.{p_name}')}"
-        body = r.mapping(raw_p, key, ("datasets",))
-        grants: dict[str, DatasetAccess] = {}
-        for ds_name, raw_g in r.mapping(body.get("datasets"), f"{key}.datasets").items():
-            gkey = f"{key}.datasets.{ds_name}"
-            if ds_name not in datasets:
-                raise r.fail(gkey, f"dataset '{ds_name}' is not defined; defined: {', '.join(sorted(datasets))}")
-            g = r.mapping(raw_g, gkey, ("contract", "write"))
-            write = g.get("write", True)
-            if not isinstance(write, bool):
-                raise r.fail(f"{gkey}.write", "must be true or false")
-            grants[ds_name] = DatasetAccess(ds_name, _contract(r, g.get("contract"), f"{gkey}.contract"), write)
-        profiles[p_name] = ProfileConfig(p_name, grants)
+    for p_name, raw_p in raw_profiles.items():
+        with r.part():
+            key = f"profiles.{r.name(p_name, f'profiles.{p_name}')}"
+            body = r.mapping(raw_p, key, ("datasets",))
+            grants: dict[str, DatasetAccess] = {}
+            for ds_name, raw_g in r.mapping(body.get("datasets"), f"{key}.datasets").items():
+                with r.part():
+                    gkey = f"{key}.datasets.{ds_name}"
+                    if ds_name not in raw_datasets:
+                        raise r.fail(gkey, f"dataset '{ds_name}' is not defined; defined: {', '.join(sorted(map(str, raw_datasets)))}")
+                    g = r.mapping(raw_g, gkey, ("contract", "write"))
+                    write = g.get("write", True)
+                    if not isinstance(write, bool):
+                        r.report(f"{gkey}.write", "must be true or false")
+                    grants[ds_name] = DatasetAccess(ds_name, _contract(r, g.get("contract"), f"{gkey}.contract"), write)
+            profiles[p_name] = ProfileConfig(p_name, grants)
 
-    s = r.mapping(top.get("server"), "server", ("host", "port", "profile", "data_dir", "batch_rows", "max_put_bytes"))
     server = ServerConfig()
-    port = s.get("port", server.port)
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise r.fail("server.port", f"must be a port number 0-65535, got {port!r}")
-    for int_key in ("batch_rows", "max_put_bytes"):
-        if int_key in s and (not isinstance(s[int_key], int) or s[int_key] <= 0):
-            raise r.fail(f"server.{int_key}", "must be a positive integer")
-    profile = s.get("profile", server.profile)
-    if profiles and profile not in profiles:
-        raise r.fail("server.profile", f"profile '{profile}' is not defined; defined: {', '.join(sorted(profiles))}")
-    data_dir = s.get("data_dir")
-    server = ServerConfig(
-        host=str(s.get("host", server.host)),
-        port=port,
-        profile=profile,
-        data_dir=(file.parent / data_dir).resolve() if data_dir else None,
-        batch_rows=s.get("batch_rows", server.batch_rows),
-        max_put_bytes=s.get("max_put_bytes", server.max_put_bytes),
-    )
-    return ProjectConfig(file, name, destinations, datasets, profiles, server)
+    with r.part():
+        s = r.mapping(top.get("server"), "server", ("host", "port", "profile", "data_dir", "batch_rows", "max_put_bytes"))
+        port = s.get("port", server.port)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            r.report("server.port", f"must be a port number 0-65535, got {port!r}")
+        for int_key in ("batch_rows", "max_put_bytes"):
+            if int_key in s and (not isinstance(s[int_key], int) or s[int_key] <= 0):
+                r.report(f"server.{int_key}", "must be a positive integer")
+        profile = s.get("profile", server.profile)
+        if raw_profiles and profile not in raw_profiles:
+            r.report("server.profile", f"profile '{profile}' is not defined; defined: {', '.join(sorted(map(str, raw_profiles)))}")
+        data_dir = s.get("data_dir")
+        server = ServerConfig(
+            host=str(s.get("host", server.host)),
+            port=port,
+            profile=profile,
+            data_dir=(file.parent / data_dir).resolve() if data_dir else None,
+            batch_rows=s.get("batch_rows", server.batch_rows),
+            max_put_bytes=s.get("max_put_bytes", server.max_put_bytes),
+        )
+    if r.problems or name is None:
+        return None
+    return ProjectConfig(file, name, destinations, datasets, profiles, server, description)
+
+
+def _declared(r: _Reader, top: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """A top-level section as a mapping of names (empty, with the problem reported, when it is not one)."""
+    with r.part():
+        return r.mapping(top.get(section), section)
+    return {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flight_server.config import ConfigError, load_project
+from flight_server.config import ConfigError, check_project, load_project
 from tests.servers import REPO, cli
 
 BASE = """
@@ -92,3 +92,23 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     result = cli("serve", "--project", str(path), "--port", "0", check=False, timeout=60)
     assert result.returncode != 0
     assert "profiles.access.datasets.ds.contract" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_project_collects_every_problem_load_project_stops_at_the_first(tmp_path: Path) -> None:
+    text = (BASE.replace("project: {name: p}", "project: {name: p, colour: red}")
+            .replace("type: duckdb", "type: oracle")
+            .replace("contract: freeze", "contract: {columns: thaw, rows: freeze}, write: maybe"))
+    path = write(tmp_path, text)
+    project, problems = check_project(path)
+    assert project is None
+    assert [p.key for p in problems] == [
+        "project.colour", "destinations.lake.type", "profiles.access.datasets.ds.write",
+        "profiles.access.datasets.ds.contract.rows", "profiles.access.datasets.ds.contract.columns",
+    ]
+    assert all(p.file == str(path) for p in problems)
+    with pytest.raises(ConfigError) as err:
+        load_project(path)
+    assert err.value.key == "project.colour"
+    project, problems = check_project(write(tmp_path, BASE))
+    assert problems == [] and project is not None and project.name == "p"
+    assert check_project(tmp_path / "missing.yml")[1][0].problem.startswith("cannot read project file")

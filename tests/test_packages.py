@@ -1,0 +1,106 @@
+"""Data package helpers without a server: where connections come from, the entry-point listing, package config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import client
+import client.catalog
+from client.environment import ConnectionSettings, default_token_file, open_catalog, resolve
+from client.errors import AuthenticationError, UnsupportedError
+from client.packages import PackageConfig, packages, server_side_only
+
+PKG = "dlt_example_project"
+
+
+def test_url_comes_from_argument_package_env_baked_generic_env_default() -> None:
+    env = {"DLT_EXAMPLE_PROJECT_URL": "grpc://pkg-env:1", "FLIGHT_SHARE_URL": "grpc://generic:2"}
+    assert resolve("grpc://arg:0", package=PKG, package_url="grpc://baked:3", environ=env).url == "grpc://arg:0"
+    assert resolve(package=PKG, package_url="grpc://baked:3", environ=env).url == "grpc://pkg-env:1"
+    assert resolve(package=PKG, package_url="grpc://baked:3", environ={"FLIGHT_SHARE_URL": "grpc://generic:2"}).url == "grpc://baked:3"
+    assert resolve(environ={"FLIGHT_SHARE_URL": "grpc://generic:2"}).url == "grpc://generic:2"
+    assert resolve(environ={}).url == "grpc://127.0.0.1:8815"
+
+
+def test_the_first_level_with_credentials_wins_whole(tmp_path: Path) -> None:
+    env = {"DLT_EXAMPLE_PROJECT_TOKEN": "pkg-token", "FLIGHT_SHARE_TOKEN": "generic-token",
+           "FLIGHT_SHARE_USERNAME": "bob", "FLIGHT_SHARE_PASSWORD": "pw", "XDG_CONFIG_HOME": str(tmp_path)}
+    assert resolve(username="alice", password="x", package=PKG, environ=env).credentials == {"username": "alice", "password": "x"}
+    assert resolve(package=PKG, environ=env).credentials == {"token": "pkg-token"}
+    generic = resolve(environ=env)  # no package: its variables are not looked at
+    assert generic.credentials == {"token": "generic-token", "username": "bob", "password": "pw"}
+    assert resolve(environ={"FLIGHT_SHARE_PASSWORD": "pw"}).credentials == {}  # a password alone means nothing
+    assert "pw" not in repr(generic) and "generic-token" not in repr(generic)
+
+
+def test_token_files(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert resolve(package=PKG, environ=env).credentials == {}
+    default = default_token_file(PKG, env)
+    assert default == tmp_path / "flight-share" / "tokens" / PKG
+    default.parent.mkdir(parents=True)
+    default.write_text("\n  tok-from-file  \n")
+    settings = resolve(package=PKG, environ=env)
+    assert settings.credentials == {"token": "tok-from-file"} and settings.source == str(default)
+    other = tmp_path / "other"
+    other.write_text("tok2")
+    assert resolve(package=PKG, environ={**env, "FLIGHT_SHARE_TOKEN_FILE": str(other)}).credentials == {"token": "tok2"}
+    assert resolve(token_file=other, environ={}).credentials == {"token": "tok2"}
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(AuthenticationError, match="is empty"):
+        resolve(token_file=tmp_path / "empty", environ={})
+    with pytest.raises(AuthenticationError, match="cannot read token file"):
+        resolve(token_file=tmp_path / "missing", environ={})
+
+
+def test_credentials_go_to_connect_or_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def without_auth(url: str, **client_kwargs: Any) -> str:
+        calls.append((url, client_kwargs))
+        return "catalog"
+
+    def with_auth(url: str, username: str | None = None, password: str | None = None, token: str | None = None) -> str:
+        calls.append((url, {"username": username, "password": password, "token": token}))
+        return "catalog"
+
+    monkeypatch.setattr(client.catalog, "connect", without_auth)
+    assert open_catalog(ConnectionSettings("grpc://h:1")) == "catalog" and calls[-1] == ("grpc://h:1", {})
+    with pytest.raises(UnsupportedError, match="cannot send token; upgrade flight-share"):
+        open_catalog(ConnectionSettings("grpc://h:1", {"token": "t"}, "arguments"))
+    monkeypatch.setattr(client.catalog, "connect", with_auth)
+    open_catalog(ConnectionSettings("grpc://h:1", {"token": "t"}))
+    assert calls[-1] == ("grpc://h:1", {"username": None, "password": None, "token": "t"})
+
+
+def test_packages_lists_the_dlt_package_entry_point_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "my_data_pkg-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my_data_pkg\nVersion: 1.2.3\nSummary: Some shared data\n")
+    (dist / "entry_points.txt").write_text("[dlt_package]\ndlt-project = my_data_pkg\n")
+    (tmp_path / "my_data_pkg.py").write_text("def catalog():\n    return 'the catalog'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = [p for p in client.packages() if p.name == "my_data_pkg"]
+    assert len(found) == 1
+    (pkg,) = found
+    assert (pkg.distribution, pkg.version, pkg.description) == ("my_data_pkg", "1.2.3", "Some shared data")
+    assert str(pkg) == "my_data_pkg 1.2.3: Some shared data"
+    assert pkg.catalog() == "the catalog"
+    assert packages is client.packages
+
+
+def test_package_config_and_server_side_only() -> None:
+    raw = {"format": 1, "name": "p", "package": "p_pkg", "description": "d", "server": "grpc://h:1", "profile": "access",
+           "datasets": {"ds": {"destination": "lake", "destination_type": "duckdb", "contract": "freeze", "write": True}}}
+    config = PackageConfig.from_dict(raw)
+    assert config.datasets["ds"].contract == "freeze"
+    assert str(config).splitlines() == ["Project p (package p_pkg) for profile access at grpc://h:1", "d",
+                                        "  ds@lake (duckdb), read-write, contract: freeze"]
+    with pytest.raises(UnsupportedError, match="newer flight-share"):
+        PackageConfig.from_dict({**raw, "format": 99})
+    error = server_side_only("entities", "p_pkg")
+    assert isinstance(error, NotImplementedError)
+    assert "p_pkg.entities() needs the project itself" in str(error) and "p_pkg.catalog()" in str(error)
