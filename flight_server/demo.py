@@ -451,7 +451,7 @@ def generate_pages(events: int = 2000, seed: int = 42, page_size: int = PAGE_SIZ
         raise ValueError("events must be >= 0")
     if page_size < 1:
         raise ValueError("page_size must be >= 1")
-    rng = random.Random()
+    rng = random.Random(seed)
     factory = _EventFactory(rng, _Pools(rng))
     # one guaranteed record per type at positions chosen by the seed
     forced: dict[int, str] = {}
