@@ -21,6 +21,13 @@ Actions
     ``list-datasets`` -> one JSON result: ``{"project", "profile", "datasets": [DatasetInfo...]}``
     ``health``        -> one JSON result: ``{"status": "ok", ...}``
 
+Authentication
+    ``authorization: Basic <base64 user:password>`` on the Handshake (or any call) is answered with
+    ``authorization: Bearer <token>`` in the response headers; every later call sends
+    ``authorization: Bearer <token>`` (a server-issued JWT or a static API token). The legacy Flight
+    handshake (``BasicAuth`` payload, token back in the stream, sent as ``auth-token-bin``) works too.
+    Failures are UNAUTHENTICATED with :data:`AUTH_FAILED` (no hint whether the user exists).
+
 Errors
     The gRPC status code says the kind (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED,
     UNAUTHENTICATED, ...). The message is the user-facing text. Errors that carry fields (contract
@@ -42,6 +49,18 @@ ACTIONS: dict[str, str] = {
     ACTION_LIST_DATASETS: "List the datasets the caller's profile may see, with their tables.",
     ACTION_HEALTH: "Report server health.",
 }
+
+# authentication (header names are lower case on the wire)
+AUTH_HEADER = "authorization"
+BEARER_PREFIX = "Bearer "
+BASIC_PREFIX = "Basic "
+LEGACY_TOKEN_HEADER = "auth-token-bin"
+ENV_TOKEN = "FLIGHT_SHARE_TOKEN"
+ENV_USERNAME = "FLIGHT_SHARE_USERNAME"
+ENV_PASSWORD = "FLIGHT_SHARE_PASSWORD"
+AUTH_REQUIRED = ("authentication required: connect with a user name and password, "
+                 "or send 'authorization: Bearer <token>'")
+AUTH_FAILED = "authentication failed: unknown user, wrong password, or an invalid or expired token"
 
 WriteDisposition = Literal["append", "replace", "merge"]
 WRITE_DISPOSITIONS: tuple[str, ...] = ("append", "replace", "merge")
@@ -231,16 +250,19 @@ class CatalogInfo:
     project: str
     profile: str
     datasets: tuple[DatasetInfo, ...]
+    user: str | None = None  # the authenticated caller ("(anonymous)" without credentials)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {"project": self.project, "profile": self.profile, "datasets": [d.to_json() for d in self.datasets]}
-        ).encode()
+        body: dict[str, Any] = {"project": self.project, "profile": self.profile,
+                                "datasets": [d.to_json() for d in self.datasets]}
+        if self.user is not None:
+            body["user"] = self.user
+        return json.dumps(body).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CatalogInfo":
         d = json.loads(data)
-        return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]))
+        return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]), d.get("user"))
 
 
 @dataclass(frozen=True)

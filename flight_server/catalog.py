@@ -9,6 +9,7 @@ import pyarrow as pa
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.config import DatasetAccess, ProjectConfig
 from flight_server.errors import NotFound
+from flight_server.masking import mask
 from flight_server.storage import Storage, open_storage
 
 
@@ -53,7 +54,7 @@ class Catalog:
             name=dataset,
             destination=storage.destination_config.name,
             destination_type=storage.destination_config.type,
-            location=storage.location,
+            location=mask(storage.location),  # adapters mask already; this net catches what they miss
             schema_name=stored.schema.name if stored else self.project.datasets[dataset].schema_name,
             schema_version=stored.version if stored else None,
             tables=tuple(storage.table_names()),
