@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client import protocol
-from client.errors import NotFoundError, translate
+from client.errors import AuthenticationError, NotFoundError, ServerUnavailableError, translate
 from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand
 
 if TYPE_CHECKING:
@@ -34,8 +34,11 @@ if TYPE_CHECKING:
 def _errors(**context: Any) -> Iterator[None]:
     try:
         yield
-    except (flight.FlightError, pa.ArrowException) as exc:
-        raise translate(exc, **context) from None
+    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+        translated = translate(exc, **context)
+        if translated is exc:
+            raise
+        raise translated from None
 
 
 def _pem(value: Any) -> bytes | None:
@@ -84,8 +87,16 @@ class Connection:
     def _login(self) -> None:
         """Exchange user name and password for a bearer token (the Flight Handshake), or use a token."""
         if self._username is not None or self._password is not None:
-            with _errors():
+            try:
                 _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
+            except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                error = translate(exc)
+                if isinstance(error, AuthenticationError):
+                    raise error from None
+                # the first call of a connection: a failure here is almost always the channel (TLS, address)
+                raise ServerUnavailableError(
+                    f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, and for "
+                    "grpc+tls:// does tls_root_certs name the server's CA?)") from None
             self._token = value.decode().removeprefix(protocol.BEARER_PREFIX)
             self._expires = _token_expiry(self._token)
         if self._token is not None:

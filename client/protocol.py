@@ -59,7 +59,7 @@ ENV_TOKEN = "FLIGHT_SHARE_TOKEN"
 ENV_USERNAME = "FLIGHT_SHARE_USERNAME"
 ENV_PASSWORD = "FLIGHT_SHARE_PASSWORD"
 AUTH_REQUIRED = ("authentication required: connect with a user name and password, "
-                 "or send 'authorization: Bearer <token>'")
+                 "or send a bearer token in the authorization header")
 AUTH_FAILED = "authentication failed: unknown user, wrong password, or an invalid or expired token"
 
 WriteDisposition = Literal["append", "replace", "merge"]
@@ -116,6 +116,7 @@ Command = Union[ReadCommand, SqlCommand, WriteCommand]
 
 MAX_COMMAND_BYTES = 1 << 20
 MAX_NAME_CHARS = 255
+MAX_LIMIT = (1 << 62) - 1
 
 
 def encode_command(command: Command) -> bytes:
@@ -156,6 +157,8 @@ def decode_command(data: bytes) -> Command:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"command is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("command JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError("command must be a JSON object")
     version = body.get("v", PROTOCOL_VERSION)
@@ -174,8 +177,8 @@ def decode_command(data: bytes) -> Command:
         )
     if op == "read":
         limit = body.get("limit")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-            raise ProtocolError("command key 'limit' must be a non-negative integer", "limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT):
+            raise ProtocolError(f"command key 'limit' must be an integer from 0 to {MAX_LIMIT}", "limit")
         return ReadCommand(_name(body, "dataset"), _name(body, "table"), _names(body, "columns"), limit)
     if op == "sql":
         query = body.get("query")

@@ -99,6 +99,9 @@ class Authenticator:
         self._passwords: dict[str, ScryptHash] = {
             u.name: parse_password_hash(u.password_hash) for u in project.users.values() if u.password_hash
         }
+        # the most expensive configured cost, so an unknown user takes as long as a known one
+        costliest = max(self._passwords.values(), key=lambda h: h.n * h.r * h.p, default=None)
+        self._dummy = dummy_hash(costliest)
         self._tokens: dict[str, str] = {
             parse_token_hash(h): u.name for u in project.users.values() for h in u.token_hashes
         }
@@ -121,7 +124,7 @@ class Authenticator:
     def login(self, username: str, password: str) -> Identity:
         """Check a user name and password (same cost and same error whether or not the user exists)."""
         stored = self._passwords.get(username)
-        ok = verify_password(password, stored or dummy_hash())
+        ok = verify_password(password, stored or self._dummy)
         if stored is None or not ok:
             raise Unauthenticated(protocol.AUTH_FAILED)
         return self._identity(username, "password")

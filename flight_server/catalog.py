@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.config import DatasetAccess, ProjectConfig
-from flight_server.errors import NotFound
+from flight_server.errors import Forbidden, NotFound
 from flight_server.masking import mask
 from flight_server.storage import Storage, open_storage
 
@@ -37,6 +37,14 @@ class Catalog:
                 dataset=dataset,
             )
         return grants[dataset]
+
+    def require_write(self, profile: str, dataset: str) -> DatasetAccess:
+        """The grant of a dataset the profile may write to; PERMISSION_DENIED if it may only read."""
+        grant = self.grant(profile, dataset)
+        if not grant.write:
+            raise Forbidden(f"profile '{profile}' may read but not write dataset '{dataset}'",
+                            dataset=dataset, profile=profile)
+        return grant
 
     def visible(self, profile: str) -> list[str]:
         return list(self.project.profile(profile).datasets)

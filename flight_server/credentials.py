@@ -112,13 +112,10 @@ def hash_token(token: str) -> str:
     return f"sha256${token_digest(token)}"
 
 
-# a fixed hash to verify against when a user does not exist, so a wrong user name costs as much time as a
-# wrong password (built lazily; the password it hashes is random and thrown away)
-_DUMMY: ScryptHash | None = None
+def dummy_hash(like: ScryptHash | None = None) -> ScryptHash:
+    """A hash of a random, forgotten password with the same cost as ``like``.
 
-
-def dummy_hash() -> ScryptHash:
-    global _DUMMY
-    if _DUMMY is None:
-        _DUMMY = parse_password_hash(hash_password(secrets.token_urlsafe(16)))
-    return _DUMMY
+    Verified when a user does not exist, so a wrong user name costs as much time as a wrong password.
+    """
+    n, r, p = (like.n, like.r, like.p) if like is not None else (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return parse_password_hash(hash_password(secrets.token_urlsafe(16), n=n, r=r, p=p))

@@ -18,8 +18,9 @@ _MIN_SECRET_CHARS = 4
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # scheme://user:password@host -> scheme://user:***@host
     (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@"), r"\1***@"),
-    # Authorization header values
-    (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1 ***"),
+    # Authorization header values (as in headers: capitalised scheme, so prose like "bearer tokens" stays)
+    (re.compile(r"\b(Bearer|Basic) +[A-Za-z0-9._~+/=-]{4,}"), r"\1 ***"),
+    (re.compile(r"(?i)(\bauthorization['\"]?\s*[:=,]\s*['\"]?)[^'\"\s,}]+( +[^'\"\s,}]+)?"), r"\1***"),
     # JSON Web Tokens anywhere
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+"), MASK),
     # flight-share API tokens

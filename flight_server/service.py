@@ -173,6 +173,12 @@ class FlightShareServer(flight.FlightServerBase):
     @_rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+        profile = self.profile_of(context)
+        command = self._command(descriptor, "write")
+        audit.annotate(context, command.dataset, getattr(command, "table", None))
+        if not isinstance(command, WriteCommand):
+            raise InvalidRequest("DoPut takes a write command or a [dataset, table] path")
+        self.catalog.require_write(profile, command.dataset)  # PERMISSION_DENIED before any data is read
         raise Unsupported("writes are not supported by this server yet")
 
     @_rpc
