@@ -139,6 +139,9 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
     everything: dict[str, frozenset[str] | None] = {t: None for t in used}
     if not used or any(tables.get(t) is None for t in used):
         return everything
+    # a star selects by the view's columns, so a pruned view would change what it expands to
+    if any(not isinstance(star.parent, exp.Count) for star in tree.find_all(exp.Star)):
+        return everything
     schema = {dataset: {t: {c: "UNKNOWN" for c in tables[t]} for t in used}}  # type: ignore[union-attr]
     try:
         qualified = qualify(tree.copy(), schema=schema, dialect=dialect, validate_qualify_columns=True,
@@ -231,9 +234,12 @@ class SqlSandbox:
 
     def _bind(self, con: duckdb.DuckDBPyConnection, query: CheckedQuery) -> duckdb.DuckDBPyRelation:
         try:
-            return con.sql(query.sql)
+            rel = con.sql(query.sql)
         except duckdb.Error as exc:
             raise _sql_error(exc, query) from None
+        if rel is None:  # a statement, not a query (only reachable if the allow-list were bypassed)
+            raise InvalidRequest("only SELECT queries are allowed", dataset=query.dataset)
+        return rel
 
     def schema(self, storage: "Storage", query: CheckedQuery) -> pa.Schema:
         """The result schema, from binding the query (no table data is read)."""
