@@ -201,7 +201,7 @@ class FlightShareServer(flight.FlightServerBase):
         if body:
             try:
                 request = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise InvalidRequest(usage) from None
             datasets = request.get("datasets") if isinstance(request, dict) else None
             if datasets is not None and (not isinstance(datasets, list) or not all(
