@@ -299,8 +299,9 @@ def test_tickets_are_signed_bound_to_the_user_and_expire(secured: Secured) -> No
 
 @pytest.fixture(scope="module")
 def ttl_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path) -> Any:
-    """Bearer tokens and tickets that expire after 2 seconds."""
-    project = security.secure_project(tmp_path_factory.mktemp("ttl"), secure_data, "  token_ttl: 2\n  ticket_ttl: 2\n")
+    """Bearer tokens and tickets that expire after 2 seconds; the audit log goes to a file of its own."""
+    project = security.secure_project(tmp_path_factory.mktemp("ttl"), secure_data,
+                                      "  token_ttl: 2\n  ticket_ttl: 2\n  audit_log: logs/audit.jsonl\n")
     with ServerProcess(project, env=security.ENV) as proc:
         yield Secured(proc, "plain")
 
@@ -318,6 +319,12 @@ def test_expired_token_and_ticket_are_refused_and_the_client_logs_in_again(ttl_s
     with pytest.raises(flight.FlightUnauthorizedError, match="ticket has expired"):
         client.do_get(ticket, bearer(ttl_server.token("alice"))).read_all()
     assert table.arrow().num_rows > 0  # the client renews its token with the password it was given
+    # server.audit_log: one JSON object per line in the file, none in the process log
+    time.sleep(0.3)
+    lines = [json.loads(x) for x in (ttl_server.proc.project.parent / "logs" / "audit.jsonl").read_text().splitlines()]
+    assert any(x["rpc"] == "do_get" and x["outcome"] == "PERMISSION_DENIED" and x["user"] == "alice" for x in lines)
+    assert any(x["outcome"] == "UNAUTHENTICATED" for x in lines)
+    assert "flight_share.audit" not in ttl_server.proc.output()
 
 
 def test_tls_needs_the_servers_ca(tls_server: Secured, pki: security.Pki) -> None:
