@@ -7,17 +7,24 @@ convenience that never hides a method.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
 import json
+import os
+import time
+import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from client import protocol
-from client.errors import DataValidationError, InvalidRequestError, NotFoundError, PipelineStepFailed, translate
+from client.errors import (AuthenticationError, DataValidationError, InvalidRequestError, NotFoundError,
+                           PipelineStepFailed, ServerUnavailableError, translate)
 from client.load_info import LoadInfo
 from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
 
@@ -31,39 +38,102 @@ if TYPE_CHECKING:
 def _errors(**context: Any) -> Iterator[None]:
     try:
         yield
-    except (flight.FlightError, pa.ArrowException) as exc:
-        raise translate(exc, **context) from None
+    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+        translated = translate(exc, **context)
+        if translated is exc:
+            raise
+        raise translated from None
+
+
+def _pem(value: Any) -> bytes | None:
+    """PEM bytes from PEM text/bytes or a path to a PEM file."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and "-----BEGIN " in value:
+        return value.encode()
+    return Path(value).read_bytes()
+
+
+def _token_expiry(token: str) -> float | None:
+    """``exp`` of a JWT (read, not verified: the server verifies), None for other tokens."""
+    try:
+        payload = token.split(".")[1]
+        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Connection:
-    """A Flight client plus the call options every request carries."""
+    """A Flight client plus the call options every request carries (credentials included)."""
 
-    def __init__(self, url: str, **client_kwargs: Any) -> None:
+    def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
+                 token: str | None = None, **client_kwargs: Any) -> None:
         self.url = url
+        for key in ("tls_root_certs", "cert_chain", "private_key"):
+            if client_kwargs.get(key) is not None:
+                client_kwargs[key] = _pem(client_kwargs[key])
         self.client = flight.FlightClient(url, **client_kwargs)
+        self._username = username
+        self._password = password
+        self._token = token
+        self._expires: float | None = None
+        if password is not None and url.startswith("grpc://") and not _is_loopback(urlsplit(url).hostname or ""):
+            warnings.warn(f"sending a password over plaintext {url}; use grpc+tls://", stacklevel=3)
         self.options = flight.FlightCallOptions()
+        self._login()
+
+    def _login(self) -> None:
+        """Exchange user name and password for a bearer token (the Flight Handshake), or use a token."""
+        if self._username is not None or self._password is not None:
+            try:
+                _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
+            except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                error = translate(exc)
+                if isinstance(error, AuthenticationError):
+                    raise error from None
+                # the first call of a connection: a failure here is almost always the channel (TLS, address)
+                raise ServerUnavailableError(
+                    f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, and for "
+                    "grpc+tls:// does tls_root_certs name the server's CA?)") from None
+            self._token = value.decode().removeprefix(protocol.BEARER_PREFIX)
+            self._expires = _token_expiry(self._token)
+        if self._token is not None:
+            header = (protocol.AUTH_HEADER.encode(), (protocol.BEARER_PREFIX + self._token).encode())
+            self.options = flight.FlightCallOptions(headers=[header])
+
+    def _fresh(self) -> flight.FlightCallOptions:
+        """Call options with a token that is not about to expire (logs in again when it is)."""
+        if self._expires is not None and self._password is not None and time.time() > self._expires - 30:
+            self._login()
+        return self.options
 
     def action(self, name: str, body: bytes = b"") -> bytes:
         with _errors():
-            results = list(self.client.do_action(flight.Action(name, body), self.options))
+            results = list(self.client.do_action(flight.Action(name, body), self._fresh()))
         return results[0].body.to_pybytes() if results else b""
 
     def flight_info(self, command: Command) -> flight.FlightInfo:
         descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
         with _errors(**_context(command)):
-            return self.client.get_flight_info(descriptor, self.options)
+            return self.client.get_flight_info(descriptor, self._fresh())
 
     def schema(self, command: Command) -> pa.Schema:
         descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
         with _errors(**_context(command)):
-            return self.client.get_schema(descriptor, self.options).schema
+            return self.client.get_schema(descriptor, self._fresh()).schema
 
     def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
         """Stream a command's result, endpoint by endpoint, in order."""
         info = self.flight_info(command)
         for endpoint in info.endpoints:
             with _errors(**_context(command)):
-                reader = self.client.do_get(endpoint.ticket, self.options)
+                reader = self.client.do_get(endpoint.ticket, self._fresh())
                 for chunk in reader:
                     yield chunk.data
 
@@ -72,7 +142,7 @@ class Connection:
         tables = []
         for endpoint in info.endpoints:
             with _errors(**_context(command)):
-                tables.append(self.client.do_get(endpoint.ticket, self.options).read_all())
+                tables.append(self.client.do_get(endpoint.ticket, self._fresh()).read_all())
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     def put(self, command: WriteCommand, reader: pa.RecordBatchReader) -> LoadInfo:
@@ -80,7 +150,7 @@ class Connection:
         descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
         try:
             with _errors(**_context(command)):
-                writer, results = self.client.do_put(descriptor, reader.schema, self.options)
+                writer, results = self.client.do_put(descriptor, reader.schema, self._fresh())
                 try:
                     for batch in reader:
                         writer.write_batch(batch)
@@ -305,7 +375,13 @@ class Catalog:
 
     @property
     def profile(self) -> str:
+        """The profile the server assigned to this connection's user."""
         return self._info.profile
+
+    @property
+    def user(self) -> str | None:
+        """The user the server authenticated (``(anonymous)`` without credentials)."""
+        return self._info.user
 
     @property
     def datasets(self) -> list[str]:
@@ -356,7 +432,7 @@ class Catalog:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<Catalog {self.project} profile={self.profile} url={self._connection.url}>"
+        return f"<Catalog {self.project} user={self.user} profile={self.profile} url={self._connection.url}>"
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -368,6 +444,28 @@ class Catalog:
                 f"<table><tr><th>dataset</th><th>destination</th><th>location</th><th>tables</th></tr>{rows}</table>")
 
 
-def connect(url: str = "grpc://127.0.0.1:8815", **client_kwargs: Any) -> Catalog:
-    """Open the catalog of a flight-share server."""
-    return Catalog(Connection(url, **client_kwargs))
+def connect(url: str = "grpc://127.0.0.1:8815", *, username: str | None = None, password: str | None = None,
+            token: str | None = None, tls_root_certs: Any = None, cert_chain: Any = None, private_key: Any = None,
+            **client_kwargs: Any) -> Catalog:
+    """Open the catalog of a flight-share server.
+
+    Credentials: ``username``/``password`` (exchanged for a bearer token by the Flight handshake and
+    renewed before it expires) or ``token`` (a static API token or a JWT); without either,
+    ``$FLIGHT_SHARE_TOKEN``, then ``$FLIGHT_SHARE_USERNAME``/``$FLIGHT_SHARE_PASSWORD``; without any,
+    the call is anonymous. TLS (``grpc+tls://``): ``tls_root_certs`` to trust the server's CA, and
+    ``cert_chain``/``private_key`` for mutual TLS — each PEM bytes/text or a path to a PEM file.
+    Other keyword arguments go to ``pyarrow.flight.FlightClient``.
+    """
+    if username is None and password is None and token is None:
+        token = os.environ.get(protocol.ENV_TOKEN) or None
+        if token is None:
+            username = os.environ.get(protocol.ENV_USERNAME) or None
+            password = os.environ.get(protocol.ENV_PASSWORD) if username is not None else None
+    if (username is None) != (password is None):
+        raise ValueError("give both username and password (or a token)")
+    if token is not None and username is not None:
+        raise ValueError("give either username/password or token, not both")
+    for key, value in (("tls_root_certs", tls_root_certs), ("cert_chain", cert_chain), ("private_key", private_key)):
+        if value is not None:
+            client_kwargs[key] = value
+    return Catalog(Connection(url, username=username, password=password, token=token, **client_kwargs))

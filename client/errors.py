@@ -129,6 +129,12 @@ def translate(exc: BaseException, **context: Any) -> BaseException:
     for flight_cls, cls in _BY_FLIGHT:
         if isinstance(exc, flight_cls):
             return cls(server_message(str(exc)), **context)
+    if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+        # pyarrow's client GetSchema turns UNAUTHENTICATED / PERMISSION_DENIED into a bare OSError whose
+        # text still ends with the Flight status detail
+        for mark, cls in ((". Detail: Unauthenticated", AuthenticationError), (". Detail: Unauthorized", PermissionDeniedError)):
+            if mark in str(exc):
+                return cls(server_message(str(exc)), **context)
     if isinstance(exc, (flight.FlightError, pa.ArrowException)):
         return ServerError(server_message(str(exc)), **context)
     return exc

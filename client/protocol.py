@@ -21,6 +21,13 @@ Actions
     ``list-datasets`` -> one JSON result: ``{"project", "profile", "datasets": [DatasetInfo...]}``
     ``health``        -> one JSON result: ``{"status": "ok", ...}``
 
+Authentication
+    ``authorization: Basic <base64 user:password>`` on the Handshake (or any call) is answered with
+    ``authorization: Bearer <token>`` in the response headers; every later call sends
+    ``authorization: Bearer <token>`` (a server-issued JWT or a static API token). The legacy Flight
+    handshake (``BasicAuth`` payload, token back in the stream, sent as ``auth-token-bin``) works too.
+    Failures are UNAUTHENTICATED with :data:`AUTH_FAILED` (no hint whether the user exists).
+
 Errors
     The gRPC status code says the kind (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED,
     UNAUTHENTICATED, ...). The message is the user-facing text. Errors that carry fields (contract
@@ -42,6 +49,18 @@ ACTIONS: dict[str, str] = {
     ACTION_LIST_DATASETS: "List the datasets the caller's profile may see, with their tables.",
     ACTION_HEALTH: "Report server health.",
 }
+
+# authentication (header names are lower case on the wire)
+AUTH_HEADER = "authorization"
+BEARER_PREFIX = "Bearer "
+BASIC_PREFIX = "Basic "
+LEGACY_TOKEN_HEADER = "auth-token-bin"
+ENV_TOKEN = "FLIGHT_SHARE_TOKEN"
+ENV_USERNAME = "FLIGHT_SHARE_USERNAME"
+ENV_PASSWORD = "FLIGHT_SHARE_PASSWORD"
+AUTH_REQUIRED = ("authentication required: connect with a user name and password, "
+                 "or send a bearer token in the authorization header")
+AUTH_FAILED = "authentication failed: unknown user, wrong password, or an invalid or expired token"
 
 WriteDisposition = Literal["append", "replace", "merge"]
 WRITE_DISPOSITIONS: tuple[str, ...] = ("append", "replace", "merge")
@@ -97,6 +116,7 @@ Command = Union[ReadCommand, SqlCommand, WriteCommand]
 
 MAX_COMMAND_BYTES = 1 << 20
 MAX_NAME_CHARS = 255
+MAX_LIMIT = (1 << 62) - 1
 
 
 def encode_command(command: Command) -> bytes:
@@ -137,6 +157,8 @@ def decode_command(data: bytes) -> Command:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"command is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("command JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError("command must be a JSON object")
     version = body.get("v", PROTOCOL_VERSION)
@@ -155,8 +177,8 @@ def decode_command(data: bytes) -> Command:
         )
     if op == "read":
         limit = body.get("limit")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-            raise ProtocolError("command key 'limit' must be a non-negative integer", "limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT):
+            raise ProtocolError(f"command key 'limit' must be an integer from 0 to {MAX_LIMIT}", "limit")
         return ReadCommand(_name(body, "dataset"), _name(body, "table"), _names(body, "columns"), limit)
     if op == "sql":
         query = body.get("query")
@@ -231,16 +253,19 @@ class CatalogInfo:
     project: str
     profile: str
     datasets: tuple[DatasetInfo, ...]
+    user: str | None = None  # the authenticated caller ("(anonymous)" without credentials)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {"project": self.project, "profile": self.profile, "datasets": [d.to_json() for d in self.datasets]}
-        ).encode()
+        body: dict[str, Any] = {"project": self.project, "profile": self.profile,
+                                "datasets": [d.to_json() for d in self.datasets]}
+        if self.user is not None:
+            body["user"] = self.user
+        return json.dumps(body).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CatalogInfo":
         d = json.loads(data)
-        return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]))
+        return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]), d.get("user"))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.config import DatasetAccess, ProjectConfig
-from flight_server.errors import NotFound
+from flight_server.errors import Forbidden, NotFound
+from flight_server.masking import mask
 from flight_server.storage import Storage, open_storage
 
 
@@ -37,6 +38,14 @@ class Catalog:
             )
         return grants[dataset]
 
+    def require_write(self, profile: str, dataset: str) -> DatasetAccess:
+        """The grant of a dataset the profile may write to; PERMISSION_DENIED if it may only read."""
+        grant = self.grant(profile, dataset)
+        if not grant.write:
+            raise Forbidden(f"profile '{profile}' may read but not write dataset '{dataset}'",
+                            dataset=dataset, profile=profile)
+        return grant
+
     def visible(self, profile: str) -> list[str]:
         return list(self.project.profile(profile).datasets)
 
@@ -53,7 +62,7 @@ class Catalog:
             name=dataset,
             destination=storage.destination_config.name,
             destination_type=storage.destination_config.type,
-            location=storage.location,
+            location=mask(storage.location),  # adapters mask already; this net catches what they miss
             schema_name=stored.schema.name if stored else self.project.datasets[dataset].schema_name,
             schema_version=stored.version if stored else None,
             tables=tuple(storage.table_names()),

@@ -49,19 +49,42 @@ def main(ctx: click.Context, debug: bool) -> None:
     set_debug(ctx, debug)
 
 
+def _logging(project) -> None:
+    from flight_server import masking
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    if project.server.audit_log is not None:
+        project.server.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(project.server.audit_log)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        audit = logging.getLogger("flight_share.audit")
+        audit.addHandler(handler)
+        audit.propagate = False
+        masking.install(project.secrets, audit)
+    # every handler masks credentials, whatever writes to it
+    masking.install(project.secrets)
+
+
 @main.command(section=SERVER_SECTION)
 @click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True, help="Project file (dlt.yml).")
 @click.option("--host", default=None, help="Address to listen on (default: the project's server.host).")
 @click.option("--port", type=int, default=None, help="Port (default: the project's server.port; 0 picks a free one).")
-@click.option("--profile", default=None, help="Profile for every caller (default: the project's server.profile).")
+@click.option("--anonymous-profile", "--profile", "profile", default=None,
+              help="Profile for callers without credentials (default: the project's server.anonymous_profile).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve grpc+tls://.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA: require client certificates signed by it (mutual TLS).")
 @click.option("--health-port", type=int, default=None,
               help="Also serve the standard gRPC health service (grpc.health.v1) on this port (0 picks a free one).")
-def serve(project_path: str, host: str | None, port: int | None, profile: str | None, health_port: int | None) -> None:
+def serve(project_path: str, host: str | None, port: int | None, profile: str | None,
+          tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, health_port: int | None) -> None:
     """Serve the project's datasets over Arrow Flight."""
+    from flight_server import tls
     from flight_server.service import FlightShareServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     project = _project(project_path)
+    _logging(project)
     host = host or project.server.host
     port = project.server.port if port is None else port
     if profile is not None:
@@ -69,7 +92,22 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
             project.profile(profile)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    server = FlightShareServer(project, f"grpc://{host}:{port}", profile=profile)
+    anonymous = profile if profile is not None else project.server.anonymous_profile
+    if not project.users and anonymous is None:
+        raise click.ClickException(
+            f"{project.file}: nobody could connect: define 'users' (flight-share users add NAME --profile P) "
+            "or set 'server.anonymous_profile'")
+    try:
+        tls_kwargs = tls.server_kwargs(tls_cert or project.server.tls_cert, tls_key or project.server.tls_key,
+                                       tls_client_ca or project.server.tls_client_ca)
+    except tls.TlsError as exc:
+        raise click.ClickException(str(exc)) from None
+    scheme = "grpc+tls" if tls_kwargs else "grpc"
+    tls.warn_if_exposed(host, bool(tls_kwargs), bool(project.users), anonymous)
+    try:
+        server = FlightShareServer(project, f"{scheme}://{host}:{port}", profile=profile, **tls_kwargs)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     health = None
     if health_port is not None:
         from flight_server.health import HealthServer
@@ -77,14 +115,61 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
         health = HealthServer(host, health_port)
         health.set_serving(True)
         click.echo(f"flight-share health service (grpc.health.v1) on {host}:{health.port}")
-    click.echo(f"flight-share serving project {project.name} on grpc://{host}:{server.port} "
-               f"(profile {server.default_profile})", err=False)
+    access = f"anonymous profile {anonymous}" if anonymous else "login required"
+    users = f", {len(project.users)} user(s)" if project.users else ""
+    click.echo(f"flight-share serving project {project.name} on {scheme}://{host}:{server.port} "
+               f"({access}{users}{', mutual TLS' if 'verify_client' in tls_kwargs else ''})", err=False)
     sys.stdout.flush()
     try:
         server.serve()
     finally:
         if health is not None:
             health.stop()
+
+
+@main.group(section=SERVER_SECTION)
+def users() -> None:
+    """Manage the users of a project (prints entries to paste under `users:`)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--profile", required=True, help="Profile the user gets.")
+@click.option("--project", "project_path", default=DEFAULT_PROJECT, show_default=True,
+              help="Project file whose profiles to check against.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@click.option("--token", "with_token", is_flag=True,
+              help="Make a random API token instead of a password; it is printed once, on standard error.")
+def users_add(name: str, profile: str, project_path: str, password_stdin: bool, with_token: bool) -> None:
+    """Print a `users:` entry for NAME with a hash of a new password (prompted) or a new API token."""
+    import yaml
+
+    from flight_server.config import _USER_PATTERN
+    from flight_server.credentials import hash_password, hash_token, new_token
+
+    if not _USER_PATTERN.match(name):
+        raise click.ClickException(f"'{name}' is not a valid user name (letters, digits, _ . @ -; at most 128)")
+    project = _project(project_path)
+    try:
+        project.profile(profile)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    entry: dict[str, str] = {"profile": profile}
+    if with_token:
+        if password_stdin:
+            raise click.ClickException("--token and --password-stdin exclude each other")
+        token = new_token()
+        entry["token_hash"] = hash_token(token)
+        click.echo(f"API token for {name} (shown once; store it now): {token}", err=True)
+    else:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
+        if not password:
+            raise click.ClickException("the password must not be empty")
+        entry["password_hash"] = hash_password(password)
+    click.echo(yaml.safe_dump({"users": {name: entry}}, sort_keys=False, width=1000), nl=False)
 
 
 @main.command(section=SERVER_SECTION)

@@ -7,6 +7,17 @@ but collects every problem instead of stopping at the first (``flight-share chec
 Secrets are never written into the YAML: any string may hold ``{env.NAME}``, replaced by the
 environment variable ``NAME`` at load time; a destination without credentials gets them from dlt's
 own config providers (environment ``DESTINATION__<NAME>__CREDENTIALS``, ``.dlt/secrets.toml``).
+Values substituted into credentials, options and ``server.jwt_secret`` are collected in
+:attr:`ProjectConfig.secrets` so logs and errors can mask them.
+
+Users (top-level ``users:``, next to the ``profiles:`` they are given) hold only hashes::
+
+    users:
+      alice: {profile: analysts, password_hash: "scrypt$n=16384,r=8,p=1$<salt>$<key>"}
+      etl:   {profile: access, token_hash: "sha256$<hex>"}        # or a list, for rotation
+
+``flight-share users add NAME --profile P`` prints such an entry. Callers without credentials get
+``server.anonymous_profile`` if the project sets one, and are refused otherwise.
 """
 
 from __future__ import annotations
@@ -20,12 +31,16 @@ from typing import Any, Iterator, Literal, Mapping, Union
 
 import yaml
 
+from flight_server.credentials import HashFormatError, parse_password_hash, parse_token_hash
+
 FORMAT_VERSION = 1
 DESTINATION_TYPES = ("duckdb", "filesystem", "postgres")
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 _ENV_PATTERN = re.compile(r"\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_USER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$")
+_ENV_ONLY = re.compile(r"^\{env\.([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 ContractMode = Literal["evolve", "freeze", "discard_row", "discard_value"]
 Contract = Union[ContractMode, Mapping[str, ContractMode], None]
@@ -88,15 +103,41 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class UserConfig:
+    """A user who may log in: a profile and only hashes of their secrets."""
+
+    name: str
+    profile: str
+    password_hash: str | None = None  # scrypt$... (flight_server.credentials)
+    token_hashes: tuple[str, ...] = ()  # sha256$... of static API tokens
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Server settings from the project file (CLI flags override)."""
 
     host: str = "127.0.0.1"
     port: int = 8815
-    profile: str = "access"
+    # profile of callers that send no credentials; None: they are refused (UNAUTHENTICATED)
+    anonymous_profile: str | None = None
     data_dir: Path | None = None
     batch_rows: int = 122_880
     max_put_bytes: int = 4 << 30
+    jwt_secret: str | None = None  # only via {env.NAME}; default: $FLIGHT_SHARE_JWT_SECRET or random
+    token_ttl: int = 3600  # seconds a bearer token from the handshake is valid
+    ticket_ttl: int = 900  # seconds a DoGet ticket is valid
+    sql_max_rows: int = 10_000_000
+    sql_timeout: float = 120.0  # seconds
+    sql_memory_limit: str = "2GB"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    audit_log: Path | None = None  # JSON lines; default: the log (stderr)
+
+    @property
+    def profile(self) -> str | None:
+        """Former name of :attr:`anonymous_profile` (the profile of every caller before auth)."""
+        return self.anonymous_profile
 
 
 @dataclass(frozen=True)
@@ -110,6 +151,8 @@ class ProjectConfig:
     profiles: Mapping[str, ProfileConfig]
     server: ServerConfig
     description: str | None = None
+    users: Mapping[str, UserConfig] = field(default_factory=dict)
+    secrets: frozenset[str] = frozenset()  # values substituted from the environment into secret places
 
     @property
     def root(self) -> Path:
@@ -137,6 +180,7 @@ class _Reader:
         self.file = file
         self.collect = collect
         self.problems: list[ConfigError] = []
+        self.secrets: set[str] = set()
 
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.file, key, problem)
@@ -176,20 +220,28 @@ class _Reader:
             raise self.fail(key, f"'{value}' is not a valid name (letters, digits and _, not starting with a digit)")
         return value
 
-    def substitute(self, value: Any, key: str) -> Any:
-        """Replace ``{env.NAME}`` in every string, recursively."""
+    def substitute(self, value: Any, key: str, secret: bool = False) -> Any:
+        """Replace ``{env.NAME}`` in every string, recursively; remember secret values for masking."""
         if isinstance(value, str):
             def repl(m: re.Match[str]) -> str:
                 var = m.group(1)
                 if var not in os.environ:
                     self.report(key, f"environment variable '{var}' is not set")
                     return m.group(0)
+                if secret:
+                    self.secrets.add(os.environ[var])
                 return os.environ[var]
             return _ENV_PATTERN.sub(repl, value)
         if isinstance(value, dict):
-            return {k: self.substitute(v, f"{key}.{k}") for k, v in value.items()}
+            return {k: self.substitute(v, f"{key}.{k}", secret) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.substitute(v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return [self.substitute(v, f"{key}[{i}]", secret) for i, v in enumerate(value)]
+        return value
+
+    def positive(self, s: Mapping[str, Any], key: str, default: Any, kinds: tuple[type, ...] = (int,)) -> Any:
+        value = s.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            raise self.fail(f"server.{key}", f"must be a positive number, got {value!r}")
         return value
 
 
@@ -240,8 +292,8 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     raw_credentials = body.get("credentials")
     if raw_credentials is not None and not isinstance(raw_credentials, (str, dict)):
         r.report(f"{key}.credentials", "must be a connection string or a mapping")
-    credentials = r.substitute(body.get("credentials"), f"{key}.credentials")
-    options = r.substitute(r.mapping(body.get("options"), f"{key}.options"), f"{key}.options")
+    credentials = r.substitute(body.get("credentials"), f"{key}.credentials", secret=True)
+    options = r.substitute(r.mapping(body.get("options"), f"{key}.options"), f"{key}.options", secret=True)
     return DestinationConfig(name, kind, location, credentials, table_format, options)
 
 
@@ -273,7 +325,7 @@ def _read(r: _Reader) -> ProjectConfig | None:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", f"not valid YAML: {exc}") from None
-    top = r.mapping(raw, "", ("format_version", "project", "destinations", "datasets", "profiles", "server"))
+    top = r.mapping(raw, "", ("format_version", "project", "destinations", "datasets", "profiles", "users", "server"))
     version = top.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         # a newer format may mean anything: reading on would only add noise to the report
@@ -335,30 +387,15 @@ def _read(r: _Reader) -> ProjectConfig | None:
                     grants[ds_name] = DatasetAccess(ds_name, _contract(r, g.get("contract"), f"{gkey}.contract"), write)
             profiles[p_name] = ProfileConfig(p_name, grants)
 
+    users: dict[str, UserConfig] = {}
+    with r.part():
+        users = _users(r, top.get("users"), profiles)
     server = ServerConfig()
     with r.part():
-        s = r.mapping(top.get("server"), "server", ("host", "port", "profile", "data_dir", "batch_rows", "max_put_bytes"))
-        port = s.get("port", server.port)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-            r.report("server.port", f"must be a port number 0-65535, got {port!r}")
-        for int_key in ("batch_rows", "max_put_bytes"):
-            if int_key in s and (not isinstance(s[int_key], int) or s[int_key] <= 0):
-                r.report(f"server.{int_key}", "must be a positive integer")
-        profile = s.get("profile", server.profile)
-        if raw_profiles and profile not in raw_profiles:
-            r.report("server.profile", f"profile '{profile}' is not defined; defined: {', '.join(sorted(map(str, raw_profiles)))}")
-        data_dir = s.get("data_dir")
-        server = ServerConfig(
-            host=str(s.get("host", server.host)),
-            port=port,
-            profile=profile,
-            data_dir=(file.parent / data_dir).resolve() if data_dir else None,
-            batch_rows=s.get("batch_rows", server.batch_rows),
-            max_put_bytes=s.get("max_put_bytes", server.max_put_bytes),
-        )
+        server = _server(r, top.get("server"), profiles, file.parent)
     if r.problems or name is None:
         return None
-    return ProjectConfig(file, name, destinations, datasets, profiles, server, description)
+    return ProjectConfig(file, name, destinations, datasets, profiles, server, description, users, frozenset(r.secrets))
 
 
 def _declared(r: _Reader, top: Mapping[str, Any], section: str) -> dict[str, Any]:
@@ -366,3 +403,98 @@ def _declared(r: _Reader, top: Mapping[str, Any], section: str) -> dict[str, Any
     with r.part():
         return r.mapping(top.get(section), section)
     return {}
+
+
+_USER_KEYS = ("profile", "password_hash", "token_hash")
+_SERVER_KEYS = (
+    "host", "port", "anonymous_profile", "profile", "data_dir", "batch_rows", "max_put_bytes", "jwt_secret",
+    "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
+    "tls_client_ca", "audit_log",
+)
+
+
+def _users(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig]) -> dict[str, UserConfig]:
+    users: dict[str, UserConfig] = {}
+    for u_name, raw_u in r.mapping(raw, "users").items():
+        key = f"users.{u_name}"
+        if not isinstance(u_name, str) or not _USER_PATTERN.match(u_name):
+            raise r.fail(key, f"'{u_name}' is not a valid user name (letters, digits, _ . @ -; at most 128)")
+        if isinstance(raw_u, dict):
+            for plain in ("password", "token", "api_key", "secret"):
+                if plain in raw_u:
+                    raise r.fail(f"{key}.{plain}", "plaintext secrets are not allowed in the project file; store a hash "
+                                 "(flight-share users add NAME --profile P prints one)")
+        body = r.substitute(r.mapping(raw_u, key, _USER_KEYS), key, secret=True)
+        profile = body.get("profile")
+        if profile not in profiles:
+            raise r.fail(f"{key}.profile", f"profile '{profile}' is not defined; defined: {', '.join(sorted(profiles)) or '(none)'}")
+        password_hash = body.get("password_hash")
+        if password_hash is not None:
+            try:
+                parse_password_hash(password_hash)
+            except HashFormatError as exc:
+                raise r.fail(f"{key}.password_hash", str(exc)) from None
+        raw_tokens = body.get("token_hash")
+        tokens = [raw_tokens] if isinstance(raw_tokens, str) else (raw_tokens or [])
+        if not isinstance(tokens, list):
+            raise r.fail(f"{key}.token_hash", "must be a token hash or a list of them")
+        for i, token in enumerate(tokens):
+            try:
+                parse_token_hash(token)
+            except HashFormatError as exc:
+                raise r.fail(f"{key}.token_hash" + (f"[{i}]" if isinstance(raw_tokens, list) else ""), str(exc)) from None
+        if password_hash is None and not tokens:
+            raise r.fail(key, "a user needs a 'password_hash' or a 'token_hash'")
+        users[u_name] = UserConfig(u_name, profile, password_hash, tuple(tokens))
+    return users
+
+
+def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: Path) -> ServerConfig:
+    s = r.mapping(raw, "server", _SERVER_KEYS)
+    d = ServerConfig()
+    port = s.get("port", d.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        r.report("server.port", f"must be a port number 0-65535, got {port!r}")
+        port = d.port
+    if "profile" in s and "anonymous_profile" in s:
+        raise r.fail("server.profile", "'profile' is the former name of 'anonymous_profile'; set only 'anonymous_profile'")
+    anon_key = "anonymous_profile" if "anonymous_profile" in s else "profile"
+    anonymous = s.get(anon_key)
+    if anonymous is not None and anonymous not in profiles:
+        raise r.fail(f"server.{anon_key}", f"profile '{anonymous}' is not defined; defined: {', '.join(sorted(profiles)) or '(none)'}")
+    jwt_secret = s.get("jwt_secret")
+    if jwt_secret is not None:
+        if not isinstance(jwt_secret, str) or not _ENV_ONLY.match(jwt_secret):
+            raise r.fail("server.jwt_secret", "must be '{env.NAME}' (a secret is never written into the project file)")
+        jwt_secret = r.substitute(jwt_secret, "server.jwt_secret", secret=True)
+    memory = s.get("sql_memory_limit", d.sql_memory_limit)
+    if not isinstance(memory, str) or not re.match(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", memory):
+        raise r.fail("server.sql_memory_limit", f"must be a size like '2GB' or '512MiB', got {memory!r}")
+
+    def path(key: str) -> Path | None:
+        value = s.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise r.fail(f"server.{key}", "must be a file path")
+        return (root / value).resolve()
+
+    data_dir = s.get("data_dir")
+    return ServerConfig(
+        host=str(s.get("host", d.host)),
+        port=port,
+        anonymous_profile=anonymous,
+        data_dir=(root / data_dir).resolve() if data_dir else None,
+        batch_rows=r.positive(s, "batch_rows", d.batch_rows),
+        max_put_bytes=r.positive(s, "max_put_bytes", d.max_put_bytes),
+        jwt_secret=jwt_secret,
+        token_ttl=r.positive(s, "token_ttl", d.token_ttl),
+        ticket_ttl=r.positive(s, "ticket_ttl", d.ticket_ttl),
+        sql_max_rows=r.positive(s, "sql_max_rows", d.sql_max_rows),
+        sql_timeout=float(r.positive(s, "sql_timeout", d.sql_timeout, (int, float))),
+        sql_memory_limit=memory,
+        tls_cert=path("tls_cert"),
+        tls_key=path("tls_key"),
+        tls_client_ca=path("tls_client_ca"),
+        audit_log=path("audit_log"),
+    )

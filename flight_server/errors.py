@@ -13,7 +13,9 @@ Exception tree::
 
 No handler invents its own mapping: :func:`to_flight_error` is used by the service for every RPC and
 nothing else reaches a client; unexpected exceptions become INTERNAL with a generic text (the
-traceback goes to the server log only).
+traceback goes to the server log only). Every message and detail leaves masked (credentials as
+``***``, :mod:`flight_server.masking`) and at most :data:`MAX_MESSAGE_CHARS` long (messages echo
+names the caller sent).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from typing import Any
 import pyarrow.flight as flight
 
 from client.protocol import ErrorDetail, ProtocolError
+from flight_server.masking import mask
 
 log = logging.getLogger("flight_share.server")
+
+MAX_MESSAGE_CHARS = 2000
 
 
 class ServiceError(Exception):
@@ -101,9 +106,14 @@ def _engine_rejected_query(exc: BaseException) -> bool:
                             duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException,
                             duckdb.TypeMismatchException, duckdb.NotImplementedException))
 
+def _text(message: str) -> str:
+    text = mask(message)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "... (truncated)"
+
 
 def _detail(exc: ServiceError) -> bytes:
-    return ErrorDetail(type(exc).__name__, exc.message, exc.fields).to_bytes()
+    fields = {k: (_text(v) if isinstance(v, str) else v) for k, v in exc.fields.items()}
+    return mask.bytes(ErrorDetail(type(exc).__name__, _text(exc.message), fields).to_bytes())
 
 
 def to_flight_error(exc: BaseException) -> BaseException:
@@ -111,18 +121,20 @@ def to_flight_error(exc: BaseException) -> BaseException:
     if isinstance(exc, flight.FlightError):
         return exc
     if isinstance(exc, NotFound):
-        return _WireNotFound(exc.message)
+        return _WireNotFound(_text(exc.message))
     if isinstance(exc, (InvalidRequest, ProtocolError)):
-        return _WireInvalid(str(exc))
+        return _WireInvalid(_text(str(exc)))
     if _engine_rejected_query(exc):
-        return _WireInvalid(f"the query was rejected: {str(exc).splitlines()[0]}")
+        return _WireInvalid(_text(f"the query was rejected: {str(exc).splitlines()[0]}"))
     if isinstance(exc, Unsupported):
-        return _WireUnimplemented(exc.message)
+        return _WireUnimplemented(_text(exc.message))
     if isinstance(exc, Forbidden):
-        return flight.FlightUnauthorizedError(exc.message, _detail(exc))
+        return flight.FlightUnauthorizedError(_text(exc.message), _detail(exc))
     if isinstance(exc, Unauthenticated):
-        return flight.FlightUnauthenticatedError(exc.message, _detail(exc))
+        return flight.FlightUnauthenticatedError(_text(exc.message), _detail(exc))
     if isinstance(exc, Unavailable):
-        return flight.FlightUnavailableError(exc.message, _detail(exc))
+        return flight.FlightUnavailableError(_text(exc.message), _detail(exc))
+    if isinstance(exc, (_WireNotFound, _WireInvalid, _WireUnimplemented)):
+        return exc
     log.error("internal error", exc_info=exc)
     return flight.FlightInternalError("internal server error; see the server log")

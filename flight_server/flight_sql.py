@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError, Message
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import referenced_datasets, sandbox_query
+from flight_server.sql import check_query, referenced_datasets
 
 if TYPE_CHECKING:
     from flight_server.service import FlightShareServer
@@ -392,11 +392,12 @@ class FlightSql:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
         dataset = next(iter(datasets)) if datasets else visible[0]
         storage = self.server.catalog.open(profile, dataset)
-        return storage, sandbox_query(query, dataset, storage.table_names(), catalog=self.catalog_name)
+        columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
+        return storage, check_query(query, dataset, columns, catalog=self.catalog_name)
 
     def _query_schema(self, context: Any, query: str) -> pa.Schema:
-        storage, sql = self._prepare(context, query)
-        return storage.query(f"SELECT * FROM ({sql}) AS q LIMIT 0").schema
+        storage, checked = self._prepare(context, query)
+        return self.server.sql.schema(storage, checked)
 
     def _statement_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         self._no_transaction(command)
@@ -407,8 +408,8 @@ class FlightSql:
         return flight.SchemaResult(self._query_schema(context, command.query))
 
     def _statement_get(self, context: Any, command: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
-        storage, sql = self._prepare(context, decode_handle(command.statement_handle))
-        return flight.RecordBatchStream(storage.query(sql))
+        storage, checked = self._prepare(context, decode_handle(command.statement_handle))
+        return flight.RecordBatchStream(self.server.sql.run(storage, checked))
 
     def _create_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
         self._no_transaction(request)

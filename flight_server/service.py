@@ -1,11 +1,15 @@
 """The Flight RPC surface: decode the request, ask the rooms, encode the answer.
 
 No business logic lives here. Every handler runs inside :func:`_rpc`, the one place where domain
-errors become Flight statuses (:func:`flight_server.errors.to_flight_error`).
+errors become Flight statuses (:func:`flight_server.errors.to_flight_error`). Who calls is settled
+by the middleware from :mod:`flight_server.auth` before a handler runs (:meth:`identity_of`);
+tickets are signed and bound to that caller (:mod:`flight_server.tickets`); SQL runs in the sandbox
+(:mod:`flight_server.sql`); every call leaves one audit line (:mod:`flight_server.audit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -17,11 +21,13 @@ import pyarrow.flight as flight
 
 from client import protocol
 from client.protocol import Command, ReadCommand, SqlCommand, WriteCommand
+from flight_server import audit
+from flight_server.auth import Identity, Security
 from flight_server.catalog import Catalog
 from flight_server.config import ProjectConfig
 from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
 from flight_server.flight_sql import FlightSql
-from flight_server.sql import sandbox_query
+from flight_server.sql import CheckedQuery, SqlSandbox, check_query
 from flight_server.writer import Writer
 
 log = logging.getLogger("flight_share.server")
@@ -48,12 +54,17 @@ class FlightShareServer(flight.FlightServerBase):
     """Serves the datasets of one project over Arrow Flight."""
 
     def __init__(self, project: ProjectConfig, location: str, profile: str | None = None, **kwargs: Any) -> None:
+        """``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow (TLS)."""
         # pyarrow appends Python tracebacks to errors raised as built-ins; none may reach a client
         sys.tracebacklimit = 0
-        super().__init__(location, **kwargs)
         self.project = project
+        self.security = Security.for_project(project, anonymous_profile=profile)
+        kwargs.setdefault("auth_handler", self.security.auth_handler())
+        kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware()}
+        super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
-        self.default_profile = profile or project.server.profile
+        self.sql = SqlSandbox.from_config(project.server)
+        self.default_profile = self.security.authenticator.anonymous_profile
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.flight_sql = FlightSql(self)  # Any-packed Flight SQL requests on the same port (see _rpc)
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
@@ -62,9 +73,13 @@ class FlightShareServer(flight.FlightServerBase):
         }
 
     # --- who is calling ---------------------------------------------------------------------
+    def identity_of(self, context: flight.ServerCallContext) -> Identity:
+        """The authenticated caller (or the anonymous identity, where the project allows it)."""
+        return self.security.identity(context)
+
     def profile_of(self, context: flight.ServerCallContext) -> str:
         """The profile a call runs under."""
-        return self.default_profile
+        return self.identity_of(context).profile
 
     # --- descriptors and tickets ------------------------------------------------------------
     def _command(self, descriptor: flight.FlightDescriptor, op: str = "read") -> Command:
@@ -72,22 +87,32 @@ class FlightShareServer(flight.FlightServerBase):
             return protocol.command_from_path(descriptor.path, op)  # type: ignore[arg-type]
         return protocol.decode_command(descriptor.command)
 
+    def _endpoint(self, context: flight.ServerCallContext, command: Command) -> flight.FlightEndpoint:
+        """An endpoint whose ticket is signed for the caller and expires (``server.ticket_ttl``)."""
+        ticket, expires = self.security.tickets.sign(protocol.encode_command(command), self.identity_of(context).user)
+        expiration = pa.scalar(int(expires * 1_000_000), pa.timestamp("us", tz="UTC"))
+        return flight.FlightEndpoint(flight.Ticket(ticket), [], expiration)
+
     def _ticket(self, context: flight.ServerCallContext, command: Command) -> flight.Ticket:
-        return flight.Ticket(protocol.encode_command(command))
+        return self._endpoint(context, command).ticket
 
     def _command_from_ticket(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> Command:
-        return protocol.decode_command(ticket.ticket)
+        data = self.security.tickets.open(ticket.ticket, self.identity_of(context).user)
+        command = protocol.decode_command(data)
+        audit.annotate(context, command.dataset, getattr(command, "table", None))
+        return command
 
-    def _sql(self, profile: str, command: SqlCommand) -> tuple[Any, str]:
+    def _sql(self, profile: str, command: SqlCommand) -> tuple[Any, CheckedQuery]:
         storage = self.catalog.open(profile, command.dataset)
-        return storage, sandbox_query(command.query, command.dataset, storage.table_names())
+        columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
+        return storage, check_query(command.query, command.dataset, columns)
 
     def _schema(self, profile: str, command: Command) -> pa.Schema:
         if isinstance(command, ReadCommand):
             return self.catalog.table_schema(profile, command.dataset, command.table, command.columns)
         if isinstance(command, SqlCommand):
-            storage, sql = self._sql(profile, command)
-            return storage.query(f"SELECT * FROM ({sql}) AS q LIMIT 0").schema
+            storage, checked = self._sql(profile, command)
+            return self.sql.schema(storage, checked)
         raise InvalidRequest("a write command has no schema to read; use DoPut")
 
     def _flight_info(self, context: flight.ServerCallContext, profile: str, command: Command,
@@ -98,16 +123,18 @@ class FlightShareServer(flight.FlightServerBase):
             records = self.catalog.open(profile, command.dataset).row_count(command.table)
             if command.limit is not None:
                 records = min(records, command.limit)
-        endpoint = flight.FlightEndpoint(self._ticket(context, command), [])
-        return flight.FlightInfo(schema, descriptor, [endpoint], records, -1)
+        return flight.FlightInfo(schema, descriptor, [self._endpoint(context, command)], records, -1)
 
     # --- RPCs -------------------------------------------------------------------------------
     @_rpc
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         profile = self.profile_of(context)
         wanted = criteria.decode("utf-8", "replace").strip() if criteria else ""
+        if len(wanted) > protocol.MAX_NAME_CHARS or "\x00" in wanted:
+            raise InvalidRequest(f"criteria must be a dataset name of at most {protocol.MAX_NAME_CHARS} characters without NUL")
         datasets = self.catalog.visible(profile)
         if wanted:
+            audit.annotate(context, wanted)
             self.catalog.grant(profile, wanted)
             datasets = [wanted]
         infos = []
@@ -121,14 +148,19 @@ class FlightShareServer(flight.FlightServerBase):
 
     @_rpc
     def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        profile = self.profile_of(context)
         command = self._command(descriptor)
+        audit.annotate(context, command.dataset, getattr(command, "table", None))
         if isinstance(command, WriteCommand):
             raise InvalidRequest("GetFlightInfo takes a read or sql command; 'write' is for DoPut")
-        return self._flight_info(context, self.profile_of(context), command, descriptor)
+        return self._flight_info(context, profile, command, descriptor)
 
     @_rpc
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._schema(self.profile_of(context), self._command(descriptor)))
+        profile = self.profile_of(context)
+        command = self._command(descriptor)
+        audit.annotate(context, command.dataset, getattr(command, "table", None))
+        return flight.SchemaResult(self._schema(profile, command))
 
     @_rpc
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
@@ -136,22 +168,27 @@ class FlightShareServer(flight.FlightServerBase):
         command = self._command_from_ticket(context, ticket)
         if isinstance(command, ReadCommand):
             storage = self.catalog.open(profile, command.dataset)
-            reader = storage.reader(command.table, command.columns, command.limit)
-        elif isinstance(command, SqlCommand):
-            storage, sql = self._sql(profile, command)
-            reader = storage.query(sql)
-        else:
-            raise InvalidRequest("a ticket must hold a read or sql command")
-        # the C++ reader goes to Flight as is: no Python runs per batch
-        return flight.RecordBatchStream(reader)
+            # the C++ reader goes to Flight as is: no Python runs per batch, so the audit line has no
+            # streamed row/byte count for table reads (GetFlightInfo's total_records says how many)
+            return flight.RecordBatchStream(storage.reader(command.table, command.columns, command.limit))
+        if isinstance(command, SqlCommand):
+            storage, checked = self._sql(profile, command)
+            # the sandbox already steps through batches (row limit, timeout): counting there is free
+            return flight.RecordBatchStream(audit.counted(context, self.sql.run(storage, checked)))
+        raise InvalidRequest("a ticket must hold a read or sql command")
 
     @_rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+        profile = self.profile_of(context)
         command = self._command(descriptor, "write")
+        audit.annotate(context, command.dataset, getattr(command, "table", None))
         if not isinstance(command, WriteCommand):
-            raise InvalidRequest("DoPut takes a path [dataset, table] or a 'write' command")
-        result = self.writer.put(self.profile_of(context), command, reader, context.is_cancelled)
+            raise InvalidRequest("DoPut takes a write command or a [dataset, table] path")
+        result = self.writer.put(profile, command, reader, context.is_cancelled)
+        record = audit.record_of(context)
+        if record is not None:
+            record.rows, record.bytes = result.rows, result.bytes
         writer.write(pa.py_buffer(json.dumps({protocol.PUT_RESULT_LOAD_INFO: result.to_json()}).encode()))
 
     @_rpc
@@ -160,25 +197,32 @@ class FlightShareServer(flight.FlightServerBase):
 
     @_rpc
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
+        self.identity_of(context)
         handler = self._actions.get(action.type)
         if handler is None:
-            raise Unsupported(f"action '{action.type}' is not supported; actions: {', '.join(self._actions)}")
+            raise Unsupported(f"action '{action.type[:100]}' is not supported; actions: {', '.join(self._actions)}")
         body = action.body.to_pybytes() if action.body is not None else b""
         return iter([handler(context, body)])
 
     # --- actions ----------------------------------------------------------------------------
     def _list_datasets(self, context: flight.ServerCallContext, body: bytes) -> bytes:
         datasets = None
+        usage = "list-datasets body must be JSON like {\"datasets\": [\"name\"]}"
         if body:
             try:
                 request = json.loads(body)
-                datasets = request.get("datasets") if isinstance(request, dict) else None
-            except ValueError:
-                raise InvalidRequest("list-datasets body must be JSON like {\"datasets\": [\"name\"]}") from None
+            except (ValueError, RecursionError):
+                raise InvalidRequest(usage) from None
+            datasets = request.get("datasets") if isinstance(request, dict) else None
+            if datasets is not None and (not isinstance(datasets, list) or not all(
+                    isinstance(d, str) and 0 < len(d) <= protocol.MAX_NAME_CHARS for d in datasets)):
+                raise InvalidRequest(usage)
+        identity = self.identity_of(context)
         if datasets is not None:
             for d in datasets:
-                self.catalog.grant(self.profile_of(context), d)
-        return self.catalog.info(self.profile_of(context), datasets).to_bytes()
+                self.catalog.grant(identity.profile, d)
+        info = self.catalog.info(identity.profile, datasets)
+        return dataclasses.replace(info, user=identity.user).to_bytes()
 
     def _health(self, context: flight.ServerCallContext, body: bytes) -> bytes:
         return json.dumps({"status": "ok", "project": self.project.name}).encode()

@@ -24,7 +24,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from client.protocol import WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
-from flight_server.errors import ContractViolation, Forbidden, InvalidRequest, ServiceError, Unavailable
+from flight_server.errors import ContractViolation, InvalidRequest, ServiceError, Unavailable
 
 # Arrow loads get dlt's row ids and load ids like dict loads do, so Arrow and dict writes can share a
 # table (dict-created tables have NOT NULL _dlt_id/_dlt_load_id) and _dlt_loads tracks every row.
@@ -73,12 +73,7 @@ class Writer:
 
     def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool]) -> LoadResult:
         """Check, then load one upload stream; raise a ServiceError on refusal."""
-        grant = self.catalog.grant(profile, command.dataset)
-        if not grant.write:
-            raise Forbidden(
-                f"Profile '{profile}' may not write to dataset '{command.dataset}' (it is read-only for this profile)",
-                dataset=command.dataset, profile=profile,
-            )
+        grant = self.catalog.require_write(profile, command.dataset)
         if command.table.startswith("_dlt"):
             raise InvalidRequest(f"table name '{command.table}' is reserved for dlt", dataset=command.dataset, table=command.table)
         storage = self.catalog.storage(command.dataset)

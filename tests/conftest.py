@@ -45,3 +45,94 @@ def postgres() -> Iterator[PostgresServer]:
 def s3() -> Iterator[S3Server]:
     """A real S3-compatible server (moto_server) on a free loopback port with one bucket."""
     yield from s3_server()
+# --- secured servers (tests/test_auth.py, test_sql_sandbox.py, test_hostile.py) ----------------------
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pyarrow.flight as flight  # noqa: E402
+
+from tests import security  # noqa: E402
+
+
+@dataclass
+class Secured:
+    """A running locked-down server and what a client needs to reach it."""
+
+    proc: ServerProcess
+    kind: str  # plain | tls | mtls
+    tls: dict[str, Any] = field(default_factory=dict)  # connect() keyword arguments for TLS
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
+
+    def connect(self, **kwargs: Any) -> Catalog:
+        return connect(self.url, **{**self.tls, **kwargs})
+
+    def login(self, user: str = "alice") -> Catalog:
+        return self.connect(username=user, password=security.PASSWORDS[user])
+
+    def raw(self, **kwargs: Any) -> flight.FlightClient:
+        """A bare pyarrow client (TLS settings applied, no credentials)."""
+        tls = {k: Path(v).read_bytes() for k, v in self.tls.items()}
+        return flight.FlightClient(self.url, **{**tls, **kwargs})
+
+    def token(self, user: str = "alice") -> str:
+        """A bearer token from the Flight handshake (Basic user:password)."""
+        client = self.raw()
+        try:
+            _, value = client.authenticate_basic_token(user, security.PASSWORDS[user])
+        finally:
+            client.close()
+        return value.decode().split(" ", 1)[1]
+
+
+@pytest.fixture(scope="session")
+def secure_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo events in the secure project's lake (github_events_dataset and internal_dataset), loaded once."""
+    return security.make_data(tmp_path_factory.mktemp("secure-data"))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> security.Pki:
+    return security.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _secured(tmp_path_factory: pytest.TempPathFactory, data: Path, kind: str, pki: security.Pki | None,
+             server_extra: str = "") -> Iterator[Secured]:
+    project = security.secure_project(tmp_path_factory.mktemp(f"secure-{kind}"), data, server_extra)
+    args: list[str] = []
+    tls: dict[str, Any] = {}
+    if pki is not None:
+        args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+        tls = {"tls_root_certs": pki.ca}
+        if kind == "mtls":
+            args += ["--tls-client-ca", str(pki.ca)]
+            tls.update(cert_chain=pki.client_cert, private_key=pki.client_key)
+    with ServerProcess(project, *args, env=security.ENV) as proc:
+        yield Secured(proc, kind, tls)
+        assert proc.alive, f"the {kind} server died during the tests:\n{proc.output()}"
+
+
+@pytest.fixture(scope="session")
+def secure_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path) -> Iterator[Secured]:
+    """The locked-down project over plaintext gRPC (loopback)."""
+    yield from _secured(tmp_path_factory, secure_data, "plain", None)
+
+
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path, pki: security.Pki) -> Iterator[Secured]:
+    """The locked-down project over TLS (server certificate from the throwaway CA)."""
+    yield from _secured(tmp_path_factory, secure_data, "tls", pki)
+
+
+@pytest.fixture(scope="session")
+def mtls_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path, pki: security.Pki) -> Iterator[Secured]:
+    """The locked-down project over mutual TLS (client certificates required)."""
+    yield from _secured(tmp_path_factory, secure_data, "mtls", pki)
+
+
+@pytest.fixture(params=["plain", "tls"])
+def secured(request: pytest.FixtureRequest) -> Secured:
+    """Each test using this runs against the plaintext and the TLS server."""
+    return request.getfixturevalue("secure_server" if request.param == "plain" else "tls_server")

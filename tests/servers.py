@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
-_READY = re.compile(r"serving project \S+ on grpc(?:\+tls)?://[^:]+:(\d+)")
+_READY = re.compile(r"serving project \S+ on (grpc(?:\+tls)?)://[^:]+:(\d+)")
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,8 +49,9 @@ class ServerProcess:
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        self.scheme = "grpc"
         self.port = self._wait_ready()
-        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
 
     def _drain(self, stream: IO[str]) -> None:
         for line in stream:
@@ -71,7 +72,8 @@ class ServerProcess:
             m = _READY.search(line)
             if m:
                 threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
-                return int(m.group(1))
+                self.scheme = m.group(1)
+                return int(m.group(2))
         raise RuntimeError(f"server not ready within {timeout}s:\n{''.join(self.log)}")
 
     @property

@@ -212,7 +212,7 @@ def test_read_only_profile_gets_permission_denied(ws: WriteServer) -> None:
     with pytest.raises(PermissionDeniedError) as denied:
         catalog.readonly_dataset.save(pd.DataFrame({"k": [1]}), table_name="t")
     assert denied.value.dataset == "readonly_dataset" and denied.value.profile == "access"
-    assert "read-only" in str(denied.value)
+    assert "may read but not write dataset 'readonly_dataset'" in str(denied.value)
     assert catalog.readonly_dataset.refresh().tables == []
     # the raw Flight status is PERMISSION_DENIED with the fields as JSON
     client = flight.connect(ws.url)
