@@ -31,6 +31,14 @@ from flight_server.errors import ContractViolation, InvalidRequest, ServiceError
 os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID", "true")
 os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID", "true")
 
+# Uploads arrive in small batches (the client sends 65,536 rows). Handed to dlt one by one, each becomes
+# its own extract item and its own parquet row group, which normalize and the destination then re-read
+# row group by row group: extract + normalize + load took ~45% more CPU than for the same rows in
+# 1 Mi-row items (benchmarks/WRITE.md). So batches are gathered (zero-copy) into tables of up to
+# pyarrow's default row-group length, or a byte cap, before dlt sees them.
+COALESCE_ROWS = 1 << 20
+COALESCE_BYTES = 128 << 20
+
 
 class PutCancelled(ServiceError):
     """The client went away before the upload was complete; nothing was written."""
@@ -133,13 +141,15 @@ class Writer:
                 failed_jobs=sum(len(p.jobs.get("failed_jobs", [])) for p in info.load_packages),
             )
 
-    def _batches(self, reader: Any, counts: dict[str, int]) -> Iterator[pa.RecordBatch]:
-        """The upload's batches as dlt items, counted against the size limit."""
+    def _batches(self, reader: Any, counts: dict[str, int]) -> Iterator[pa.Table]:
+        """The upload's batches as dlt items, counted against the size limit, gathered into larger tables."""
+        pending: list[pa.RecordBatch] = []
+        rows = size = 0
         while True:
             try:
                 chunk = reader.read_chunk()
             except StopIteration:
-                return
+                break
             except pa.ArrowException as exc:
                 raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
             batch = chunk.data
@@ -149,7 +159,14 @@ class Writer:
             counts["bytes"] += batch.nbytes
             if counts["bytes"] > self.max_bytes:
                 raise InvalidRequest(f"upload exceeds the server's limit of {self.max_bytes} bytes; nothing was written")
-            yield batch
+            pending.append(batch)
+            rows += batch.num_rows
+            size += batch.nbytes
+            if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
+                yield pa.Table.from_batches(pending)
+                pending, rows, size = [], 0, 0
+        if pending:
+            yield pa.Table.from_batches(pending)
 
     @staticmethod
     def _step_error(exc: PipelineStepFailed, command: WriteCommand) -> ServiceError:
