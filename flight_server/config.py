@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 DESTINATION_TYPES = ("duckdb", "filesystem", "postgres")
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
+_SECRET_FIELD = re.compile(r"pass|secret|token|key|credential|session", re.IGNORECASE)
 _ENV_PATTERN = re.compile(r"\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _USER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$")
@@ -233,7 +234,9 @@ class _Reader:
                 return os.environ[var]
             return _ENV_PATTERN.sub(repl, value)
         if isinstance(value, dict):
-            return {k: self.substitute(v, f"{key}.{k}", secret) for k, v in value.items()}
+            # in a credentials mapping only the secret fields are secrets: a host or user name stays readable
+            return {k: self.substitute(v, f"{key}.{k}", secret and bool(_SECRET_FIELD.search(str(k))))
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [self.substitute(v, f"{key}[{i}]", secret) for i, v in enumerate(value)]
         return value
