@@ -146,18 +146,29 @@ class Connection:
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     def put(self, command: WriteCommand, reader: pa.RecordBatchReader) -> LoadInfo:
-        """Stream batches with DoPut; a contract violation raises PipelineStepFailed like dlt."""
+        """Stream batches with DoPut; a contract violation raises PipelineStepFailed like dlt.
+
+        The upload ends with the protocol's commit marker: if the data source fails half way, the
+        stream ends without it and the server stores nothing.
+        """
+        command = replace(command, commit_marker=True)
         descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
         try:
             with _errors(**_context(command)):
                 writer, results = self.client.do_put(descriptor, reader.schema, self._fresh())
                 try:
-                    for batch in reader:
+                    for batch in _source(reader):
                         writer.write_batch(batch)
+                    writer.write_metadata(pa.py_buffer(protocol.COMMIT_METADATA))
                     writer.done_writing()
                     answer = results.read()
-                finally:
-                    writer.close()
+                except _SourceFailed:
+                    with contextlib.suppress(flight.FlightError, pa.ArrowException):
+                        writer.close()  # no commit marker went out: the server stores nothing
+                    raise
+                writer.close()
+        except _SourceFailed as failed:
+            raise failed.__cause__ from None  # type: ignore[misc]
         except DataValidationError as exc:
             raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
         body = json.loads(answer.to_pybytes()) if answer is not None else {}
@@ -165,6 +176,23 @@ class Connection:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _SourceFailed(Exception):
+    """The caller's own data source raised while a save was streaming it (``__cause__``)."""
+
+
+def _source(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; an error from the source itself is marked so it is not taken for the server's."""
+    batches = iter(reader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged by Connection.put
+            raise _SourceFailed() from exc
+        yield batch
 
 
 def as_reader(data: Any) -> pa.RecordBatchReader:

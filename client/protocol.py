@@ -10,9 +10,11 @@ Descriptors
         {"v": 1, "op": "read",  "dataset": "d", "table": "t", "columns": ["a"], "limit": 10}
         {"v": 1, "op": "sql",   "dataset": "d", "query": "SELECT ..."}
         {"v": 1, "op": "write", "dataset": "d", "table": "t",
-         "write_disposition": "append|replace|merge", "primary_key": ["id"]}
+         "write_disposition": "append|replace|merge", "primary_key": ["id"], "commit_marker": true}
 
-    ``columns`` and ``limit`` are optional. ``write`` commands are for DoPut only.
+    ``columns`` and ``limit`` are optional. ``write`` commands are for DoPut only. With
+    ``commit_marker`` the upload is stored only if its last message is a metadata-only message
+    holding ``{"commit":true}`` (COMMIT_METADATA); otherwise a stream that ends normally is stored.
 
 Tickets
     Opaque bytes returned in a FlightInfo endpoint; clients pass them back to DoGet unchanged.
@@ -109,6 +111,9 @@ class WriteCommand:
     table: str
     write_disposition: WriteDisposition = "append"
     primary_key: tuple[str, ...] = ()
+    # True: the server stores the upload only if the stream ends with COMMIT_METADATA, so a client
+    # that fails half way through its own data cannot leave a partial write behind
+    commit_marker: bool = False
     op: Literal["write"] = field(default="write", init=False)
 
 
@@ -123,7 +128,7 @@ def encode_command(command: Command) -> bytes:
     """Serialise a command to its JSON wire form."""
     body: dict[str, Any] = {"v": PROTOCOL_VERSION}
     for key, value in asdict(command).items():
-        if value is None or value == ():
+        if value is None or value == () or value is False:
             continue
         body[key] = list(value) if isinstance(value, tuple) else value
     return json.dumps(body, separators=(",", ":")).encode()
@@ -194,13 +199,16 @@ def decode_command(data: bytes) -> Command:
     primary_key = _names(body, "primary_key") or ()
     if disposition == "merge" and not primary_key:
         raise ProtocolError("write_disposition 'merge' needs a 'primary_key'", "primary_key")
-    return WriteCommand(_name(body, "dataset"), _name(body, "table"), disposition, primary_key)
+    commit_marker = body.get("commit_marker", False)
+    if not isinstance(commit_marker, bool):
+        raise ProtocolError("command key 'commit_marker' must be true or false", "commit_marker")
+    return WriteCommand(_name(body, "dataset"), _name(body, "table"), disposition, primary_key, commit_marker)
 
 
 _ALLOWED_KEYS: dict[str, set[str]] = {
     "read": {"v", "op", "dataset", "table", "columns", "limit"},
     "sql": {"v", "op", "dataset", "query"},
-    "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key"},
+    "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key", "commit_marker"},
 }
 
 
@@ -295,6 +303,9 @@ def server_message(flight_message: str) -> str:
     text = flight_message.split(_PYARROW_DETAIL_MARK, 1)[0]
     return text.strip()
 
+
+# the app_metadata message that ends an upload sent with ``commit_marker: true``
+COMMIT_METADATA = b'{"commit":true}'
 
 # metadata keys of a DoPut result (PutResult.app_metadata is JSON with these keys)
 PUT_RESULT_LOAD_INFO = "load_info"

@@ -18,7 +18,7 @@ import pyarrow as pa
 from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
-from dlt.common.schema.utils import new_table
+from dlt.common.schema.utils import merge_columns, new_table
 
 from flight_server.config import Contract
 from flight_server.errors import ContractViolation
@@ -55,12 +55,20 @@ def violation_message(schema_name: str, table: str, column: str | None, entity: 
     return f"In schema: {schema_name}: {where} Contract on {entity} with mode {mode} is violated. {what}"
 
 
-def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: Contract) -> ContractDecision:
-    """Decide a write of ``arrow_schema`` into ``table``; raise ContractViolation (documented text)."""
+def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: Contract,
+                resource: Any = None) -> ContractDecision:
+    """Decide a write of ``arrow_schema`` into ``table``; raise ContractViolation (documented text).
+
+    ``resource``: the dlt resource the writer will run; its hints (primary key, write disposition)
+    are merged over the Arrow columns exactly as dlt's Arrow extractor does.
+    """
     settings = expand_contract(contract)
     probe = schema.clone()
     probe.set_schema_contract(settings)  # what pipeline.run(schema_contract=...) does to the source schema
-    computed = new_table(table, columns=list(py_arrow_to_table_schema_columns(arrow_schema).values()))
+    columns = py_arrow_to_table_schema_columns(arrow_schema)
+    if resource is not None:
+        merge_columns(columns, resource.compute_table_schema(arrow_schema.empty_table())["columns"])
+    computed = new_table(table, columns=list(columns.values()))
     resolved = probe.resolve_contract_settings_for_table(table, computed)
     if resolved["columns"] != "evolve" and probe.is_new_table(table):
         computed["x-normalizer"] = {"evolve-columns-once": True}  # as dlt's extractor: a new table may set its columns

@@ -21,7 +21,7 @@ from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.pipeline.exceptions import PipelineStepFailed
 
-from client.protocol import WriteCommand
+from client.protocol import COMMIT_METADATA, WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
 from flight_server.errors import ContractViolation, InvalidRequest, ServiceError, Unavailable
@@ -40,7 +40,7 @@ COALESCE_ROWS = 1 << 20
 COALESCE_BYTES = 128 << 20
 
 
-class PutCancelled(ServiceError):
+class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
 
@@ -90,23 +90,28 @@ class Writer:
             stored = storage.stored_schema()
             dataset_config = self.catalog.project.datasets[command.dataset]
             schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
+            counts = {"rows": 0, "bytes": 0, "committed": 0}
+            resource = dlt.resource(
+                self._batches(reader, counts), name=command.table, write_disposition=command.write_disposition,
+                primary_key=list(command.primary_key) or None, table_format=storage.table_format,
+            )
             try:
-                decision = check_write(schema, command.table, reader.schema, grant.contract)
+                decision = check_write(schema, command.table, reader.schema, grant.contract, resource)
             except ContractViolation as exc:
                 exc.fields["load_id"] = _load_id()
                 exc.fields["step"] = "extract"
                 raise
             pipeline_name = f"save_{command.table}_pipeline"
             folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
-            counts = {"rows": 0, "bytes": 0}
             pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                     dataset_name=command.dataset)
             try:
-                resource = dlt.resource(
-                    self._batches(reader, counts), name=command.table, write_disposition=command.write_disposition,
-                    primary_key=list(command.primary_key) or None, table_format=storage.table_format,
-                )
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
+                if command.commit_marker and not counts["committed"]:
+                    raise PutCancelled(
+                        f"upload to '{command.dataset}.{command.table}' ended without the client's commit; nothing was written",
+                        dataset=command.dataset, table=command.table,
+                    )
                 if cancelled():
                     raise PutCancelled(
                         f"upload to '{command.dataset}.{command.table}' was cancelled by the client; nothing was written",
@@ -153,7 +158,11 @@ class Writer:
             except pa.ArrowException as exc:
                 raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
             batch = chunk.data
+            if counts["committed"]:
+                raise InvalidRequest("the upload continued after its commit marker")
             if batch is None:
+                if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == COMMIT_METADATA:
+                    counts["committed"] = 1
                 continue
             counts["rows"] += batch.num_rows
             counts["bytes"] += batch.nbytes

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from client import protocol
 from client import (Catalog, DataValidationError, InvalidRequestError, LoadInfo, PermissionDeniedError,
                     PipelineStepFailed, connect)
 from tests.servers import REPO, ServerProcess, make_project
@@ -324,3 +325,39 @@ def test_put_over_the_size_limit_is_refused_and_writes_nothing(loaded_project: P
         assert ws.proc.alive
     finally:
         ws.proc.stop()
+
+
+def test_a_source_failing_half_way_stores_nothing(ws: WriteServer) -> None:
+    """The client's data source raises after some batches: the upload has no commit marker, nothing lands."""
+    catalog = connect(ws.url)
+    schema = pa.schema([("i", pa.int64())])
+
+    def batches():
+        for k in range(5):
+            yield pa.record_batch([pa.array(range(k * 1000, (k + 1) * 1000), pa.int64())], schema=schema)
+        raise RuntimeError("the source broke at row 5000")
+
+    with pytest.raises(RuntimeError, match="the source broke at row 5000"):
+        catalog.open_dataset.save(pa.RecordBatchReader.from_batches(schema, batches()), table_name="half")
+    assert "half" not in catalog.open_dataset.refresh().tables
+    assert ws.pipelines_left() == []
+    # a raw client that ends the stream normally without the marker it announced stores nothing either
+    client = flight.connect(ws.url)
+    command = protocol.encode_command(protocol.WriteCommand("open_dataset", "half", commit_marker=True))
+    writer, _ = client.do_put(flight.FlightDescriptor.for_command(command), schema)
+    writer.write_batch(pa.record_batch([pa.array([1], pa.int64())], schema=schema))
+    with pytest.raises(flight.FlightError, match="ended without the client's commit"):
+        writer.close()
+    assert "half" not in catalog.open_dataset.refresh().tables
+    assert ws.proc.alive
+
+
+def test_merge_twice_into_a_dataset_with_frozen_data_types(ws: WriteServer) -> None:
+    """The primary key's hints (NOT NULL) are dlt's, not a data-type change: the second merge is accepted."""
+    catalog = connect(ws.url)
+    frame = pd.DataFrame({"day": ["mon", "tue"], "n": [1, 2]})
+    catalog.reports_dataset.save(frame, table_name="daily", write_disposition="merge", primary_key="day")
+    catalog.reports_dataset.save(pd.DataFrame({"day": ["tue"], "n": [5]}), table_name="daily",
+                                 write_disposition="merge", primary_key="day")
+    merged = catalog.reports_dataset.daily.arrow().sort_by("day")
+    assert merged.column("day").to_pylist() == ["mon", "tue"] and merged.column("n").to_pylist() == [1, 5]
