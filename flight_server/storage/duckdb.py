@@ -91,8 +91,12 @@ class DuckDBStorage(Storage):
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
-        reader = self.cursor().sql(self._select(table, schema.names, limit)).fetch_record_batch(self.batch_rows)
+        cursor = self.cursor()
+        # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
+        # (otherwise it names the host's zone and every batch would need a cast)
+        cursor.execute("SET TimeZone = 'UTC'")
+        reader = cursor.sql(self._select(table, schema.names, limit)).to_arrow_reader(self.batch_rows)
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     def query(self, sql: str) -> pa.RecordBatchReader:
-        return self.cursor().sql(sql).fetch_record_batch(self.batch_rows)
+        return self.cursor().sql(sql).to_arrow_reader(self.batch_rows)
