@@ -1,0 +1,121 @@
+"""Hot tables kept as Arrow in server memory, so a repeated read is a memory stream.
+
+duckdb's conversion of a table to Arrow costs more than sending it (see benchmarks/README.md): a
+table read twice is therefore kept, within a byte budget (``server.cache_bytes``; 0 turns caching
+off), as a ``pa.Table`` that Flight streams straight from memory in C++. Entries are keyed by the
+destination's *data version* of the dataset (for duckdb: the stored schema's hash and the newest dlt
+load id), so a load — through this server or by dlt itself — makes the old entry unreachable; it is
+dropped at the next lookup. Tables whose estimated Arrow size exceeds the budget are never
+materialised: they keep streaming from the destination with flat server memory.
+
+The cache only ever holds what a storage adapter's own reader produced, so a cached read returns
+exactly the bytes an uncached one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import pyarrow as pa
+
+log = logging.getLogger("flight_share.cache")
+
+# the chunk layout Flight streams best from memory (measured in benchmarks/read_throughput.py)
+CACHE_CHUNK_ROWS = 65_536
+
+
+@dataclass
+class _Entry:
+    table: pa.Table
+    nbytes: int
+
+
+class TableCache:
+    """An LRU of whole tables under a byte budget, filled in the background after a second read."""
+
+    def __init__(self, budget_bytes: int, reads_before_caching: int = 2) -> None:
+        self.budget = budget_bytes
+        self.reads_before_caching = reads_before_caching
+        self._entries: OrderedDict[tuple[Hashable, ...], _Entry] = OrderedDict()
+        self._misses: dict[tuple[Hashable, ...], int] = {}
+        self._filling: set[tuple[Hashable, ...]] = set()
+        self._lock = threading.Lock()
+        self.used = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
+
+    def table(self, storage: Any, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.Table | None:
+        """The cached rows of a read, or None (the caller streams from the destination)."""
+        if not self.enabled:
+            return None
+        version = storage.data_version()
+        if version is None:
+            return None
+        key = (storage.dataset.name, table, version)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            else:
+                self._forget_older(key)
+                self._misses[key] = self._misses.get(key, 0) + 1
+                start_fill = self._misses[key] >= self.reads_before_caching and key not in self._filling
+                if start_fill:
+                    self._filling.add(key)
+        if entry is None:
+            if start_fill:
+                threading.Thread(target=self._fill, args=(storage, table, key), name="table-cache-fill",
+                                 daemon=True).start()
+            return None
+        cached = entry.table
+        if columns:
+            cached = cached.select(list(columns))  # zero-copy
+        if limit is not None:
+            cached = cached.slice(0, limit)  # zero-copy
+        return cached
+
+    def _forget_older(self, key: tuple[Hashable, ...]) -> None:
+        """Drop entries of the same table at another data version (they can never be hit again)."""
+        for other in [k for k in self._entries if k[:2] == key[:2] and k != key]:
+            self.used -= self._entries.pop(other).nbytes
+        for other in [k for k in self._misses if k[:2] == key[:2] and k != key]:
+            del self._misses[other]
+
+    def _fill(self, storage: Any, table: str, key: tuple[Hashable, ...]) -> None:
+        try:
+            estimate = storage.estimated_arrow_bytes(table)
+            if estimate is None or estimate > self.budget:
+                log.info("not caching %s.%s: estimated %s bytes, budget %s", key[0], table, estimate, self.budget)
+                return
+            data = storage.reader(table, None, None).read_all()
+            data = pa.Table.from_batches(data.to_batches(max_chunksize=CACHE_CHUNK_ROWS), data.schema)
+            nbytes = data.nbytes
+            with self._lock:
+                if nbytes > self.budget or storage.data_version() != key[2]:
+                    return
+                while self.used + nbytes > self.budget and self._entries:
+                    _, evicted = self._entries.popitem(last=False)
+                    self.used -= evicted.nbytes
+                self._entries[key] = _Entry(data, nbytes)
+                self.used += nbytes
+            log.info("cached %s.%s: %d rows, %d bytes (%d of %d used)", key[0], table, data.num_rows, nbytes,
+                     self.used, self.budget)
+        except Exception:  # noqa: BLE001 - a failed fill only means the next read streams again
+            log.warning("caching %s.%s failed", key[0], table, exc_info=True)
+        finally:
+            with self._lock:
+                self._filling.discard(key)
+
+    def evict(self, dataset: str) -> None:
+        """Forget a dataset's tables (after this server wrote to it)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == dataset]:
+                self.used -= self._entries.pop(key).nbytes
+            for key in [k for k in self._misses if k[0] == dataset]:
+                del self._misses[key]
