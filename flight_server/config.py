@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union
+from urllib.parse import urlparse
 
 import yaml
 
@@ -95,6 +96,12 @@ class ServerConfig:
     data_dir: Path | None = None
     batch_rows: int = 122_880
     max_put_bytes: int = 4 << 30
+    # a table read is split into endpoints of about this many rows (Delta: file groups, PostgreSQL:
+    # block ranges, duckdb: row-id ranges); each endpoint is readable on its own, in parallel
+    endpoint_rows: int = 1_000_000
+    # replicas serving the same project over a shared destination: endpoints name them round-robin
+    # (empty: endpoints name no location, i.e. "the server you asked")
+    locations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,35 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     return DestinationConfig(name, kind, location, credentials, table_format, options)
 
 
+LOCATION_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls")
+
+
+def _locations(r: _Reader, value: Any) -> tuple[str, ...]:
+    """``server.locations``: Flight URIs of the replicas (``grpc://host:port``), env-substituted."""
+    if value is None:
+        return ()
+    key = "server.locations"
+    if not isinstance(value, list):
+        raise r.fail(key, "must be a list of Flight locations like grpc://host:8815")
+    found: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise r.fail(f"{key}[{i}]", "must be a string like grpc://host:8815")
+        uri = r.substitute(item, f"{key}[{i}]").strip()
+        parsed = urlparse(uri)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in LOCATION_SCHEMES or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+            raise r.fail(f"{key}[{i}]", f"'{uri}' is not a Flight location; allowed: "
+                                        f"{', '.join(s + '://host:port' for s in LOCATION_SCHEMES)}")
+        if uri in found:
+            raise r.fail(f"{key}[{i}]", f"'{uri}' is listed twice")
+        found.append(uri)
+    return tuple(found)
+
+
 def load_project(path: str | Path) -> ProjectConfig:
     """Read, substitute and validate a project file."""
     file = Path(path).resolve()
@@ -274,12 +310,13 @@ def load_project(path: str | Path) -> ProjectConfig:
             grants[ds_name] = DatasetAccess(ds_name, _contract(r, g.get("contract"), f"{gkey}.contract"), write)
         profiles[p_name] = ProfileConfig(p_name, grants)
 
-    s = r.mapping(top.get("server"), "server", ("host", "port", "profile", "data_dir", "batch_rows", "max_put_bytes"))
+    s = r.mapping(top.get("server"), "server",
+                  ("host", "port", "profile", "data_dir", "batch_rows", "max_put_bytes", "endpoint_rows", "locations"))
     server = ServerConfig()
     port = s.get("port", server.port)
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise r.fail("server.port", f"must be a port number 0-65535, got {port!r}")
-    for int_key in ("batch_rows", "max_put_bytes"):
+    for int_key in ("batch_rows", "max_put_bytes", "endpoint_rows"):
         if int_key in s and (not isinstance(s[int_key], int) or s[int_key] <= 0):
             raise r.fail(f"server.{int_key}", "must be a positive integer")
     profile = s.get("profile", server.profile)
@@ -293,5 +330,7 @@ def load_project(path: str | Path) -> ProjectConfig:
         data_dir=(file.parent / data_dir).resolve() if data_dir else None,
         batch_rows=s.get("batch_rows", server.batch_rows),
         max_put_bytes=s.get("max_put_bytes", server.max_put_bytes),
+        endpoint_rows=s.get("endpoint_rows", server.endpoint_rows),
+        locations=_locations(r, s.get("locations")),
     )
     return ProjectConfig(file, name, destinations, datasets, profiles, server)

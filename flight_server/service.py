@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from client.protocol import Command, ReadCommand, SqlCommand, WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.config import ProjectConfig
 from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
+from flight_server.partitions import LocationRing, ReadPlan, plan_read
 from flight_server.sql import sandbox_query
 from flight_server.writer import Writer
 
@@ -51,6 +53,9 @@ class FlightShareServer(flight.FlightServerBase):
         self.catalog = Catalog(project)
         self.default_profile = profile or project.server.profile
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
+        self.locations = LocationRing(project.server.locations)  # replicas for endpoints, round-robin
+        self._calls: dict[str, int] = {}
+        self._calls_lock = threading.Lock()
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
             protocol.ACTION_LIST_DATASETS: self._list_datasets,
             protocol.ACTION_HEALTH: self._health,
@@ -88,13 +93,17 @@ class FlightShareServer(flight.FlightServerBase):
     def _flight_info(self, context: flight.ServerCallContext, profile: str, command: Command,
                      descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         schema = self._schema(profile, command)
-        records = -1
         if isinstance(command, ReadCommand):
-            records = self.catalog.open(profile, command.dataset).row_count(command.table)
-            if command.limit is not None:
-                records = min(records, command.limit)
-        endpoint = flight.FlightEndpoint(self._ticket(context, command), [])
-        return flight.FlightInfo(schema, descriptor, [endpoint], records, -1)
+            plan = plan_read(self.catalog.open(profile, command.dataset), command, self.project.server.endpoint_rows)
+            return flight.FlightInfo(schema, descriptor, self._endpoints(context, plan), plan.total_records,
+                                     plan.total_bytes)
+        return flight.FlightInfo(schema, descriptor, self._endpoints(context, ReadPlan([command], [-1], -1, -1)), -1, -1)
+
+    def _endpoints(self, context: flight.ServerCallContext, plan: ReadPlan) -> list[flight.FlightEndpoint]:
+        """One endpoint per planned slice (flight_server/partitions.py), naming replicas round-robin."""
+        locations = self.locations.assign(len(plan.commands))
+        return [flight.FlightEndpoint(self._ticket(context, c), locations[i], app_metadata=plan.metadata(i))
+                for i, c in enumerate(plan.commands)]
 
     # --- RPCs -------------------------------------------------------------------------------
     @_rpc
@@ -129,9 +138,10 @@ class FlightShareServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         profile = self.profile_of(context)
         command = self._command_from_ticket(context, ticket)
+        self._count("do_get")
         if isinstance(command, ReadCommand):
             storage = self.catalog.open(profile, command.dataset)
-            reader = storage.reader(command.table, command.columns, command.limit)
+            reader = storage.reader(command.table, command.columns, command.limit, command.partition)
         elif isinstance(command, SqlCommand):
             storage, sql = self._sql(profile, command)
             reader = storage.query(sql)
@@ -176,7 +186,14 @@ class FlightShareServer(flight.FlightServerBase):
         return self.catalog.info(self.profile_of(context), datasets).to_bytes()
 
     def _health(self, context: flight.ServerCallContext, body: bytes) -> bytes:
-        return json.dumps({"status": "ok", "project": self.project.name}).encode()
+        with self._calls_lock:
+            calls = dict(self._calls)
+        return json.dumps({"status": "ok", "project": self.project.name, "calls": calls}).encode()
+
+    def _count(self, rpc: str) -> None:
+        """Per-RPC call counters, reported by ``health`` (which replica served what)."""
+        with self._calls_lock:
+            self._calls[rpc] = self._calls.get(rpc, 0) + 1
 
     def shutdown(self) -> None:  # type: ignore[override]
         super().shutdown()
