@@ -91,8 +91,38 @@ class Connection:
                 return clients[uri]
         return self.client
 
-    def _read_endpoint(self, endpoint: flight.FlightEndpoint) -> flight.FlightStreamReader:
-        return self.client_for(endpoint).do_get(endpoint.ticket, self.options)
+    def _endpoint_batches(self, endpoint: flight.FlightEndpoint) -> Iterator[pa.RecordBatch]:
+        """An endpoint's batches. Tickets do not depend on the replica that serves them, so when the
+        named replica is unreachable before it sent anything, this connection's server is asked."""
+        client = self.client_for(endpoint)
+        started = False
+        reader = None
+        try:
+            try:
+                reader = client.do_get(endpoint.ticket, self.options)
+                for chunk in reader:
+                    started = True
+                    yield chunk.data
+            except flight.FlightUnavailableError:
+                if started or client is self.client:
+                    raise
+                reader = self.client.do_get(endpoint.ticket, self.options)
+                for chunk in reader:
+                    yield chunk.data
+            reader = None  # read to the end
+        finally:
+            if reader is not None:  # abandoned or failed: end the call rather than drain it
+                reader.cancel()
+
+    def _read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.Table:
+        """An endpoint read whole (same fallback as :meth:`_endpoint_batches`)."""
+        client = self.client_for(endpoint)
+        try:
+            return client.do_get(endpoint.ticket, self.options).read_all()
+        except flight.FlightUnavailableError:
+            if client is self.client:
+                raise
+            return self.client.do_get(endpoint.ticket, self.options).read_all()
 
     def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
         """Stream a command's result in endpoint order; up to ``parallel_endpoints`` endpoints are
@@ -102,8 +132,7 @@ class Connection:
         if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
             for endpoint in endpoints:
                 with _errors(**_context(command)):
-                    for chunk in self._read_endpoint(endpoint):
-                        yield chunk.data
+                    yield from self._endpoint_batches(endpoint)
             return
         yield from self._ordered(command, endpoints)
 
@@ -115,16 +144,16 @@ class Connection:
             try:
                 if stop.is_set():
                     return
-                reader = self._read_endpoint(endpoints[i])
-                for chunk in reader:
+                batches = self._endpoint_batches(endpoints[i])
+                for batch in batches:
                     while not stop.is_set():
                         try:
-                            buffers[i].put(chunk.data, timeout=0.1)
+                            buffers[i].put(batch, timeout=0.1)
                             break
                         except queue.Full:
                             continue
                     if stop.is_set():
-                        reader.cancel()
+                        batches.close()  # ends the DoGet stream
                         return
                 buffers[i].put(_END)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -156,7 +185,7 @@ class Connection:
 
         def read(endpoint: flight.FlightEndpoint) -> pa.Table:
             with _errors(**_context(command)):
-                return self._read_endpoint(endpoint).read_all()
+                return self._read_endpoint(endpoint)
 
         if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
             tables = [read(e) for e in endpoints]

@@ -96,7 +96,7 @@ class FlightShareServer(flight.FlightServerBase):
         if isinstance(command, ReadCommand):
             plan = plan_read(self.catalog.open(profile, command.dataset), command, self.project.server.endpoint_rows)
             return flight.FlightInfo(schema, descriptor, self._endpoints(context, plan), plan.total_records,
-                                     plan.total_bytes)
+                                     plan.total_bytes, ordered=True)
         return flight.FlightInfo(schema, descriptor, self._endpoints(context, ReadPlan([command], [-1], -1, -1)), -1, -1)
 
     def _endpoints(self, context: flight.ServerCallContext, plan: ReadPlan) -> list[flight.FlightEndpoint]:

@@ -8,6 +8,7 @@ also provides the dlt destination to load into.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -44,16 +45,20 @@ def split_evenly(total: int, target: int, limit: int | None = None) -> int:
 
 def contiguous_groups(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
     """Split a sequence of unit sizes into at most ``n`` contiguous ``[start, stop)`` index ranges of
-    about equal total size (a cut is made where the running total first reaches k/n of the whole)."""
-    total = sum(sizes)
-    bounds = [0]
-    running = 0
-    for i, size in enumerate(sizes[:-1]):
-        running += size
-        if len(bounds) < n and running * n >= total * len(bounds):
-            bounds.append(i + 1)
-    bounds.append(len(sizes))
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    about equal total size: the k-th cut goes to the unit boundary nearest to k/n of the total
+    (later than the previous cut). Fewer ranges come out when large units leave no boundary."""
+    cumulative = list(itertools.accumulate(sizes))
+    total = cumulative[-1] if cumulative else 0
+    cuts = [0]
+    for k in range(1, n):
+        ideal = total * k / n
+        candidates = range(cuts[-1] + 1, len(sizes))  # cut after unit i-1, i.e. before unit i
+        if not candidates:
+            break
+        best = min(candidates, key=lambda i: (abs(cumulative[i - 1] - ideal), i))
+        cuts.append(best)
+    cuts.append(len(sizes))
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def int_range(spec: Any, key: str) -> tuple[int, int | None]:
