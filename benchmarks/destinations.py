@@ -48,6 +48,7 @@ from client.protocol import ReadCommand  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+LOADS = 4  # the tables are written by this many dlt loads (Delta: one file set per load)
 
 
 def make_table(rows: int, seed: int = 7) -> pa.Table:
@@ -98,6 +99,7 @@ def load_with_dlt(project: Path, table: pa.Table, env: dict[str, str]) -> float:
     """Load the table with a dlt pipeline into the project's destination (as users' pipelines do)."""
     code = textwrap.dedent(f"""
         import sys, time, pyarrow as pa, dlt
+        LOADS = {LOADS}
         sys.path.insert(0, {str(REPO)!r})
         from flight_server.config import load_project
         from flight_server.storage import open_storage
@@ -108,9 +110,13 @@ def load_with_dlt(project: Path, table: pa.Table, env: dict[str, str]) -> float:
         pipeline = dlt.pipeline("bench_load", pipelines_dir={str(project.parent / "pipelines")!r},
                                 destination=storage.dlt_destination(), dataset_name="bench_dataset")
         started = time.perf_counter()
-        resource = dlt.resource(table.to_batches(max_chunksize=1_000_000), name="events",
-                                table_format=storage.destination_config.table_format)
-        pipeline.run(resource, write_disposition="replace", loader_file_format=fmt).raise_on_failed_jobs()
+        step = -(-table.num_rows // LOADS)
+        for k in range(LOADS):  # the table grows by several loads, as tables do (one Delta commit each)
+            part = table.slice(k * step, step)
+            resource = dlt.resource(part.to_batches(max_chunksize=1_000_000), name="events",
+                                    table_format=storage.destination_config.table_format)
+            pipeline.run(resource, write_disposition="replace" if k == 0 else "append",
+                         loader_file_format=fmt).raise_on_failed_jobs()
         print(time.perf_counter() - started)
     """)
     with pa.OSFile(str(project.parent / "data.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -222,18 +228,26 @@ def postgres_benchmark(rows: int, repeats: int, work: Path) -> dict[str, Any]:
             nbytes = cur.fetch_arrow_table().nbytes
         result: dict[str, Any] = {"rows": rows, "arrow_bytes": nbytes, "dlt_load_s": round(load_s, 2)}
 
+        # direct clients keep one open connection, as the server's pool does (connecting is not timed)
+        psycopg_con = psycopg2.connect(pg.url)
+        adbc_con = adbc.connect(pg.url)
+
         def psycopg_fetchall() -> list:
-            with psycopg2.connect(pg.url) as con, con.cursor() as cur:
+            with psycopg_con.cursor() as cur:
                 cur.execute(sql)
                 return cur.fetchall()
 
         def adbc_arrow() -> pa.Table:
-            with adbc.connect(pg.url) as con, con.cursor() as cur:
+            with adbc_con.cursor() as cur:
                 cur.execute(sql)
                 return cur.fetch_arrow_table()
 
-        result["psycopg2_fetchall"] = with_rate(timed(psycopg_fetchall, repeats), nbytes)
-        result["adbc_fetch_arrow_table"] = with_rate(timed(adbc_arrow, repeats), nbytes)
+        try:
+            result["psycopg2_fetchall"] = with_rate(timed(psycopg_fetchall, repeats), nbytes)
+            result["adbc_fetch_arrow_table"] = with_rate(timed(adbc_arrow, repeats), nbytes)
+        finally:
+            psycopg_con.close()
+            adbc_con.close()
         for endpoints in (1, 4):
             project = project_file(work / f"pg-{endpoints}", store, -(-rows // endpoints))
             label = "one_stream" if endpoints == 1 else f"{endpoints}_endpoints_parallel"

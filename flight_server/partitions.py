@@ -69,10 +69,8 @@ def estimate_bytes(storage: Storage, command: ReadCommand, total_records: int) -
     """Arrow bytes of ``total_records`` rows of the projection, from the first rows' size."""
     if total_records <= 0:
         return 0
-    sample = storage.reader(command.table, command.columns, min(SAMPLE_ROWS, total_records)).read_all()
-    if sample.num_rows == 0:
-        return -1
-    return int(sample.nbytes / sample.num_rows * total_records)
+    per_row = storage.row_bytes(command.table, command.columns, min(SAMPLE_ROWS, total_records))
+    return -1 if per_row is None else int(per_row * total_records)
 
 
 class LocationRing:

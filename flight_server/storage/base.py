@@ -209,6 +209,11 @@ class Storage(ABC):
                partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
         """A streaming Arrow reader over a table, or over one of its :meth:`partitions`."""
 
+    def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
+        """Arrow bytes per row of a projection, from its first ``sample_rows`` rows (None: no rows)."""
+        sample = self.reader(table, columns, sample_rows).read_all()
+        return sample.nbytes / sample.num_rows if sample.num_rows else None
+
     def partitions(self, table: str, target_rows: int) -> list[Partition]:
         """The table as contiguous slices of about ``target_rows`` rows, in table order, each readable
         on its own (``reader(..., partition=p.spec)``). One slice (or none for an empty table) means

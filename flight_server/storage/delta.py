@@ -83,6 +83,7 @@ class DeltaStorage(Storage):
         self._table_locks: dict[str, threading.Lock] = {}
         # (table, version) -> DeltaTable at that version, for tickets planned against an older version
         self._versions: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
+        self._row_bytes: dict[tuple[str, int, tuple[str, ...]], float | None] = {}  # see row_bytes
 
     # --- dlt --------------------------------------------------------------------------------
     def dlt_destination(self) -> Any:
@@ -209,6 +210,32 @@ class DeltaStorage(Storage):
         if all(c is not None for c in counts):
             return int(sum(counts))
         return int(self.arrow_dataset(table).count_rows())  # files without stats: Parquet footers
+
+    def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
+        """Bytes per row from the first rows of the table's *smallest* file (a sample still decodes
+        a whole Parquet row group), remembered per table version and projection."""
+        schema = self.arrow_schema(table, columns)
+        dt = self.delta_table(table)
+        with self._table_locks[table]:
+            version = int(dt.version())
+            key = (table, version, tuple(schema.names))
+            if key in self._row_bytes:
+                return self._row_bytes[key]
+            actions = pa.table(dt.get_add_actions(flatten=False))
+            dataset = dt.to_pyarrow_dataset()
+        records = dict(zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist()))
+        fragments = sorted(dataset.get_fragments(), key=lambda f: records.get(f.path) or 0)
+        sample = None
+        for fragment in fragments:
+            sample = fragment.head(sample_rows, columns=schema.names)
+            if sample.num_rows:
+                break
+        per_row = sample.nbytes / sample.num_rows if sample is not None and sample.num_rows else None
+        with self._lock:
+            if len(self._row_bytes) > 256:
+                self._row_bytes.clear()
+            self._row_bytes[key] = per_row
+        return per_row
 
     # --- partitions: file groups pinned to a table version ------------------------------------
     def partitions(self, table: str, target_rows: int) -> list[Partition]:
