@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the Delta table")
     parser.add_argument("--pg-rows", type=int, default=1_000_000, help="rows in the PostgreSQL table")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best-of)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (best-of)")
     parser.add_argument("--quick", action="store_true", help="1,000,000 Delta rows, 100,000 PostgreSQL rows, 3 repeats")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: benchmarks/results/...)")
     args = parser.parse_args(argv)

@@ -220,6 +220,13 @@ def test_the_client_reads_endpoints_concurrently_and_in_order(split: Split, monk
     assert next(stream).num_rows > 0
     stream.close()
     assert table.df()["i"].tolist() == expected.column("i").to_pylist()
+    monkeypatch.undo()
+    # fewer workers than endpoints, and none: the same rows in the same order
+    for parallel in (2, 1):
+        narrow = connect(split.url).big_dataset.numbers
+        narrow._connection.parallel_endpoints = parallel
+        assert narrow.arrow().equals(expected)
+        assert pa.Table.from_batches(list(narrow.iter_batches())).equals(expected)
 
 
 def test_projection_travels_in_every_ticket_and_a_limit_is_one_endpoint(split: Split) -> None:
