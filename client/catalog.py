@@ -140,24 +140,28 @@ class Connection:
         buffers = [queue.Queue(PREFETCH_BATCHES) for _ in endpoints]
         stop = threading.Event()
 
+        def offer(i: int, item: Any) -> bool:
+            """Put into endpoint i's buffer unless the consumer stopped (then False)."""
+            while not stop.is_set():
+                try:
+                    buffers[i].put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def fetch(i: int) -> None:
             try:
                 if stop.is_set():
                     return
                 batches = self._endpoint_batches(endpoints[i])
                 for batch in batches:
-                    while not stop.is_set():
-                        try:
-                            buffers[i].put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer(i, batch):
                         batches.close()  # ends the DoGet stream
                         return
-                buffers[i].put(_END)
+                offer(i, _END)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                buffers[i].put(_Failed(exc))
+                offer(i, _Failed(exc))
 
         pool = ThreadPoolExecutor(min(self.parallel_endpoints, len(endpoints)), thread_name_prefix="flight-share-read")
         futures: list[Any] = []

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,3 +353,16 @@ def test_endpoint_settings_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert server.locations == ("grpc://10.0.0.1:8815", "grpc://10.0.0.2:8815", "grpc+tls://replica.example.com:443")
     defaults = load_project(project.parent / "dlt.yml").server
     assert defaults.endpoint_rows == 5000
+
+
+def test_stopping_early_never_waits_on_a_full_read_ahead(split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.catalog
+
+    monkeypatch.setattr(client.catalog, "PREFETCH_BATCHES", 1)  # every endpoint's buffer full at once
+    stream = connect(split.url).big_dataset.numbers.iter_batches()
+    assert next(stream).num_rows > 0
+    time.sleep(0.5)  # let every fetcher fill its buffer and block on the next put
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=20)
+    assert not closer.is_alive(), "closing the stream hung on a fetcher"
