@@ -2,7 +2,14 @@
 
 Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema versions,
 ``_dlt_loads`` and evolution are dlt's. A put that fails at any step, or whose client went away,
-leaves nothing behind: its pending packages are dropped and the folder removed.
+leaves nothing behind: its pending packages are dropped and the folder removed, and when dlt had
+already stored a new schema version before the load failed (it migrates the schema first), that
+version is removed again. Under ``data_type: evolve`` a column whose type differs from the stored
+one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
+
+Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
+duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives the table format
+(``delta``) to every resource.
 """
 
 from __future__ import annotations

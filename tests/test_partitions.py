@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from client import InvalidRequestError, NotFoundError, connect
+from client import InvalidRequestError, connect
 from client import protocol
 from client.catalog import Connection
 from client.protocol import ReadCommand
