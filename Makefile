@@ -8,10 +8,15 @@ EVENTS ?= 2000
 install:
 	$(PY) -m pip install -q -e '.[server]'
 
-# the tests start a real PostgreSQL (initdb/pg_ctl from Debian's postgresql package) and moto's S3 server
+# the tests start a real PostgreSQL (initdb/pg_ctl from Debian's postgresql package) and moto's S3 server,
+# and validate docker-compose.yml with Debian's docker-compose (no container engine needed)
 install-test:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
+	@if ! command -v docker-compose >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; \
 	fi
 	$(PY) -m pip install -q -e '.[test]'
 

@@ -14,6 +14,9 @@ import json
 import os
 import time
 import warnings
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -29,6 +32,18 @@ from client.load_info import LoadInfo
 from client.protocol import CatalogInfo, Command, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
 
 PUT_BATCH_ROWS = 65_536
+PARALLEL_ENDPOINTS = 4  # endpoints of one read fetched at once
+PREFETCH_BATCHES = 8  # batches buffered per endpoint ahead of the consumer (iter_batches)
+_REUSE_CONNECTION = "arrow-flight-reuse-connection:"
+_END = object()
+_location_lock = threading.Lock()
+
+
+class _Failed:
+    """An exception raised while fetching an endpoint, passed to the consuming thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 if TYPE_CHECKING:
     import pandas
@@ -85,6 +100,7 @@ class Connection:
         self._expires: float | None = None
         if password is not None and url.startswith("grpc://") and not _is_loopback(urlsplit(url).hostname or ""):
             warnings.warn(f"sending a password over plaintext {url}; use grpc+tls://", stacklevel=3)
+        self._client_kwargs = client_kwargs  # for the clients of replica locations (client_for)
         self.options = flight.FlightCallOptions()
         self._login()
 
@@ -128,21 +144,129 @@ class Connection:
         with _errors(**_context(command)):
             return self.client.get_schema(descriptor, self._fresh()).schema
 
-    def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
-        """Stream a command's result, endpoint by endpoint, in order."""
-        info = self.flight_info(command)
-        for endpoint in info.endpoints:
-            with _errors(**_context(command)):
+    # --- endpoints: read in parallel, from the replica each one names, reassembled in order ----
+    parallel_endpoints = PARALLEL_ENDPOINTS
+
+    def client_for(self, endpoint: flight.FlightEndpoint) -> flight.FlightClient:
+        """The client for an endpoint: the replica its location names (one cached client per
+        location, same options and credentials), or this connection's server when it names none."""
+        for location in endpoint.locations:
+            uri = location.uri.decode() if isinstance(location.uri, bytes) else str(location.uri)
+            if uri.startswith(_REUSE_CONNECTION) or uri.rstrip("/") == self.url.rstrip("/"):
+                return self.client
+            with _location_lock:
+                clients = self.__dict__.setdefault("_location_clients", {})
+                if uri not in clients:
+                    clients[uri] = flight.FlightClient(uri, **self.__dict__.get("_client_kwargs", {}))
+                return clients[uri]
+        return self.client
+
+    def _endpoint_batches(self, endpoint: flight.FlightEndpoint) -> Iterator[pa.RecordBatch]:
+        """An endpoint's batches. Tickets do not depend on the replica that serves them, so when the
+        named replica is unreachable before it sent anything, this connection's server is asked."""
+        client = self.client_for(endpoint)
+        started = False
+        reader = None
+        try:
+            try:
+                reader = client.do_get(endpoint.ticket, self._fresh())
+                for chunk in reader:
+                    started = True
+                    yield chunk.data
+            except flight.FlightUnavailableError:
+                if started or client is self.client:
+                    raise
                 reader = self.client.do_get(endpoint.ticket, self._fresh())
                 for chunk in reader:
                     yield chunk.data
+            reader = None  # read to the end
+        finally:
+            if reader is not None:  # abandoned or failed: end the call rather than drain it
+                reader.cancel()
+
+    def _read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.Table:
+        """An endpoint read whole (same fallback as :meth:`_endpoint_batches`)."""
+        client = self.client_for(endpoint)
+        try:
+            return client.do_get(endpoint.ticket, self._fresh()).read_all()
+        except flight.FlightUnavailableError:
+            if client is self.client:
+                raise
+            return self.client.do_get(endpoint.ticket, self._fresh()).read_all()
+
+    def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
+        """Stream a command's result in endpoint order; up to ``parallel_endpoints`` endpoints are
+        fetched at once, each into a small bounded buffer, so memory stays bounded."""
+        info = self.flight_info(command)
+        endpoints = list(info.endpoints)
+        if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
+            for endpoint in endpoints:
+                with _errors(**_context(command)):
+                    yield from self._endpoint_batches(endpoint)
+            return
+        yield from self._ordered(command, endpoints)
+
+    def _ordered(self, command: Command, endpoints: list[flight.FlightEndpoint]) -> Iterator[pa.RecordBatch]:
+        buffers = [queue.Queue(PREFETCH_BATCHES) for _ in endpoints]
+        stop = threading.Event()
+
+        def offer(i: int, item: Any) -> bool:
+            """Put into endpoint i's buffer unless the consumer stopped (then False)."""
+            while not stop.is_set():
+                try:
+                    buffers[i].put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fetch(i: int) -> None:
+            try:
+                if stop.is_set():
+                    return
+                batches = self._endpoint_batches(endpoints[i])
+                for batch in batches:
+                    if not offer(i, batch):
+                        batches.close()  # ends the DoGet stream
+                        return
+                offer(i, _END)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                offer(i, _Failed(exc))
+
+        pool = ThreadPoolExecutor(min(self.parallel_endpoints, len(endpoints)), thread_name_prefix="flight-share-read")
+        futures: list[Any] = []
+        try:
+            # FIFO: endpoint i starts before i+1, so the one being consumed is always running
+            futures = [pool.submit(fetch, i) for i in range(len(endpoints))]
+            for buffer in buffers:
+                while True:
+                    item = buffer.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, _Failed):
+                        with _errors(**_context(command)):
+                            raise item.error
+                    yield item
+        finally:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
 
     def table(self, command: Command) -> pa.Table:
         info = self.flight_info(command)
-        tables = []
-        for endpoint in info.endpoints:
+        endpoints = list(info.endpoints)
+
+        def read(endpoint: flight.FlightEndpoint) -> pa.Table:
             with _errors(**_context(command)):
-                tables.append(self.client.do_get(endpoint.ticket, self._fresh()).read_all())
+                return self._read_endpoint(endpoint)
+
+        if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
+            tables = [read(e) for e in endpoints]
+        else:
+            with ThreadPoolExecutor(min(self.parallel_endpoints, len(endpoints)),
+                                    thread_name_prefix="flight-share-read") as pool:
+                tables = list(pool.map(read, endpoints))  # in endpoint order
         return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     def put(self, command: WriteCommand, reader: pa.RecordBatchReader) -> LoadInfo:
@@ -175,6 +299,8 @@ class Connection:
         return LoadInfo.from_json(body[protocol.PUT_RESULT_LOAD_INFO])
 
     def close(self) -> None:
+        for client in self.__dict__.pop("_location_clients", {}).values():
+            client.close()
         self.client.close()
 
 

@@ -18,6 +18,12 @@ Descriptors
 
 Tickets
     Opaque bytes returned in a FlightInfo endpoint; clients pass them back to DoGet unchanged.
+    A large table read is split into several endpoints: each ticket is then a read command with a
+    ``"partition"`` object (a Delta file group pinned to a table version, a PostgreSQL block range, a
+    duckdb row-id range), readable on its own and on any replica. Endpoints are in table order: read
+    them in parallel, concatenate in endpoint order. An endpoint's ``locations`` name the replica to
+    read it from (empty: the server that answered GetFlightInfo); its ``app_metadata`` is JSON
+    ``{"partition": i, "records": n}`` (n estimated where the destination only knows sizes).
 
 Actions
     ``list-datasets`` -> one JSON result: ``{"project", "profile", "datasets": [DatasetInfo...]}``
@@ -91,6 +97,7 @@ class ReadCommand:
     table: str
     columns: tuple[str, ...] | None = None
     limit: int | None = None
+    partition: Mapping[str, Any] | None = None  # set by the server in tickets of split reads
     op: Literal["read"] = field(default="read", init=False)
 
 
@@ -184,7 +191,10 @@ def decode_command(data: bytes) -> Command:
         limit = body.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT):
             raise ProtocolError(f"command key 'limit' must be an integer from 0 to {MAX_LIMIT}", "limit")
-        return ReadCommand(_name(body, "dataset"), _name(body, "table"), _names(body, "columns"), limit)
+        partition = body.get("partition")
+        if partition is not None and not isinstance(partition, dict):
+            raise ProtocolError("command key 'partition' must be a JSON object (from a ticket)", "partition")
+        return ReadCommand(_name(body, "dataset"), _name(body, "table"), _names(body, "columns"), limit, partition)
     if op == "sql":
         query = body.get("query")
         if not isinstance(query, str) or not query.strip():
@@ -206,7 +216,7 @@ def decode_command(data: bytes) -> Command:
 
 
 _ALLOWED_KEYS: dict[str, set[str]] = {
-    "read": {"v", "op", "dataset", "table", "columns", "limit"},
+    "read": {"v", "op", "dataset", "table", "columns", "limit", "partition"},
     "sql": {"v", "op", "dataset", "query"},
     "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key", "commit_marker"},
 }

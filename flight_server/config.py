@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Union
+from urllib.parse import urlparse
 
 import yaml
 
@@ -139,6 +140,12 @@ class ServerConfig:
     def profile(self) -> str | None:
         """Former name of :attr:`anonymous_profile` (the profile of every caller before auth)."""
         return self.anonymous_profile
+    # a table read is split into endpoints of about this many rows (Delta: file groups, PostgreSQL:
+    # block ranges, duckdb: row-id ranges); each endpoint is readable on its own, in parallel
+    endpoint_rows: int = 1_000_000
+    # replicas serving the same project over a shared destination: endpoints name them round-robin
+    # (empty: endpoints name no location, i.e. "the server you asked")
+    locations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,6 +307,35 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     return DestinationConfig(name, kind, location, credentials, table_format, options)
 
 
+LOCATION_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls")
+
+
+def _locations(r: _Reader, value: Any) -> tuple[str, ...]:
+    """``server.locations``: Flight URIs of the replicas (``grpc://host:port``), env-substituted."""
+    if value is None:
+        return ()
+    key = "server.locations"
+    if not isinstance(value, list):
+        raise r.fail(key, "must be a list of Flight locations like grpc://host:8815")
+    found: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise r.fail(f"{key}[{i}]", "must be a string like grpc://host:8815")
+        uri = r.substitute(item, f"{key}[{i}]").strip()
+        parsed = urlparse(uri)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in LOCATION_SCHEMES or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+            raise r.fail(f"{key}[{i}]", f"'{uri}' is not a Flight location; allowed: "
+                                        f"{', '.join(s + '://host:port' for s in LOCATION_SCHEMES)}")
+        if uri in found:
+            raise r.fail(f"{key}[{i}]", f"'{uri}' is listed twice")
+        found.append(uri)
+    return tuple(found)
+
+
 def load_project(path: str | Path) -> ProjectConfig:
     """Read, substitute and validate a project file; the first problem raises :class:`ConfigError`."""
     file = Path(path).resolve()
@@ -412,7 +448,7 @@ _USER_KEYS = ("profile", "password_hash", "token_hash")
 _SERVER_KEYS = (
     "host", "port", "anonymous_profile", "profile", "data_dir", "batch_rows", "max_put_bytes", "jwt_secret",
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
-    "tls_client_ca", "audit_log",
+    "tls_client_ca", "audit_log", "endpoint_rows", "locations",
 )
 
 
@@ -500,4 +536,6 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         tls_key=path("tls_key"),
         tls_client_ca=path("tls_client_ca"),
         audit_log=path("audit_log"),
+        endpoint_rows=r.positive(s, "endpoint_rows", d.endpoint_rows),
+        locations=_locations(r, s.get("locations")),
     )

@@ -11,7 +11,7 @@ dlt+ workflow, so :func:`violation_message` formats the documented text from the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import pyarrow as pa
@@ -32,6 +32,9 @@ class ContractDecision:
 
     contract: dict[str, str]
     filters: list[tuple[str, str, str]]  # (entity, name, mode) as dlt returns them
+    # columns whose stored type differs from the upload's, under ``data_type: evolve``: the stored
+    # column schemas the upload is cast to (see :func:`check_write`)
+    coerce: dict[str, Any] = field(default_factory=dict)
 
 
 def expand_contract(contract: Contract) -> dict[str, str]:
@@ -77,7 +80,18 @@ def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: C
         _, filters = probe.apply_schema_contract(resolved, computed, data_item=empty)
     except DataValidationError as exc:
         raise _violation(exc, probe, table, computed) from None
-    return ContractDecision(settings, list(filters or []))
+    coerce: dict[str, Any] = {}
+    if resolved["data_type"] == "evolve" and not probe.is_new_table(table):
+        # dlt keeps Arrow data as it is but writes the new type into the stored schema (it makes
+        # variant columns only for row-by-row data), and no destination changes a column's type: the
+        # load then fails after the schema was stored, or the schema lies about the data. So an
+        # evolving upload is cast to the stored type instead; values that do not fit are refused.
+        stored = schema.get_table_columns(table)
+        for name, column in computed["columns"].items():
+            kept = stored.get(name)
+            if kept and kept.get("data_type") and column.get("data_type") and kept["data_type"] != column["data_type"]:
+                coerce[name] = dict(kept)
+    return ContractDecision(settings, list(filters or []), coerce)
 
 
 def _violation(exc: DataValidationError, schema: Schema, table: str, computed: Mapping[str, Any]) -> ContractViolation:

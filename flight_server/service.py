@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from flight_server.catalog import Catalog
 from flight_server.config import ProjectConfig
 from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
 from flight_server.flight_sql import FlightSql
+from flight_server.partitions import LocationRing, ReadPlan, plan_read
 from flight_server.sql import CheckedQuery, SqlSandbox, check_query
 from flight_server.writer import Writer
 
@@ -67,6 +69,9 @@ class FlightShareServer(flight.FlightServerBase):
         self.default_profile = self.security.authenticator.anonymous_profile
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.flight_sql = FlightSql(self)  # Any-packed Flight SQL requests on the same port (see _rpc)
+        self.locations = LocationRing(project.server.locations)  # replicas for endpoints, round-robin
+        self._calls: dict[str, int] = {}
+        self._calls_lock = threading.Lock()
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
             protocol.ACTION_LIST_DATASETS: self._list_datasets,
             protocol.ACTION_HEALTH: self._health,
@@ -118,12 +123,22 @@ class FlightShareServer(flight.FlightServerBase):
     def _flight_info(self, context: flight.ServerCallContext, profile: str, command: Command,
                      descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         schema = self._schema(profile, command)
-        records = -1
         if isinstance(command, ReadCommand):
-            records = self.catalog.open(profile, command.dataset).row_count(command.table)
-            if command.limit is not None:
-                records = min(records, command.limit)
-        return flight.FlightInfo(schema, descriptor, [self._endpoint(context, command)], records, -1)
+            plan = plan_read(self.catalog.open(profile, command.dataset), command, self.project.server.endpoint_rows)
+            return flight.FlightInfo(schema, descriptor, self._endpoints(context, plan), plan.total_records,
+                                     plan.total_bytes, ordered=True)
+        return flight.FlightInfo(schema, descriptor, self._endpoints(context, ReadPlan([command], [-1], -1, -1)), -1, -1)
+
+    def _endpoints(self, context: flight.ServerCallContext, plan: ReadPlan) -> list[flight.FlightEndpoint]:
+        """One endpoint per planned slice (flight_server/partitions.py), naming replicas round-robin;
+        each ticket is signed for the caller and expires (``server.ticket_ttl``)."""
+        locations = self.locations.assign(len(plan.commands))
+        endpoints = []
+        for i, command in enumerate(plan.commands):
+            signed = self._endpoint(context, command)
+            endpoints.append(flight.FlightEndpoint(signed.ticket, locations[i], signed.expiration_time,
+                                                   app_metadata=plan.metadata(i)))
+        return endpoints
 
     # --- RPCs -------------------------------------------------------------------------------
     @_rpc
@@ -166,11 +181,13 @@ class FlightShareServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         profile = self.profile_of(context)
         command = self._command_from_ticket(context, ticket)
+        self._count("do_get")
         if isinstance(command, ReadCommand):
             storage = self.catalog.open(profile, command.dataset)
             # the C++ reader goes to Flight as is: no Python runs per batch, so the audit line has no
             # streamed row/byte count for table reads (GetFlightInfo's total_records says how many)
-            return flight.RecordBatchStream(storage.reader(command.table, command.columns, command.limit))
+            return flight.RecordBatchStream(
+                storage.reader(command.table, command.columns, command.limit, command.partition))
         if isinstance(command, SqlCommand):
             storage, checked = self._sql(profile, command)
             # the sandbox already steps through batches (row limit, timeout): counting there is free
@@ -225,7 +242,14 @@ class FlightShareServer(flight.FlightServerBase):
         return dataclasses.replace(info, user=identity.user).to_bytes()
 
     def _health(self, context: flight.ServerCallContext, body: bytes) -> bytes:
-        return json.dumps({"status": "ok", "project": self.project.name}).encode()
+        with self._calls_lock:
+            calls = dict(self._calls)
+        return json.dumps({"status": "ok", "project": self.project.name, "calls": calls}).encode()
+
+    def _count(self, rpc: str) -> None:
+        """Per-RPC call counters, reported by ``health`` (which replica served what)."""
+        with self._calls_lock:
+            self._calls[rpc] = self._calls.get(rpc, 0) + 1
 
     def shutdown(self) -> None:  # type: ignore[override]
         super().shutdown()

@@ -2,11 +2,19 @@
 
 Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema versions,
 ``_dlt_loads`` and evolution are dlt's. A put that fails at any step, or whose client went away,
-leaves nothing behind: its pending packages are dropped and the folder removed.
+leaves nothing behind: its pending packages are dropped and the folder removed, and when dlt had
+already stored a new schema version before the load failed (it migrates the schema first), that
+version is removed again. Under ``data_type: evolve`` a column whose type differs from the stored
+one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
+
+Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
+duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives the table format
+(``delta``) to every resource.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -17,6 +25,8 @@ from typing import Any, Callable, Iterator
 
 import dlt
 import pyarrow as pa
+import pyarrow.compute as pc
+from dlt.common.libs.pyarrow import columns_to_arrow
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.pipeline.exceptions import PipelineStepFailed
@@ -25,6 +35,8 @@ from client.protocol import COMMIT_METADATA, WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
 from flight_server.errors import ContractViolation, InvalidRequest, ServiceError, Unavailable
+
+log = logging.getLogger("flight_share.writer")
 
 # Arrow loads get dlt's row ids and load ids like dict loads do, so Arrow and dict writes can share a
 # table (dict-created tables have NOT NULL _dlt_id/_dlt_load_id) and _dlt_loads tracks every row.
@@ -91,12 +103,22 @@ class Writer:
             dataset_config = self.catalog.project.datasets[command.dataset]
             schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
             counts = {"rows": 0, "bytes": 0, "committed": 0}
+            decided: dict[str, Any] = {}
+
+            def upload() -> Iterator[Any]:
+                """The upload as dlt items; runs only inside extract, after the contract decision."""
+                batches: Iterator[Any] = self._batches(reader, counts)
+                if decided["decision"].coerce:
+                    batches = self._coerced(batches, decided["decision"].coerce, storage, command)
+                yield from batches
+
             resource = dlt.resource(
-                self._batches(reader, counts), name=command.table, write_disposition=command.write_disposition,
+                upload(), name=command.table, write_disposition=command.write_disposition,
                 primary_key=list(command.primary_key) or None, table_format=storage.table_format,
             )
             try:
-                decision = check_write(schema, command.table, reader.schema, grant.contract, resource)
+                decision = decided["decision"] = check_write(schema, command.table, reader.schema, grant.contract,
+                                                             resource)
             except ContractViolation as exc:
                 exc.fields["load_id"] = _load_id()
                 exc.fields["step"] = "extract"
@@ -120,10 +142,13 @@ class Writer:
                 pipeline.normalize()
                 info = pipeline.load()
             except PipelineStepFailed as exc:
-                pipeline.drop_pending_packages()
+                if exc.step == "load":
+                    self._forget_failed_schema(storage, stored, pipeline)
+                self._discard_packages(pipeline)
                 raise self._step_error(exc, command) from None
             except BaseException:
-                pipeline.drop_pending_packages()
+                self._forget_failed_schema(storage, stored, pipeline)
+                self._discard_packages(pipeline)
                 raise
             finally:
                 storage.invalidate()
@@ -178,10 +203,69 @@ class Writer:
             yield pa.Table.from_batches(pending)
 
     @staticmethod
+    def _discard_packages(pipeline: Any) -> None:
+        """Delete the put's pending packages, locally. Not dlt's ``abort_packages``: that completes
+        a half-loaded package *at the destination* (a ``_dlt_loads`` record of an aborted load);
+        a refused save must write nothing there. Each put has a pipelines folder of its own, so
+        the local drop leaves nothing that a later run could retry."""
+        try:
+            pipeline.drop()
+        except Exception:  # noqa: BLE001 - the folder is removed after the put anyway
+            log.exception("could not drop the pipeline of a failed put")
+
+    @staticmethod
+    def _coerced(batches: Iterator[pa.RecordBatch], columns: dict[str, Any], storage: Any,
+                 command: WriteCommand) -> Iterator[pa.RecordBatch]:
+        """Cast columns whose stored type differs to that type (``data_type: evolve``, see
+        :func:`contracts.check_write`); a value that does not fit refuses the whole upload."""
+        targets = columns_to_arrow(columns, storage.cached_capabilities(), "UTC")
+        for batch in batches:
+            arrays = list(batch.columns)
+            for i, name in enumerate(batch.schema.names):
+                if name not in columns:
+                    continue
+                target = targets.field(name).type
+                try:
+                    arrays[i] = pc.cast(arrays[i], target, safe=True)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise InvalidRequest(
+                        f"column '{name}' of table '{command.table}' is stored as {columns[name]['data_type']}; "
+                        f"the upload's {batch.schema.field(name).type} values cannot be stored in it ({exc}); "
+                        "nothing was written",
+                        dataset=command.dataset, table=command.table, column_name=name,
+                    ) from None
+            fields = [batch.schema.field(i).with_type(a.type) for i, a in enumerate(arrays)]
+            build = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
+            yield build(arrays, schema=pa.schema(fields, batch.schema.metadata))
+
+    @staticmethod
+    def _forget_failed_schema(storage: Any, before: Any, pipeline: Any) -> None:
+        """A load that failed after dlt stored the new schema version (dlt migrates the schema
+        before it loads the data) leaves that version behind: remove it, so a refused save leaves
+        the dataset's schema version as it was. Only the version this pipeline stored is removed."""
+        try:
+            storage.invalidate()
+            now = storage.stored_schema()
+            ours = pipeline.default_schema.version_hash if pipeline.default_schema_name else None
+            if now is None or ours is None or now.version_hash != ours:
+                return
+            if before is not None and now.version_hash == before.version_hash:
+                return
+            storage.forget_schema_version(now.schema.name, now.version_hash)
+            log.warning("removed schema %s version %s stored by a failed load", now.schema.name, now.version)
+        except Exception:  # noqa: BLE001 - best effort; the load error is what the client must see
+            log.exception("could not remove the schema version of a failed load")
+        finally:
+            storage.invalidate()
+
+    @staticmethod
     def _step_error(exc: PipelineStepFailed, command: WriteCommand) -> ServiceError:
         inner = exc.exception
-        if isinstance(inner, ServiceError):
-            return inner
+        cause: BaseException | None = inner
+        while cause is not None:  # our own refusal, raised inside dlt's extract (wrapped by dlt)
+            if isinstance(cause, ServiceError):
+                return cause
+            cause = cause.__cause__ or cause.__context__
         if isinstance(inner, DataValidationError):
             from flight_server.contracts import violation_message
 

@@ -40,12 +40,12 @@ def make_project(folder: Path, source: Path = REPO / "configs" / "demo" / "dlt.y
 class ServerProcess:
     """``flight-share serve`` on a free loopback port; stop() or use as a context manager."""
 
-    def __init__(self, project: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, project: Path, *extra: str, env: dict[str, str] | None = None, port: int = 0) -> None:
         self.project = project
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flight_server.cli", "serve", "--project", str(project), "--host", "127.0.0.1",
-             "--port", "0", *extra],
+             "--port", str(port), *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )

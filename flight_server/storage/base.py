@@ -8,8 +8,10 @@ also provides the dlt destination to load into.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,8 +22,54 @@ from dlt.common.schema import Schema
 from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 
 from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import NotFound
+from flight_server.errors import InvalidRequest, NotFound
 from flight_server.storage.lifetime import isolated
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One independently readable slice of a table: ``spec`` goes into the ticket (JSON), ``records``
+    is its row count (exact, or estimated where the destination only knows sizes)."""
+
+    spec: dict[str, Any]
+    records: int
+
+
+def split_evenly(total: int, target: int, limit: int | None = None) -> int:
+    """How many slices of about ``target`` rows ``total`` rows make (at least 1, at most ``limit``)."""
+    if total <= target:
+        return 1
+    n = -(-total // target)
+    return max(1, min(n, limit)) if limit is not None else n
+
+
+def contiguous_groups(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Split a sequence of unit sizes into at most ``n`` contiguous ``[start, stop)`` index ranges of
+    about equal total size: the k-th cut goes to the unit boundary nearest to k/n of the total
+    (later than the previous cut). Fewer ranges come out when large units leave no boundary."""
+    cumulative = list(itertools.accumulate(sizes))
+    total = cumulative[-1] if cumulative else 0
+    cuts = [0]
+    for k in range(1, n):
+        ideal = total * k / n
+        candidates = range(cuts[-1] + 1, len(sizes))  # cut after unit i-1, i.e. before unit i
+        if not candidates:
+            break
+        best = min(candidates, key=lambda i: (abs(cumulative[i - 1] - ideal), i))
+        cuts.append(best)
+    cuts.append(len(sizes))
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def int_range(spec: Any, key: str) -> tuple[int, int | None]:
+    """A ``[start, stop|null]`` pair of non-negative integers from a partition spec."""
+    value = spec.get(key) if isinstance(spec, dict) else None
+    ok = (isinstance(value, list) and len(value) == 2
+          and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in value)
+          and value[0] is not None and (value[1] is None or value[1] >= value[0]))
+    if not ok:
+        raise InvalidRequest(f"ticket partition must be {{\"{key}\": [start, stop or null]}}, got {spec!r}")
+    return value[0], value[1]
 
 
 @dataclass(frozen=True)
@@ -38,6 +86,9 @@ class StoredSchema:
         return cls(Schema.from_dict(body), int(version), version_hash)
 
 
+SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
+
+
 class Storage(ABC):
     """One dataset on one destination."""
 
@@ -46,6 +97,7 @@ class Storage(ABC):
         self.destination_config = destination
         self._schema: StoredSchema | None = None
         self._schema_loaded = False
+        self._schema_at = 0.0
         self._capabilities: Any = None
         self._lock = threading.RLock()
         self.write_lock = threading.Lock()  # one write per dataset at a time
@@ -55,13 +107,25 @@ class Storage(ABC):
     def _load_stored_schema(self) -> StoredSchema | None:
         """Read the newest stored dlt schema of the dataset (None: nothing loaded yet)."""
 
+    # seconds a cached stored schema is trusted before it is read again; None: until invalidate().
+    # Destinations that other processes write to (replicas, pipelines) set it, so a new table or
+    # column loaded elsewhere shows up without a restart.
+    schema_ttl: float | None = None
+
     def stored_schema(self) -> StoredSchema | None:
         """The cached stored schema; :meth:`invalidate` after a write."""
         with self._lock:
-            if not self._schema_loaded:
+            stale = self.schema_ttl is not None and time.monotonic() - self._schema_at > self.schema_ttl
+            if not self._schema_loaded or stale:
                 self._schema = self._load_stored_schema()
                 self._schema_loaded = True
+                self._schema_at = time.monotonic()
             return self._schema
+
+    @abstractmethod
+    def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
+        """Remove one stored schema version (the writer's clean-up after a load that failed once dlt
+        had stored its new schema: the dataset goes back to the version before)."""
 
     def invalidate(self) -> None:
         """Forget cached schema (after this server wrote to the dataset)."""
@@ -141,8 +205,20 @@ class Storage(ABC):
         """Rows in a table (cheap on this destination), -1 if unknown."""
 
     @abstractmethod
-    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
-        """A streaming Arrow reader over a table."""
+    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
+               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+        """A streaming Arrow reader over a table, or over one of its :meth:`partitions`."""
+
+    def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
+        """Arrow bytes per row of a projection, from its first ``sample_rows`` rows (None: no rows)."""
+        sample = self.reader(table, columns, sample_rows).read_all()
+        return sample.nbytes / sample.num_rows if sample.num_rows else None
+
+    def partitions(self, table: str, target_rows: int) -> list[Partition]:
+        """The table as contiguous slices of about ``target_rows`` rows, in table order, each readable
+        on its own (``reader(..., partition=p.spec)``). One slice (or none for an empty table) means
+        "read it as one stream". The default: never split."""
+        return [Partition({}, self.row_count(table))]
 
     @abstractmethod
     def query(self, sql: str) -> pa.RecordBatchReader:

@@ -18,6 +18,7 @@ per referenced table over its Arrow dataset; external access is switched off bef
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 from urllib.parse import urlparse
 
@@ -29,13 +30,15 @@ import sqlglot
 from sqlglot import exp
 
 from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import Unavailable
-from flight_server.storage.base import Storage, StoredSchema
+from flight_server.errors import InvalidRequest, NotFound, Unavailable
+from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, contiguous_groups, split_evenly
 from flight_server.storage.lifetime import isolated, owning_reader
 
 # a LIMIT up to this many rows is read with ``Dataset.head`` (stops after enough batches); larger
 # limits stream through duckdb instead of materialising
 HEAD_LIMIT_ROWS = 1_000_000
+# table versions kept open for tickets planned against a version that is no longer the newest
+PINNED_VERSIONS = 4
 
 
 def quote(name: str) -> str:
@@ -67,6 +70,7 @@ class DeltaStorage(Storage):
     """One dataset (a folder of Delta tables) under a filesystem bucket URL."""
 
     table_format = "delta"
+    schema_ttl = SHARED_SCHEMA_TTL  # other replicas and pipelines load into the same bucket
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
@@ -77,6 +81,9 @@ class DeltaStorage(Storage):
         self._storage_options: dict[str, str] = {}
         self._tables: dict[str, Any] = {}  # table -> deltalake.DeltaTable (kept, updated incrementally)
         self._table_locks: dict[str, threading.Lock] = {}
+        # (table, version) -> DeltaTable at that version, for tickets planned against an older version
+        self._versions: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
+        self._row_bytes: dict[tuple[str, int, tuple[str, ...]], float | None] = {}  # see row_bytes
 
     # --- dlt --------------------------------------------------------------------------------
     def dlt_destination(self) -> Any:
@@ -125,15 +132,29 @@ class DeltaStorage(Storage):
             return None
         result, client, options = loaded
         with self._lock:
+            if self._schema is None or self._schema.version_hash != result.version_hash:
+                self._tables.clear()  # a new schema may move or replace tables
             self._client = client
             self._storage_options = options
-            self._tables.clear()  # a new schema may move or replace tables
         return result
 
     def invalidate(self) -> None:
         with self._lock:
             self._tables.clear()
+            self._versions.clear()
         super().invalidate()
+
+    def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
+        """Delete the schema file dlt wrote for this version (``_dlt_version/<schema>__<load id>__<hash>``)."""
+
+        def forget() -> None:
+            client = self._dlt_client(dlt.Schema(schema_name))
+            safe = client._to_path_safe_string(version_hash)
+            for path, (name, _load_id, stored_hash) in list(client._iter_stored_schema_files()):
+                if name == schema_name and stored_hash == safe:
+                    client.fs_client.rm(path)
+
+        isolated(forget)
 
     @property
     def location(self) -> str:
@@ -190,9 +211,136 @@ class DeltaStorage(Storage):
             return int(sum(counts))
         return int(self.arrow_dataset(table).count_rows())  # files without stats: Parquet footers
 
-    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
+    def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
+        """Bytes per row from the first rows of the table's *smallest* file (a sample still decodes
+        a whole Parquet row group), remembered per table version and projection."""
         schema = self.arrow_schema(table, columns)
-        dataset = self.arrow_dataset(table)
+        dt = self.delta_table(table)
+        with self._table_locks[table]:
+            version = int(dt.version())
+            key = (table, version, tuple(schema.names))
+            if key in self._row_bytes:
+                return self._row_bytes[key]
+            actions = pa.table(dt.get_add_actions(flatten=False))
+            dataset = dt.to_pyarrow_dataset()
+        records = dict(zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist()))
+        fragments = sorted(dataset.get_fragments(), key=lambda f: records.get(f.path) or 0)
+        sample = None
+        for fragment in fragments:
+            sample = fragment.head(sample_rows, columns=schema.names)
+            if sample.num_rows:
+                break
+        per_row = sample.nbytes / sample.num_rows if sample is not None and sample.num_rows else None
+        with self._lock:
+            if len(self._row_bytes) > 256:
+                self._row_bytes.clear()
+            self._row_bytes[key] = per_row
+        return per_row
+
+    # --- partitions: file groups pinned to a table version ------------------------------------
+    def partitions(self, table: str, target_rows: int) -> list[Partition]:
+        """Groups of the current version's data files of about ``target_rows`` rows (from the Delta
+        log's ``num_records``); a file larger than the target is split by its Parquet row groups
+        (its footer is read). Each group names the table version, so every endpoint reads the same
+        snapshot even if a load commits in between, on whichever replica serves it."""
+        dt = self.delta_table(table)
+        with self._table_locks[table]:
+            version = int(dt.version())
+            actions = pa.table(dt.get_add_actions(flatten=False))
+            dataset = dt.to_pyarrow_dataset()
+        records = dict(zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist()))
+        fragments = list(dataset.get_fragments())
+        known = [records.get(f.path) for f in fragments]
+        if all(r is not None for r in known) and sum(known) <= target_rows:  # type: ignore[arg-type]
+            return [Partition({}, int(sum(known)))]  # type: ignore[arg-type]
+        units: list[tuple[list[Any], int]] = []  # ([path] or [path, first row group, stop], rows)
+        for fragment, rows in zip(fragments, known):
+            if rows is None or rows > target_rows:
+                fragment.ensure_complete_metadata()  # reads the Parquet footer
+                groups = fragment.row_groups
+                rows = sum(g.num_rows for g in groups)
+                if rows > target_rows and len(groups) > 1:
+                    units += [([fragment.path, g.id, g.id + 1], g.num_rows) for g in groups]
+                    continue
+            units.append(([fragment.path], int(rows)))
+        total = sum(rows for _, rows in units)
+        groups = contiguous_groups([rows for _, rows in units], split_evenly(total, target_rows, len(units)))
+        if len(groups) <= 1:
+            return [Partition({}, total)]
+        parts = []
+        for start, stop in groups:
+            files: list[list[Any]] = []
+            for entry, _ in units[start:stop]:
+                last = files[-1] if files else None
+                if last is not None and len(entry) == 3 and len(last) == 3 and last[0] == entry[0] and last[2] == entry[1]:
+                    last[2] = entry[2]  # adjacent row groups of one file: one range
+                else:
+                    files.append(list(entry))
+            parts.append(Partition({"version": version, "files": files}, sum(rows for _, rows in units[start:stop])))
+        return parts
+
+    def _dataset_at(self, table: str, version: int) -> pads.Dataset:
+        """The table's files at ``version`` as a pyarrow dataset (the newest one when it is that)."""
+        from deltalake import DeltaTable
+
+        dt = self.delta_table(table)
+        lock = self._table_locks[table]
+        with lock:
+            if int(dt.version()) == version:
+                return dt.to_pyarrow_dataset()
+        key = (table, version)
+        with self._lock:
+            pinned = self._versions.get(key)
+            if pinned is not None:
+                self._versions.move_to_end(key)
+        if pinned is None:
+            try:
+                pinned = DeltaTable(self.table_uri(table), version=version, storage_options=self._storage_options or None)
+            except Exception as exc:  # noqa: BLE001 - e.g. the version's log was cleaned up
+                raise Unavailable(
+                    f"version {version} of table '{table}' in dataset '{self.dataset.name}' can no longer be read "
+                    f"({type(exc).__name__}); ask for the flight again", dataset=self.dataset.name, table=table,
+                ) from None
+            with self._lock:
+                self._versions[key] = pinned
+                while len(self._versions) > PINNED_VERSIONS:
+                    self._versions.popitem(last=False)
+        with lock:
+            return pinned.to_pyarrow_dataset()
+
+    def _partition_dataset(self, table: str, partition: dict[str, Any]) -> pads.Dataset:
+        version, files = partition.get("version"), partition.get("files")
+        valid = (isinstance(version, int) and not isinstance(version, bool) and version >= 0 and isinstance(files, list)
+                 and bool(files) and all(
+                     isinstance(f, list) and len(f) in (1, 3) and isinstance(f[0], str)
+                     and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in f[1:])
+                     and (len(f) == 1 or f[1] < f[2]) for f in files))
+        if not valid:
+            raise InvalidRequest(f"ticket partition of a Delta table must be {{\"version\": n, \"files\": [[path], "
+                                 f"[path, first row group, stop], ...]}}, got {partition!r}")
+        dataset = self._dataset_at(table, int(version))  # type: ignore[arg-type]
+        by_path = {f.path: f for f in dataset.get_fragments()}
+        fragments = []
+        for entry in files:  # type: ignore[union-attr]
+            fragment = by_path.get(entry[0])
+            if fragment is None:  # only paths of this table version are ever read
+                raise NotFound(f"file {entry[0]!r} is not part of version {version} of table '{table}'",
+                               dataset=self.dataset.name, table=table)
+            if len(entry) == 3:
+                # subset() reads the footer; make_fragment(row_groups=...) was measured to return the
+                # row groups out of order (pyarrow 26)
+                groups = list(range(entry[1], entry[2]))
+                if entry[2] > fragment.num_row_groups:
+                    raise InvalidRequest(f"file {entry[0]!r} of table '{table}' has {fragment.num_row_groups} row groups, "
+                                         f"ticket partition asks for {entry[1]}..{entry[2]}")
+                fragment = fragment.subset(row_group_ids=groups)
+            fragments.append(fragment)
+        return pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
+
+    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
+               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+        schema = self.arrow_schema(table, columns)
+        dataset = self._partition_dataset(table, partition) if partition else self.arrow_dataset(table)
         if limit is not None and int(limit) > HEAD_LIMIT_ROWS:
             con = self._sql_connection({table: dataset})
             select = ", ".join(quote(c) for c in schema.names)
@@ -235,3 +383,4 @@ class DeltaStorage(Storage):
     def close(self) -> None:
         with self._lock:
             self._tables.clear()
+            self._versions.clear()

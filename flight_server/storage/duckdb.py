@@ -16,7 +16,7 @@ import dlt
 import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.storage.base import Storage, StoredSchema
+from flight_server.storage.base import Partition, Storage, StoredSchema, int_range, split_evenly
 
 _connections: dict[str, duckdb.DuckDBPyConnection] = {}
 _connections_lock = threading.Lock()
@@ -66,6 +66,12 @@ class DuckDBStorage(Storage):
         ).fetchone()
         return StoredSchema.from_row(*row) if row else None
 
+    def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
+        self.cursor().execute(
+            f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = ? AND version_hash = ?",
+            [schema_name, version_hash],
+        )
+
     def capabilities(self) -> Any:
         return dlt.destinations.duckdb().capabilities()
 
@@ -77,9 +83,11 @@ class DuckDBStorage(Storage):
     def location(self) -> str:
         return f"duckdb:///{self.path.lstrip('/')}" if self.path.startswith("/") else f"duckdb:///{self.path}"
 
-    def _select(self, table: str, columns: Sequence[str] | None, limit: int | None) -> str:
+    def _select(self, table: str, columns: Sequence[str] | None, limit: int | None, where: str | None = None) -> str:
         cols = ", ".join(quote(c) for c in columns) if columns else ", ".join(quote(c) for c in self.table_columns(table))
         sql = f"SELECT {cols} FROM {quote(self.dataset.name)}.{quote(table)}"
+        if where:
+            sql += f" WHERE {where}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return sql
@@ -89,13 +97,34 @@ class DuckDBStorage(Storage):
         row = self.cursor().execute(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}").fetchone()
         return int(row[0]) if row else -1
 
-    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
+    def partitions(self, table: str, target_rows: int) -> list[Partition]:
+        """Row-id ranges: duckdb pushes ``rowid`` bounds into its scan (only the row groups in range
+        are read) and returns rows in insertion order. Ranges span ``0..max(rowid)`` so rows left
+        after deletes are covered; the last range is open-ended."""
+        self.table_columns(table)  # NotFound for unknown tables
+        rows, top = self.cursor().execute(
+            f"SELECT count(*), max(rowid) FROM {quote(self.dataset.name)}.{quote(table)}").fetchone()
+        n = split_evenly(int(rows), target_rows)
+        if n == 1:
+            return [Partition({}, int(rows))]
+        extent = int(top) + 1
+        edges = [extent * i // n for i in range(n)] + [None]
+        parts = [Partition({"rowid": [edges[i], edges[i + 1]]}, int(rows) // n) for i in range(n)]
+        parts[-1] = Partition(parts[-1].spec, int(rows) - sum(p.records for p in parts[:-1]))
+        return parts
+
+    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
+               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
+        where = None
+        if partition:
+            start, stop = int_range(partition, "rowid")
+            where = f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else "")
         cursor = self.cursor()
         # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
         # (otherwise it names the host's zone and every batch would need a cast)
         cursor.execute("SET TimeZone = 'UTC'")
-        reader = cursor.sql(self._select(table, schema.names, limit)).to_arrow_reader(self.batch_rows)
+        reader = cursor.sql(self._select(table, schema.names, limit, where)).to_arrow_reader(self.batch_rows)
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     def query(self, sql: str) -> pa.RecordBatchReader:

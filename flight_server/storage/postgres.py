@@ -30,7 +30,7 @@ import sqlglot
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import InvalidRequest, Unavailable
-from flight_server.storage.base import Storage, StoredSchema
+from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, int_range, split_evenly
 from flight_server.storage.lifetime import isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
@@ -107,6 +107,8 @@ def _close_quietly(obj: Any) -> None:
 
 class PostgresStorage(Storage):
     """One dataset (a PostgreSQL schema) in one database."""
+
+    schema_ttl = SHARED_SCHEMA_TTL  # other replicas and pipelines load into the same database
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
@@ -247,11 +249,30 @@ class PostgresStorage(Storage):
         row = rows[0]
         return StoredSchema.from_row(row["version"], row["version_hash"], json.loads(row["schema"]))
 
+    def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
+        def literal(text: str) -> str:
+            return "'" + text.replace("'", "''") + "'"
+
+        con = self.pool().take()
+        try:
+            cur = con.cursor()
+            try:
+                cur.execute(f"DELETE FROM {quote(self.dataset.name)}._dlt_version "
+                            f"WHERE schema_name = {literal(schema_name)} AND version_hash = {literal(version_hash)}")
+            finally:
+                _close_quietly(cur)
+        except Exception as exc:  # noqa: BLE001
+            _close_quietly(con)
+            raise self._fail(exc, "removing a schema version") from None
+        self.pool().give(con)
+
     # --- reading ----------------------------------------------------------------------------
-    def _select(self, table: str, columns: Sequence[str], limit: int | None) -> str:
+    def _select(self, table: str, columns: Sequence[str], limit: int | None, where: str | None = None) -> str:
         types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
         select = ", ".join(_column_sql(c, types.get(c)) for c in columns)
         sql = f"SELECT {select} FROM {quote(self.dataset.name)}.{quote(table)}"
+        if where:
+            sql += f" WHERE {where}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return sql
@@ -261,9 +282,35 @@ class PostgresStorage(Storage):
         n = self._scalar(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}", "counting rows")
         return int(n) if n is not None else -1
 
-    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.RecordBatchReader:
+    def partitions(self, table: str, target_rows: int) -> list[Partition]:
+        """Block ranges of the table's heap: ``ctid`` bounds run as a TID Range Scan (PostgreSQL 14+),
+        which reads only those pages, in physical order. Rows per range are estimated from the
+        exact total and the page count; the last range is open-ended (pages added since are read)."""
+        self.table_columns(table)  # NotFound for unknown tables
+        name = f"{quote(self.dataset.name)}.{quote(table)}".replace("'", "''")
+        reader = self._stream(
+            f"SELECT (SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}) AS n, "
+            f"pg_relation_size('{name}'::regclass) / current_setting('block_size')::bigint AS pages",
+            what="planning a read")
+        row = reader.read_all().to_pylist()[0]
+        rows, pages = int(row["n"]), int(row["pages"])
+        n = split_evenly(rows, target_rows, pages)
+        if n == 1:
+            return [Partition({}, rows)]
+        edges = [pages * i // n for i in range(n)] + [None]
+        parts = [Partition({"pages": [edges[i], edges[i + 1]]}, rows * (edges[i + 1] - edges[i]) // pages)
+                 for i in range(n - 1)]
+        parts.append(Partition({"pages": [edges[n - 1], None]}, rows - sum(p.records for p in parts)))
+        return parts
+
+    def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
+               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
-        reader = self._stream(self._select(table, schema.names, limit))
+        where = None
+        if partition:
+            start, stop = int_range(partition, "pages")
+            where = f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else "")
+        reader = self._stream(self._select(table, schema.names, limit, where))
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     def query(self, sql: str) -> pa.RecordBatchReader:
