@@ -125,6 +125,8 @@ class ServerConfig:
     data_dir: Path | None = None
     batch_rows: int = 122_880
     max_put_bytes: int = 4 << 30
+    # hot tables kept as Arrow in server memory (bytes; 0: off), see flight_server/table_cache.py
+    cache_bytes: int = 1 << 30
     jwt_secret: str | None = None  # only via {env.NAME}; default: $FLIGHT_SHARE_JWT_SECRET or random
     token_ttl: int = 3600  # seconds a bearer token from the handshake is valid
     ticket_ttl: int = 900  # seconds a DoGet ticket is valid
@@ -310,6 +312,14 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
 LOCATION_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls")
 
 
+def _non_negative(r: _Reader, s: Mapping[str, Any], key: str, default: int) -> int:
+    value = s.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        r.report(f"server.{key}", f"must be a whole number of bytes, 0 or more, got {value!r}")
+        return default
+    return value
+
+
 def _locations(r: _Reader, value: Any) -> tuple[str, ...]:
     """``server.locations``: Flight URIs of the replicas (``grpc://host:port``), env-substituted."""
     if value is None:
@@ -448,7 +458,7 @@ _USER_KEYS = ("profile", "password_hash", "token_hash")
 _SERVER_KEYS = (
     "host", "port", "anonymous_profile", "profile", "data_dir", "batch_rows", "max_put_bytes", "jwt_secret",
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
-    "tls_client_ca", "audit_log", "endpoint_rows", "locations",
+    "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes",
 )
 
 
@@ -526,6 +536,7 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         data_dir=(root / data_dir).resolve() if data_dir else None,
         batch_rows=r.positive(s, "batch_rows", d.batch_rows),
         max_put_bytes=r.positive(s, "max_put_bytes", d.max_put_bytes),
+        cache_bytes=_non_negative(r, s, "cache_bytes", d.cache_bytes),
         jwt_secret=jwt_secret,
         token_ttl=r.positive(s, "token_ttl", d.token_ttl),
         ticket_ttl=r.positive(s, "ticket_ttl", d.ticket_ttl),

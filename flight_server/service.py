@@ -30,6 +30,7 @@ from flight_server.errors import InvalidRequest, Unsupported, to_flight_error
 from flight_server.flight_sql import FlightSql
 from flight_server.partitions import LocationRing, ReadPlan, plan_read
 from flight_server.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.table_cache import TableCache
 from flight_server.writer import Writer
 
 log = logging.getLogger("flight_share.server")
@@ -70,6 +71,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.flight_sql = FlightSql(self)  # Any-packed Flight SQL requests on the same port (see _rpc)
         self.locations = LocationRing(project.server.locations)  # replicas for endpoints, round-robin
+        self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self._actions: dict[str, Callable[[flight.ServerCallContext, bytes], bytes]] = {
@@ -124,7 +126,12 @@ class FlightShareServer(flight.FlightServerBase):
                      descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         schema = self._schema(profile, command)
         if isinstance(command, ReadCommand):
-            plan = plan_read(self.catalog.open(profile, command.dataset), command, self.project.server.endpoint_rows)
+            storage = self.catalog.open(profile, command.dataset)
+            cached = self.cache.table(storage, command) if command.partition is None else None
+            if cached is not None:  # one stream from memory: splitting it would only add work
+                plan = ReadPlan([command], [cached.num_rows], cached.num_rows, cached.nbytes)
+            else:
+                plan = plan_read(storage, command, self.project.server.endpoint_rows)
             return flight.FlightInfo(schema, descriptor, self._endpoints(context, plan), plan.total_records,
                                      plan.total_bytes, ordered=True)
         return flight.FlightInfo(schema, descriptor, self._endpoints(context, ReadPlan([command], [-1], -1, -1)), -1, -1)
@@ -184,6 +191,9 @@ class FlightShareServer(flight.FlightServerBase):
         self._count("do_get")
         if isinstance(command, ReadCommand):
             storage = self.catalog.open(profile, command.dataset)
+            cached = self.cache.table(storage, command, count=False) if command.partition is None else None
+            if cached is not None:
+                return flight.RecordBatchStream(cached)  # from memory, in C++ (table_cache.py)
             # the C++ reader goes to Flight as is: no Python runs per batch, so the audit line has no
             # streamed row/byte count for table reads (GetFlightInfo's total_records says how many)
             return flight.RecordBatchStream(
@@ -202,7 +212,10 @@ class FlightShareServer(flight.FlightServerBase):
         audit.annotate(context, command.dataset, getattr(command, "table", None))
         if not isinstance(command, WriteCommand):
             raise InvalidRequest("DoPut takes a write command or a [dataset, table] path")
-        result = self.writer.put(profile, command, reader, context.is_cancelled)
+        try:
+            result = self.writer.put(profile, command, reader, context.is_cancelled)
+        finally:
+            self.cache.evict(command.dataset)
         record = audit.record_of(context)
         if record is not None:
             record.rows, record.bytes = result.rows, result.bytes

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable
 
 import pyarrow as pa
 
@@ -50,13 +50,17 @@ class TableCache:
     def enabled(self) -> bool:
         return self.budget > 0
 
-    def table(self, storage: Any, table: str, columns: Sequence[str] | None, limit: int | None) -> pa.Table | None:
-        """The cached rows of a read, or None (the caller streams from the destination)."""
+    def table(self, storage: Any, command: Any, count: bool = True) -> pa.Table | None:
+        """The cached rows of a read command, or None (the caller streams from the destination).
+
+        ``count``: this lookup is a request for the table (GetFlightInfo), not the DoGet that follows it.
+        """
         if not self.enabled:
             return None
         version = storage.data_version()
         if version is None:
             return None
+        table, columns, limit = command.table, command.columns, command.limit
         key = (storage.dataset.name, table, version)
         with self._lock:
             entry = self._entries.get(key)
@@ -64,8 +68,9 @@ class TableCache:
                 self._entries.move_to_end(key)
             else:
                 self._forget_older(key)
-                self._misses[key] = self._misses.get(key, 0) + 1
-                start_fill = self._misses[key] >= self.reads_before_caching and key not in self._filling
+                if count:
+                    self._misses[key] = self._misses.get(key, 0) + 1
+                start_fill = self._misses.get(key, 0) >= self.reads_before_caching and key not in self._filling
                 if start_fill:
                     self._filling.add(key)
         if entry is None:

@@ -202,3 +202,37 @@ def test_sql_the_engine_rejects_is_invalid_argument_not_internal(catalog: Catalo
         client.get_flight_info(sql)
     assert "flight_server" not in str(raw.value)
     assert server.alive
+
+
+def test_a_hot_table_is_served_from_memory_and_a_load_makes_it_stale(demo_project, tmp_path) -> None:
+    """Read twice, a table is kept as Arrow in server memory; the same bytes come back; a save
+    changes the data version so the next read sees the new rows."""
+    import shutil
+    import time
+
+    shutil.copytree(demo_project.parent, tmp_path / "p")
+    with ServerProcess(tmp_path / "p" / "dlt.yml") as proc, connect(proc.url) as cat:
+        table = cat.github_events_dataset.push_event
+        first = table.arrow()
+        table.arrow()  # the second request makes it hot: filled in the background
+        deadline = time.monotonic() + 20
+        while "cached github_events_dataset.push_event" not in proc.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "cached github_events_dataset.push_event" in proc.output()
+        client = flight.connect(proc.url)
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("github_events_dataset", "push_event"))
+        assert len(info.endpoints) == 1 and info.total_bytes > 0
+        assert client.do_get(info.endpoints[0].ticket).read_all().equals(first)
+        assert table.select("id").limit(3).arrow().equals(first.select(["id"]).slice(0, 3))
+        # a write to a cached table: the cached copy is dropped, reads see the new rows at once
+        reports = cat.reports_dataset
+        reports.save(pd.DataFrame({"n": [1]}), table_name="marker")
+        reports.marker.arrow()
+        reports.marker.arrow()
+        while "cached reports_dataset.marker" not in proc.output() and time.monotonic() < deadline + 20:
+            time.sleep(0.1)
+        assert "cached reports_dataset.marker" in proc.output()
+        reports.save(pd.DataFrame({"n": [2]}), table_name="marker")
+        assert sorted(reports.marker.arrow().column("n").to_pylist()) == [1, 2]
+        assert table.arrow().equals(first)
+        assert proc.alive

@@ -214,6 +214,19 @@ class Storage(ABC):
         sample = self.reader(table, columns, sample_rows).read_all()
         return sample.nbytes / sample.num_rows if sample.num_rows else None
 
+    def data_version(self) -> Any:
+        """A value that changes whenever the dataset's data may have changed (None: unknown, so
+        nothing of it is cached in server memory; see :mod:`flight_server.table_cache`)."""
+        return None
+
+    def estimated_arrow_bytes(self, table: str) -> int | None:
+        """About how many bytes the whole table takes as Arrow (None: unknown)."""
+        rows = self.row_count(table)
+        if rows <= 0:
+            return 0 if rows == 0 else None
+        per_row = self.row_bytes(table, None, min(rows, 10_000))
+        return None if per_row is None else int(per_row * rows)
+
     def partitions(self, table: str, target_rows: int) -> list[Partition]:
         """The table as contiguous slices of about ``target_rows`` rows, in table order, each readable
         on its own (``reader(..., partition=p.spec)``). One slice (or none for an empty table) means

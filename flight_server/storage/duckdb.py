@@ -92,6 +92,18 @@ class DuckDBStorage(Storage):
             sql += f" LIMIT {int(limit)}"
         return sql
 
+    def data_version(self) -> Any:
+        """The stored schema's hash and the newest dlt load id: every write to the file is a dlt load
+        (duckdb's lock keeps other processes out while this server runs)."""
+        stored = self.stored_schema()
+        if stored is None:
+            return None
+        try:
+            row = self.cursor().execute(f"SELECT max(load_id) FROM {quote(self.dataset.name)}._dlt_loads").fetchone()
+        except duckdb.Error:
+            return None
+        return (stored.version_hash, row[0] if row else None)
+
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
         row = self.cursor().execute(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}").fetchone()
