@@ -21,8 +21,8 @@ install-test:
 	$(PY) -m pip install -q -e '.[test]'
 
 demo: install
-	flight-share demo --project $(PROJECT) --events $(EVENTS)
-	flight-share serve --project $(PROJECT)
+	$(PY) -m flight_server.cli demo --project $(PROJECT) --events $(EVENTS)
+	$(PY) -m flight_server.cli serve --project $(PROJECT)
 
 test: install-test
 	$(PY) -m pytest
