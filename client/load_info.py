@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 
@@ -29,6 +29,12 @@ class LoadInfo:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         fields["load_ids"] = tuple(d.get("load_ids", ()))
         return cls(**fields)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON the server puts into PutResult metadata (``protocol.PUT_RESULT_LOAD_INFO``)."""
+        body = asdict(self)
+        body["load_ids"] = list(self.load_ids)
+        return body
 
     @property
     def has_failed_jobs(self) -> bool:

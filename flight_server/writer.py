@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,6 +30,7 @@ from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.pipeline.exceptions import PipelineStepFailed
 
+from client.load_info import LoadInfo  # the one definition of what a put answers, shared with the client
 from client.protocol import COMMIT_METADATA, WriteCommand
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
@@ -56,28 +56,6 @@ class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
 
-@dataclass(frozen=True)
-class LoadResult:
-    """What a put stored; sent back as JSON in PutResult metadata."""
-
-    pipeline_name: str
-    destination_name: str
-    destination_type: str
-    dataset_name: str
-    location: str
-    table_name: str
-    load_ids: list[str]
-    load_seconds: float
-    rows: int
-    bytes: int
-    schema_name: str
-    schema_version: int | None
-    failed_jobs: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _load_id() -> str:
     """A package id in dlt's format, for a put refused before dlt made a package."""
     return str(time.time())
@@ -91,7 +69,7 @@ class Writer:
         self.work_dir = work_dir
         self.max_bytes = max_bytes
 
-    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool]) -> LoadResult:
+    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool]) -> LoadInfo:
         """Check, then load one upload stream; raise a ServiceError on refusal."""
         grant = self.catalog.require_write(profile, command.dataset)
         if command.table.startswith("_dlt"):
@@ -155,14 +133,14 @@ class Writer:
                 shutil.rmtree(folder, ignore_errors=True)
             new_schema = storage.stored_schema()
             started, finished = info.started_at, info.finished_at
-            return LoadResult(
+            return LoadInfo(
                 pipeline_name=pipeline_name,
                 destination_name=storage.destination_config.name,
                 destination_type=storage.destination_config.type,
                 dataset_name=command.dataset,
                 location=storage.location,
                 table_name=command.table,
-                load_ids=list(info.loads_ids),
+                load_ids=tuple(info.loads_ids),
                 load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
                 rows=counts["rows"],
                 bytes=counts["bytes"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"serving project \S+ on (grpc(?:\+tls)?)://[^:]+:(\d+)")
@@ -35,6 +36,21 @@ def make_project(folder: Path, source: Path = REPO / "configs" / "demo" / "dlt.y
     if events:
         cli("demo", "--project", str(project), "--events", str(events))
     return project
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block (in this process: dlt and project files read them)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ServerProcess:

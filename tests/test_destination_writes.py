@@ -27,7 +27,7 @@ from client.errors import FlightShareError
 from flight_server.config import load_project
 from flight_server.demo import load_demo
 from flight_server.storage import open_storage
-from tests.servers import ServerProcess
+from tests.servers import environment, ServerProcess
 
 KINDS = ["delta_local", "delta_s3", "postgres"]
 EVENTS = 120
@@ -86,20 +86,6 @@ DESTINATIONS = {
         "      database: \"{env.PG_DATABASE}\"\n"
     ),
 }
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass

@@ -31,7 +31,7 @@ from flight_server.config import ConfigError, load_project
 from flight_server.demo import CHILD_TABLES, EVENT_TABLES, generate_pages, load_demo
 from flight_server.sql import sandbox_query
 from flight_server.storage import open_storage
-from tests.servers import REPO, ServerProcess
+from tests.servers import environment, REPO, ServerProcess
 
 EVENTS = 500  # as the session's duckdb demo project (tests/conftest.py)
 SEED = 42
@@ -56,20 +56,6 @@ def source_counts(events: int = EVENTS, seed: int = SEED) -> dict[str, int]:
 
 
 EXPECTED = source_counts()
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass

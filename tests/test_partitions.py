@@ -30,7 +30,7 @@ from client.protocol import ReadCommand
 from flight_server.config import ConfigError, load_project
 from flight_server.storage import open_storage
 from flight_server.storage.base import contiguous_groups
-from tests.servers import ServerProcess
+from tests.servers import environment, ServerProcess
 
 KINDS = ["duckdb", "delta_local", "delta_s3", "postgres"]
 TARGET = 10_000
@@ -60,20 +60,6 @@ profiles:
       big_dataset: {{}}
 server: {{profile: access, endpoint_rows: {TARGET}}}
 """
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def ticket_command(ticket: bytes) -> dict:
