@@ -158,7 +158,7 @@ class Writer:
                 chunk = reader.read_chunk()
             except StopIteration:
                 break
-            except pa.ArrowException as exc:
+            except (pa.ArrowException, OSError) as exc:  # pyarrow reports some IPC framing errors as IOError
                 raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
             batch = chunk.data
             if counts["committed"]:

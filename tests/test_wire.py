@@ -290,3 +290,25 @@ def test_health_probe_fails_when_the_server_is_gone(demo_project: Path) -> None:
         port = _health_port(proc)
     probe = subprocess.run([sys.executable, "-m", "flight_server.health", str(port)], cwd=REPO, timeout=60)
     assert probe.returncode == 1
+
+
+def test_do_put_whose_schema_changes_mid_stream_is_refused_and_writes_nothing(pb, stub, wire_server: ServerProcess) -> None:
+    """A raw client sends one table's schema and batches, then a second schema and its batches:
+    the upload is refused as an invalid Arrow stream and nothing of it is stored."""
+    first = _ipc_messages(pa.table({"n": [1, 2]}))
+    second = _ipc_messages(pa.table({"n": ["a", "b"], "extra": [1.5, 2.5]}))
+
+    def frames() -> Iterator[Any]:
+        yield pb.FlightData(flight_descriptor=_path(pb, REPORTS, "shifting"), data_header=first[0][0])
+        for header, body in first[1:]:
+            yield pb.FlightData(data_header=header, data_body=body)
+        for header, body in second:  # a new schema message in the middle of the stream, then its batch
+            yield pb.FlightData(data_header=header, data_body=body)
+
+    error = _rpc_error(lambda: list(stub.DoPut(frames())))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "not a valid Arrow stream" in error.details()
+    assert not any(leak in error.details() for leak in _LEAKS)
+    with connect(wire_server.url) as catalog:
+        assert "shifting" not in catalog[REPORTS].tables
+    assert wire_server.alive
