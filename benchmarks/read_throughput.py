@@ -1,6 +1,6 @@
 """Read throughput of flight-share against a bare pyarrow Flight server (issue 2).
 
-    python benchmarks/read_throughput.py [--rows 10000000] [--repeat 7]
+    python benchmarks/read_throughput.py [--rows 10000000] [--repeat 7] [--cache-bytes N]
 
 In one run:
 
@@ -9,15 +9,21 @@ In one run:
    table has a stored dlt schema exactly as in production;
 2. drains ``DuckDBStorage.reader`` in this process (no Flight) to show what the storage path alone
    delivers, then releases the file;
-3. starts the real ``flight-share serve`` as a separate process, reads the table once through it
-   (warm-up; checked equal to the generated data) and hands that table to a bare pyarrow Flight
+3. starts the real ``flight-share serve`` as a separate process (``server.endpoint_rows`` 100,000,000,
+   so a table read is one endpoint like the bare server's; ``server.cache_bytes`` = ``--cache-bytes``),
+   reads the table once through it — GetFlightInfo, then DoGet on every endpoint in order (warm-up;
+   checked equal to the generated data). With a cache budget it requests the table a second time,
+   which starts the hot-table cache fill, and waits for the server to log ``cached <dataset>.<table>``
+   and to answer GetFlightInfo with one endpoint of the cached size. It then hands that table to a bare pyarrow Flight
    server (``benchmarks/bare_flight_server.py``, another process) that streams it from memory in
    several batch layouts;
 4. times reading the table with a pyarrow ``FlightClient`` from each, interleaved round by round so
    that machine noise hits both alike, and keeps the best of ``--repeat`` per target. The best
-   bare layout is the ceiling. For flight-share it also records the time to the first batch and the
-   server's RSS (sampled with psutil every ~5 ms) over its pre-read RSS;
-5. prints a table and writes ``benchmarks/results/read_throughput.json``.
+   bare layout is the ceiling. Every flight-share read is a fresh GetFlightInfo (timed apart: tickets are
+   signed and expire) and a DoGet on ALL its endpoints, in order. It also records the time to the first
+   batch and the server's peak RSS (sampled with psutil every ~5 ms) over its RSS just before the read
+   and over its RSS before any cache fill;
+5. prints a table and writes ``benchmarks/results/read_throughput_{streaming,cached}.json``.
 
 GB/s are of the Arrow size of the table (sum of its buffers), 1 GB = 1e9 bytes.
 """
@@ -627,12 +633,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait at most this long for the cache fill (default 300 s)")
     parser.add_argument("--workdir", help="project folder to use (kept); default: a temp folder, removed")
     parser.add_argument("--keep", action="store_true", help="keep the temp project folder")
-    parser.add_argument("--json", default=str(HERE / "results" / "read_throughput.json"), help="where to write results")
+    parser.add_argument("--json", help="where to write results (default: benchmarks/results/"
+                                       "read_throughput_streaming.json, or _cached.json with --cache-bytes)")
     args = parser.parse_args(argv)
 
     results = run(args)
     print(report(results))
-    out = Path(args.json)
+    out = Path(args.json or HERE / "results" / f"read_throughput_{'cached' if args.cache_bytes else 'streaming'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
