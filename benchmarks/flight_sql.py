@@ -11,13 +11,12 @@ end as Arrow through
 3. the ceiling: a bare pyarrow Flight server (another process) streaming the same table from memory.
 
 Times are best-of-``--repeat`` (noise on shared cores only ever slows a run). The target is Flight SQL
-within 10% of plain DoGet: both end in the same duckdb reader handed to Flight; Flight SQL adds one
+within 10% of plain DoGet: both end in the same sandbox reader handed to Flight; Flight SQL adds one
 prepare round trip and a LIMIT 0 schema query per statement.
 
-One run here (2 shared cores, 10M rows, 280 MB, best of 3): Flight SQL via ADBC 0.458 s (0.61 GB/s),
-plain DoGet via pyarrow.flight 0.627 s (0.45 GB/s), bare pyarrow server 0.436 s (0.64 GB/s). The two
-server paths stream the same duckdb reader; the clients differ (the Go driver reads faster than
-pyarrow's ``read_all`` here), so "vs plain" measures client and server together.
+SQL runs in the server's locked-down sandbox duckdb (flight_server/sql.py) on both server paths; the
+plain path reads every endpoint of its GetFlightInfo, in order (signed tickets, never built by hand).
+Figures: benchmarks/README.md ("Flight SQL").
 """
 
 from __future__ import annotations
