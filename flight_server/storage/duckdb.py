@@ -2,7 +2,7 @@
 
 duckdb locks its file per process, so the server holds one connection per file and everything —
 reads, SQL and dlt writes (dlt borrows the same connection) — goes through it. Reads use a cursor
-per request and duckdb's own Arrow C++ stream (``fetch_record_batch``), handed to Flight unchanged.
+per request and duckdb's own Arrow C++ stream (``to_arrow_reader``), handed to Flight unchanged.
 """
 
 from __future__ import annotations
