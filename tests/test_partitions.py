@@ -58,7 +58,7 @@ profiles:
   access:
     datasets:
       big_dataset: {{}}
-server: {{profile: access, endpoint_rows: {TARGET}}}
+server: {{profile: access, endpoint_rows: {TARGET}, cache_bytes: 0}}  # these tests are about endpoints, not the memory cache
 """
 
 
