@@ -28,18 +28,11 @@ from flight_server.config import load_project
 from flight_server.demo import load_demo
 from flight_server.storage import open_storage
 from tests.servers import environment, ServerProcess
+from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE  # the documented texts, defined once
 
 KINDS = ["delta_local", "delta_s3", "postgres"]
 EVENTS = 120
 
-FROZEN_TABLE = (
-    "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is violated. "
-    "Trying to add table aggregated_issues but new tables are frozen."
-)
-FROZEN_COLUMN = (
-    "In schema: out_source: In Schema: out_source Table: aggregated_issues Column: id. Contract on columns with mode "
-    "freeze is violated. Trying to add column id to table aggregated_issues but columns are frozen."
-)
 
 DATASETS = """
 datasets:
