@@ -1,16 +1,32 @@
-# The two commands of the README. `make demo` runs the main job; `make test` installs and runs the tests.
-PY ?= python3
+# The two commands of the README. `make demo` installs and runs the demo; `make test` installs and runs the tests.
+# Both install from the committed lock (uv.lock) into the project's own virtual environment (.venv/), never
+# into the system interpreter; a second run reuses it and only syncs what the lock changed.
+PYTHON ?= python3
+VENV ?= .venv
 PROJECT ?= configs/demo/dlt.yml
 EVENTS ?= 2000
+# the same version as the `dev` dependency group in pyproject.toml (a test checks they agree)
+UV_VERSION := 0.13.9
 
-.PHONY: install install-test demo test
+UV := $(VENV)/bin/uv
+PY := $(VENV)/bin/python
+# uv: this environment, the interpreter already in it, never a downloaded one, the lock as committed
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-install:
-	$(PY) -m pip install -q -e '.[server]'
+.PHONY: install install-test demo test lock
+
+# the bootstrap: a virtual environment with uv in it (uv then manages everything else from the lock)
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+install: $(UV)
+	$(UV) sync --locked --extra server
 
 # the tests start a real PostgreSQL (initdb/pg_ctl from Debian's postgresql package) and moto's S3 server,
 # and validate docker-compose.yml with Debian's docker-compose (no container engine needed)
-install-test:
+install-test: $(UV)
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	fi
@@ -18,7 +34,7 @@ install-test:
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; \
 	fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(UV) sync --locked --extra test --extra cli
 
 demo: install
 	$(PY) -m flight_server.cli demo --project $(PROJECT) --events $(EVENTS)
@@ -26,3 +42,7 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest
+
+# after changing a dependency in pyproject.toml: re-resolve and write uv.lock (commit both)
+lock: $(UV)
+	$(UV) lock
