@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,11 @@ def docker_compose(*args: str, env: dict[str, str] | None = None, file: Path = C
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS and k not in ("S3_BUCKET", "DEMO_EVENTS")}
     return subprocess.run([binary, "-f", str(file), *args], capture_output=True, text=True, timeout=120,
                           env={**clean, **(env or {})}, cwd=file.parent)
+
+
+def makefile_uv_version() -> str:
+    (version,) = re.findall(r"^UV_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    return version
 
 
 def rendered() -> dict:
@@ -65,6 +71,10 @@ def test_services_health_checks_and_the_s3_postgres_project() -> None:
     command = " ".join(server["command"])
     assert "flight-share serve --project configs/s3_postgres/dlt.yml" in command
     assert "flight-share demo --project configs/s3_postgres/dlt.yml" in command
+    # installed from the lock, with the uv version the Makefile pins, into the container's own venv
+    assert f"pip install -q uv=={makefile_uv_version()} && uv sync --locked --extra server" in command
+    assert server["environment"]["UV_PROJECT_ENVIRONMENT"] == "/opt/venv"
+    assert server["environment"]["PATH"].startswith("/opt/venv/bin:")
     # every {env.NAME} the project file reads is set for the server, pointing at the compose services
     project = yaml.safe_dump(yaml.safe_load((REPO / "configs" / "s3_postgres" / "dlt.yml").read_text()))  # no comments
     needed = set(re.findall(r"\{env\.([A-Za-z_][A-Za-z0-9_]*)\}", project))
@@ -93,8 +103,8 @@ def _health_check(port: int) -> subprocess.CompletedProcess:
     test = rendered()["services"]["flight-share"]["healthcheck"]["test"]
     assert test[0] == "CMD"
     argv = [a.replace("127.0.0.1:8815", f"127.0.0.1:{port}") for a in test[1:]]
-    assert argv[0] == "python", shlex.join(argv)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert argv[0] == "python", shlex.join(argv)  # the container's PATH puts its locked venv first
+    return subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=60)
 
 
 def test_the_health_check_passes_on_a_serving_server_and_fails_without_one(server: ServerProcess) -> None:

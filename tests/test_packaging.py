@@ -51,28 +51,61 @@ def build_wheel(source: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def venv_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv (no system site-packages) with pyarrow, pandas and this checkout's client, nothing else."""
-    root = tmp_path_factory.mktemp("analyst")
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """flight-share's wheel, built from a copy of this checkout (its base dependencies: the client's)."""
+    root = tmp_path_factory.mktemp("wheel")
     src = root / "flight-share"  # a copy: building in the work tree would leave build/ and *.egg-info there
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     for name in ("client", "flight_server"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    client_wheel = build_wheel(src, root / "wheels")
+    return build_wheel(src, root / "wheels")
 
-    env = clean_env(root)
+
+NOT_FOR_ANALYSTS = ("dlt", "duckdb", "dlt_plus", "click", "yaml", "grpc", "grpc_tools", "sqlglot", "deltalake")
+FOUND = ("import importlib.util as u, sys; "
+         f"print([m for m in {NOT_FOR_ANALYSTS!r} if u.find_spec(m) is not None]); "
+         "print(sys.flags.no_user_site, sys.prefix != sys.base_prefix)")
+
+
+def fresh_venv(root: Path, env: dict[str, str]) -> Path:
     run([sys.executable, "-m", "venv", root / "venv"], env=env)
-    python = root / "venv" / "bin" / "python"
+    return root / "venv" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def venv_python(tmp_path_factory: pytest.TempPathFactory, client_wheel: Path) -> Path:
+    """A fresh venv (no system site-packages) with pyarrow, pandas and this checkout's client, nothing else."""
+    root = tmp_path_factory.mktemp("analyst")
+    env = clean_env(root)
+    python = fresh_venv(root, env)
     versions = [f"{d}=={importlib.metadata.version(d)}" for d in ("pyarrow", "pandas")]
     run([python, "-m", "pip", "install", "-q", *versions], env=env)
     run([python, "-m", "pip", "install", "-q", "--no-deps", client_wheel], env=env)
-    check = ("import importlib.util as u, sys; "
-             "print([m for m in ('dlt', 'duckdb', 'dlt_plus', 'click', 'yaml') if u.find_spec(m) is not None]); "
-             "print(sys.flags.no_user_site, sys.prefix != sys.base_prefix)")
-    assert run([python, "-c", check], env=env, cwd=root).stdout.split("\n")[:2] == ["[]", "1 True"]
+    assert run([python, "-c", FOUND], env=env, cwd=root).stdout.split("\n")[:2] == ["[]", "1 True"]
     return python
+
+
+CLIENT_READS = """\
+from client import connect
+with connect({url!r}) as catalog:
+    df = catalog.github_events_dataset.issues_event.df()
+print(type(df).__name__, len(df))
+"""
+
+
+def test_the_client_alone_installs_from_its_package_and_reads(client_wheel: Path, server: ServerProcess,
+                                                             tmp_path: Path) -> None:
+    """``pip install flight-share`` into an empty venv resolves the client's own ranges (pyproject.toml, not
+    the lock) and brings neither dlt, duckdb nor gRPC tooling; ``from client import connect`` reads."""
+    env = clean_env(tmp_path)
+    python = fresh_venv(tmp_path, env)
+    run([python, "-m", "pip", "install", "-q", client_wheel], env=env)
+    assert run([python, "-c", FOUND], env=env, cwd=tmp_path).stdout.split("\n")[:2] == ["[]", "1 True"]
+    (tmp_path / "reads.py").write_text(CLIENT_READS.format(url=server.url))
+    out = run([python, "reads.py"], env=env, cwd=tmp_path).stdout.split()
+    assert out[0] == "DataFrame" and int(out[1]) > 0
 
 
 @pytest.fixture()
