@@ -6,7 +6,10 @@ off), as a ``pa.Table`` that Flight streams straight from memory in C++. Entries
 destination's *data version* of the dataset (for duckdb: the stored schema's hash and the newest dlt
 load id), so a load — through this server or by dlt itself — makes the old entry unreachable; it is
 dropped at the next lookup. Tables whose estimated Arrow size exceeds the budget are never
-materialised: they keep streaming from the destination with flat server memory.
+materialised: they keep streaming from the destination with flat server memory. The estimate is a
+sample, so a fill also counts the bytes it has read batch by batch and gives up as soon as they pass
+the budget (a fill never holds more than the budget plus the one batch that crossed it); a table that
+did not fit is not tried again at that data version.
 
 The cache only ever holds what a storage adapter's own reader produced, so a cached read returns
 exactly the bytes an uncached one would.
@@ -43,6 +46,7 @@ class TableCache:
         self._entries: OrderedDict[tuple[Hashable, ...], _Entry] = OrderedDict()
         self._misses: dict[tuple[Hashable, ...], int] = {}
         self._filling: set[tuple[Hashable, ...]] = set()
+        self._too_big: set[tuple[Hashable, ...]] = set()  # keys whose fill passed the budget
         self._lock = threading.Lock()
         self.used = 0
 
@@ -70,7 +74,8 @@ class TableCache:
                 self._forget_older(key)
                 if count:
                     self._misses[key] = self._misses.get(key, 0) + 1
-                start_fill = self._misses.get(key, 0) >= self.reads_before_caching and key not in self._filling
+                start_fill = (self._misses.get(key, 0) >= self.reads_before_caching and key not in self._filling
+                              and key not in self._too_big)
                 if start_fill:
                     self._filling.add(key)
         if entry is None:
@@ -91,6 +96,25 @@ class TableCache:
             self.used -= self._entries.pop(other).nbytes
         for other in [k for k in self._misses if k[:2] == key[:2] and k != key]:
             del self._misses[other]
+        self._too_big = {k for k in self._too_big if k[:2] != key[:2] or k == key}
+
+    def _read_within_budget(self, storage: Any, table: str) -> pa.Table | None:
+        """The table's rows, or None as soon as the batches read so far pass the budget."""
+        reader = storage.reader(table, None, None)
+        batches: list[pa.RecordBatch] = []
+        nbytes = 0
+        try:
+            for batch in reader:
+                nbytes += batch.nbytes
+                if nbytes > self.budget:
+                    return None
+                batches.append(batch)
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()  # stop the destination's scan now, not when the reader is collected
+        data = pa.Table.from_batches(batches, reader.schema)
+        return pa.Table.from_batches(data.to_batches(max_chunksize=CACHE_CHUNK_ROWS), data.schema)
 
     def _fill(self, storage: Any, table: str, key: tuple[Hashable, ...]) -> None:
         try:
@@ -98,8 +122,12 @@ class TableCache:
             if estimate is None or estimate > self.budget:
                 log.info("not caching %s.%s: estimated %s bytes, budget %s", key[0], table, estimate, self.budget)
                 return
-            data = storage.reader(table, None, None).read_all()
-            data = pa.Table.from_batches(data.to_batches(max_chunksize=CACHE_CHUNK_ROWS), data.schema)
+            data = self._read_within_budget(storage, table)
+            if data is None:
+                log.info("not caching %s.%s: larger than the budget of %s bytes", key[0], table, self.budget)
+                with self._lock:
+                    self._too_big.add(key)
+                return
             nbytes = data.nbytes
             with self._lock:
                 if nbytes > self.budget or storage.data_version() != key[2]:
@@ -124,3 +152,4 @@ class TableCache:
                 self.used -= self._entries.pop(key).nbytes
             for key in [k for k in self._misses if k[0] == dataset]:
                 del self._misses[key]
+            self._too_big = {k for k in self._too_big if k[0] != dataset}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pandas as pd
 import polars as pl
@@ -235,4 +236,36 @@ def test_a_hot_table_is_served_from_memory_and_a_load_makes_it_stale(demo_projec
         reports.save(pd.DataFrame({"n": [2]}), table_name="marker")
         assert sorted(reports.marker.arrow().column("n").to_pylist()) == [1, 2]
         assert table.arrow().equals(first)
+        assert proc.alive
+
+
+def test_the_cache_budget_holds_while_a_table_loads(demo_project, tmp_path) -> None:
+    """Regression: the cache checked its budget after loading a whole table (estimated from a sample of
+    short rows), so a table with one huge value past the sample grew the server on every read. A fill
+    stops once its batches pass the budget, and is not tried again at that data version."""
+    import shutil
+
+    import psutil
+
+    shutil.copytree(demo_project.parent, tmp_path / "p")
+    project = tmp_path / "p" / "dlt.yml"
+    project.write_text(project.read_text().replace("server:\n", "server:\n  cache_bytes: 5000000\n", 1))
+    big = "x" * (60 << 20)
+    df = pd.DataFrame({"n": range(20_001), "v": ["short"] * 20_000 + [big]})
+    with ServerProcess(project) as proc, connect(proc.url) as cat:
+        cat.reports_dataset.save(df, table_name="lumpy")
+        server = psutil.Process(proc.proc.pid)
+        table = cat.reports_dataset.lumpy
+        rss = []
+        for _ in range(8):
+            assert table.arrow().num_rows == 20_001
+            time.sleep(0.3)  # a background fill, if one started, runs now
+            rss.append(server.memory_info().rss)
+        deadline = time.monotonic() + 20
+        while "larger than the budget" not in proc.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.output().count("not caching reports_dataset.lumpy: larger than the budget") == 1
+        assert "cached reports_dataset.lumpy" not in proc.output()
+        # reads after the first few hold steady: no fill per read (before the fix each read grew it by >100 MB)
+        assert rss[-1] - rss[3] < 80 << 20, [r >> 20 for r in rss]
         assert proc.alive
