@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import yaml
 
 from flight_server.credentials import HashFormatError, parse_password_hash, parse_token_hash
+from flight_server.masking import Masker
 
 FORMAT_VERSION = 1
 DESTINATION_TYPES = ("duckdb", "filesystem", "postgres")
@@ -191,9 +192,12 @@ class _Reader:
         self.collect = collect
         self.problems: list[ConfigError] = []
         self.secrets: set[str] = set()
+        self._masker = Masker()  # every value taken from the environment, secret place or not
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.file, key, problem)
+        """A problem; any value substituted from the environment is shown as ``***`` in its text (a
+        value read into a non-secret key, such as a URL with a password in it, can still be one)."""
+        return ConfigError(self.file, key, self._masker(problem))
 
     def report(self, key: str, problem: str) -> None:
         """A problem reading can step over: raised when strict, kept when collecting."""
@@ -240,6 +244,7 @@ class _Reader:
                     return m.group(0)
                 if secret:
                     self.secrets.add(os.environ[var])
+                self._masker.add([os.environ[var]])
                 return os.environ[var]
             return _ENV_PATTERN.sub(repl, value)
         if isinstance(value, dict):

@@ -342,3 +342,17 @@ def test_package_writes_an_installable_package_without_secrets(tmp_path: Path, m
     assert bad.returncode == 2 and "not an importable Python name" in bad.stderr
     broken = cli("package", str(source.parent), "--out", str(tmp_path / "y"), check=False)
     assert broken.returncode == 1 and "WH_PASSWORD" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_check_masks_every_value_taken_from_the_environment(tmp_path: Path) -> None:
+    """Regression: ``check`` printed substituted values of non-secret keys (a location, a URL with a
+    password in it); every value read from the environment is ``***`` in its problems."""
+    text = (REPO / "configs" / "demo" / "dlt.yml").read_text()
+    text = text.replace("server:\n", "server:\n  locations: ['{env.REPLICA}', 'grpc://{env.HOST_ONLY}']\n", 1)
+    (tmp_path / "dlt.yml").write_text(text)
+    for value in ("grpc://data.example.com:8815/opensesame-7f3a", "warehouse-token-7f3a"):
+        result = cli("check", "--project", str(tmp_path / "dlt.yml"), check=False,
+                     env={"REPLICA": value, "HOST_ONLY": "h"})
+        assert result.returncode == 1 and "server.locations[0]" in result.stdout, result.stdout
+        assert value not in result.stdout + result.stderr and "7f3a" not in result.stdout + result.stderr
+        assert "'***' is not a Flight location" in result.stdout
