@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.flight as flight  # noqa: E402
 
-from client.catalog import Connection  # noqa: E402
+from client._transport import Connection  # noqa: E402
 from client.protocol import ReadCommand  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 

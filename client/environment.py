@@ -15,19 +15,12 @@ command line is not mixed with a token from the environment. Nothing here is eve
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-DEFAULT_URL = "grpc://127.0.0.1:8815"
-ENV_URL = "FLIGHT_SHARE_URL"
-ENV_TOKEN = "FLIGHT_SHARE_TOKEN"
-ENV_USERNAME = "FLIGHT_SHARE_USERNAME"
-ENV_PASSWORD = "FLIGHT_SHARE_PASSWORD"
-ENV_TOKEN_FILE = "FLIGHT_SHARE_TOKEN_FILE"
-CREDENTIAL_KEYS = ("token", "username", "password")
+from client.protocol import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
 
 
 @dataclass(frozen=True)
@@ -117,17 +110,7 @@ def resolve(
 
 
 def open_catalog(settings: ConnectionSettings, **client_kwargs: Any) -> Any:
-    """``client.connect`` with these settings; a clear error where this client cannot send credentials."""
+    """``client.connect`` with settings already resolved (the command line and data packages)."""
     from client.catalog import connect
-    from client.errors import UnsupportedError
 
-    if settings.credentials:
-        # named parameters only: connect's **client_kwargs go to pyarrow's FlightClient, which takes no credentials
-        accepted = inspect.signature(connect).parameters
-        missing = [k for k in settings.credentials if k not in accepted]
-        if missing:
-            raise UnsupportedError(
-                f"credentials were given ({settings.source}) but this flight-share client cannot send "
-                f"{', '.join(missing)}; upgrade flight-share"
-            )
     return connect(settings.url, **settings.credentials, **client_kwargs)

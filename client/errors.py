@@ -5,6 +5,7 @@ Exception tree::
     FlightShareError
     ├── NotFoundError            dataset / table / column not there (or not visible to the profile)
     ├── InvalidRequestError      malformed command, bad SQL
+    │   └── UsageError           a client call with arguments that do not go together
     ├── UnsupportedError         the server does not implement this
     ├── PermissionDeniedError    the profile does not allow this (dataset, profile)
     ├── AuthenticationError      missing or bad credentials
@@ -32,12 +33,13 @@ DLT_DATA_VALIDATION_ERROR = "<class 'dlt.common.schema.exceptions.DataValidation
 class FlightShareError(Exception):
     """Base of every flight-share client error."""
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, /, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields
-        for key, value in fields.items():
-            setattr(self, key, value)
+        for key, value in fields.items():  # fields as attributes, never over the error's own (message, fields...)
+            if not hasattr(self, key):
+                setattr(self, key, value)
 
     def __str__(self) -> str:
         return self.message
@@ -49,6 +51,10 @@ class NotFoundError(FlightShareError, LookupError):
 
 class InvalidRequestError(FlightShareError, ValueError):
     """The server refused a malformed request."""
+
+
+class UsageError(InvalidRequestError):
+    """A client call whose arguments do not go together (raised before anything is sent)."""
 
 
 class UnsupportedError(FlightShareError, NotImplementedError):

@@ -61,11 +61,15 @@ ACTIONS: dict[str, str] = {
 # authentication (header names are lower case on the wire)
 AUTH_HEADER = "authorization"
 BEARER_PREFIX = "Bearer "
-BASIC_PREFIX = "Basic "
 LEGACY_TOKEN_HEADER = "auth-token-bin"
+
+# where clients find their server and credentials (client/environment.py resolves them)
+DEFAULT_URL = "grpc://127.0.0.1:8815"
+ENV_URL = "FLIGHT_SHARE_URL"
 ENV_TOKEN = "FLIGHT_SHARE_TOKEN"
 ENV_USERNAME = "FLIGHT_SHARE_USERNAME"
 ENV_PASSWORD = "FLIGHT_SHARE_PASSWORD"
+ENV_TOKEN_FILE = "FLIGHT_SHARE_TOKEN_FILE"
 AUTH_REQUIRED = ("authentication required: connect with a user name and password, "
                  "or send a bearer token in the authorization header")
 AUTH_FAILED = "authentication failed: unknown user, wrong password, or an invalid or expired token"

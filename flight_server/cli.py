@@ -7,13 +7,12 @@ commands are here and in :mod:`flight_server.cli_project`, the client-side ones 
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import sys
-from pathlib import Path
 
 import click
 
+from client import __version__
 from flight_server.cli_data import DATA_COMMANDS
 from flight_server.cli_project import DEFAULT_PROJECT, PROJECT_COMMANDS
 from flight_server.cli_support import DATA_SECTION, EXIT_CODES, SERVER_SECTION, SectionedGroup, set_debug
@@ -27,19 +26,12 @@ def _project(path: str):
         raise click.ClickException(str(exc)) from None
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("flight-share")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed: running from a checkout)"
-
-
 _EPILOG = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
 
 
 @click.group(cls=SectionedGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.version_option(_version(), "--version", prog_name="flight-share", message="%(prog)s %(version)s")
+@click.version_option(__version__, "--version", prog_name="flight-share", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """flight-share: share the datasets of a dlt project over Arrow Flight.

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from client.environment import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
+from client.protocol import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
 
 DATA_SECTION = "Read and write data (on a running server: --url, or FLIGHT_SHARE_URL)"
 SERVER_SECTION = "Serve a project (on the server side: --project dlt.yml)"

@@ -9,7 +9,6 @@ may see, the destination's name and type and the contract; never a destination's
 
 from __future__ import annotations
 
-import importlib.metadata
 import keyword
 import pprint
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client import __version__
 from client.environment import env_prefix
 from client.packages import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, PACKAGE_FORMAT
 from flight_server.config import ConfigError, ProjectConfig
@@ -48,10 +48,7 @@ class PackageSpec:
 
 def client_version() -> str | None:
     """This flight-share's version, or None when it runs from a checkout that is not installed."""
-    try:
-        return importlib.metadata.version(CLIENT_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return None if __version__.endswith("+unknown") else __version__
 
 
 def client_requirement() -> str:

@@ -192,6 +192,22 @@ def test_static_api_token_and_environment_credentials(secure_server: Secured, mo
         connect(secure_server.url)
 
 
+def test_connect_resolves_address_and_token_file_like_the_command_line(secure_server: Secured, tmp_path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """connect() with no arguments: $FLIGHT_SHARE_URL and $FLIGHT_SHARE_TOKEN_FILE, as `flight-share` reads them."""
+    for name in (protocol.ENV_TOKEN, protocol.ENV_USERNAME, protocol.ENV_PASSWORD):
+        monkeypatch.delenv(name, raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"\n{BOT_TOKEN}\n")
+    monkeypatch.setenv(protocol.ENV_URL, secure_server.url)
+    monkeypatch.setenv(protocol.ENV_TOKEN_FILE, str(token_file))
+    with connect(**secure_server.tls) as catalog:
+        assert catalog.user == "bot"
+    monkeypatch.delenv(protocol.ENV_TOKEN_FILE)
+    with connect(token_file=token_file, **secure_server.tls) as catalog:
+        assert catalog.user == "bot"
+
+
 def test_legacy_flight_handshake_payload(secure_server: Secured) -> None:
     """pyarrow's ClientAuthHandler: BasicAuth in the handshake stream, token back, sent as auth-token-bin."""
 

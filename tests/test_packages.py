@@ -10,7 +10,7 @@ import pytest
 import client
 import client.catalog
 from client.environment import ConnectionSettings, default_token_file, open_catalog, resolve
-from client.errors import AuthenticationError, UnsupportedError
+from client.errors import AuthenticationError, UnsupportedError, UsageError
 from client.packages import PackageConfig, packages, server_side_only
 
 PKG = "dlt_example_project"
@@ -56,24 +56,34 @@ def test_token_files(tmp_path: Path) -> None:
         resolve(token_file=tmp_path / "missing", environ={})
 
 
-def test_credentials_go_to_connect_or_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_catalog_hands_resolved_settings_to_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
-    def without_auth(url: str, **client_kwargs: Any) -> str:
-        calls.append((url, client_kwargs))
+    def fake_connect(url: str, **kwargs: Any) -> str:
+        calls.append((url, kwargs))
         return "catalog"
 
-    def with_auth(url: str, username: str | None = None, password: str | None = None, token: str | None = None) -> str:
-        calls.append((url, {"username": username, "password": password, "token": token}))
-        return "catalog"
-
-    monkeypatch.setattr(client.catalog, "connect", without_auth)
+    monkeypatch.setattr(client.catalog, "connect", fake_connect)
     assert open_catalog(ConnectionSettings("grpc://h:1")) == "catalog" and calls[-1] == ("grpc://h:1", {})
-    with pytest.raises(UnsupportedError, match="cannot send token; upgrade flight-share"):
-        open_catalog(ConnectionSettings("grpc://h:1", {"token": "t"}, "arguments"))
-    monkeypatch.setattr(client.catalog, "connect", with_auth)
-    open_catalog(ConnectionSettings("grpc://h:1", {"token": "t"}))
-    assert calls[-1] == ("grpc://h:1", {"username": None, "password": None, "token": "t"})
+    open_catalog(ConnectionSettings("grpc://h:1", {"token": "t"}), tls_root_certs=b"pem")
+    assert calls[-1] == ("grpc://h:1", {"token": "t", "tls_root_certs": b"pem"})
+
+
+def test_connect_arguments_that_do_not_go_together_raise_the_clients_own_error() -> None:
+    for kwargs in ({"username": "u"}, {"password": "p"}, {"username": "u", "password": "p", "token": "t"}):
+        with pytest.raises(UsageError) as err:
+            client.connect("grpc://127.0.0.1:1", **kwargs)
+        assert isinstance(err.value, client.FlightShareError) and isinstance(err.value, ValueError)
+
+
+def test_a_server_field_never_overwrites_the_errors_own_attributes() -> None:
+    error = client.InvalidRequestError("the text", message="a field called message", table="t")
+    assert str(error) == "the text" and error.message == "the text"
+    assert error.fields == {"message": "a field called message", "table": "t"} and error.table == "t"
+
+
+def test_the_client_has_a_version() -> None:
+    assert client.__version__ and client.__version__ != "0+unknown"  # installed (editable) by make
 
 
 def test_packages_lists_the_dlt_package_entry_point_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from client import NotFoundError, InvalidRequestError, connect
 from client import protocol
-from client.catalog import Connection
+from client._transport import Connection
 from client.protocol import ReadCommand
 from flight_server.config import ConfigError, load_project
 from flight_server.storage import open_storage
@@ -352,9 +352,9 @@ def test_endpoint_settings_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_stopping_early_never_waits_on_a_full_read_ahead(split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
-    import client.catalog
+    import client._transport
 
-    monkeypatch.setattr(client.catalog, "PREFETCH_BATCHES", 1)  # every endpoint's buffer full at once
+    monkeypatch.setattr(client._transport, "PREFETCH_BATCHES", 1)  # every endpoint's buffer full at once
     stream = connect(split.url).big_dataset.numbers.iter_batches()
     assert next(stream).num_rows > 0
     time.sleep(0.5)  # let every fetcher fill its buffer and block on the next put

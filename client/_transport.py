@@ -1,0 +1,322 @@
+"""The client's transport: one Flight connection with its credentials, parallel endpoint reads with
+read-ahead, and puts that end with the commit marker. The user API (``client.catalog``) sits on top;
+nothing here knows about datasets beyond the commands of ``client.protocol``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import time
+import warnings
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from client import protocol
+from client.errors import (AuthenticationError, DataValidationError, PipelineStepFailed, ServerUnavailableError, translate)
+from client.load_info import LoadInfo
+from client.protocol import Command, WriteCommand
+
+
+PUT_BATCH_ROWS = 65_536
+PARALLEL_ENDPOINTS = 4  # endpoints of one read fetched at once
+PREFETCH_BATCHES = 8  # batches buffered per endpoint ahead of the consumer (iter_batches)
+_REUSE_CONNECTION = "arrow-flight-reuse-connection:"
+_END = object()
+_location_lock = threading.Lock()
+
+
+class _Failed:
+    """An exception raised while fetching an endpoint, passed to the consuming thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+@contextlib.contextmanager
+def _errors(**context: Any) -> Iterator[None]:
+    try:
+        yield
+    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+        translated = translate(exc, **context)
+        if translated is exc:
+            raise
+        raise translated from None
+
+
+def _pem(value: Any) -> bytes | None:
+    """PEM bytes from PEM text/bytes or a path to a PEM file."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and "-----BEGIN " in value:
+        return value.encode()
+    return Path(value).read_bytes()
+
+
+def _token_expiry(token: str) -> float | None:
+    """``exp`` of a JWT (read, not verified: the server verifies), None for other tokens."""
+    try:
+        payload = token.split(".")[1]
+        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Connection:
+    """A Flight client plus the call options every request carries (credentials included)."""
+
+    def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
+                 token: str | None = None, **client_kwargs: Any) -> None:
+        self.url = url
+        for key in ("tls_root_certs", "cert_chain", "private_key"):
+            if client_kwargs.get(key) is not None:
+                client_kwargs[key] = _pem(client_kwargs[key])
+        self.client = flight.FlightClient(url, **client_kwargs)
+        self._username = username
+        self._password = password
+        self._token = token
+        self._expires: float | None = None
+        if password is not None and url.startswith("grpc://") and not _is_loopback(urlsplit(url).hostname or ""):
+            warnings.warn(f"sending a password over plaintext {url}; use grpc+tls://", stacklevel=3)
+        self._client_kwargs = client_kwargs  # for the clients of replica locations (client_for)
+        self.options = flight.FlightCallOptions()
+        self._login()
+
+    def _login(self) -> None:
+        """Exchange user name and password for a bearer token (the Flight Handshake), or use a token."""
+        if self._username is not None or self._password is not None:
+            try:
+                _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
+            except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                error = translate(exc)
+                if isinstance(error, AuthenticationError):
+                    raise error from None
+                # the first call of a connection: a failure here is almost always the channel (TLS, address)
+                raise ServerUnavailableError(
+                    f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, and for "
+                    "grpc+tls:// does tls_root_certs name the server's CA?)") from None
+            self._token = value.decode().removeprefix(protocol.BEARER_PREFIX)
+            self._expires = _token_expiry(self._token)
+        if self._token is not None:
+            header = (protocol.AUTH_HEADER.encode(), (protocol.BEARER_PREFIX + self._token).encode())
+            self.options = flight.FlightCallOptions(headers=[header])
+
+    def _fresh(self) -> flight.FlightCallOptions:
+        """Call options with a token that is not about to expire (logs in again when it is)."""
+        if self._expires is not None and self._password is not None and time.time() > self._expires - 30:
+            self._login()
+        return self.options
+
+    def action(self, name: str, body: bytes = b"") -> bytes:
+        with _errors():
+            results = list(self.client.do_action(flight.Action(name, body), self._fresh()))
+        return results[0].body.to_pybytes() if results else b""
+
+    def flight_info(self, command: Command) -> flight.FlightInfo:
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        with _errors(**_context(command)):
+            return self.client.get_flight_info(descriptor, self._fresh())
+
+    def schema(self, command: Command) -> pa.Schema:
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        with _errors(**_context(command)):
+            return self.client.get_schema(descriptor, self._fresh()).schema
+
+    # --- endpoints: read in parallel, from the replica each one names, reassembled in order ----
+    parallel_endpoints = PARALLEL_ENDPOINTS
+
+    def client_for(self, endpoint: flight.FlightEndpoint) -> flight.FlightClient:
+        """The client for an endpoint: the replica its location names (one cached client per
+        location, same options and credentials), or this connection's server when it names none."""
+        for location in endpoint.locations:
+            uri = location.uri.decode() if isinstance(location.uri, bytes) else str(location.uri)
+            if uri.startswith(_REUSE_CONNECTION) or uri.rstrip("/") == self.url.rstrip("/"):
+                return self.client
+            with _location_lock:
+                clients = self.__dict__.setdefault("_location_clients", {})
+                if uri not in clients:
+                    clients[uri] = flight.FlightClient(uri, **self.__dict__.get("_client_kwargs", {}))
+                return clients[uri]
+        return self.client
+
+    def _endpoint_batches(self, endpoint: flight.FlightEndpoint) -> Iterator[pa.RecordBatch]:
+        """An endpoint's batches. Tickets do not depend on the replica that serves them, so when the
+        named replica is unreachable before it sent anything, this connection's server is asked."""
+        client = self.client_for(endpoint)
+        started = False
+        reader = None
+        try:
+            try:
+                reader = client.do_get(endpoint.ticket, self._fresh())
+                for chunk in reader:
+                    started = True
+                    yield chunk.data
+            except flight.FlightUnavailableError:
+                if started or client is self.client:
+                    raise
+                reader = self.client.do_get(endpoint.ticket, self._fresh())
+                for chunk in reader:
+                    yield chunk.data
+            reader = None  # read to the end
+        finally:
+            if reader is not None:  # abandoned or failed: end the call rather than drain it
+                reader.cancel()
+
+    def _read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.Table:
+        """An endpoint read whole (same fallback as :meth:`_endpoint_batches`)."""
+        client = self.client_for(endpoint)
+        try:
+            return client.do_get(endpoint.ticket, self._fresh()).read_all()
+        except flight.FlightUnavailableError:
+            if client is self.client:
+                raise
+            return self.client.do_get(endpoint.ticket, self._fresh()).read_all()
+
+    def batches(self, command: Command) -> Iterator[pa.RecordBatch]:
+        """Stream a command's result in endpoint order; up to ``parallel_endpoints`` endpoints are
+        fetched at once, each into a small bounded buffer, so memory stays bounded."""
+        info = self.flight_info(command)
+        endpoints = list(info.endpoints)
+        if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
+            for endpoint in endpoints:
+                with _errors(**_context(command)):
+                    yield from self._endpoint_batches(endpoint)
+            return
+        yield from self._ordered(command, endpoints)
+
+    def _ordered(self, command: Command, endpoints: list[flight.FlightEndpoint]) -> Iterator[pa.RecordBatch]:
+        buffers = [queue.Queue(PREFETCH_BATCHES) for _ in endpoints]
+        stop = threading.Event()
+
+        def offer(i: int, item: Any) -> bool:
+            """Put into endpoint i's buffer unless the consumer stopped (then False)."""
+            while not stop.is_set():
+                try:
+                    buffers[i].put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fetch(i: int) -> None:
+            try:
+                if stop.is_set():
+                    return
+                batches = self._endpoint_batches(endpoints[i])
+                for batch in batches:
+                    if not offer(i, batch):
+                        batches.close()  # ends the DoGet stream
+                        return
+                offer(i, _END)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                offer(i, _Failed(exc))
+
+        pool = ThreadPoolExecutor(min(self.parallel_endpoints, len(endpoints)), thread_name_prefix="flight-share-read")
+        futures: list[Any] = []
+        try:
+            # FIFO: endpoint i starts before i+1, so the one being consumed is always running
+            futures = [pool.submit(fetch, i) for i in range(len(endpoints))]
+            for buffer in buffers:
+                while True:
+                    item = buffer.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, _Failed):
+                        with _errors(**_context(command)):
+                            raise item.error
+                    yield item
+        finally:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+
+    def table(self, command: Command) -> pa.Table:
+        info = self.flight_info(command)
+        endpoints = list(info.endpoints)
+
+        def read(endpoint: flight.FlightEndpoint) -> pa.Table:
+            with _errors(**_context(command)):
+                return self._read_endpoint(endpoint)
+
+        if len(endpoints) <= 1 or self.parallel_endpoints <= 1:
+            tables = [read(e) for e in endpoints]
+        else:
+            with ThreadPoolExecutor(min(self.parallel_endpoints, len(endpoints)),
+                                    thread_name_prefix="flight-share-read") as pool:
+                tables = list(pool.map(read, endpoints))  # in endpoint order
+        return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
+
+    def put(self, command: WriteCommand, reader: pa.RecordBatchReader) -> LoadInfo:
+        """Stream batches with DoPut; a contract violation raises PipelineStepFailed like dlt.
+
+        The upload ends with the protocol's commit marker: if the data source fails half way, the
+        stream ends without it and the server stores nothing.
+        """
+        command = replace(command, commit_marker=True)
+        descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        try:
+            with _errors(**_context(command)):
+                writer, results = self.client.do_put(descriptor, reader.schema, self._fresh())
+                try:
+                    for batch in _source(reader):
+                        writer.write_batch(batch)
+                    writer.write_metadata(pa.py_buffer(protocol.COMMIT_METADATA))
+                    writer.done_writing()
+                    answer = results.read()
+                except _SourceFailed:
+                    with contextlib.suppress(flight.FlightError, pa.ArrowException):
+                        writer.close()  # no commit marker went out: the server stores nothing
+                    raise
+                writer.close()
+        except _SourceFailed as failed:
+            raise failed.__cause__ from None  # type: ignore[misc]
+        except DataValidationError as exc:
+            raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
+        body = json.loads(answer.to_pybytes()) if answer is not None else {}
+        return LoadInfo.from_json(body[protocol.PUT_RESULT_LOAD_INFO])
+
+    def close(self) -> None:
+        for client in self.__dict__.pop("_location_clients", {}).values():
+            client.close()
+        self.client.close()
+
+
+class _SourceFailed(Exception):
+    """The caller's own data source raised while a save was streaming it (``__cause__``)."""
+
+
+def _source(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; an error from the source itself is marked so it is not taken for the server's."""
+    batches = iter(reader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged by Connection.put
+            raise _SourceFailed() from exc
+        yield batch
+
+
+def _context(command: Command) -> dict[str, Any]:
+    context = {"dataset": command.dataset}
+    table = getattr(command, "table", None)
+    if table is not None:
+        context["table"] = table
+    return context
+
+
