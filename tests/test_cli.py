@@ -65,6 +65,11 @@ def test_client_commands_do_not_import_dlt_or_duckdb() -> None:
     code = "import sys, flight_server.cli; print(sorted(m for m in ('dlt', 'duckdb') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    # the client-side commands live with the client: nothing of the server is imported for them
+    code = ("import sys, client.cli.data; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flight_server', 'dlt', 'duckdb', 'yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_catalog_prints_the_seed_listing(server: ServerProcess, demo_project: Path) -> None:

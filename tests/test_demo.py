@@ -10,7 +10,7 @@ import dlt
 import duckdb
 import pytest
 
-from flight_server.demo import (
+from flight_server.cli.demo import (
     CHILD_TABLES,
     EVENT_TABLES,
     generate_pages,

@@ -25,7 +25,7 @@ import pytest
 from client import Catalog, DataValidationError, InvalidRequestError, PipelineStepFailed, connect
 from client.errors import FlightShareError
 from flight_server.config import load_project
-from flight_server.demo import load_demo
+from flight_server.cli.demo import load_demo
 from flight_server.storage import open_storage
 from tests.servers import environment, ServerProcess
 from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE  # the documented texts, defined once

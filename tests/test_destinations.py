@@ -2,7 +2,7 @@
 
 Destinations: the embedded duckdb file, Delta Lake on a local folder, Delta Lake on S3 (a real
 moto_server), PostgreSQL (a real server). For each one the demo events are loaded with
-``flight_server.demo.load_demo`` (dlt), a real ``flight-share serve`` process is started over a project
+``flight_server.cli.demo.load_demo`` (dlt), a real ``flight-share serve`` process is started over a project
 file that points at it (secrets only through ``{env.NAME}``), and the real client checks the catalog,
 schemas against streams, row counts against the generator, projection and limits, SQL with a join,
 errors — and that no secret shows up in any output, error text or server log.
@@ -28,7 +28,7 @@ import pytest
 from client import NotFoundError, connect
 from client.errors import FlightShareError
 from flight_server.config import ConfigError, load_project
-from flight_server.demo import CHILD_TABLES, EVENT_TABLES, generate_pages, load_demo
+from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES, generate_pages, load_demo
 from flight_server.sql import sandbox_query
 from flight_server.storage import open_storage
 from tests.servers import environment, REPO, ServerProcess

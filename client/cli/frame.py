@@ -75,15 +75,18 @@ def _os_error(exc: BaseException) -> str:
     return str(exc)
 
 
+#: rows the server side adds (its project-file errors), checked before the generic ones below
+SERVER_ERRORS: list[tuple[type[BaseException], int, str, Callable[[BaseException], str]]] = []
+
+
 def _error_table() -> list[tuple[type[BaseException], int, str, Callable[[BaseException], str]]]:
     """Exception class -> (exit code, prefix, message); the first match wins, so subclasses come first."""
     import pyarrow as pa
 
     from client import errors
-    from flight_server.cli_output import FileFormatError
-    from flight_server.config import ConfigError
+    from client.cli.output import FileFormatError
 
-    return [
+    return [*SERVER_ERRORS,
         (errors.PipelineStepFailed, EXIT_REFUSED, "PipelineStepFailed: ", str),
         (errors.DataValidationError, EXIT_REFUSED, "DataValidationError: ", str),
         (errors.AuthenticationError, EXIT_REFUSED, "Error: ", lambda e: f"authentication failed: {_flight_text(e)}"),
@@ -91,7 +94,6 @@ def _error_table() -> list[tuple[type[BaseException], int, str, Callable[[BaseEx
         (errors.ServerUnavailableError, EXIT_UNAVAILABLE, "Error: ", _unavailable),
         (errors.NotFoundError, EXIT_NOT_FOUND, "Error: ", _flight_text),
         (errors.FlightShareError, EXIT_ERROR, "Error: ", _flight_text),
-        (ConfigError, EXIT_ERROR, "Error: ", str),
         (FileFormatError, EXIT_ERROR, "Error: ", str),
         (FileNotFoundError, EXIT_NOT_FOUND, "Error: ", _os_error),
         (OSError, EXIT_ERROR, "Error: ", _os_error),

@@ -1,8 +1,8 @@
 """The ``flight-share`` command.
 
-One click group; commands live in help sections (:mod:`flight_server.cli_support`). The server-side
-commands are here and in :mod:`flight_server.cli_project`, the client-side ones in
-:mod:`flight_server.cli_data`. Every error is printed by one table (``cli_support.cli_error``).
+One click group; commands live in help sections (:mod:`client.cli.frame`). The server-side
+commands are here and in :mod:`flight_server.cli.project`, the client-side ones in
+:mod:`client.cli.data`. Every error is printed by one table (``client.cli.frame.cli_error``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import click
 
 from client import __version__
-from flight_server.cli_data import DATA_COMMANDS
-from flight_server.cli_project import DEFAULT_PROJECT, PROJECT_COMMANDS
-from flight_server.cli_support import DATA_SECTION, EXIT_CODES, SERVER_SECTION, SectionedGroup, set_debug
+from client.cli.data import DATA_COMMANDS
+from flight_server.cli.project import DEFAULT_PROJECT, PROJECT_COMMANDS
+from client.cli.frame import DATA_SECTION, EXIT_CODES, EXIT_ERROR, SERVER_ERRORS, SERVER_SECTION, SectionedGroup, set_debug
 from flight_server.config import ConfigError, load_project
 
 
@@ -25,6 +25,8 @@ def _project(path: str):
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
+
+SERVER_ERRORS.append((ConfigError, EXIT_ERROR, "Error: ", str))
 
 _EPILOG = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
 
@@ -171,7 +173,7 @@ def users_add(name: str, profile: str, project_path: str, password_stdin: bool, 
 @click.option("--seed", type=int, default=42, show_default=True, help="Random seed (same seed, same data).")
 def demo(project_path: str, events: int, dataset: str, seed: int) -> None:
     """Generate the GitHub-events sample locally and load it with a dlt pipeline."""
-    from flight_server.demo import load_demo
+    from flight_server.cli.demo import load_demo
     from flight_server.storage import open_storage
 
     project = _project(project_path)
@@ -192,7 +194,3 @@ for _command in PROJECT_COMMANDS:
     main.add_command(_command, section=SERVER_SECTION)
 for _command in DATA_COMMANDS:
     main.add_command(_command, section=DATA_SECTION)
-
-
-if __name__ == "__main__":
-    main(prog_name="flight-share")

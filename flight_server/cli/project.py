@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from flight_server.cli_support import EXIT_ERROR
+from client.cli.frame import EXIT_ERROR
 
 DEFAULT_PROJECT = "configs/demo/dlt.yml"
 
@@ -68,7 +68,7 @@ def package_command(project_dir: str, name: str | None, server: str | None, prof
       pip wheel --no-deps dist/dlt_example_project -w dist/
     """
     from flight_server.config import load_project
-    from flight_server.packaging import PackagingError, make_spec, write_package
+    from flight_server.cli.packaging import PackagingError, make_spec, write_package
 
     project = load_project(project_file(project_dir))
     try:

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterator
 import click
 import pyarrow as pa
 
-from flight_server.cli_output import (FILE_FORMATS, FORMATS, Progress, format_from_path, open_input, render_table,
+from client.cli.output import (FILE_FORMATS, FORMATS, Progress, format_from_path, open_input, render_table,
                                       write_batches)
-from flight_server.cli_support import connection_options, echo_lines, open_catalog
+from client.cli.frame import connection_options, echo_lines, open_catalog
 
 WRITE_DISPOSITIONS = ("append", "replace", "merge")
 
