@@ -106,10 +106,6 @@ class Authenticator:
             parse_token_hash(h): u.name for u in project.users.values() for h in u.token_hashes
         }
 
-    @property
-    def requires_login(self) -> bool:
-        return self.anonymous_profile is None
-
     def _identity(self, user: str, method: str) -> Identity:
         config = self.project.users.get(user)
         if config is None:
@@ -274,7 +270,6 @@ class Security:
 
     authenticator: Authenticator
     tickets: TicketSigner
-    generated_secret: bool
 
     @classmethod
     def for_project(cls, project: ProjectConfig, anonymous_profile: str | None = None) -> "Security":
@@ -283,7 +278,7 @@ class Security:
             log.warning("no signing secret configured (%s or server.jwt_secret): using a random one for this "
                         "process; bearer tokens and tickets will not survive a restart", ENV_JWT_SECRET)
         authenticator = Authenticator(project, secret, anonymous_profile)
-        return cls(authenticator, TicketSigner(secret, project.server.ticket_ttl), generated)
+        return cls(authenticator, TicketSigner(secret, project.server.ticket_ttl))
 
     def middleware(self) -> dict[str, flight.ServerMiddlewareFactory]:
         return {MIDDLEWARE_KEY: CallMiddlewareFactory(self.authenticator)}

@@ -137,16 +137,6 @@ def render_table(table: pa.Table) -> list[str]:
     return lines
 
 
-def render_pairs(rows: Iterable[tuple[str, str]], right: bool = False) -> list[str]:
-    """Two aligned columns (``name  value``)."""
-    rows = list(rows)
-    if not rows:
-        return []
-    wa = max(len(a) for a, _ in rows)
-    wb = max(len(b) for _, b in rows)
-    return [f"{a.ljust(wa)}  {b.rjust(wb) if right else b}".rstrip() for a, b in rows]
-
-
 # -- result files -----------------------------------------------------------------------------------------
 
 
