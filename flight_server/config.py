@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import yaml
 
 from flight_server.credentials import HashFormatError, parse_password_hash, parse_token_hash
+from flight_server.dltplus import is_dlt_plus, to_flight_share
 from flight_server.masking import Masker
 
 FORMAT_VERSION = 1
@@ -164,6 +165,7 @@ class ProjectConfig:
     description: str | None = None
     users: Mapping[str, UserConfig] = field(default_factory=dict)
     secrets: frozenset[str] = frozenset()  # values substituted from the environment into secret places
+    warnings: tuple[str, ...] = ()  # keys of the file that flight-share reads and does not use
 
     @property
     def root(self) -> Path:
@@ -191,6 +193,7 @@ class _Reader:
         self.file = file
         self.collect = collect
         self.problems: list[ConfigError] = []
+        self.warnings: list[ConfigError] = []  # keys read and not used: said, never silently dropped
         self.secrets: set[str] = set()
         self._masker = Masker()  # every value taken from the environment, secret place or not
 
@@ -198,6 +201,9 @@ class _Reader:
         """A problem; any value substituted from the environment is shown as ``***`` in its text (a
         value read into a non-secret key, such as a URL with a password in it, can still be one)."""
         return ConfigError(self.file, key, self._masker(problem))
+
+    def warn(self, key: str, text: str) -> None:
+        self.warnings.append(self.fail(key, text))
 
     def report(self, key: str, problem: str) -> None:
         """A problem reading can step over: raised when strict, kept when collecting."""
@@ -281,7 +287,8 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     body = r.mapping(raw, key, ("type", "location", "bucket_url", "credentials", "table_format", "options"))
     kind = body.get("type")
     if kind not in DESTINATION_TYPES:
-        r.report(f"{key}.type", f"destination type '{kind}' is not supported; supported: {', '.join(DESTINATION_TYPES)}")
+        r.report(f"{key}.type", f"destination type '{kind}' is not supported; supported: {', '.join(DESTINATION_TYPES)}"
+                                f" (and dlt+'s delta)")
     location = body.get("location") or body.get("bucket_url")
     if location is not None and not isinstance(location, str):
         r.report(f"{key}.location", "must be a string")
@@ -379,6 +386,10 @@ def _read(r: _Reader) -> ProjectConfig | None:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", f"not valid YAML: {exc}") from None
+    if isinstance(raw, dict) and is_dlt_plus(raw):  # dlt+'s own format, read into this one (flight_server/dltplus.py)
+        raw = {**to_flight_share(raw, file, r.report, r.warn, r.secrets), "format_version": FORMAT_VERSION}
+        for secret in r.secrets:
+            r._masker.add([secret])
     top = r.mapping(raw, "", ("format_version", "project", "destinations", "datasets", "profiles", "users", "server"))
     version = top.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
@@ -449,7 +460,8 @@ def _read(r: _Reader) -> ProjectConfig | None:
         server = _server(r, top.get("server"), profiles, file.parent)
     if r.problems or name is None:
         return None
-    return ProjectConfig(file, name, destinations, datasets, profiles, server, description, users, frozenset(r.secrets))
+    return ProjectConfig(file, name, destinations, datasets, profiles, server, description, users, frozenset(r.secrets),
+                         tuple(str(w) for w in r.warnings))
 
 
 def _declared(r: _Reader, top: Mapping[str, Any], section: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from flight_server.config import ConfigError, check_project, load_project
 from tests.servers import REPO, cli
 
 BASE = """
+format_version: 1
 project: {name: p}
 destinations:
   lake: {type: duckdb, location: data/lake.duckdb}

@@ -79,6 +79,8 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
 
     project = _project(project_path)
     _logging(project)
+    for warning in project.warnings:
+        logging.getLogger("flight_share.config").warning("%s", warning)
     host = host or project.server.host
     port = project.server.port if port is None else port
     if profile is not None:

@@ -36,6 +36,8 @@ def check_command(project_path: str) -> None:
         click.echo(f"{n} problem{'s' if n != 1 else ''} in {file.resolve()}", err=True)
         raise click.exceptions.Exit(EXIT_ERROR)
     assert project is not None
+    for warning in project.warnings:
+        click.echo(f"warning: {warning}")
     click.echo(f"{project.file}: ok: project {project.name}, {len(project.destinations)} destination(s), "
                f"{len(project.datasets)} dataset(s), {len(project.profiles)} profile(s)")
 

@@ -1,0 +1,301 @@
+"""dlt+ project files, served as they are: a ``dlt.yml`` in dlt+'s format read into flight-share's model.
+
+What is followed (dlt+ 0.17's project loader, and its documentation):
+
+- sections ``project``, ``sources``, ``destinations``, ``datasets``, ``pipelines``, ``profiles``, ``runtime``,
+  ``caches``, ``transformations``; flight-share adds ``users`` and ``server``. Unknown keys are warnings.
+- a profile's section is deep-merged over the project (any section, destinations and credentials
+  included). Profiles ``access`` and ``tests`` and the default profile (``project.default_profile``,
+  ``dev``) exist without being declared. The server reads the project as the **access** profile sees it
+  (the profile dlt+'s data packages use), and every profile's own ``datasets.<name>.contract`` is that
+  profile's contract on the dataset; every profile sees every dataset, as in dlt+'s catalog
+  (``write: false`` under a profile's dataset makes it read-only for that profile).
+- project settings: ``name`` (default: the project folder's name), ``project_dir`` (the file's folder),
+  ``data_dir`` (``<project_dir>/_data/<profile>``), ``local_dir`` (``<data_dir>/local``); every string may
+  hold ``{project_dir}``, ``{data_dir}``, ``{local_dir}``, ``{name}``, ``{current_profile}`` and
+  ``{env.NAME}``. An unknown placeholder, or an unset variable, is a problem (dlt+ leaves the text or an
+  empty string in place, which only fails later).
+- a destination is ``type`` (or, without one, its name is the type) plus dlt's configuration for
+  ``destination.<name>``: ``credentials`` (duckdb: a path, or a mapping with ``database``; relative paths
+  resolve against ``local_dir``, as dlt resolves them in a dlt+ project), ``bucket_url`` (filesystem).
+  ``type: delta`` is a filesystem destination holding Delta tables. Settings missing from the file come
+  from ``.dlt/<profile>.secrets.toml``, then ``.dlt/secrets.toml``, then ``.dlt/config.toml`` (sections
+  ``[destination.<name>]``), as dlt+ layers them; values read from those files count as secrets.
+- a dataset is ``destination: [names]`` and an optional ``contract``; a pipeline's ``dataset_name`` is a
+  dataset on the pipeline's destination too.
+
+The result is the same plain mapping a flight-share (``format_version: 1``) file holds, so one validation
+(``flight_server.config``) reads both.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import string
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+DLT_PLUS_SECTIONS = ("project", "sources", "destinations", "datasets", "pipelines", "profiles", "runtime", "caches",
+                     "transformations")
+FLIGHT_SHARE_SECTIONS = ("users", "server")
+#: dlt+ sections flight-share reads nothing from: reported once each, so no key goes unmentioned
+RUN_ONLY_SECTIONS = ("sources", "runtime", "caches", "transformations")
+SERVED_PROFILE = "access"
+IMPLICIT_PROFILES = ("access", "tests")
+DEFAULT_PROFILE = "dev"
+PROJECT_SETTINGS = ("name", "description", "default_profile", "project_dir", "data_dir", "local_dir",
+                    "allow_undefined_entities")
+DESTINATION_TYPES = {"duckdb": "duckdb", "postgres": "postgres", "filesystem": "filesystem", "delta": "filesystem"}
+# keys of a destination flight-share reads; the rest of dlt's settings are for dlt's own loads
+_DESTINATION_KEYS = ("type", "credentials", "bucket_url", "location", "table_format")
+_DATASET_KEYS = ("destination", "contract", "schema_name")
+_GRANT_KEYS = ("contract", "write", "destination", "schema_name")
+_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def is_dlt_plus(raw: Mapping[str, Any]) -> bool:
+    """A file without flight-share's own ``format_version`` is read as dlt+ writes it."""
+    return "format_version" not in raw
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` merged into a copy of ``base``: mappings key by key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+class Interpolator:
+    """``{setting}`` and ``{env.NAME}`` in strings (dlt+'s placeholders); ``{env.NAME}`` is left for the
+    project reader, which substitutes it and remembers secret values."""
+
+    def __init__(self, settings: Mapping[str, str], report: Any) -> None:
+        self.settings = settings
+        self.report = report
+
+    def __call__(self, value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: self(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, str) or "{" not in value:
+            return value
+
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name.startswith("env."):
+                return m.group(0)
+            if name in self.settings:
+                return self.settings[name]
+            allowed = ", ".join("{" + s + "}" for s in (*self.settings, "env.NAME"))
+            self.report(key, f"unknown placeholder '{{{name}}}'; allowed: {allowed}")
+            return m.group(0)
+
+        return _FIELD.sub(repl, value)
+
+
+def _toml(path: Path, report: Any) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        report(str(path), f"cannot read {path.name}: {exc}")
+        return {}
+
+
+def _settings_files(project_dir: Path, profile: str, report: Any) -> tuple[list[dict[str, Any]], set[str]]:
+    """dlt's settings files of the project, highest precedence first, and the secret values they hold."""
+    folder = project_dir / ".dlt"
+    secret_docs = [_toml(folder / f"{profile}.secrets.toml", report), _toml(folder / "secrets.toml", report)]
+    secrets: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, str):
+            secrets.add(value)
+
+    for doc in secret_docs:
+        collect(doc)
+    return [*secret_docs, _toml(folder / "config.toml", report)], secrets
+
+
+def _from_settings(docs: list[dict[str, Any]], name: str, key: str) -> Any:
+    """``destination.<name>.<key>`` from the first settings file that has it."""
+    for doc in docs:
+        section = (doc.get("destination") or {}).get(name) or {}
+        if isinstance(section, dict) and key in section:
+            return section[key]
+    return None
+
+
+def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, secrets: set[str]) -> dict[str, Any]:
+    """A dlt+ project file as the mapping of a flight-share project file (see the module docstring).
+
+    ``report(key, problem)`` records a problem, ``warn(key, text)`` a warning; values read from the
+    secrets files are added to ``secrets``.
+    """
+    for key in raw:
+        if key not in DLT_PLUS_SECTIONS + FLIGHT_SHARE_SECTIONS:
+            warn(str(key), f"unknown section '{key}' (dlt+ sections: {', '.join(DLT_PLUS_SECTIONS)}; "
+                           f"flight-share's: {', '.join(FLIGHT_SHARE_SECTIONS)})")
+    for key in RUN_ONLY_SECTIONS:
+        if raw.get(key):
+            warn(key, f"not used by flight-share: it serves the datasets; '{key}' is for dlt+'s own runs")
+    raw_profiles = raw.get("profiles") or {}
+    if not isinstance(raw_profiles, dict):
+        report("profiles", "must be a mapping of profile names")
+        raw_profiles = {}
+    project = raw.get("project") or {}
+    if not isinstance(project, dict):
+        report("project", "must be a mapping")
+        project = {}
+    default_profile = project.get("default_profile") or DEFAULT_PROFILE
+    profile_names = [*raw_profiles, *(p for p in (*IMPLICIT_PROFILES, default_profile) if p not in raw_profiles)]
+
+    # the project as the served profile sees it: its overrides deep-merged over the whole file
+    served = deep_merge({k: v for k, v in raw.items() if k != "profiles"}, raw_profiles.get(SERVED_PROFILE) or {})
+    project = served.get("project") or {}
+    for key in project:
+        if key not in PROJECT_SETTINGS:
+            warn(f"project.{key}", f"unknown project setting '{key}'; known: {', '.join(PROJECT_SETTINGS)}")
+    project_dir = str(Path(project.get("project_dir") or file.parent).resolve())
+    # the folder's name, as a name flight-share (and Flight SQL's catalog) accepts: "my-project" -> "my_project"
+    name = project.get("name") or re.sub(r"\W", "_", Path(project_dir).name).lstrip("0123456789") or "project"
+    settings = {"project_dir": project_dir, "name": name, "current_profile": SERVED_PROFILE,
+                "default_profile": default_profile}
+    interpolate = Interpolator(settings, report)
+    settings["data_dir"] = str(Path(project_dir, interpolate(project.get("data_dir") or
+                                                             os.path.join("_data", SERVED_PROFILE), "project.data_dir")))
+    settings["local_dir"] = str(Path(project_dir, interpolate(project.get("local_dir") or
+                                                              os.path.join(settings["data_dir"], "local"),
+                                                              "project.local_dir")))
+    settings_docs, file_secrets = _settings_files(Path(project_dir), SERVED_PROFILE, report)
+    secrets.update(file_secrets)
+
+    destinations = {name: _destination(name, body, interpolate, settings, settings_docs, report, warn)
+                    for name, body in _mapping(served.get("destinations"), "destinations", report).items()}
+    datasets: dict[str, Any] = {}
+    for ds_name, body in _mapping(served.get("datasets"), "datasets", report).items():
+        body = _mapping(body, f"datasets.{ds_name}", report)
+        for key in body:
+            if key not in _DATASET_KEYS:
+                warn(f"datasets.{ds_name}.{key}", f"unknown key '{key}'; known: {', '.join(_DATASET_KEYS)}")
+        datasets[ds_name] = {k: body[k] for k in ("destination", "schema_name") if k in body}
+        if "destination" not in body:
+            datasets[ds_name]["destination"] = _pipeline_destinations(served, ds_name)
+    for p_name, pipeline in _mapping(served.get("pipelines"), "pipelines", report).items():
+        pipeline = _mapping(pipeline, f"pipelines.{p_name}", report)
+        ds_name, dest = pipeline.get("dataset_name"), pipeline.get("destination")
+        if isinstance(ds_name, str) and ds_name and ds_name not in datasets and isinstance(dest, str):
+            datasets[ds_name] = {"destination": [dest]}  # named only by a pipeline: a dataset too
+
+    profiles: dict[str, Any] = {}
+    for p_name in profile_names:
+        override = raw_profiles.get(p_name) or {}
+        if not isinstance(override, dict):
+            report(f"profiles.{p_name}", "must be a mapping")
+            override = {}
+        merged = deep_merge(_mapping(raw.get("datasets"), "datasets", report), override.get("datasets") or {})
+        grants: dict[str, Any] = {}
+        for ds_name in datasets:
+            body = merged.get(ds_name) or {}
+            if not isinstance(body, dict):
+                continue  # reported with the dataset
+            for key in body:
+                if key not in _GRANT_KEYS and key not in _DATASET_KEYS:
+                    warn(f"profiles.{p_name}.datasets.{ds_name}.{key}", f"unknown key '{key}'")
+            grants[ds_name] = {k: body[k] for k in ("contract", "write") if k in body}
+        for ds_name in (override.get("datasets") or {}):
+            if ds_name not in datasets:
+                report(f"profiles.{p_name}.datasets.{ds_name}",
+                       f"dataset '{ds_name}' is not defined; defined: {', '.join(sorted(datasets)) or '(none)'}")
+        profiles[p_name] = {"datasets": grants}
+
+    return {
+        "project": {"name": name, **({"description": project["description"]} if "description" in project else {})},
+        "destinations": destinations,
+        "datasets": datasets,
+        "profiles": profiles,
+        **{k: served[k] for k in FLIGHT_SHARE_SECTIONS if k in served},
+    }
+
+
+def _mapping(value: Any, key: str, report: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        report(key, f"must be a mapping, got {type(value).__name__}")
+        return {}
+    return value
+
+
+def _pipeline_destinations(served: Mapping[str, Any], dataset: str) -> list[str]:
+    """The destinations of the pipelines that load a dataset (dlt+ infers a dataset's destination so)."""
+    found = []
+    for pipeline in (served.get("pipelines") or {}).values():
+        if isinstance(pipeline, dict) and pipeline.get("dataset_name") == dataset and isinstance(pipeline.get("destination"), str):
+            found.append(pipeline["destination"])
+    return found
+
+
+def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapping[str, str],
+                 settings_docs: list[dict[str, Any]], report: Any, warn: Any) -> dict[str, Any]:
+    key = f"destinations.{name}"
+    body = _mapping(body, key, report)
+    body = interpolate(body, key)
+    dlt_type = body.get("type") or name
+    kind = DESTINATION_TYPES.get(dlt_type)
+    if kind is None:  # the project reader reports it, with the types it serves
+        return {"type": dlt_type}
+    for k in body:
+        if k not in _DESTINATION_KEYS:
+            warn(f"{key}.{k}", f"'{k}' is a setting of dlt's loads into this destination; flight-share does not use it")
+    credentials = body.get("credentials")
+    if credentials is None:
+        credentials = _from_settings(settings_docs, name, "credentials")
+    out: dict[str, Any] = {"type": kind}
+    if dlt_type == "delta":
+        out["table_format"] = "delta"
+    elif "table_format" in body:
+        out["table_format"] = body["table_format"]
+    if kind == "duckdb":
+        database = credentials.get("database") if isinstance(credentials, dict) else credentials
+        if isinstance(credentials, dict):
+            for k in credentials:
+                if k != "database":
+                    warn(f"{key}.credentials.{k}", f"'{k}' is a duckdb connection setting of dlt's loads; flight-share does not use it")
+        if "location" in body:  # flight-share's own key (relative to the project folder)
+            location = body["location"]
+            if isinstance(location, str) and not os.path.isabs(location) and "{env." not in location:
+                location = str(Path(settings["project_dir"], location))
+        else:  # dlt's default: <local_dir>/<destination name>.duckdb; relative paths under local_dir
+            location = database if isinstance(database, str) and database else f"{name}.duckdb"
+            if "://" not in location and not os.path.isabs(location) and "{env." not in location:
+                location = str(Path(settings["local_dir"], location))
+        out["location"] = location
+    elif kind == "filesystem":
+        bucket_url = body.get("bucket_url", body.get("location"))
+        if bucket_url is None:
+            bucket_url = _from_settings(settings_docs, name, "bucket_url")
+        if isinstance(bucket_url, str) and "://" not in bucket_url and not os.path.isabs(bucket_url) and "{env." not in bucket_url:
+            bucket_url = str(Path(settings["project_dir"], bucket_url))  # dlt: relative to the working folder
+        if bucket_url is not None:
+            out["bucket_url"] = bucket_url
+        if credentials is not None:
+            out["credentials"] = credentials
+        if out.get("table_format") != "delta":
+            report(f"{key}.type", "a filesystem destination is served when it holds Delta tables: use 'type: delta' "
+                                  "(dlt's plain parquet/jsonl/csv layout is not served yet)")
+    else:
+        if credentials is not None:
+            out["credentials"] = credentials
+    return out

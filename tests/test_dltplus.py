@@ -1,0 +1,207 @@
+"""dlt+ project files served as they are: one idiom per file (`check` accepts each and says what it does not
+use), and a project in dlt+'s format over data loaded by ordinary dlt pipelines, served and read back."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import dlt
+import pytest
+
+from client import connect
+from flight_server.config import ConfigError, check_project, load_project
+from tests.servers import ServerProcess, cli
+
+
+def project_file(folder: Path, text: str, files: dict[str, str] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(textwrap.dedent(body))
+    path = folder / "dlt.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_events(database: Path, dataset: str, pipelines_dir: Path) -> None:
+    """What a data engineer's own pipeline does: nested records (a child table) into a duckdb file."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    pipeline = dlt.pipeline("owner", destination=dlt.destinations.duckdb(str(database)), dataset_name=dataset,
+                            pipelines_dir=str(pipelines_dir))
+    rows = [{"id": i, "name": f"e{i}", "tags": [{"t": "a"}, {"t": "b"}]} for i in range(5)]
+    pipeline.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
+
+
+def test_the_project_name_defaults_to_the_folder_and_local_paths_resolve_like_dlt_plus(tmp_path: Path) -> None:
+    """No `project` section; duckdb `credentials` as a path: relative to <project>/_data/access/local."""
+    path = project_file(tmp_path / "my-project", """
+        destinations:
+          warehouse:
+            type: duckdb
+            credentials: wh.duckdb
+        datasets:
+          reports: {destination: [warehouse]}
+    """)
+    project = load_project(path)
+    assert project.name == "my_project"
+    assert project.destinations["warehouse"].location == str(tmp_path / "my-project" / "_data" / "access" / "local" / "wh.duckdb")
+    # every profile sees every dataset, as dlt+'s catalog does; access, tests and dev exist undeclared
+    assert set(project.profiles) == {"access", "tests", "dev"}
+    assert project.profile("access").datasets["reports"].contract is None
+
+
+@pytest.mark.parametrize("credentials, expected", [
+    ("{database: '{project_dir}/files/wh.duckdb'}", "files/wh.duckdb"),
+    ("'{data_dir}/wh.duckdb'", "_data/access/wh.duckdb"),
+    ("'{local_dir}/x/{name}.duckdb'", "_data/access/local/x/proj.duckdb"),
+])
+def test_placeholders_and_the_credentials_mapping(tmp_path: Path, credentials: str, expected: str) -> None:
+    path = project_file(tmp_path / "proj", f"""
+        destinations:
+          warehouse: {{type: duckdb, credentials: {credentials}}}
+        datasets:
+          reports: {{destination: [warehouse]}}
+    """)
+    assert load_project(path).destinations["warehouse"].location == str(tmp_path / "proj" / expected)
+
+
+def test_a_destination_named_by_its_type_and_a_dataset_named_by_a_pipeline(tmp_path: Path) -> None:
+    path = project_file(tmp_path / "p", """
+        destinations:
+          duckdb: {}
+        pipelines:
+          events_pipeline: {source: events, destination: duckdb, dataset_name: events_data}
+        sources:
+          events: {type: sources.events.source}
+    """)
+    project = load_project(path)
+    assert project.destinations["duckdb"].type == "duckdb"
+    assert project.destinations["duckdb"].location == str(tmp_path / "p" / "_data" / "access" / "local" / "duckdb.duckdb")
+    assert project.datasets["events_data"].destinations == ("duckdb",)
+    assert any("sources" in w and "not used by flight-share" in w for w in project.warnings)
+
+
+def test_profiles_override_destinations_and_contracts(tmp_path: Path) -> None:
+    path = project_file(tmp_path / "p", """
+        destinations:
+          warehouse: {type: duckdb, credentials: dev.duckdb}
+        datasets:
+          reports: {destination: [warehouse], contract: {tables: evolve, columns: freeze}}
+          events: {destination: [warehouse], contract: freeze}
+        profiles:
+          access:
+            destinations:
+              warehouse: {credentials: '{project_dir}/prod.duckdb'}
+            datasets:
+              reports: {contract: {columns: evolve}}
+          analysts:
+            datasets:
+              events: {write: false}
+    """)
+    project = load_project(path)
+    assert project.destinations["warehouse"].location == str(tmp_path / "p" / "prod.duckdb")
+    access = project.profile("access").datasets
+    assert access["reports"].contract == {"tables": "evolve", "columns": "evolve"}
+    assert access["events"].contract == "freeze" and access["events"].write
+    analysts = project.profile("analysts").datasets
+    assert analysts["reports"].contract == {"tables": "evolve", "columns": "freeze"}
+    assert analysts["events"].contract == "freeze" and not analysts["events"].write
+    assert set(project.profiles) == {"access", "analysts", "tests", "dev"}
+
+
+def test_settings_files_fill_in_what_the_project_file_leaves_out(tmp_path: Path) -> None:
+    """`.dlt/access.secrets.toml` over `.dlt/secrets.toml`, as dlt+ layers them; their values are masked."""
+    path = project_file(tmp_path / "p", """
+        destinations:
+          warehouse: {type: postgres}
+          lake: {type: duckdb}
+        datasets:
+          reports: {destination: [warehouse]}
+          raw: {destination: [lake]}
+    """, files={
+        ".dlt/secrets.toml": """
+            [destination.warehouse]
+            credentials = "postgresql://loader:general-secret-77@db:5432/dlt_data"
+            [destination.lake]
+            credentials = "general.duckdb"
+        """,
+        ".dlt/access.secrets.toml": """
+            [destination.warehouse]
+            credentials = "postgresql://reader:access-secret-88@db:5432/dlt_data"
+        """,
+    })
+    project = load_project(path)
+    assert project.destinations["warehouse"].credentials == "postgresql://reader:access-secret-88@db:5432/dlt_data"
+    assert project.destinations["lake"].location.endswith("/_data/access/local/general.duckdb")
+    assert "postgresql://reader:access-secret-88@db:5432/dlt_data" in project.secrets
+
+
+def test_check_reports_what_it_cannot_serve_and_warns_about_what_it_does_not_use(tmp_path: Path) -> None:
+    path = project_file(tmp_path / "p", """
+        project: {name: p, colour: red}
+        destinations:
+          ice: {type: iceberg, bucket_url: s3://b/ice}
+          wh: {type: duckdb, credentials: '{nowhere}/wh.duckdb', create_indexes: true}
+          plain: {type: filesystem, bucket_url: files}
+        datasets:
+          reports: {destination: [wh]}
+        runtime: {log_level: INFO}
+        surprise: {}
+    """)
+    _, problems = check_project(path)
+    text = [str(p) for p in problems]
+    assert any("destinations.ice.type" in t and "'iceberg' is not supported" in t for t in text), text
+    assert any("destinations.wh" in t and "unknown placeholder '{nowhere}'" in t for t in text), text
+    assert any("destinations.plain.type" in t and "type: delta" in t for t in text), text
+    result = cli("check", "--project", str(path), check=False)
+    assert result.returncode == 1
+    fixed = "".join(line for line in path.read_text().splitlines(keepends=True) if "iceberg" not in line)
+    fixed = fixed.replace("{nowhere}", "{project_dir}").replace("type: filesystem", "type: delta")
+    path.write_text(fixed)
+    result = cli("check", "--project", str(path), check=False)
+    assert result.returncode == 0, result.stdout
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    for key in ("project.colour", "destinations.wh.create_indexes", "runtime", "surprise"):
+        assert any(f"at '{key}'" in w for w in warnings), (key, warnings)
+
+
+def test_an_unset_variable_is_a_problem_not_an_empty_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FS_TEST_UNSET", raising=False)
+    path = project_file(tmp_path / "p", """
+        destinations:
+          wh: {type: postgres, credentials: 'postgresql://u:{env.FS_TEST_UNSET}@h/db'}
+        datasets:
+          reports: {destination: [wh]}
+    """)
+    with pytest.raises(ConfigError, match="environment variable 'FS_TEST_UNSET' is not set"):
+        load_project(path)
+
+
+def test_a_dlt_plus_project_over_an_owners_pipeline_is_served_unchanged(tmp_path: Path) -> None:
+    root = tmp_path / "shop"
+    path = project_file(root, """
+        project: {name: shop}
+        destinations:
+          warehouse: {type: duckdb, credentials: warehouse.duckdb}
+        pipelines:
+          events_pipeline: {source: events, destination: warehouse, dataset_name: events_data}
+        profiles:
+          access:
+            datasets:
+              events_data: {contract: freeze}
+        server:
+          anonymous_profile: access
+    """)
+    database = root / "_data" / "access" / "local" / "warehouse.duckdb"
+    load_events(database, "events_data", tmp_path / "pipelines")
+    assert cli("check", "--project", str(path)).returncode == 0
+    owner = dlt.dataset(dlt.destinations.duckdb(str(database)), "events_data")
+    # dlt's own reads first: the server holds the duckdb file while it runs (issue 13 lifts that)
+    expected = {t: owner[t].arrow().sort_by("_dlt_id").to_pylist() for t in ("events", "events__tags")}
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        assert catalog.project == "shop" and catalog.datasets == ["events_data"]
+        dataset = catalog.events_data
+        assert sorted(dataset.tables) == ["events", "events__tags"]
+        for table in ("events", "events__tags"):
+            assert dataset[table].arrow().sort_by("_dlt_id").to_pylist() == expected[table]
