@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import string
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
