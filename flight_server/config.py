@@ -37,7 +37,11 @@ from flight_server.dltplus import is_dlt_plus, to_flight_share
 from flight_server.masking import Masker
 
 FORMAT_VERSION = 1
-DESTINATION_TYPES = ("duckdb", "filesystem", "postgres")
+#: dlt destination types served through dlt's own dataset interface (flight_server/storage/dlt_dataset.py);
+#: tested here on dlt's sqlalchemy destination over SQLite, the others only as dlt supports them
+SQL_DESTINATION_TYPES = ("sqlalchemy", "snowflake", "bigquery", "motherduck", "clickhouse", "mssql", "redshift",
+                         "databricks", "athena", "synapse", "dremio")
+DESTINATION_TYPES = ("duckdb", "filesystem", "postgres", *SQL_DESTINATION_TYPES)
 CONTRACT_ENTITIES = ("tables", "columns", "data_type")
 CONTRACT_MODES = ("evolve", "freeze", "discard_row", "discard_value")
 _SECRET_FIELD = re.compile(r"pass|secret|token|key|credential|session", re.IGNORECASE)
@@ -311,8 +315,8 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
         r.report(f"{key}.table_format", "a filesystem destination is served as Delta Lake tables: set 'table_format: delta'")
     elif kind != "filesystem" and table_format is not None:
         r.report(f"{key}.table_format", f"only a filesystem destination has a table format, not a {kind} destination")
-    if kind == "postgres" and location is not None:
-        r.report(f"{key}.location", "a postgres destination is given by 'credentials' (a connection string or a mapping), not a location")
+    if kind in ("postgres", *SQL_DESTINATION_TYPES) and location is not None:
+        r.report(f"{key}.location", f"a {kind} destination is given by 'credentials' (a connection string or a mapping), not a location")
     raw_credentials = body.get("credentials")
     if raw_credentials is not None and not isinstance(raw_credentials, (str, dict)):
         r.report(f"{key}.credentials", "must be a connection string or a mapping")

@@ -47,7 +47,8 @@ IMPLICIT_PROFILES = ("access", "tests")
 DEFAULT_PROFILE = "dev"
 PROJECT_SETTINGS = ("name", "description", "default_profile", "project_dir", "data_dir", "local_dir",
                     "allow_undefined_entities")
-DESTINATION_TYPES = {"duckdb": "duckdb", "postgres": "postgres", "filesystem": "filesystem", "delta": "filesystem"}
+# dlt+'s destination types that are stored as another dlt type; every other type is dlt's own
+STORED_AS = {"delta": "filesystem"}
 # keys of a destination flight-share reads; the rest of dlt's settings are for dlt's own loads
 _DESTINATION_KEYS = ("type", "credentials", "bucket_url", "location", "table_format")
 _DATASET_KEYS = ("destination", "contract", "schema_name")
@@ -252,9 +253,7 @@ def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapp
     body = _mapping(body, key, report)
     body = interpolate(body, key)
     dlt_type = body.get("type") or name
-    kind = DESTINATION_TYPES.get(dlt_type)
-    if kind is None:  # the project reader reports it, with the types it serves
-        return {"type": dlt_type}
+    kind = STORED_AS.get(dlt_type, dlt_type)  # the project reader reports a type it does not serve
     for k in body:
         if k not in _DESTINATION_KEYS:
             warn(f"{key}.{k}", f"'{k}' is a setting of dlt's loads into this destination; flight-share does not use it")

@@ -205,3 +205,43 @@ def test_a_dlt_plus_project_over_an_owners_pipeline_is_served_unchanged(tmp_path
         assert sorted(dataset.tables) == ["events", "events__tags"]
         for table in ("events", "events__tags"):
             assert dataset[table].arrow().sort_by("_dlt_id").to_pylist() == expected[table]
+
+
+def test_a_sqlite_dataset_through_dlts_sqlalchemy_destination_reads_and_saves(tmp_path: Path) -> None:
+    """Any SQL destination dlt reaches, through the generic adapter: here dlt's sqlalchemy destination on
+    SQLite, loaded by the owner's pipeline (nested rows, a merge over two loads)."""
+    import pandas as pd
+
+    root = tmp_path / "lite"
+    database = root / "shop.db"
+    root.mkdir()
+    url = f"sqlite:///{database}"
+    pipeline = dlt.pipeline("owner", destination=dlt.destinations.sqlalchemy(url), dataset_name="shop_data",
+                            pipelines_dir=str(tmp_path / "pipelines"))
+    for version in (1, 2):
+        rows = [{"id": i, "name": f"e{i}-v{version}", "tags": [{"t": "a"}]} for i in range(version * 3)]
+        pipeline.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
+    owner = dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data")
+    expected = {t: sorted(owner[t].arrow().to_pylist(), key=lambda r: r["_dlt_id"]) for t in ("events", "events__tags")}
+    assert len(expected["events"]) == 6
+
+    path = project_file(root, """
+        destinations:
+          lite: {type: sqlalchemy, credentials: 'sqlite:///{project_dir}/shop.db'}
+        datasets:
+          shop_data: {destination: [lite], contract: {tables: evolve, columns: freeze}}
+        server: {anonymous_profile: access}
+    """)
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        dataset = catalog.shop_data
+        assert sorted(dataset.tables) == ["events", "events__tags"]
+        for table, rows in expected.items():
+            assert sorted(dataset[table].arrow().to_pylist(), key=lambda r: r["_dlt_id"]) == rows
+        assert dataset.row_counts() == {"events": 6, "events__tags": 6}
+        assert "LOADED" in str(dataset.save(pd.DataFrame({"n": [1, 2]}), table_name="report"))
+        assert sorted(catalog.shop_data.report.arrow().column("n").to_pylist()) == [1, 2]
+        assert catalog.shop_data.sql("SELECT count(*) AS n FROM events").arrow().to_pylist() == [{"n": 6}]
+    # the owner's pipeline still loads into its database afterwards
+    pipeline.run([{"id": 99, "name": "later", "tags": []}], table_name="events", primary_key="id",
+                 write_disposition="merge").raise_on_failed_jobs()
+    assert len(dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data").events.arrow()) == 7

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flight_server.config import DatasetConfig, DestinationConfig, ProjectConfig
+from flight_server.config import SQL_DESTINATION_TYPES, DatasetConfig, DestinationConfig, ProjectConfig
 from flight_server.errors import Unsupported
 from flight_server.storage.base import Storage, StoredSchema
 
@@ -22,6 +22,10 @@ def open_storage(project: ProjectConfig, dataset: DatasetConfig) -> Storage:
         from flight_server.storage.postgres import PostgresStorage
 
         return PostgresStorage(dataset, destination, project.server.batch_rows)
+    if destination.type in SQL_DESTINATION_TYPES:
+        from flight_server.storage.dlt_dataset import DltDatasetStorage
+
+        return DltDatasetStorage(dataset, destination, project.server.batch_rows)
     raise Unsupported(f"destination type '{destination.type}' of '{destination.name}' is not supported yet")
 
 
