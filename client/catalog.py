@@ -18,7 +18,7 @@ import pyarrow as pa
 from client import protocol
 from client._transport import PUT_BATCH_ROWS, Connection
 from client.environment import resolve
-from client.errors import InvalidRequestError, NotFoundError, UsageError
+from client.errors import InvalidRequestError, NotFoundError, ServerUnavailableError, UsageError
 from client.load_info import LoadInfo
 from client.protocol import CatalogInfo, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
 
@@ -137,8 +137,10 @@ class Dataset:
     def refresh(self) -> "Dataset":
         """Re-read this dataset's tables and schema version from the server."""
         body = json.dumps({"datasets": [self.name]}).encode()
-        info = CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS, body))
-        self._info = info.datasets[0]
+        info = CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS, body)).datasets[0]
+        if info.error is not None:
+            raise ServerUnavailableError(info.error, dataset=self.name)
+        self._info = info
         return self
 
     def table(self, name: str) -> Table:
@@ -241,6 +243,8 @@ class Catalog:
     def dataset(self, name: str) -> Dataset:
         for info in self._info.datasets:
             if info.name == name:
+                if info.error is not None:  # listed, but its destination cannot be read right now
+                    raise ServerUnavailableError(info.error, dataset=name)
                 return Dataset(self._connection, info).refresh()
         raise NotFoundError(
             f"Dataset '{name}' not found in project {self.project} for profile {self.profile}; "
@@ -279,7 +283,8 @@ class Catalog:
 
     def __str__(self) -> str:
         lines = [f"Datasets in project {self.project} for profile {self.profile}:"]
-        lines += [f"{d.name}@{d.destination}[{d.location}]" for d in self._info.datasets]
+        lines += [f"{d.name}@{d.destination}[{d.location}]" + (" (unavailable)" if d.error else "")
+                  for d in self._info.datasets]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -248,10 +248,13 @@ class DatasetInfo:
     schema_version: int | None
     tables: tuple[str, ...]
     writable: bool
+    error: str | None = None  # why the dataset cannot be served right now (the others still are)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tables"] = list(self.tables)
+        if self.error is None:
+            del d["error"]
         return d
 
     @classmethod
@@ -265,6 +268,7 @@ class DatasetInfo:
             schema_version=d.get("schema_version"),
             tables=tuple(d.get("tables", ())),
             writable=bool(d.get("writable", False)),
+            error=d.get("error"),
         )
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.config import DatasetAccess, ProjectConfig
-from flight_server.errors import Forbidden, NotFound
+from flight_server.errors import Forbidden, NotFound, ServiceError
 from flight_server.masking import mask
 from flight_server.storage import Storage, open_storage
+
+log = logging.getLogger("flight_share.catalog")
 
 
 class Catalog:
@@ -70,8 +73,26 @@ class Catalog:
         )
 
     def info(self, profile: str, datasets: Sequence[str] | None = None) -> CatalogInfo:
+        """The profile's datasets; one that cannot be read right now is listed with its error, never
+        taking the others down."""
         names = [d for d in self.visible(profile) if datasets is None or d in datasets]
-        return CatalogInfo(self.project.name, profile, tuple(self.dataset_info(profile, d) for d in names))
+        return CatalogInfo(self.project.name, profile, tuple(self._dataset_info_or_error(profile, d) for d in names))
+
+    def _dataset_info_or_error(self, profile: str, dataset: str) -> DatasetInfo:
+        try:
+            return self.dataset_info(profile, dataset)
+        except ServiceError as exc:
+            error = exc.message
+        except Exception as exc:  # noqa: BLE001 - a destination library's error, summed up for the listing
+            log.warning("dataset %s cannot be read", dataset, exc_info=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            error = f"dataset '{dataset}' cannot be read right now: {first}"
+        config = self.project.destinations[self.project.datasets[dataset].destination]
+        return DatasetInfo(
+            name=dataset, destination=config.name, destination_type=config.type,
+            location=mask(config.location or config.type), schema_name=self.project.datasets[dataset].schema_name,
+            schema_version=None, tables=(), writable=self.grant(profile, dataset).write, error=mask(error),
+        )
 
     def table_schema(self, profile: str, dataset: str, table: str, columns: Sequence[str] | None = None) -> pa.Schema:
         return self.open(profile, dataset).arrow_schema(table, columns)

@@ -3,6 +3,7 @@ use), and a project in dlt+'s format over data loaded by ordinary dlt pipelines,
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -245,3 +246,54 @@ def test_a_sqlite_dataset_through_dlts_sqlalchemy_destination_reads_and_saves(tm
     pipeline.run([{"id": 99, "name": "later", "tags": []}], table_name="events", primary_key="id",
                  write_disposition="merge").raise_on_failed_jobs()
     assert len(dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data").events.arrow()) == 7
+
+
+@pytest.fixture(scope="session")
+def duckdb2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A duckdb file as today's `pip install "dlt[duckdb]"` writes it (duckdb 2: storage version 69)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("duckdb2")
+    uv = Path(sys.executable).with_name("uv")
+    env = {**os.environ, "VIRTUAL_ENV": str(root / "venv")}
+    subprocess.run([str(uv), "venv", "-q", str(root / "venv"), "--python", sys.executable], check=True, env=env)
+    subprocess.run([str(uv), "pip", "install", "-q", "duckdb==2.0.1"], check=True, env=env)
+    path = root / "new.duckdb"
+    code = f"import duckdb; c = duckdb.connect({str(path)!r}); c.sql('CREATE SCHEMA ds; CREATE TABLE ds.t AS SELECT 1 AS a')"
+    subprocess.run([str(root / "venv" / "bin" / "python"), "-c", code], check=True)
+    return path
+
+
+def test_one_broken_dataset_never_takes_the_catalog_down(tmp_path: Path, duckdb2_file: Path) -> None:
+    from client import ServerUnavailableError
+
+    root = tmp_path / "p"
+    (root / "broken.duckdb").parent.mkdir(parents=True)
+    (root / "broken.duckdb").write_bytes(b"not a duckdb file" * 1000)
+    path = project_file(root, f"""
+        destinations:
+          good: {{type: duckdb, credentials: '{{project_dir}}/good.duckdb'}}
+          broken: {{type: duckdb, credentials: '{{project_dir}}/broken.duckdb'}}
+          newer: {{type: duckdb, credentials: '{duckdb2_file}'}}
+        datasets:
+          healthy: {{destination: [good]}}
+          damaged: {{destination: [broken]}}
+          events: {{destination: [newer]}}
+        server: {{anonymous_profile: access}}
+    """)
+    load_events(root / "good.duckdb", "healthy", tmp_path / "pipelines")
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        assert catalog.datasets == ["healthy", "damaged", "events"]
+        listing = str(catalog)
+        assert "healthy@good" in listing and "damaged@broken" in listing
+        assert catalog.healthy.events.arrow().num_rows == 5
+        with pytest.raises(ServerUnavailableError) as err:
+            catalog.events.tables
+        text = str(err.value)
+        assert "newer duckdb" in text and "storage version 69" in text and "64" in text and "68" in text, text
+        with pytest.raises(ServerUnavailableError) as err:
+            catalog["damaged"]
+        assert "broken.duckdb" in str(err.value) and "internal" not in str(err.value).lower()
+        assert catalog.healthy.events.arrow().num_rows == 5  # still healthy after the failures
+        assert server.alive

@@ -7,6 +7,7 @@ per request and duckdb's own Arrow C++ stream (``to_arrow_reader``), handed to F
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +17,7 @@ import dlt
 import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
+from flight_server.errors import Unavailable
 from flight_server.storage.base import Partition, Storage, StoredSchema, int_range, split_evenly
 
 _connections: dict[str, duckdb.DuckDBPyConnection] = {}
@@ -27,13 +29,36 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
+
+
+def open_error(path: str, exc: duckdb.Error) -> Unavailable:
+    """Why a duckdb file cannot be opened, in the user's terms."""
+    text = str(exc)
+    versions = _STORAGE_VERSION.search(text)
+    if versions:
+        found, low, high = versions.groups()
+        return Unavailable(
+            f"the duckdb file {path} was written by a newer duckdb (storage version {found}); this server's "
+            f"duckdb {duckdb.__version__} reads storage versions {low} to {high}. dlt 1.31 needs duckdb < 2, so "
+            f"load it with duckdb 1.x (pip install 'duckdb<2'), or export it to a file this server reads",
+            path=path, storage_version=int(found))
+    if "Could not set lock" in text:
+        return Unavailable(f"the duckdb file {path} is held by another process; retry", path=path)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return Unavailable(f"cannot open the duckdb file {path}: {first}", path=path)
+
+
 def shared_connection(path: str) -> duckdb.DuckDBPyConnection:
     """The process-wide connection to one duckdb file (created on first use)."""
     with _connections_lock:
         con = _connections.get(path)
         if con is None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(path)
+            try:
+                con = duckdb.connect(path)
+            except duckdb.Error as exc:
+                raise open_error(path, exc) from None
             _connections[path] = con
         return con
 
