@@ -118,7 +118,8 @@ class Writer:
                         dataset=command.dataset, table=command.table,
                     )
                 pipeline.normalize()
-                info = pipeline.load()
+                with storage.writing():  # the destination is held for the load step only
+                    info = pipeline.load()
             except PipelineStepFailed as exc:
                 if exc.step == "load":
                     self._forget_failed_schema(storage, stored, pipeline)

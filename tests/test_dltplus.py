@@ -198,7 +198,7 @@ def test_a_dlt_plus_project_over_an_owners_pipeline_is_served_unchanged(tmp_path
     load_events(database, "events_data", tmp_path / "pipelines")
     assert cli("check", "--project", str(path)).returncode == 0
     owner = dlt.dataset(dlt.destinations.duckdb(str(database)), "events_data")
-    # dlt's own reads first: the server holds the duckdb file while it runs (issue 13 lifts that)
+    # what dlt itself reads, to compare with what the server serves
     expected = {t: owner[t].arrow().sort_by("_dlt_id").to_pylist() for t in ("events", "events__tags")}
     with ServerProcess(path) as server, connect(server.url) as catalog:
         assert catalog.project == "shop" and catalog.datasets == ["events_data"]
@@ -296,4 +296,69 @@ def test_one_broken_dataset_never_takes_the_catalog_down(tmp_path: Path, duckdb2
             catalog["damaged"]
         assert "broken.duckdb" in str(err.value) and "internal" not in str(err.value).lower()
         assert catalog.healthy.events.arrow().num_rows == 5  # still healthy after the failures
+        assert server.alive
+
+
+def test_the_owners_pipeline_keeps_loading_while_the_server_serves(tmp_path: Path) -> None:
+    """Regression: after one request the server held the duckdb file, and the owner's own pipeline.run()
+    and dlt.dataset() failed ("Could not set lock on file"). The file is held only during requests; a
+    read that meets the owner's load waits for it; new loads show up within seconds."""
+    import threading
+    import time
+
+    root = tmp_path / "shop"
+    path = project_file(root, """
+        destinations:
+          warehouse: {type: duckdb, credentials: '{project_dir}/shop.duckdb'}
+        datasets:
+          events_data: {destination: [warehouse]}
+        server: {anonymous_profile: access}
+    """)
+    database = root / "shop.duckdb"
+    load_events(database, "events_data", tmp_path / "pipelines")
+    owner = dlt.pipeline("owner", destination=dlt.destinations.duckdb(str(database)), dataset_name="events_data",
+                         pipelines_dir=str(tmp_path / "pipelines"))
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        assert catalog.events_data.events.arrow().num_rows == 5
+        # between requests the file is free: the owner loads and reads with dlt as before
+        rows = [{"id": i, "name": f"n{i}", "tags": []} for i in range(5, 8)]
+        owner.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
+        assert len(dlt.dataset(dlt.destinations.duckdb(str(database)), "events_data").events.arrow()) == 8
+        deadline = time.monotonic() + 10
+        while catalog.events_data.events.arrow().num_rows != 8 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert catalog.events_data.events.arrow().num_rows == 8  # the owner's new load, seen by the server
+
+        # reads while the owner's load holds the file wait for it; none fails
+        errors: list[BaseException] = []
+        counts: list[int] = []
+        done = threading.Event()
+
+        def read_loop() -> None:
+            with connect(server.url) as reader:
+                while not done.is_set():
+                    try:
+                        counts.append(reader.events_data.events.arrow().num_rows)
+                    except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                        errors.append(exc)
+
+        thread = threading.Thread(target=read_loop)
+        thread.start()
+        try:
+            big = [{"id": i, "name": "x" * 50, "tags": [{"t": "z"}]} for i in range(100, 20_100)]
+            for _ in range(3):
+                for attempt in range(50):  # the owner's pipeline meets a read now and then: dlt fails fast, it retries
+                    try:
+                        owner.run(big, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
+                        break
+                    except Exception as exc:  # noqa: BLE001
+                        assert "lock" in str(exc).lower(), exc
+                        owner.drop_pending_packages()
+                        time.sleep(0.2)
+                else:
+                    raise AssertionError("the owner's pipeline never got the file")
+        finally:
+            done.set()
+            thread.join(60)
+        assert errors == [] and counts and set(counts) <= {8, 20_008}
         assert server.alive

@@ -231,7 +231,8 @@ def test_sandbox_results_equal_the_destinations_own(storage: DuckDBStorage, quer
     columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
     checked = check_query(query, EVENTS, columns)
     got = SqlSandbox(batch_rows=64).run(storage, checked).read_all()
-    expected = storage.cursor().sql(checked.sql).to_arrow_table()
+    with storage.file.reading() as cursor:
+        expected = cursor.sql(checked.sql).to_arrow_table()
     assert got.column_names == expected.column_names
     assert got.to_pylist() == expected.to_pylist()
 

@@ -183,8 +183,9 @@ def demo(project_path: str, events: int, dataset: str, seed: int) -> None:
         raise click.ClickException(f"dataset '{dataset}' is not defined in {project.file}; defined: {', '.join(project.datasets)}")
     storage = open_storage(project, project.datasets[dataset])
     pipelines_dir = project.data_dir / "demo"
-    info = load_demo(storage.dlt_destination(), dataset, events=events, seed=seed, pipelines_dir=str(pipelines_dir),
-                     table_format=storage.destination_config.table_format)
+    with storage.writing():  # the destination held for the load (duckdb: dlt borrows the write connection)
+        info = load_demo(storage.dlt_destination(), dataset, events=events, seed=seed, pipelines_dir=str(pipelines_dir),
+                         table_format=storage.destination_config.table_format)
     storage.invalidate()
     click.echo(f"loaded {events} events into {dataset}@{storage.destination_config.name}[{storage.location}]: "
                f"{len(storage.table_names())} tables")

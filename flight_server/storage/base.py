@@ -8,6 +8,7 @@ also provides the dlt destination to load into.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -193,6 +194,11 @@ class Storage(ABC):
     @abstractmethod
     def dlt_destination(self) -> Any:
         """A dlt destination (factory) that loads into this dataset's destination."""
+
+    def writing(self) -> contextlib.AbstractContextManager[Any]:
+        """The destination held for one write's load step (duckdb: its read-write connection); most
+        destinations need nothing held."""
+        return contextlib.nullcontext()
 
     @property
     @abstractmethod

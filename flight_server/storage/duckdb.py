@@ -1,16 +1,19 @@
 """A dataset in a duckdb file: the embedded default destination.
 
-duckdb locks its file per process, so the server holds one connection per file and everything —
-reads, SQL and dlt writes (dlt borrows the same connection) — goes through it. Reads use a cursor
-per request and duckdb's own Arrow C++ stream (``to_arrow_reader``), handed to Flight unchanged.
+duckdb locks its file per process, and the file belongs to the owner's pipelines too: the server
+holds it only while a request needs it (:class:`FileHandle`) — reads share a read-only connection,
+a save's load step holds the read-write one (dlt borrows it). Reads stream duckdb's own Arrow C++
+reader (``to_arrow_reader``), kept alive with the file's share until the stream is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import duckdb
 import dlt
@@ -18,11 +21,8 @@ import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import Unavailable
-from flight_server.storage.base import Partition, Storage, StoredSchema, int_range, split_evenly
-
-_connections: dict[str, duckdb.DuckDBPyConnection] = {}
-_connections_lock = threading.Lock()
-
+from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.storage.lifetime import owning_reader
 
 def quote(name: str) -> str:
     """A duckdb/postgres quoted identifier."""
@@ -49,18 +49,114 @@ def open_error(path: str, exc: duckdb.Error) -> Unavailable:
     return Unavailable(f"cannot open the duckdb file {path}: {first}", path=path)
 
 
-def shared_connection(path: str) -> duckdb.DuckDBPyConnection:
-    """The process-wide connection to one duckdb file (created on first use)."""
-    with _connections_lock:
-        con = _connections.get(path)
-        if con is None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+# How long a request waits for the file while another process (the owner's pipeline) holds it
+BUSY_TIMEOUT = 10.0
+
+
+class FileHandle:
+    """This process's access to one duckdb file, held only while a request needs it.
+
+    duckdb locks a file per process: while this server holds any connection to it (even read-only),
+    the owner's own ``pipeline.run()`` or ``dlt.dataset()`` cannot open it. So there is no connection
+    between requests. Readers share one read-only connection, opened by the first and closed by the
+    last (a stream keeps its share until it is read to the end or dropped); a write waits until no
+    request reads, then holds the one read-write connection for its load only. Opening waits with
+    backoff while another process holds the file, and gives up after :data:`BUSY_TIMEOUT` seconds
+    with UNAVAILABLE ("busy, retry"). A file that does not exist yet reads as empty; the first write
+    creates it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._read_con: duckdb.DuckDBPyConnection | None = None
+        self._write_con: duckdb.DuckDBPyConnection | None = None
+        self._writer: int | None = None  # the thread that holds the write window
+
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        delay, deadline = 0.02, time.monotonic() + BUSY_TIMEOUT
+        while True:
             try:
-                con = duckdb.connect(path)
+                return duckdb.connect(self.path, read_only=read_only)
             except duckdb.Error as exc:
-                raise open_error(path, exc) from None
-            _connections[path] = con
-        return con
+                if "lock" not in str(exc).lower() or time.monotonic() + delay > deadline:
+                    raise open_error(self.path, exc) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def exists(self) -> bool:
+        return Path(self.path).is_file()
+
+    def acquire_read(self) -> duckdb.DuckDBPyConnection:
+        """A cursor on the shared read-only connection; :meth:`release_read` when done with it.
+        Inside this thread's write window, a cursor of the write connection (no second connection)."""
+        with self._cond:
+            if self._writer == threading.get_ident():
+                return self._write_con.cursor()  # type: ignore[union-attr]
+            while self._writer is not None:
+                self._cond.wait()
+            if self._read_con is None:
+                self._read_con = self._connect(read_only=True)
+            self._readers += 1
+            return self._read_con.cursor()
+
+    def release_read(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        with self._cond:
+            if self._writer == threading.get_ident():
+                cursor.close()
+                return
+            cursor.close()
+            self._readers -= 1
+            if self._readers == 0 and self._read_con is not None:
+                self._read_con.close()
+                self._read_con = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self.acquire_read()
+        try:
+            yield cursor
+        finally:
+            self.release_read(cursor)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The read-write connection, for one write (re-entrant in its thread)."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                yield self._write_con  # type: ignore[misc]
+                return
+            while self._writer is not None or self._readers:
+                self._cond.wait()
+            self._writer = me
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._write_con = self._connect(read_only=False)
+            yield self._write_con
+        finally:
+            with self._cond:
+                if self._write_con is not None:
+                    self._write_con.close()
+                self._write_con, self._writer = None, None
+                self._cond.notify_all()
+
+    @property
+    def write_connection(self) -> duckdb.DuckDBPyConnection | None:
+        """The open write connection, when the calling thread holds the write window."""
+        return self._write_con if self._writer == threading.get_ident() else None
+
+
+_handles: dict[str, FileHandle] = {}
+_handles_lock = threading.Lock()
+
+
+def file_handle(path: str) -> FileHandle:
+    """The process-wide handle of one duckdb file."""
+    with _handles_lock:
+        return _handles.setdefault(path, FileHandle(path))
 
 
 class DuckDBStorage(Storage):
@@ -71,38 +167,54 @@ class DuckDBStorage(Storage):
         assert destination.location is not None
         self.path = destination.location
         self.batch_rows = batch_rows
-        self._con = shared_connection(self.path)
+        self.file = file_handle(self.path)
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A connection for one request (duckdb cursors are per-thread connections to one database)."""
-        return self._con.cursor()
+    # the owner's pipelines load into the same file between our requests: re-read the schema like
+    # other shared destinations do
+    schema_ttl = SHARED_SCHEMA_TTL
+
+    def _one(self, sql: str, params: list[Any] | None = None) -> Any:
+        """The first row of a query, on a connection held for this call only."""
+        with self.file.reading() as cursor:
+            return cursor.execute(sql, params or []).fetchone()
+
+    def writing(self) -> Any:
+        """The write window of the file: one read-write connection that dlt borrows for the load."""
+        return self.file.writing()
 
     def _load_stored_schema(self) -> StoredSchema | None:
-        cur = self.cursor()
-        exists = cur.execute(
+        if not self.file.exists() and self.file.write_connection is None:
+            return None  # nothing loaded yet, and reading must not create the file
+        exists = self._one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = '_dlt_version'",
             [self.dataset.name],
-        ).fetchone()
+        )
         if not exists or not exists[0]:
             return None
-        row = cur.execute(
+        row = self._one(
             f"SELECT version, version_hash, schema FROM {quote(self.dataset.name)}._dlt_version "
             "ORDER BY inserted_at DESC LIMIT 1"
-        ).fetchone()
+        )
         return StoredSchema.from_row(*row) if row else None
 
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
-        self.cursor().execute(
-            f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = ? AND version_hash = ?",
-            [schema_name, version_hash],
-        )
+        with self.file.writing() as con:
+            con.execute(
+                f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = ? AND version_hash = ?",
+                [schema_name, version_hash],
+            )
 
     def capabilities(self) -> Any:
         return dlt.destinations.duckdb().capabilities()
 
     def dlt_destination(self) -> Any:
-        # dlt borrows our connection: a second connection to the file would hit duckdb's lock
-        return dlt.destinations.duckdb(self._con, destination_name=self.destination_config.name)
+        # inside the write window dlt borrows its connection (a second one to the file would hit
+        # duckdb's lock); outside it dlt would open the file itself
+        con = self.file.write_connection
+        if con is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        return dlt.destinations.duckdb(con if con is not None else self.path,
+                                       destination_name=self.destination_config.name)
 
     @property
     def location(self) -> str:
@@ -124,14 +236,14 @@ class DuckDBStorage(Storage):
         if stored is None:
             return None
         try:
-            row = self.cursor().execute(f"SELECT max(load_id) FROM {quote(self.dataset.name)}._dlt_loads").fetchone()
+            row = self._one(f"SELECT max(load_id) FROM {quote(self.dataset.name)}._dlt_loads")
         except duckdb.Error:
             return None
         return (stored.version_hash, row[0] if row else None)
 
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
-        row = self.cursor().execute(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}").fetchone()
+        row = self._one(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}")
         return int(row[0]) if row else -1
 
     def partitions(self, table: str, target_rows: int) -> list[Partition]:
@@ -139,8 +251,7 @@ class DuckDBStorage(Storage):
         are read) and returns rows in insertion order. Ranges span ``0..max(rowid)`` so rows left
         after deletes are covered; the last range is open-ended."""
         self.table_columns(table)  # NotFound for unknown tables
-        rows, top = self.cursor().execute(
-            f"SELECT count(*), max(rowid) FROM {quote(self.dataset.name)}.{quote(table)}").fetchone()
+        rows, top = self._one(f"SELECT count(*), max(rowid) FROM {quote(self.dataset.name)}.{quote(table)}")
         n = split_evenly(int(rows), target_rows)
         if n == 1:
             return [Partition({}, int(rows))]
@@ -157,12 +268,26 @@ class DuckDBStorage(Storage):
         if partition:
             start, stop = int_range(partition, "rowid")
             where = f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else "")
-        cursor = self.cursor()
-        # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
-        # (otherwise it names the host's zone and every batch would need a cast)
-        cursor.execute("SET TimeZone = 'UTC'")
-        reader = cursor.sql(self._select(table, schema.names, limit, where)).to_arrow_reader(self.batch_rows)
-        return reader if reader.schema.equals(schema) else reader.cast(schema)
+        sql = self._select(table, schema.names, limit, where)
+        cursor = self.file.acquire_read()
+        try:
+            # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
+            # (otherwise it names the host's zone and every batch would need a cast)
+            cursor.execute("SET TimeZone = 'UTC'")
+            reader = cursor.sql(sql).to_arrow_reader(self.batch_rows)
+            if not reader.schema.equals(schema):
+                reader = reader.cast(schema)
+        except BaseException:
+            self.file.release_read(cursor)
+            raise
+        # the file's share is held until the stream is read to its end or dropped (lifetime.owning_reader)
+        return owning_reader(reader, cursor, on_close=lambda: self.file.release_read(cursor))
 
     def query(self, sql: str) -> pa.RecordBatchReader:
-        return self.cursor().sql(sql).to_arrow_reader(self.batch_rows)
+        cursor = self.file.acquire_read()
+        try:
+            reader = cursor.sql(sql).to_arrow_reader(self.batch_rows)
+        except BaseException:
+            self.file.release_read(cursor)
+            raise
+        return owning_reader(reader, cursor, on_close=lambda: self.file.release_read(cursor))
