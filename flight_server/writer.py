@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -24,17 +25,17 @@ from typing import Any, Callable, Iterator
 
 import dlt
 import pyarrow as pa
-import pyarrow.compute as pc
-from dlt.common.libs.pyarrow import columns_to_arrow
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.common.schema.utils import get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from client.load_info import LoadInfo  # the one definition of what a put answers, shared with the client
 from client.protocol import COMMIT_METADATA, WriteCommand
+from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
-from flight_server.errors import ContractViolation, InvalidRequest, ServiceError, Unavailable
+from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("flight_share.writer")
 
@@ -69,62 +70,79 @@ class Writer:
         self.work_dir = work_dir
         self.max_bytes = max_bytes
 
-    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool]) -> LoadInfo:
-        """Check, then load one upload stream; raise a ServiceError on refusal."""
+    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool],
+            must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
+        """Check, then load one upload stream; raise a ServiceError on refusal.
+
+        The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
+        ``must_be_new``: the table must (not) hold data already; the text says what to do instead.
+        """
         grant = self.catalog.require_write(profile, command.dataset)
-        if command.table.startswith("_dlt"):
-            raise InvalidRequest(f"table name '{command.table}' is reserved for dlt", dataset=command.dataset, table=command.table)
         storage = self.catalog.storage(command.dataset)
         with storage.write_lock:
             storage.invalidate()
             stored = storage.stored_schema()
             dataset_config = self.catalog.project.datasets[command.dataset]
             schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
+            table = uploads.table_name(schema, command.dataset, command.table)  # as dlt stores it
+            exists = table in storage.table_names()
+            if must_exist is not None and not exists:
+                raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
+                               dataset=command.dataset, table=table)
+            if must_be_new is not None and exists:
+                raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
+                                     dataset=command.dataset, table=table)
+            capabilities = storage.cached_capabilities()
+            shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities)
             counts = {"rows": 0, "bytes": 0, "committed": 0}
-            decided: dict[str, Any] = {}
 
             def upload() -> Iterator[Any]:
                 """The upload as dlt items; runs only inside extract, after the contract decision."""
-                batches: Iterator[Any] = self._batches(reader, counts)
-                if decided["decision"].coerce:
-                    batches = self._coerced(batches, decided["decision"].coerce, storage, command)
-                yield from batches
+                yield from uploads.conformed(self._batches(reader, counts), shape, table, command.dataset)
 
+            primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
             resource = dlt.resource(
-                upload(), name=command.table, write_disposition=command.write_disposition,
-                primary_key=list(command.primary_key) or None, table_format=storage.table_format,
+                upload(), name=table, write_disposition=command.write_disposition,
+                primary_key=primary_key or None, table_format=storage.table_format,
+                columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
             )
             try:
-                decision = decided["decision"] = check_write(schema, command.table, reader.schema, grant.contract,
-                                                             resource)
+                decision = check_write(schema, table, shape.schema, grant.contract, resource, capabilities)
             except ContractViolation as exc:
                 exc.fields["load_id"] = _load_id()
                 exc.fields["step"] = "extract"
                 raise
-            pipeline_name = f"save_{command.table}_pipeline"
+            if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
+                shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities, decision.coerce)
+            pipeline_name = f"save_{table}_pipeline"
             folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
             pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                     dataset_name=command.dataset)
+            undo: Callable[[], None] | None = None
             try:
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
                 if command.commit_marker and not counts["committed"]:
                     raise PutCancelled(
-                        f"upload to '{command.dataset}.{command.table}' ended without the client's commit; nothing was written",
-                        dataset=command.dataset, table=command.table,
+                        f"upload to '{command.dataset}.{table}' ended without the client's commit; nothing was written",
+                        dataset=command.dataset, table=table,
                     )
                 if cancelled():
                     raise PutCancelled(
-                        f"upload to '{command.dataset}.{command.table}' was cancelled by the client; nothing was written",
-                        dataset=command.dataset, table=command.table,
+                        f"upload to '{command.dataset}.{table}' was cancelled by the client; nothing was written",
+                        dataset=command.dataset, table=table,
                     )
                 pipeline.normalize()
+                # what the load may touch: the table and its child tables (a replace empties them)
+                undo = storage.savepoint(_table_family(schema, table))
                 info = pipeline.load()
             except PipelineStepFailed as exc:
+                self._undo(undo)
                 if exc.step == "load":
                     self._forget_failed_schema(storage, stored, pipeline)
                 self._discard_packages(pipeline)
-                raise self._step_error(exc, command) from None
+                raise self._step_error(exc, command.dataset, table) from None
             except BaseException:
+                self._undo(undo)
                 self._forget_failed_schema(storage, stored, pipeline)
                 self._discard_packages(pipeline)
                 raise
@@ -139,7 +157,7 @@ class Writer:
                 destination_type=storage.destination_config.type,
                 dataset_name=command.dataset,
                 location=storage.location,
-                table_name=command.table,
+                table_name=table,
                 load_ids=tuple(info.loads_ids),
                 load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
                 rows=counts["rows"],
@@ -192,29 +210,14 @@ class Writer:
             log.exception("could not drop the pipeline of a failed put")
 
     @staticmethod
-    def _coerced(batches: Iterator[pa.RecordBatch], columns: dict[str, Any], storage: Any,
-                 command: WriteCommand) -> Iterator[pa.RecordBatch]:
-        """Cast columns whose stored type differs to that type (``data_type: evolve``, see
-        :func:`contracts.check_write`); a value that does not fit refuses the whole upload."""
-        targets = columns_to_arrow(columns, storage.cached_capabilities(), "UTC")
-        for batch in batches:
-            arrays = list(batch.columns)
-            for i, name in enumerate(batch.schema.names):
-                if name not in columns:
-                    continue
-                target = targets.field(name).type
-                try:
-                    arrays[i] = pc.cast(arrays[i], target, safe=True)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise InvalidRequest(
-                        f"column '{name}' of table '{command.table}' is stored as {columns[name]['data_type']}; "
-                        f"the upload's {batch.schema.field(name).type} values cannot be stored in it ({exc}); "
-                        "nothing was written",
-                        dataset=command.dataset, table=command.table, column_name=name,
-                    ) from None
-            fields = [batch.schema.field(i).with_type(a.type) for i, a in enumerate(arrays)]
-            build = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
-            yield build(arrays, schema=pa.schema(fields, batch.schema.metadata))
+    def _undo(undo: Callable[[], None] | None) -> None:
+        """Put back what a failed load changed where the destination has no transaction (Delta)."""
+        if undo is None:
+            return
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 - the load error is what the client must see; this is logged
+            log.exception("could not restore the tables of a failed load")
 
     @staticmethod
     def _forget_failed_schema(storage: Any, before: Any, pipeline: Any) -> None:
@@ -237,7 +240,7 @@ class Writer:
             storage.invalidate()
 
     @staticmethod
-    def _step_error(exc: PipelineStepFailed, command: WriteCommand) -> ServiceError:
+    def _step_error(exc: PipelineStepFailed, dataset: str, table: str) -> ServiceError:
         inner = exc.exception
         cause: BaseException | None = inner
         while cause is not None:  # our own refusal, raised inside dlt's extract (wrapped by dlt)
@@ -247,15 +250,42 @@ class Writer:
         if isinstance(inner, DataValidationError):
             from flight_server.contracts import violation_message
 
-            text = violation_message(inner.schema_name, inner.table_name or command.table, inner.column_name,
+            text = violation_message(inner.schema_name, inner.table_name or table, inner.column_name,
                                      str(inner.schema_entity), str(inner.contract_mode))
             return ContractViolation(
-                text, schema_name=inner.schema_name, table_name=inner.table_name or command.table,
+                text, schema_name=inner.schema_name, table_name=inner.table_name or table,
                 column_name=inner.column_name, schema_entity=str(inner.schema_entity),
                 contract_mode=str(inner.contract_mode), load_id=exc.load_id, step=exc.step,
             )
-        cls = Unavailable if exc.step == "load" else InvalidRequest  # load: the destination failed, not the data
-        return cls(
-            f"saving to '{command.dataset}.{command.table}' failed at step {exc.step}: {inner}; nothing was written",
-            dataset=command.dataset, table=command.table, step=exc.step,
+        reason = _reason(inner)
+        if exc.step == "load":  # the destination refused or failed, not the data as checked up front
+            return Unavailable(
+                f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "
+                f"({reason}); nothing was written and the table is as it was",
+                dataset=dataset, table=table, step=exc.step, reason=reason,
+            )
+        return InvalidRequest(
+            f"saving to '{dataset}.{table}' failed at step {exc.step}: {reason}; nothing was written",
+            dataset=dataset, table=table, step=exc.step, reason=reason,
         )
+
+
+# "_duckdb.ConversionException: Conversion Error: ..." -> "Conversion Error: ..."
+_EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Exception|Error|Failed|Violation): ")
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, in the words of the one who refused (the destination, dlt): the first line of the
+    innermost message, without Python's chained-exception text, class paths or dlt's retry advice
+    (a failed put's package is dropped, there is nothing to retry)."""
+    text = getattr(exc, "failed_message", None) or str(exc) or type(exc).__name__
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
+    first = _EXCEPTION_PREFIX.sub("", first)
+    return first if len(first) <= 300 else first[:300] + "..."
+
+
+def _table_family(schema: Schema, table: str) -> list[str]:
+    """The table and its child tables in the stored schema (what dlt's replace empties)."""
+    if table not in schema.tables:
+        return [table]
+    return [t["name"] for t in get_nested_tables(schema.tables, table)]

@@ -16,7 +16,7 @@ import dlt
 import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.storage.base import Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.storage.base import SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema, int_range, split_evenly
 
 _connections: dict[str, duckdb.DuckDBPyConnection] = {}
 _connections_lock = threading.Lock()
@@ -77,7 +77,8 @@ class DuckDBStorage(Storage):
 
     def dlt_destination(self) -> Any:
         # dlt borrows our connection: a second connection to the file would hit duckdb's lock
-        return dlt.destinations.duckdb(self._con, destination_name=self.destination_config.name)
+        return dlt.destinations.duckdb(self._con, destination_name=self.destination_config.name,
+                                       replace_strategy=SQL_REPLACE_STRATEGY)  # all-or-nothing replace
 
     @property
     def location(self) -> str:
