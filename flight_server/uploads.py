@@ -86,6 +86,7 @@ class UploadShape:
     schema: pa.Schema  # the schema dlt sees
     renamed: bool
     casts: dict[str, pa.DataType] = field(default_factory=dict)  # column -> stored Arrow type
+    stored_types: dict[str, str] = field(default_factory=dict)  # column -> stored dlt data type (messages)
     # the stored column schemas of the columns dlt sees with their stored data type: given to the
     # dlt resource as its column hints, so dlt's contract check compares like with like
     hints: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +108,7 @@ class UploadShape:
                 arrays[i] = pc.cast(arrays[i], target, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise InvalidRequest(
-                    f"column '{f.name}' of table '{table}' is stored as {target}; the upload's "
+                    f"column '{f.name}' of table '{table}' is stored as {self.stored_types.get(f.name, target)}; the upload's "
                     f"{batch.schema.field(i).type} values cannot be stored in it ({str(exc).splitlines()[0]}); "
                     "nothing was written",
                     dataset=dataset, table=table, column_name=f.name,
@@ -168,7 +169,8 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
         fields.append(pa.field(name, casts.get(name, f.type), nullable, f.metadata))
     target_schema = pa.schema(fields, incoming.metadata)
     renamed = target_schema.names != incoming.names
-    return UploadShape(target_schema, renamed, casts, hints)
+    stored_types = {n: str(stored[n].get("data_type")) for n in casts}
+    return UploadShape(target_schema, renamed, casts, stored_types, hints)
 
 
 def _dlt_type(dtype: pa.DataType) -> str | None:

@@ -14,6 +14,7 @@ duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives th
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ import dlt
 import pyarrow as pa
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
-from dlt.common.schema.utils import get_nested_tables
+from dlt.common.schema.utils import generate_version_hash, get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from client.load_info import LoadInfo  # the one definition of what a put answers, shared with the client
@@ -119,6 +120,7 @@ class Writer:
             pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                     dataset_name=command.dataset)
             undo: Callable[[], None] | None = None
+            packaged: set[str] = set()  # schema version hashes of the put's packages
             try:
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
                 if command.commit_marker and not counts["committed"]:
@@ -132,18 +134,19 @@ class Writer:
                         dataset=command.dataset, table=table,
                     )
                 pipeline.normalize()
+                packaged |= self._keep_owner_contract(pipeline, stored)
                 # what the load may touch: the table and its child tables (a replace empties them)
                 undo = storage.savepoint(_table_family(schema, table))
                 info = pipeline.load()
             except PipelineStepFailed as exc:
                 self._undo(undo)
                 if exc.step == "load":
-                    self._forget_failed_schema(storage, stored, pipeline)
+                    self._forget_failed_schema(storage, stored, pipeline, packaged)
                 self._discard_packages(pipeline)
                 raise self._step_error(exc, command.dataset, table) from None
             except BaseException:
                 self._undo(undo)
-                self._forget_failed_schema(storage, stored, pipeline)
+                self._forget_failed_schema(storage, stored, pipeline, packaged)
                 self._discard_packages(pipeline)
                 raise
             finally:
@@ -210,6 +213,30 @@ class Writer:
             log.exception("could not drop the pipeline of a failed put")
 
     @staticmethod
+    def _keep_owner_contract(pipeline: Any, before: Any) -> set[str]:
+        """The profile's contract decides this save only. dlt writes the contract a pipeline ran with
+        into the schema the load stores (the schema's settings and the tables), where it would bind
+        the owner's own pipeline from then on: a ``freeze`` profile would lock the owner out of
+        evolving the dataset. So the normalized package's schema gets the owner's contract back
+        before the load stores it (the load itself does not use the contract)."""
+        owner = before.schema if before is not None else None
+        packages = pipeline._get_load_storage().normalized_packages
+        hashes: set[str] = set()
+        for load_id in pipeline.list_normalized_load_packages():
+            stored = packages.load_schema(load_id).to_dict(bump_version=False)
+            changed = _restore_key(stored.setdefault("settings", {}), owner.settings if owner else {}, "schema_contract")
+            for name, table in stored["tables"].items():
+                previous = owner.tables.get(name, {}) if owner else {}
+                changed = _restore_key(table, previous, "schema_contract") or changed
+            if changed:
+                # the version dlt gave the package stays; the hash is that of the content. A save that
+                # changed nothing else thus has the owner's stored hash, and the load stores no new version.
+                stored["version_hash"] = generate_version_hash(stored)
+                packages.save_schema(load_id, Schema.from_dict(stored, bump_version=False))
+            hashes.add(stored["version_hash"])
+        return hashes
+
+    @staticmethod
     def _undo(undo: Callable[[], None] | None) -> None:
         """Put back what a failed load changed where the destination has no transaction (Delta)."""
         if undo is None:
@@ -220,15 +247,16 @@ class Writer:
             log.exception("could not restore the tables of a failed load")
 
     @staticmethod
-    def _forget_failed_schema(storage: Any, before: Any, pipeline: Any) -> None:
+    def _forget_failed_schema(storage: Any, before: Any, pipeline: Any, packaged: set[str]) -> None:
         """A load that failed after dlt stored the new schema version (dlt migrates the schema
         before it loads the data) leaves that version behind: remove it, so a refused save leaves
         the dataset's schema version as it was. Only the version this pipeline stored is removed."""
         try:
             storage.invalidate()
             now = storage.stored_schema()
-            ours = pipeline.default_schema.version_hash if pipeline.default_schema_name else None
-            if now is None or ours is None or now.version_hash != ours:
+            ours = {pipeline.default_schema.version_hash} if pipeline.default_schema_name else set()
+            ours |= packaged  # the schemas of the put's packages, as the load stored them
+            if now is None or now.version_hash not in ours:
                 return
             if before is not None and now.version_hash == before.version_hash:
                 return
@@ -282,6 +310,17 @@ def _reason(exc: BaseException) -> str:
     first = next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
     first = _EXCEPTION_PREFIX.sub("", first)
     return first if len(first) <= 300 else first[:300] + "..."
+
+
+def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
+    """Set ``target[key]`` back to ``source[key]`` (or remove it); True if that changed ``target``."""
+    if target.get(key) == source.get(key):
+        return False
+    if key in source:
+        target[key] = copy.deepcopy(source[key])
+    else:
+        target.pop(key, None)
+    return True
 
 
 def _table_family(schema: Schema, table: str) -> list[str]:

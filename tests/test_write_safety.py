@@ -286,3 +286,18 @@ def test_a_merge_under_freeze_is_checked_against_the_stored_hints(ws: WriteServe
     assert "Trying to change data type of column id in table issues_event from text to bigint" in text
     assert snapshot(ws.url, tables=("issues_event",)) == after
 
+
+
+def test_the_profiles_contract_is_not_stored_in_the_owners_schema(ws: WriteServer) -> None:
+    """dlt stores the contract a pipeline runs with in the schema it stores; a save under the
+    ``freeze`` profile then froze the owner's own pipeline out of the dataset."""
+    catalog = connect(ws.url)
+    catalog[EVENTS].save(_event_rows(ws.url, "issues_event", 2), table_name="issues_event")
+    catalog.reports_dataset.save(pd.DataFrame({"k": ["a"]}), table_name="fresh")  # a new table, columns frozen
+    ws.proc.stop()
+    for file, dataset in (("lake.duckdb", EVENTS), ("warehouse.duckdb", "reports_dataset")):
+        with duckdb.connect(str(ws.data / file), read_only=True) as con:
+            newest = con.execute(f"SELECT schema FROM {dataset}._dlt_version ORDER BY inserted_at DESC LIMIT 1").fetchone()
+        schema = json.loads(newest[0])
+        assert "schema_contract" not in schema.get("settings", {}), dataset
+        assert [t for t, body in schema["tables"].items() if "schema_contract" in body] == [], dataset
