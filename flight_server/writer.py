@@ -1,11 +1,37 @@
 """Accepted uploads into the destination through a real dlt pipeline (``save_<table>_pipeline``).
 
-Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema versions,
-``_dlt_loads`` and evolution are dlt's. A put that fails at any step, or whose client went away,
-leaves nothing behind: its pending packages are dropped and the folder removed, and when dlt had
-already stored a new schema version before the load failed (it migrates the schema first), that
-version is removed again. Under ``data_type: evolve`` a column whose type differs from the stored
-one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
+The one write path of both surfaces: a DoPut and a Flight SQL ``CommandStatementIngest`` both reach
+:meth:`Writer.put` (through ``FlightShareServer.save``, which also evicts the hot-table cache and fills
+the audit line). Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema
+versions, ``_dlt_loads`` and evolution are dlt's.
+
+**A save is all-or-nothing** (issue 11). The owner's rows, child tables and schema version stay as
+they were whatever step fails - extract, normalize, load, or a client that vanishes:
+
+1. *Before dlt runs* (:mod:`flight_server.uploads`, on every destination): table and column names are
+   normalized as dlt stores them and checked (reserved ``_dlt`` names in any letter case, characters
+   that break SQL or dlt's file layout, types dlt cannot store), and integer/decimal columns are cast
+   to the stored type with a safe cast - a value that would only fail at the load step (``uint64``
+   2**64-1 into ``bigint``) is refused up front with INVALID_ARGUMENT naming the column. Cheap, and a
+   clear answer; but it cannot know everything the destination enforces, hence:
+2. *SQL destinations (duckdb, PostgreSQL)*: ``replace`` runs with dlt's ``insert-from-staging``
+   strategy (``storage.base.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
+   job truncates the table and its child tables and inserts from staging in ONE transaction. A load
+   that fails - in staging or in that job (a constraint, a type) - rolls back, and the real tables were
+   never emptied. dlt's default ``truncate-and-insert`` empties them in a transaction of its own
+   before loading, which is how a failed replace used to leave empty tables. ``append`` and ``merge``
+   were already one transaction per job in dlt.
+3. *Delta (local and S3)*: there is no transaction over several tables, and dlt's replace commits per
+   table (child tables without rows are emptied by a delete commit first, then each table with rows
+   is overwritten). Before the load the writer takes ``storage.savepoint(tables)`` - the current
+   version of the table and its child tables - and a failed load restores every table that moved with
+   ``DeltaTable.restore(version)``.
+4. Whatever failed, the put's pending packages are dropped and its folder removed (nothing for a later
+   run to retry), and a schema version that dlt stored before the load failed is removed again.
+
+The profile's contract decides the save only: it is not left in the schema dlt stores (see
+:meth:`Writer._keep_owner_contract`). Under ``data_type: evolve`` a column whose type differs from the
+stored one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
 
 Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
 duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives the table format

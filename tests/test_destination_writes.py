@@ -383,3 +383,51 @@ def test_a_replace_failing_at_the_load_step_keeps_the_table_and_its_child_tables
     dest.catalog().github_events_dataset.save(rows.slice(0, 1), table_name="push_event", write_disposition="replace")
     assert _rows(dest, "push_event").column("id").to_pylist() == ["a"]
     assert _rows(dest, EVENTS_CHILD).num_rows == 0
+
+
+def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection, in-process: dlt's Delta replace has committed - the child table emptied, the
+    table overwritten - and then the load fails (recording the load in ``_dlt_loads``). Both tables
+    are restored to their previous versions and the schema version stays."""
+    import sys
+    import threading
+
+    from dlt.destinations.impl.filesystem.filesystem import FilesystemClient
+
+    from flight_server.service import FlightShareServer
+
+    project = tmp_path / "dlt.yml"
+    project.write_text("format_version: 1\nproject: {name: dlt_example_project}\ndestinations:\n"
+                       + DESTINATIONS["delta_local"] + DATASETS)
+    _load_events(project, {})
+    limit = getattr(sys, "tracebacklimit", None)
+    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0")
+    threading.Thread(target=server.serve, daemon=True).start()
+    try:
+        url = f"grpc://127.0.0.1:{server.port}"
+        ds = connect(url).github_events_dataset
+        before = {t: ds[t].arrow().sort_by("_dlt_id") for t in ("push_event", EVENTS_CHILD)}
+        version = ds.info.schema_version
+        assert before[EVENTS_CHILD].num_rows > 0
+        calls: list[str] = []
+
+        def failing_complete_load(self: Any, load_id: str) -> None:
+            calls.append(load_id)
+            raise RuntimeError("injected: the store went away while recording the load")
+
+        monkeypatch.setattr(FilesystemClient, "complete_load", failing_complete_load)
+        rows = pa.table({"id": ["a"], "repo__id": pa.array([5], pa.int64())})
+        with pytest.raises(FlightShareError) as failed:
+            connect(url).github_events_dataset.save(rows, table_name="push_event", write_disposition="replace")
+        assert calls, "the fault was not injected"
+        assert "nothing was written" in str(failed.value) and "The above exception" not in str(failed.value)
+        ds = connect(url).github_events_dataset
+        for table, data in before.items():
+            assert ds[table].arrow().sort_by("_dlt_id").equals(data), f"{table} was not restored"
+        assert ds.info.schema_version == version
+        monkeypatch.undo()
+        connect(url).github_events_dataset.save(rows, table_name="push_event", write_disposition="replace")
+        assert connect(url).github_events_dataset.push_event.arrow().column("id").to_pylist() == ["a"]
+    finally:
+        server.shutdown()
+        sys.tracebacklimit = limit if limit is not None else 1000
