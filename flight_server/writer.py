@@ -62,6 +62,7 @@ from client.protocol import COMMIT_METADATA, WriteCommand
 from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
+from flight_server.storage.lifetime import isolated
 from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("flight_share.writer")
@@ -178,6 +179,7 @@ class Writer:
             finally:
                 storage.invalidate()
                 shutil.rmtree(folder, ignore_errors=True)
+            self._keep_owner_table_hints(storage, stored, command.dataset)
             new_schema = storage.stored_schema()
             started, finished = info.started_at, info.finished_at
             return LoadInfo(
@@ -261,6 +263,48 @@ class Writer:
                 packages.save_schema(load_id, Schema.from_dict(stored, bump_version=False))
             hashes.add(stored["version_hash"])
         return hashes
+
+    @staticmethod
+    def _keep_owner_table_hints(storage: Any, before: Any, dataset: str) -> None:
+        """dlt stores a table's hints as the last pipeline gave them: a save into the owner's table
+        wrote its own write disposition, resource name and column hints over the owner's (a demo
+        table loaded with ``replace`` read ``append`` after one append). So the hints of every table
+        and column that existed before the save are put back; new columns (under ``evolve``) and new
+        tables stay. When that gives the owner's schema again, the version the save stored is removed
+        (the dataset keeps its version); otherwise the result is stored as the next version with dlt's
+        own ``update_stored_schema``. The load itself needs the save's hints, so this comes after it."""
+        if before is None:
+            return
+        try:
+            storage.invalidate()
+            now = storage.stored_schema()
+            if now is None or now.version_hash == before.version_hash or now.schema.name != before.schema.name:
+                return
+            stored = now.schema.to_dict(bump_version=False)
+            for name, table in stored["tables"].items():
+                previous = before.schema.tables.get(name)
+                if previous is None or name.startswith(now.schema._dlt_tables_prefix):
+                    continue
+                for key in (set(table) | set(previous)) - {"columns", "name", "parent", "x-normalizer"}:
+                    _restore_key(table, previous, key)
+                for column, hints in previous.get("columns", {}).items():
+                    if column in table["columns"]:
+                        table["columns"][column] = copy.deepcopy(hints)
+            if generate_version_hash(stored) == before.version_hash:
+                storage.forget_schema_version(now.schema.name, now.version_hash)
+                return
+            schema = Schema.from_dict(stored)  # the next version: its content changed, dlt bumps it
+            if schema.version_hash == now.version_hash:
+                return
+            from dlt.dataset.utils import get_destination_clients
+
+            client = isolated(get_destination_clients, schema, storage.dlt_destination(), dataset)[0]
+            with client:
+                client.update_stored_schema()
+        except Exception:  # noqa: BLE001 - the rows are saved; the owner's hints are best effort, logged
+            log.exception("could not put back the table hints of dataset %s after a save", dataset)
+        finally:
+            storage.invalidate()
 
     @staticmethod
     def _undo(undo: Callable[[], None] | None) -> None:

@@ -290,14 +290,22 @@ def test_a_merge_under_freeze_is_checked_against_the_stored_hints(ws: WriteServe
 
 def test_the_profiles_contract_is_not_stored_in_the_owners_schema(ws: WriteServer) -> None:
     """dlt stores the contract a pipeline runs with in the schema it stores; a save under the
-    ``freeze`` profile then froze the owner's own pipeline out of the dataset."""
+    ``freeze`` profile then froze the owner's own pipeline out of the dataset. And it stores the
+    save's table hints (write disposition, resource) over the owner's."""
     catalog = connect(ws.url)
+    version = catalog[EVENTS].info.schema_version
     catalog[EVENTS].save(_event_rows(ws.url, "issues_event", 2), table_name="issues_event")
     catalog.reports_dataset.save(pd.DataFrame({"k": ["a"]}), table_name="fresh")  # a new table, columns frozen
+    # the owner's table hints stay too: an append into a table the owner loads with replace
+    assert connect(ws.url)[EVENTS].info.schema_version == version
     ws.proc.stop()
     for file, dataset in (("lake.duckdb", EVENTS), ("warehouse.duckdb", "reports_dataset")):
         with duckdb.connect(str(ws.data / file), read_only=True) as con:
             newest = con.execute(f"SELECT schema FROM {dataset}._dlt_version ORDER BY inserted_at DESC LIMIT 1").fetchone()
+            owners = con.execute(f"SELECT schema FROM {dataset}._dlt_version WHERE version = ?", [version]).fetchone()
         schema = json.loads(newest[0])
         assert "schema_contract" not in schema.get("settings", {}), dataset
         assert [t for t, body in schema["tables"].items() if "schema_contract" in body] == [], dataset
+        if dataset == EVENTS:
+            assert schema["tables"]["issues_event"] == json.loads(owners[0])["tables"]["issues_event"]
+            assert schema["tables"]["issues_event"]["write_disposition"] == "replace"
