@@ -220,7 +220,7 @@ class FlightShareServer(flight.FlightServerBase):
         """The one write path of both surfaces (DoPut and Flight SQL ingest): the writer's checks and
         load, the hot-table cache evicted whatever the outcome, rows and bytes on the audit line."""
         profile = self.profile_of(context)
-        audit.annotate(context, command.dataset, command.table)
+        audit.annotate(context, command.dataset[:protocol.MAX_NAME_CHARS], command.table[:protocol.MAX_NAME_CHARS])
         try:
             result = self.writer.put(profile, command, reader, context.is_cancelled, must_exist, must_be_new)
         finally:

@@ -84,7 +84,6 @@ class UploadShape:
     """How incoming batches become what dlt gets: stored names, stored types, stored nullability."""
 
     schema: pa.Schema  # the schema dlt sees
-    renamed: bool
     casts: dict[str, pa.DataType] = field(default_factory=dict)  # column -> stored Arrow type
     stored_types: dict[str, str] = field(default_factory=dict)  # column -> stored dlt data type (messages)
     # the stored column schemas of the columns dlt sees with their stored data type: given to the
@@ -168,9 +167,8 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
                     casts[name] = target
         fields.append(pa.field(name, casts.get(name, f.type), nullable, f.metadata))
     target_schema = pa.schema(fields, incoming.metadata)
-    renamed = target_schema.names != incoming.names
     stored_types = {n: str(stored[n].get("data_type")) for n in casts}
-    return UploadShape(target_schema, renamed, casts, stored_types, hints)
+    return UploadShape(target_schema, casts, stored_types, hints)
 
 
 def _dlt_type(dtype: pa.DataType) -> str | None:
@@ -178,5 +176,6 @@ def _dlt_type(dtype: pa.DataType) -> str | None:
 
 
 def conformed(batches: Iterator[Any], upload: UploadShape, table: str, dataset: str) -> Iterator[Any]:
+    """The batches, each conformed to the upload's shape."""
     for batch in batches:
         yield upload.conform(batch, table, dataset)

@@ -29,8 +29,10 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
 4. Whatever failed, the put's pending packages are dropped and its folder removed (nothing for a later
    run to retry), and a schema version that dlt stored before the load failed is removed again.
 
-The profile's contract decides the save only: it is not left in the schema dlt stores (see
-:meth:`Writer._keep_owner_contract`). Under ``data_type: evolve`` a column whose type differs from the
+A save that succeeds changes the owner's schema only by what the contract allows (new tables and
+columns under ``evolve``): the profile's contract is not left in the schema dlt stores
+(:meth:`Writer._keep_owner_contract`), and the owner's table and column hints - write disposition,
+resource, keys - are put back after the load (:meth:`Writer._keep_owner_table_hints`). Under ``data_type: evolve`` a column whose type differs from the
 stored one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
 
 Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
@@ -62,8 +64,8 @@ from client.protocol import COMMIT_METADATA, WriteCommand
 from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
-from flight_server.storage.lifetime import isolated
 from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
+from flight_server.storage.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
 
@@ -257,8 +259,7 @@ class Writer:
                 previous = owner.tables.get(name, {}) if owner else {}
                 changed = _restore_key(table, previous, "schema_contract") or changed
             if changed:
-                # the version dlt gave the package stays; the hash is that of the content. A save that
-                # changed nothing else thus has the owner's stored hash, and the load stores no new version.
+                # the version dlt gave the package stays; the hash is that of the new content
                 stored["version_hash"] = generate_version_hash(stored)
                 packages.save_schema(load_id, Schema.from_dict(stored, bump_version=False))
             hashes.add(stored["version_hash"])
