@@ -18,7 +18,8 @@ import pyarrow as pa
 from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
-from dlt.common.schema.utils import merge_columns, new_table
+from dlt.common.destination.capabilities import DestinationCapabilitiesContext, adjust_schema_to_capabilities
+from dlt.common.schema.utils import is_complete_column, merge_columns, new_table
 
 from flight_server.config import Contract
 from flight_server.errors import ContractViolation
@@ -59,16 +60,22 @@ def violation_message(schema_name: str, table: str, column: str | None, entity: 
 
 
 def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: Contract,
-                resource: Any = None) -> ContractDecision:
+                resource: Any = None, capabilities: Any = None) -> ContractDecision:
     """Decide a write of ``arrow_schema`` into ``table``; raise ContractViolation (documented text).
 
-    ``resource``: the dlt resource the writer will run; its hints (primary key, write disposition)
-    are merged over the Arrow columns exactly as dlt's Arrow extractor does.
+    ``resource``: the dlt resource the writer will run; its hints (primary key, write disposition,
+    columns) are merged over the Arrow columns exactly as dlt's Arrow extractor does.
+    ``capabilities``: the destination's; the Arrow columns are adjusted to them first, as dlt's Arrow
+    extractor does (it drops the default timestamp precision and the timezone flag) - without that,
+    ``timestamp[us]`` into a stored ``timestamp`` column reads as a data type change "from timestamp
+    to timestamp" and is refused under ``data_type: freeze`` although dlt itself would accept it.
     """
     settings = expand_contract(contract)
     probe = schema.clone()
     probe.set_schema_contract(settings)  # what pipeline.run(schema_contract=...) does to the source schema
-    columns = py_arrow_to_table_schema_columns(arrow_schema)
+    caps = capabilities or DestinationCapabilitiesContext.generic_capabilities()
+    columns = adjust_schema_to_capabilities(py_arrow_to_table_schema_columns(arrow_schema), caps)
+    columns = {n: c for n, c in columns.items() if is_complete_column(c)}  # as dlt: pa.null() fields say nothing
     if resource is not None:
         merge_columns(columns, resource.compute_table_schema(arrow_schema.empty_table())["columns"])
     computed = new_table(table, columns=list(columns.values()))
@@ -94,13 +101,34 @@ def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: C
     return ContractDecision(settings, list(filters or []), coerce)
 
 
+_TYPE_HINTS = ("nullable", "precision", "scale", "timezone")  # dlt's TColumnType besides data_type
+
+
+def _with_hints(column: Mapping[str, Any], hints: list[str]) -> str:
+    """A column's type with the hints that differ, e.g. ``text (not null)``."""
+    words = []
+    for hint in hints:
+        if hint == "nullable":
+            words.append("nullable" if column.get("nullable", True) else "not null")
+        elif hint == "timezone":
+            words.append("with time zone" if column.get("timezone", True) else "without time zone")
+        else:
+            words.append(f"{hint} {column.get(hint)}")
+    text = str(column.get("data_type"))
+    return f"{text} ({', '.join(words)})" if words else text
+
+
 def _violation(exc: DataValidationError, schema: Schema, table: str, computed: Mapping[str, Any]) -> ContractViolation:
     entity = str(exc.schema_entity)
     column = exc.column_name
     existing_type = incoming_type = None
     if entity == "data_type" and column:
-        existing_type = schema.get_table_columns(table).get(column, {}).get("data_type")
-        incoming_type = computed["columns"].get(column, {}).get("data_type")
+        existing = schema.get_table_columns(table).get(column, {})
+        incoming = computed["columns"].get(column, {})
+        existing_type, incoming_type = existing.get("data_type"), incoming.get("data_type")
+        if existing_type == incoming_type:  # same type, other hints (dlt counts nullable, precision ...)
+            changed = [p for p in _TYPE_HINTS if p in incoming and incoming[p] != existing.get(p)]
+            existing_type, incoming_type = _with_hints(existing, changed), _with_hints(incoming, changed)
     text = violation_message(exc.schema_name, exc.table_name or table, column, entity, str(exc.contract_mode),
                              existing_type, incoming_type)
     fields: dict[str, Any] = {

@@ -442,6 +442,8 @@ class FlightSql:
 
     # --- bulk ingest ------------------------------------------------------------------------------
     def _ingest(self, context: Any, command: Any, descriptor: Any, reader: Any, writer: Any) -> None:
+        """CommandStatementIngest: the ingest options checked here, the rest is the server's one
+        write path (:meth:`FlightShareServer.save`), exactly as for a DoPut."""
         profile = self._profile(context)
         self._no_transaction(command)
         if command.temporary:
@@ -463,16 +465,12 @@ class FlightSql:
             raise InvalidRequest(
                 f"name the dataset to ingest into as the db_schema (datasets: {', '.join(visible) or '(none)'})"
             )
-        dataset, table = command.schema, command.table
-        exists = table in self.server.catalog.open(profile, dataset).table_names()
-        if exists and options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL:
-            raise InvalidRequest(f"Table '{table}' already exists in dataset '{dataset}'; ingest in append or replace mode",
-                                 dataset=dataset, table=table)
-        if not exists and options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_FAIL:
-            raise NotFound(f"Table '{table}' not found in dataset '{dataset}'; ingest in create mode to add it",
-                           dataset=dataset, table=table)
+        must_exist = "ingest in create mode to add it" if options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_FAIL else None
+        must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
         disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
-        result = self.server.writer.put(profile, WriteCommand(dataset, table, disposition), reader, context.is_cancelled)
+        # the same write path as DoPut: name and type checks, contract, load, cache eviction, audit
+        result = self.server.save(context, WriteCommand(command.schema, command.table, disposition), reader,
+                                  must_exist=must_exist, must_be_new=must_be_new)
         # DoPutUpdateResult goes back raw, not packed in Any
         writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))
 

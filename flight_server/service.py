@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client import protocol
+from client.load_info import LoadInfo
 from client.protocol import Command, ReadCommand, SqlCommand, WriteCommand
 from flight_server import audit
 from flight_server.auth import Identity, Security
@@ -207,19 +208,28 @@ class FlightShareServer(flight.FlightServerBase):
     @_rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
-        profile = self.profile_of(context)
         command = self._command(descriptor, "write")
         audit.annotate(context, command.dataset, getattr(command, "table", None))
         if not isinstance(command, WriteCommand):
             raise InvalidRequest("DoPut takes a write command or a [dataset, table] path")
+        result = self.save(context, command, reader)
+        writer.write(pa.py_buffer(json.dumps({protocol.PUT_RESULT_LOAD_INFO: result.to_json()}).encode()))
+
+    def save(self, context: flight.ServerCallContext, command: WriteCommand, reader: Any,
+             must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
+        """The one write path of both surfaces (DoPut and Flight SQL ingest): the writer's checks and
+        load, the hot-table cache evicted whatever the outcome, rows and bytes on the audit line."""
+        profile = self.profile_of(context)
+        audit.annotate(context, command.dataset[:protocol.MAX_NAME_CHARS], command.table[:protocol.MAX_NAME_CHARS])
         try:
-            result = self.writer.put(profile, command, reader, context.is_cancelled)
+            result = self.writer.put(profile, command, reader, context.is_cancelled, must_exist, must_be_new)
         finally:
             self.cache.evict(command.dataset)
         record = audit.record_of(context)
         if record is not None:
+            record.table = result.table_name
             record.rows, record.bytes = result.rows, result.bytes
-        writer.write(pa.py_buffer(json.dumps({protocol.PUT_RESULT_LOAD_INFO: result.to_json()}).encode()))
+        return result
 
     @_rpc
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:

@@ -1,11 +1,39 @@
 """Accepted uploads into the destination through a real dlt pipeline (``save_<table>_pipeline``).
 
-Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema versions,
-``_dlt_loads`` and evolution are dlt's. A put that fails at any step, or whose client went away,
-leaves nothing behind: its pending packages are dropped and the folder removed, and when dlt had
-already stored a new schema version before the load failed (it migrates the schema first), that
-version is removed again. Under ``data_type: evolve`` a column whose type differs from the stored
-one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
+The one write path of both surfaces: a DoPut and a Flight SQL ``CommandStatementIngest`` both reach
+:meth:`Writer.put` (through ``FlightShareServer.save``, which also evicts the hot-table cache and fills
+the audit line). Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema
+versions, ``_dlt_loads`` and evolution are dlt's.
+
+**A save is all-or-nothing** (issue 11). The owner's rows, child tables and schema version stay as
+they were whatever step fails - extract, normalize, load, or a client that vanishes:
+
+1. *Before dlt runs* (:mod:`flight_server.uploads`, on every destination): table and column names are
+   normalized as dlt stores them and checked (reserved ``_dlt`` names in any letter case, characters
+   that break SQL or dlt's file layout, types dlt cannot store), and integer/decimal columns are cast
+   to the stored type with a safe cast - a value that would only fail at the load step (``uint64``
+   2**64-1 into ``bigint``) is refused up front with INVALID_ARGUMENT naming the column. Cheap, and a
+   clear answer; but it cannot know everything the destination enforces, hence:
+2. *SQL destinations (duckdb, PostgreSQL)*: ``replace`` runs with dlt's ``insert-from-staging``
+   strategy (``storage.base.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
+   job truncates the table and its child tables and inserts from staging in ONE transaction. A load
+   that fails - in staging or in that job (a constraint, a type) - rolls back, and the real tables were
+   never emptied. dlt's default ``truncate-and-insert`` empties them in a transaction of its own
+   before loading, which is how a failed replace used to leave empty tables. ``append`` and ``merge``
+   were already one transaction per job in dlt.
+3. *Delta (local and S3)*: there is no transaction over several tables, and dlt's replace commits per
+   table (child tables without rows are emptied by a delete commit first, then each table with rows
+   is overwritten). Before the load the writer takes ``storage.savepoint(tables)`` - the current
+   version of the table and its child tables - and a failed load restores every table that moved with
+   ``DeltaTable.restore(version)``.
+4. Whatever failed, the put's pending packages are dropped and its folder removed (nothing for a later
+   run to retry), and a schema version that dlt stored before the load failed is removed again.
+
+A save that succeeds changes the owner's schema only by what the contract allows (new tables and
+columns under ``evolve``): the profile's contract is not left in the schema dlt stores
+(:meth:`Writer._keep_owner_contract`), and the owner's table and column hints - write disposition,
+resource, keys - are put back after the load (:meth:`Writer._keep_owner_table_hints`). Under ``data_type: evolve`` a column whose type differs from the
+stored one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
 
 Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
 duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives the table format
@@ -14,8 +42,10 @@ duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives th
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -24,17 +54,18 @@ from typing import Any, Callable, Iterator
 
 import dlt
 import pyarrow as pa
-import pyarrow.compute as pc
-from dlt.common.libs.pyarrow import columns_to_arrow
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.common.schema.utils import generate_version_hash, get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from client.load_info import LoadInfo  # the one definition of what a put answers, shared with the client
 from client.protocol import COMMIT_METADATA, WriteCommand
+from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
-from flight_server.errors import ContractViolation, InvalidRequest, ServiceError, Unavailable
+from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
+from flight_server.storage.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
 
@@ -69,64 +100,86 @@ class Writer:
         self.work_dir = work_dir
         self.max_bytes = max_bytes
 
-    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool]) -> LoadInfo:
-        """Check, then load one upload stream; raise a ServiceError on refusal."""
+    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool],
+            must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
+        """Check, then load one upload stream; raise a ServiceError on refusal.
+
+        The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
+        ``must_be_new``: the table must (not) hold data already; the text says what to do instead.
+        """
         grant = self.catalog.require_write(profile, command.dataset)
-        if command.table.startswith("_dlt"):
-            raise InvalidRequest(f"table name '{command.table}' is reserved for dlt", dataset=command.dataset, table=command.table)
         storage = self.catalog.storage(command.dataset)
         with storage.write_lock:
             storage.invalidate()
             stored = storage.stored_schema()
             dataset_config = self.catalog.project.datasets[command.dataset]
             schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
+            table = uploads.table_name(schema, command.dataset, command.table)  # as dlt stores it
+            exists = table in storage.table_names()
+            if must_exist is not None and not exists:
+                raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
+                               dataset=command.dataset, table=table)
+            if must_be_new is not None and exists:
+                raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
+                                     dataset=command.dataset, table=table)
+            capabilities = storage.cached_capabilities()
+            shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities)
             counts = {"rows": 0, "bytes": 0, "committed": 0}
-            decided: dict[str, Any] = {}
 
             def upload() -> Iterator[Any]:
                 """The upload as dlt items; runs only inside extract, after the contract decision."""
-                batches: Iterator[Any] = self._batches(reader, counts)
-                if decided["decision"].coerce:
-                    batches = self._coerced(batches, decided["decision"].coerce, storage, command)
-                yield from batches
+                yield from uploads.conformed(self._batches(reader, counts), shape, table, command.dataset)
 
+            primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
             resource = dlt.resource(
-                upload(), name=command.table, write_disposition=command.write_disposition,
-                primary_key=list(command.primary_key) or None, table_format=storage.table_format,
+                upload(), name=table, write_disposition=command.write_disposition,
+                primary_key=primary_key or None, table_format=storage.table_format,
+                columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
             )
             try:
-                decision = decided["decision"] = check_write(schema, command.table, reader.schema, grant.contract,
-                                                             resource)
+                decision = check_write(schema, table, shape.schema, grant.contract, resource, capabilities)
             except ContractViolation as exc:
                 exc.fields["load_id"] = _load_id()
                 exc.fields["step"] = "extract"
                 raise
-            pipeline_name = f"save_{command.table}_pipeline"
+            if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
+                shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities, decision.coerce)
+            pipeline_name = f"save_{table}_pipeline"
             folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
             pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                     dataset_name=command.dataset)
+            undo: Callable[[], None] | None = None
+            packaged: set[str] = set()  # schema version hashes of the put's packages
             try:
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
                 if command.commit_marker and not counts["committed"]:
                     raise PutCancelled(
-                        f"upload to '{command.dataset}.{command.table}' ended without the client's commit; nothing was written",
-                        dataset=command.dataset, table=command.table,
+                        f"upload to '{command.dataset}.{table}' ended without the client's commit; nothing was written",
+                        dataset=command.dataset, table=table,
                     )
                 if cancelled():
                     raise PutCancelled(
-                        f"upload to '{command.dataset}.{command.table}' was cancelled by the client; nothing was written",
-                        dataset=command.dataset, table=command.table,
+                        f"upload to '{command.dataset}.{table}' was cancelled by the client; nothing was written",
+                        dataset=command.dataset, table=table,
                     )
                 pipeline.normalize()
-                with storage.writing():  # the destination is held for the load step only
+                packaged |= self._keep_owner_contract(pipeline, stored)
+                # the destination is held for the load step only (duckdb: its read-write connection,
+                # which dlt borrows; reads of the file wait meanwhile, the owner's pipelines before and after)
+                with storage.writing():
+                    # what the load may touch: the table and its child tables (a replace empties them)
+                    undo = storage.savepoint(_table_family(schema, table))
                     info = pipeline.load()
+                    self._keep_owner_table_hints(storage, stored, command.dataset)
             except PipelineStepFailed as exc:
+                self._undo(undo)
                 if exc.step == "load":
-                    self._forget_failed_schema(storage, stored, pipeline)
+                    self._forget_failed_schema(storage, stored, pipeline, packaged)
                 self._discard_packages(pipeline)
-                raise self._step_error(exc, command) from None
+                raise self._step_error(exc, command.dataset, table) from None
             except BaseException:
-                self._forget_failed_schema(storage, stored, pipeline)
+                self._undo(undo)
+                self._forget_failed_schema(storage, stored, pipeline, packaged)
                 self._discard_packages(pipeline)
                 raise
             finally:
@@ -140,7 +193,7 @@ class Writer:
                 destination_type=storage.destination_config.type,
                 dataset_name=command.dataset,
                 location=storage.location,
-                table_name=command.table,
+                table_name=table,
                 load_ids=tuple(info.loads_ids),
                 load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
                 rows=counts["rows"],
@@ -193,40 +246,91 @@ class Writer:
             log.exception("could not drop the pipeline of a failed put")
 
     @staticmethod
-    def _coerced(batches: Iterator[pa.RecordBatch], columns: dict[str, Any], storage: Any,
-                 command: WriteCommand) -> Iterator[pa.RecordBatch]:
-        """Cast columns whose stored type differs to that type (``data_type: evolve``, see
-        :func:`contracts.check_write`); a value that does not fit refuses the whole upload."""
-        targets = columns_to_arrow(columns, storage.cached_capabilities(), "UTC")
-        for batch in batches:
-            arrays = list(batch.columns)
-            for i, name in enumerate(batch.schema.names):
-                if name not in columns:
-                    continue
-                target = targets.field(name).type
-                try:
-                    arrays[i] = pc.cast(arrays[i], target, safe=True)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise InvalidRequest(
-                        f"column '{name}' of table '{command.table}' is stored as {columns[name]['data_type']}; "
-                        f"the upload's {batch.schema.field(name).type} values cannot be stored in it ({exc}); "
-                        "nothing was written",
-                        dataset=command.dataset, table=command.table, column_name=name,
-                    ) from None
-            fields = [batch.schema.field(i).with_type(a.type) for i, a in enumerate(arrays)]
-            build = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
-            yield build(arrays, schema=pa.schema(fields, batch.schema.metadata))
+    def _keep_owner_contract(pipeline: Any, before: Any) -> set[str]:
+        """The profile's contract decides this save only. dlt writes the contract a pipeline ran with
+        into the schema the load stores (the schema's settings and the tables), where it would bind
+        the owner's own pipeline from then on: a ``freeze`` profile would lock the owner out of
+        evolving the dataset. So the normalized package's schema gets the owner's contract back
+        before the load stores it (the load itself does not use the contract)."""
+        owner = before.schema if before is not None else None
+        packages = pipeline._get_load_storage().normalized_packages
+        hashes: set[str] = set()
+        for load_id in pipeline.list_normalized_load_packages():
+            stored = packages.load_schema(load_id).to_dict(bump_version=False)
+            changed = _restore_key(stored.setdefault("settings", {}), owner.settings if owner else {}, "schema_contract")
+            for name, table in stored["tables"].items():
+                previous = owner.tables.get(name, {}) if owner else {}
+                changed = _restore_key(table, previous, "schema_contract") or changed
+            if changed:
+                # the version dlt gave the package stays; the hash is that of the new content
+                stored["version_hash"] = generate_version_hash(stored)
+                packages.save_schema(load_id, Schema.from_dict(stored, bump_version=False))
+            hashes.add(stored["version_hash"])
+        return hashes
 
     @staticmethod
-    def _forget_failed_schema(storage: Any, before: Any, pipeline: Any) -> None:
+    def _keep_owner_table_hints(storage: Any, before: Any, dataset: str) -> None:
+        """dlt stores a table's hints as the last pipeline gave them: a save into the owner's table
+        wrote its own write disposition, resource name and column hints over the owner's (a demo
+        table loaded with ``replace`` read ``append`` after one append). So the hints of every table
+        and column that existed before the save are put back; new columns (under ``evolve``) and new
+        tables stay. When that gives the owner's schema again, the version the save stored is removed
+        (the dataset keeps its version); otherwise the result is stored as the next version with dlt's
+        own ``update_stored_schema``. The load itself needs the save's hints, so this comes after it."""
+        if before is None:
+            return
+        try:
+            storage.invalidate()
+            now = storage.stored_schema()
+            if now is None or now.version_hash == before.version_hash or now.schema.name != before.schema.name:
+                return
+            stored = now.schema.to_dict(bump_version=False)
+            for name, table in stored["tables"].items():
+                previous = before.schema.tables.get(name)
+                if previous is None or name.startswith(now.schema._dlt_tables_prefix):
+                    continue
+                for key in (set(table) | set(previous)) - {"columns", "name", "parent", "x-normalizer"}:
+                    _restore_key(table, previous, key)
+                for column, hints in previous.get("columns", {}).items():
+                    if column in table["columns"]:
+                        table["columns"][column] = copy.deepcopy(hints)
+            if generate_version_hash(stored) == before.version_hash:
+                storage.forget_schema_version(now.schema.name, now.version_hash)
+                return
+            schema = Schema.from_dict(stored)  # the next version: its content changed, dlt bumps it
+            if schema.version_hash == now.version_hash:
+                return
+            from dlt.dataset.utils import get_destination_clients
+
+            client = isolated(get_destination_clients, schema, storage.dlt_destination(), dataset)[0]
+            with client:
+                client.update_stored_schema()
+        except Exception:  # noqa: BLE001 - the rows are saved; the owner's hints are best effort, logged
+            log.exception("could not put back the table hints of dataset %s after a save", dataset)
+        finally:
+            storage.invalidate()
+
+    @staticmethod
+    def _undo(undo: Callable[[], None] | None) -> None:
+        """Put back what a failed load changed where the destination has no transaction (Delta)."""
+        if undo is None:
+            return
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 - the load error is what the client must see; this is logged
+            log.exception("could not restore the tables of a failed load")
+
+    @staticmethod
+    def _forget_failed_schema(storage: Any, before: Any, pipeline: Any, packaged: set[str]) -> None:
         """A load that failed after dlt stored the new schema version (dlt migrates the schema
         before it loads the data) leaves that version behind: remove it, so a refused save leaves
         the dataset's schema version as it was. Only the version this pipeline stored is removed."""
         try:
             storage.invalidate()
             now = storage.stored_schema()
-            ours = pipeline.default_schema.version_hash if pipeline.default_schema_name else None
-            if now is None or ours is None or now.version_hash != ours:
+            ours = {pipeline.default_schema.version_hash} if pipeline.default_schema_name else set()
+            ours |= packaged  # the schemas of the put's packages, as the load stored them
+            if now is None or now.version_hash not in ours:
                 return
             if before is not None and now.version_hash == before.version_hash:
                 return
@@ -238,7 +342,7 @@ class Writer:
             storage.invalidate()
 
     @staticmethod
-    def _step_error(exc: PipelineStepFailed, command: WriteCommand) -> ServiceError:
+    def _step_error(exc: PipelineStepFailed, dataset: str, table: str) -> ServiceError:
         inner = exc.exception
         cause: BaseException | None = inner
         while cause is not None:  # our own refusal, raised inside dlt's extract (wrapped by dlt)
@@ -248,15 +352,53 @@ class Writer:
         if isinstance(inner, DataValidationError):
             from flight_server.contracts import violation_message
 
-            text = violation_message(inner.schema_name, inner.table_name or command.table, inner.column_name,
+            text = violation_message(inner.schema_name, inner.table_name or table, inner.column_name,
                                      str(inner.schema_entity), str(inner.contract_mode))
             return ContractViolation(
-                text, schema_name=inner.schema_name, table_name=inner.table_name or command.table,
+                text, schema_name=inner.schema_name, table_name=inner.table_name or table,
                 column_name=inner.column_name, schema_entity=str(inner.schema_entity),
                 contract_mode=str(inner.contract_mode), load_id=exc.load_id, step=exc.step,
             )
-        cls = Unavailable if exc.step == "load" else InvalidRequest  # load: the destination failed, not the data
-        return cls(
-            f"saving to '{command.dataset}.{command.table}' failed at step {exc.step}: {inner}; nothing was written",
-            dataset=command.dataset, table=command.table, step=exc.step,
+        reason = _reason(inner)
+        if exc.step == "load":  # the destination refused or failed, not the data as checked up front
+            return Unavailable(
+                f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "
+                f"({reason}); nothing was written and the table is as it was",
+                dataset=dataset, table=table, step=exc.step, reason=reason,
+            )
+        return InvalidRequest(
+            f"saving to '{dataset}.{table}' failed at step {exc.step}: {reason}; nothing was written",
+            dataset=dataset, table=table, step=exc.step, reason=reason,
         )
+
+
+# "_duckdb.ConversionException: Conversion Error: ..." -> "Conversion Error: ..."
+_EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Exception|Error|Failed|Violation): ")
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, in the words of the one who refused (the destination, dlt): the first line of the
+    innermost message, without Python's chained-exception text, class paths or dlt's retry advice
+    (a failed put's package is dropped, there is nothing to retry)."""
+    text = getattr(exc, "failed_message", None) or str(exc) or type(exc).__name__
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
+    first = _EXCEPTION_PREFIX.sub("", first)
+    return first if len(first) <= 300 else first[:300] + "..."
+
+
+def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
+    """Set ``target[key]`` back to ``source[key]`` (or remove it); True if that changed ``target``."""
+    if target.get(key) == source.get(key):
+        return False
+    if key in source:
+        target[key] = copy.deepcopy(source[key])
+    else:
+        target.pop(key, None)
+    return True
+
+
+def _table_family(schema: Schema, table: str) -> list[str]:
+    """The table and its child tables in the stored schema (what dlt's replace empties)."""
+    if table not in schema.tables:
+        return [table]
+    return [t["name"] for t in get_nested_tables(schema.tables, table)]

@@ -339,3 +339,95 @@ def test_saved_tables_are_read_back_by_sql_and_counted(dest: Destination) -> Non
     out = ds.sql("SELECT g, count(*) AS n, sum(v) AS s FROM grouped GROUP BY g ORDER BY g").arrow().to_pylist()
     expected = frame.groupby("g")["v"].agg(["count", "sum"])
     assert [(r["g"], r["n"], int(r["s"])) for r in out] == [(g, int(c), int(s)) for g, (c, s) in expected.iterrows()]
+
+
+# --- issue 11: a failed replace keeps the previous table, its child tables and the schema version -----
+EVENTS_CHILD = "push_event__payload__commits"
+
+
+def _rows(dest: Destination, table: str) -> pa.Table:
+    return dest.catalog().github_events_dataset[table].arrow().sort_by("_dlt_id")
+
+
+def test_a_replace_with_a_value_that_does_not_fit_is_refused_before_anything_is_touched(dest: Destination) -> None:
+    """uint64 is stored as bigint, so the frozen contract passes; the value does not fit: refused up
+    front naming the column (it used to fail at the load step after dlt had emptied the tables)."""
+    child = _rows(dest, EVENTS_CHILD)
+    assert child.num_rows > 0
+    overflow = pa.table({"id": ["x"], "repo__id": pa.array([2**64 - 1], pa.uint64())})
+    failed = refused_without_trace(
+        dest, "github_events_dataset", "push_event",
+        lambda: dest.catalog().github_events_dataset.save(overflow, table_name="push_event",
+                                                          write_disposition="replace"),
+        InvalidRequestError)
+    assert "column 'repo__id' of table 'push_event'" in str(failed) and "nothing was written" in str(failed)
+    assert _rows(dest, EVENTS_CHILD).equals(child)
+
+
+def test_a_replace_failing_at_the_load_step_keeps_the_table_and_its_child_tables(dest: Destination) -> None:
+    """The destination itself refuses the new rows (a CHECK constraint added behind dlt's back, so no
+    up-front check knows): PostgreSQL rolls back the staged TRUNCATE + INSERT, Delta tables are
+    restored to their previous version; the child table keeps its rows too."""
+    child = _rows(dest, EVENTS_CHILD)
+    dest.add_check_constraint("github_events_dataset", "push_event", "repo_positive", "repo__id")
+    rows = pa.table({"id": ["a", "b"], "repo__id": pa.array([5, -1], pa.int64())})
+    failed = refused_without_trace(
+        dest, "github_events_dataset", "push_event",
+        lambda: dest.catalog().github_events_dataset.save(rows, table_name="push_event", write_disposition="replace"),
+        FlightShareError)
+    text = str(failed)
+    assert "failed at step load" in text and "nothing was written" in text
+    assert "The above exception" not in text and "pipeline.load()" not in text
+    assert _rows(dest, EVENTS_CHILD).equals(child), "a failed replace changed the child table"
+    # a good replace goes through and, as dlt's replace does, empties the child table
+    dest.catalog().github_events_dataset.save(rows.slice(0, 1), table_name="push_event", write_disposition="replace")
+    assert _rows(dest, "push_event").column("id").to_pylist() == ["a"]
+    assert _rows(dest, EVENTS_CHILD).num_rows == 0
+
+
+def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection, in-process: dlt's Delta replace has committed - the child table emptied, the
+    table overwritten - and then the load fails (recording the load in ``_dlt_loads``). Both tables
+    are restored to their previous versions and the schema version stays."""
+    import sys
+    import threading
+
+    from dlt.destinations.impl.filesystem.filesystem import FilesystemClient
+
+    from flight_server.service import FlightShareServer
+
+    project = tmp_path / "dlt.yml"
+    project.write_text("format_version: 1\nproject: {name: dlt_example_project}\ndestinations:\n"
+                       + DESTINATIONS["delta_local"] + DATASETS)
+    _load_events(project, {})
+    limit = getattr(sys, "tracebacklimit", None)
+    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0")
+    threading.Thread(target=server.serve, daemon=True).start()
+    try:
+        url = f"grpc://127.0.0.1:{server.port}"
+        ds = connect(url).github_events_dataset
+        before = {t: ds[t].arrow().sort_by("_dlt_id") for t in ("push_event", EVENTS_CHILD)}
+        version = ds.info.schema_version
+        assert before[EVENTS_CHILD].num_rows > 0
+        calls: list[str] = []
+
+        def failing_complete_load(self: Any, load_id: str) -> None:
+            calls.append(load_id)
+            raise RuntimeError("injected: the store went away while recording the load")
+
+        monkeypatch.setattr(FilesystemClient, "complete_load", failing_complete_load)
+        rows = pa.table({"id": ["a"], "repo__id": pa.array([5], pa.int64())})
+        with pytest.raises(FlightShareError) as failed:
+            connect(url).github_events_dataset.save(rows, table_name="push_event", write_disposition="replace")
+        assert calls, "the fault was not injected"
+        assert "nothing was written" in str(failed.value) and "The above exception" not in str(failed.value)
+        ds = connect(url).github_events_dataset
+        for table, data in before.items():
+            assert ds[table].arrow().sort_by("_dlt_id").equals(data), f"{table} was not restored"
+        assert ds.info.schema_version == version
+        monkeypatch.undo()
+        connect(url).github_events_dataset.save(rows, table_name="push_event", write_disposition="replace")
+        assert connect(url).github_events_dataset.push_event.arrow().column("id").to_pylist() == ["a"]
+    finally:
+        server.shutdown()
+        sys.tracebacklimit = limit if limit is not None else 1000

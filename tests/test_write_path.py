@@ -53,9 +53,11 @@ class WriteServer:
         root = self.project.parent / ".flight-share" / "puts"
         return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
-    def stop_and_inspect(self, file: str, sql: str) -> list[tuple]:
-        """Stop the server (it holds duckdb's lock) and query a destination file directly."""
+    def stop_and_inspect(self, file: str, sql: str) -> list[tuple] | None:
+        """Stop the server and query a destination file directly (None: no save ever created the file)."""
         self.proc.stop()
+        if not (self.data / file).exists():
+            return None
         with duckdb.connect(str(self.data / file), read_only=True) as con:
             return con.execute(sql).fetchall()
 

@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 from dlt.common.libs.pyarrow import columns_to_arrow
@@ -86,6 +86,15 @@ class StoredSchema:
         body = json.loads(schema_json) if isinstance(schema_json, str) else schema_json
         return cls(Schema.from_dict(body), int(version), version_hash)
 
+
+# dlt's replace on SQL destinations. Its default, ``truncate-and-insert``, empties the table and its
+# child tables in a transaction of their own before the load: a load that then fails leaves them
+# empty. ``insert-from-staging`` loads into the staging dataset (``<dataset>_staging``) first, then
+# runs TRUNCATE + INSERT ... SELECT for the table and its child tables as one SQL job, which dlt runs
+# in one transaction on duckdb and PostgreSQL (``SqlLoadJob.maybe_transaction``: both support
+# transactions, DDL included) - so a replace is all-or-nothing there. Checked in dlt 1.31's
+# ``SqlStagingReplaceFollowupJob`` and by tests/test_write_safety.py and test_destination_writes.py.
+SQL_REPLACE_STRATEGY = "insert-from-staging"
 
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 
@@ -199,6 +208,12 @@ class Storage(ABC):
         """The destination held for one write's load step (duckdb: its read-write connection); most
         destinations need nothing held."""
         return contextlib.nullcontext()
+
+    def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
+        """Before a load that may change ``tables``: a function that puts them back as they are now,
+        for a load that fails half way. None where the destination needs none: on SQL destinations a
+        load changes the real tables in one transaction (see :data:`SQL_REPLACE_STRATEGY`)."""
+        return None
 
     @property
     @abstractmethod

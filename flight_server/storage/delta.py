@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import dlt
@@ -155,6 +155,32 @@ class DeltaStorage(Storage):
                     client.fs_client.rm(path)
 
         isolated(forget)
+
+    def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
+        """Delta has no transaction over several tables, and dlt's replace makes several commits:
+        the child tables without new rows are emptied first (``truncate_delta_table``, a delete
+        commit in ``initialize_storage``), then each table with rows is overwritten in one commit
+        of its own. So the current version of each table is remembered, and a load that fails puts
+        back every table that moved since with ``DeltaTable.restore(version)`` - a new commit whose
+        files are those of that version (the removed files are still there: nothing vacuums them)."""
+        from deltalake import DeltaTable
+
+        versions: dict[str, int] = {}
+        for table in tables:
+            try:
+                versions[table] = int(self.delta_table(table).version())
+            except (NotFound, Unavailable):
+                continue  # not stored yet: a failed load leaves nothing there to restore
+
+        def restore() -> None:
+            self.invalidate()
+            for table, version in versions.items():
+                dt = DeltaTable(self.table_uri(table), storage_options=self._storage_options or None)
+                if int(dt.version()) != version:
+                    dt.restore(version)
+            self.invalidate()
+
+        return restore if versions else None
 
     @property
     def location(self) -> str:

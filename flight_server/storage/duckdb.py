@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import Unavailable
-from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.storage.base import (SHARED_SCHEMA_TTL, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema,
+                                        int_range, split_evenly)
 from flight_server.storage.lifetime import owning_reader
 
 def quote(name: str) -> str:
@@ -214,7 +215,8 @@ class DuckDBStorage(Storage):
         if con is None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         return dlt.destinations.duckdb(con if con is not None else self.path,
-                                       destination_name=self.destination_config.name)
+                                       destination_name=self.destination_config.name,
+                                       replace_strategy=SQL_REPLACE_STRATEGY)  # all-or-nothing replace
 
     @property
     def location(self) -> str:

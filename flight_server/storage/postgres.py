@@ -30,7 +30,7 @@ import sqlglot
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import InvalidRequest, Unavailable
-from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.storage.base import SHARED_SCHEMA_TTL, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema, int_range, split_evenly
 from flight_server.storage.lifetime import isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
@@ -119,7 +119,8 @@ class PostgresStorage(Storage):
     # --- dlt --------------------------------------------------------------------------------
     def dlt_destination(self) -> Any:
         return dlt.destinations.postgres(
-            credentials=self.destination_config.credentials, destination_name=self.destination_config.name
+            credentials=self.destination_config.credentials, destination_name=self.destination_config.name,
+            replace_strategy=SQL_REPLACE_STRATEGY,  # all-or-nothing replace (storage/base.py)
         )
 
     def capabilities(self) -> Any:

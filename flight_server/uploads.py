@@ -1,0 +1,181 @@
+"""What an upload may name and carry, decided before dlt runs (both write surfaces use this).
+
+Names are compared the way dlt stores them: after the dataset schema's naming convention
+(``schema.naming``, applied as dlt's extractor applies it; ``N`` is stored as ``n``, ``Issues_Event`` as ``issues_event``), so an upload
+that names an existing table or column in another letter case goes into it, and dlt's reserved
+``_dlt`` tables cannot be reached under any spelling (``_DLT_version``, `` _dlt_loads``).
+
+Values are checked against the stored columns before anything reaches the destination: an integer
+or decimal column whose Arrow type differs from the stored one while dlt sees the same data type
+(``uint64`` and ``int64`` are both ``bigint``, so the contract passes) is cast to the stored type
+with ``safe=True``, and nulls in a NOT NULL column are counted; a value that does not fit refuses
+the whole upload with INVALID_ARGUMENT naming the column, instead of failing at the load step.
+
+Every refusal is an :class:`~flight_server.errors.InvalidRequest` naming the table or column and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from dlt.common.libs.pyarrow import UnsupportedArrowTypeException, columns_to_arrow, get_column_type_from_py_arrow
+from dlt.common.normalizers.json.helpers import normalize_table_identifier
+from dlt.common.schema import Schema
+from dlt.common.schema.utils import is_complete_column
+
+from client.protocol import MAX_NAME_CHARS
+from flight_server.errors import InvalidRequest
+
+# ``.`` qualifies names in SQL, ``/`` separates folders, ``%``, ``{`` and ``}`` are dlt's file layout
+# placeholders on the filesystem destination; control characters have no place in a name.
+FORBIDDEN_TABLE_CHARS = "./%{}\\"
+TABLE_NAME_RULE = (f"a table name is 1 to {MAX_NAME_CHARS} characters, without control characters or any of "
+                   f"{' '.join(FORBIDDEN_TABLE_CHARS)}, and does not start with _dlt (in any letter case)")
+
+
+def _shown(name: str) -> str:
+    """A caller's name for a message: control characters escaped, long names cut."""
+    text = name.encode("unicode_escape").decode("ascii") if not name.isprintable() else name
+    return text if len(text) <= 80 else text[:80] + f"... ({len(name)} characters)"
+
+
+def table_name(schema: Schema, dataset: str, name: str) -> str:
+    """The table ``name`` as dlt stores it in ``schema``; InvalidRequest when it cannot be written."""
+    def refuse(why: str) -> InvalidRequest:
+        return InvalidRequest(f"table name '{_shown(name)}' in dataset '{dataset}' {why}; {TABLE_NAME_RULE}",
+                              dataset=dataset, table=name)
+
+    if not isinstance(name, str) or not name.strip():
+        raise refuse("is empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise refuse(f"has {len(name)} characters")
+    bad = sorted({c for c in name if c in FORBIDDEN_TABLE_CHARS or not c.isprintable()})
+    if bad:
+        raise refuse("contains " + ", ".join(repr(c) for c in bad))
+    normalized = normalize_table_identifier(schema, schema.naming, name)  # what dlt's extractor does
+    reserved = schema.naming.normalize_table_identifier("_dlt").lower()
+    if normalized.lower().startswith(reserved) or name.strip().lower().startswith("_dlt"):
+        raise refuse(f"is reserved for dlt (stored as '{normalized}')")
+    return normalized
+
+
+def _unstorable(dtype: pa.DataType) -> pa.DataType | None:
+    """The (nested) Arrow type in ``dtype`` dlt cannot store, or None."""
+    if pa.types.is_union(dtype):
+        return dtype  # dlt maps unions to json, but no loader file format can write them
+    if pa.types.is_dictionary(dtype):
+        return _unstorable(dtype.value_type)
+    if pa.types.is_nested(dtype):
+        children = [dtype.field(i).type for i in range(dtype.num_fields)]
+        return next((u for u in map(_unstorable, children) if u is not None), None)
+    try:
+        get_column_type_from_py_arrow(dtype)  # dlt's own mapping decides what it can store
+    except UnsupportedArrowTypeException:
+        return dtype
+    return None
+
+
+@dataclass(frozen=True)
+class UploadShape:
+    """How incoming batches become what dlt gets: stored names, stored types, stored nullability."""
+
+    schema: pa.Schema  # the schema dlt sees
+    casts: dict[str, pa.DataType] = field(default_factory=dict)  # column -> stored Arrow type
+    stored_types: dict[str, str] = field(default_factory=dict)  # column -> stored dlt data type (messages)
+    # the stored column schemas of the columns dlt sees with their stored data type: given to the
+    # dlt resource as its column hints, so dlt's contract check compares like with like
+    hints: dict[str, Any] = field(default_factory=dict)
+
+    def conform(self, batch: Any, table: str, dataset: str) -> Any:
+        """One batch (or table) in :attr:`schema`; a value that does not fit refuses the upload."""
+        arrays = list(batch.columns)
+        for i, f in enumerate(self.schema):
+            if not f.nullable and arrays[i].null_count:
+                raise InvalidRequest(
+                    f"column '{f.name}' of table '{table}' is stored as NOT NULL; the upload has "
+                    f"{arrays[i].null_count} null value(s) in it; nothing was written",
+                    dataset=dataset, table=table, column_name=f.name,
+                )
+            target = self.casts.get(f.name)
+            if target is None or arrays[i].type == target:
+                continue
+            try:
+                arrays[i] = pc.cast(arrays[i], target, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise InvalidRequest(
+                    f"column '{f.name}' of table '{table}' is stored as {self.stored_types.get(f.name, target)}; the upload's "
+                    f"{batch.schema.field(i).type} values cannot be stored in it ({str(exc).splitlines()[0]}); "
+                    "nothing was written",
+                    dataset=dataset, table=table, column_name=f.name,
+                ) from None
+        build = pa.Table.from_arrays if isinstance(batch, pa.Table) else pa.RecordBatch.from_arrays
+        return build(arrays, schema=self.schema)
+
+
+def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabilities: Any,
+          coerce: Mapping[str, Any] | None = None) -> UploadShape:
+    """Check the upload's columns and decide how its batches are conformed (see the module text).
+
+    ``table`` is the stored table name (:func:`table_name`); ``coerce``: stored columns that a
+    contract decision (``data_type: evolve``) wants the upload cast to, although dlt sees another type.
+    """
+    stored = schema.get_table_columns(table) if table in schema.tables else {}
+    seen: dict[str, str] = {}
+    fields = []
+    casts: dict[str, pa.DataType] = {}
+    hints: dict[str, Any] = {}
+    for f in incoming:
+        odd = _unstorable(f.type)
+        if odd is not None:
+            raise InvalidRequest(
+                f"column '{_shown(f.name)}' of table '{table}' has Arrow type {f.type}, which dlt cannot store"
+                f"{'' if odd == f.type else f' ({odd} inside)'}; send numbers, strings, booleans, binary, "
+                "decimals, dates, times, timestamps, or lists/structs/maps of them; nothing was written",
+                dataset=dataset, table=table, column_name=f.name,
+            )
+        name = schema.naming.normalize_path(f.name)  # as dlt's normalize_table_identifiers (a__b stays)
+        if name in seen:
+            raise InvalidRequest(
+                f"columns '{_shown(seen[name])}' and '{_shown(f.name)}' of table '{table}' are both stored as "
+                f"'{name}'; send each column once; nothing was written",
+                dataset=dataset, table=table, column_name=f.name,
+            )
+        seen[name] = f.name
+        kept = stored.get(name)
+        nullable = f.nullable
+        if kept is not None and is_complete_column(kept):
+            # Arrow's nullability is a property of the stream, not of the column: the stored hint
+            # stands (dlt's normalize still refuses nulls in a NOT NULL column). Otherwise dlt's
+            # contract check reads a non-nullable Arrow field as a data type change.
+            nullable = kept.get("nullable", True)
+            if _dlt_type(f.type) == kept.get("data_type"):
+                # Arrow says less than the stored schema (``timestamp[us]`` has precision 6 where the
+                # stored column has none; a key's NOT NULL): dlt lets resource hints override what it
+                # reads from Arrow, so the stored hints are those hints and dlt's contract sees no
+                # "data type change from timestamp to timestamp". A merge key on a stored nullable
+                # column stays nullable (dlt's ``_merge_key`` keeps an explicit nullable).
+                hints[name] = dict(kept)
+            # integers and decimals are where the same dlt type can hold values the stored one cannot
+            may_overflow = pa.types.is_integer(f.type) or pa.types.is_decimal(f.type)
+            if (may_overflow and _dlt_type(f.type) == kept.get("data_type")) or (coerce and name in coerce):
+                target = columns_to_arrow({name: dict(kept)}, capabilities, "UTC").field(name).type
+                if target != f.type:
+                    casts[name] = target
+        fields.append(pa.field(name, casts.get(name, f.type), nullable, f.metadata))
+    target_schema = pa.schema(fields, incoming.metadata)
+    stored_types = {n: str(stored[n].get("data_type")) for n in casts}
+    return UploadShape(target_schema, casts, stored_types, hints)
+
+
+def _dlt_type(dtype: pa.DataType) -> str | None:
+    return get_column_type_from_py_arrow(dtype).get("data_type")
+
+
+def conformed(batches: Iterator[Any], upload: UploadShape, table: str, dataset: str) -> Iterator[Any]:
+    """The batches, each conformed to the upload's shape."""
+    for batch in batches:
+        yield upload.conform(batch, table, dataset)

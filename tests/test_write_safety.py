@@ -1,0 +1,311 @@
+"""Issue 11, write path: no save — refused, failed or abandoned — may change the owner's data, and bad
+input gets INVALID_ARGUMENT naming what is wrong, on both write surfaces (DoPut and Flight SQL ingest).
+
+Against a real server process over duckdb files (the demo's frozen ``github_events_dataset`` with
+``push_event`` and its child table ``push_event__payload__commits``); the same promises on PostgreSQL
+and Delta are in tests/test_destination_writes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from client import InvalidRequestError, PipelineStepFailed, connect
+from client.errors import FlightShareError
+from tests.servers import REPO, ServerProcess, make_project
+from tests.test_write_path import WriteServer
+
+EVENTS = "github_events_dataset"
+CHILD = "push_event__payload__commits"
+# the issue's example: the contract passes (uint64 is stored as bigint), the value does not fit
+OVERFLOW = {"id": ["x"], "repo__id": pa.array([2**64 - 1], pa.uint64())}
+
+
+@pytest.fixture(scope="module")
+def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("safety-src"), REPO / "tests" / "write_project.yml", events=300)
+
+
+@pytest.fixture()
+def ws(loaded_project: Path, tmp_path: Path) -> Iterator[WriteServer]:
+    server = WriteServer(loaded_project, tmp_path / "project")
+    yield server
+    server.proc.stop()
+
+
+def snapshot(url: str, dataset: str = EVENTS, tables: tuple[str, ...] = ("push_event", CHILD)) -> dict[str, Any]:
+    """What the owner has: schema version, the table list and every row of the given tables."""
+    ds = connect(url)[dataset]
+    state: dict[str, Any] = {"version": ds.info.schema_version, "tables": list(ds.tables)}
+    for t in tables:
+        data = ds[t].arrow()
+        state[t] = data.sort_by([(c, "ascending") for c in ("_dlt_id",) if c in data.column_names]).to_pylist()
+    return state
+
+
+def ingest(url: str, table: str, data: pa.Table, mode: str, dataset: str = EVENTS) -> int:
+    with flight_sql.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        return cur.adbc_ingest(table, data, mode=mode, db_schema_name=dataset)
+
+
+def raw_put(url: str, dataset: str, table: str, data: pa.Table, disposition: str = "append") -> None:
+    """A DoPut with a JSON write command (any table name, also ones the client library refuses)."""
+    from client import protocol
+
+    body = json.dumps({"v": protocol.PROTOCOL_VERSION, "op": "write", "dataset": dataset, "table": table,
+                       "write_disposition": disposition}).encode()
+    client = flight.connect(url)
+    try:
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(body), data.schema)
+        writer.write_table(data)
+        writer.close()
+    finally:
+        client.close()
+
+
+def raw_ingest(url: str, dataset: str, table: str, data: pa.Table) -> None:
+    """A Flight SQL CommandStatementIngest (create_append) sent as is: names a driver would refuse or cut."""
+    from flight_server._vendor import FlightSql_pb2 as pb
+    from flight_server.flight_sql import pack
+
+    options = pb.CommandStatementIngest.TableDefinitionOptions
+    command = pb.CommandStatementIngest(
+        table=table, schema=dataset, table_definition_options=options(
+            if_not_exist=options.TABLE_NOT_EXIST_OPTION_CREATE, if_exists=options.TABLE_EXISTS_OPTION_APPEND))
+    client = flight.connect(url)
+    try:
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(pack(command)), data.schema)
+        writer.write_table(data)
+        writer.close()
+    finally:
+        client.close()
+
+
+# --- 1. a failed replace keeps the previous table, its child tables and the schema version ------------
+
+def test_replace_with_a_value_that_does_not_fit_is_refused_up_front_and_keeps_the_table(ws: WriteServer) -> None:
+    before = snapshot(ws.url)
+    assert len(before["push_event"]) > 0 and len(before[CHILD]) > 0
+    with pytest.raises(InvalidRequestError) as refused:
+        connect(ws.url)[EVENTS].save(pa.table(OVERFLOW), table_name="push_event", write_disposition="replace")
+    text = str(refused.value)
+    assert "column 'repo__id' of table 'push_event'" in text and "nothing was written" in text
+    assert snapshot(ws.url) == before
+    with pytest.raises(flight_sql.Error) as info:
+        ingest(ws.url, "push_event", pa.table(OVERFLOW), "replace")
+    assert "repo__id" in str(info.value) and "INVALID_ARGUMENT" in str(info.value).upper().replace(" ", "_")
+    assert snapshot(ws.url) == before
+    assert ws.pipelines_left() == []
+
+
+def _restart_with(ws: WriteServer, file: str, sql: str) -> None:
+    """Stop the server (it holds duckdb's lock), change the file behind dlt's back, serve it again."""
+    ws.proc.stop()
+    with duckdb.connect(str(ws.data / file)) as con:
+        con.execute(sql)
+    ws.proc = ServerProcess(ws.project)
+    ws.url = ws.proc.url
+
+
+def test_replace_failing_at_the_load_step_keeps_the_table_and_its_child_tables(ws: WriteServer) -> None:
+    """The destination refuses the rows only when they reach the real table (NOT NULL added behind
+    dlt's back, so no up-front check can know): the previous rows of the table and of its child table
+    stay, the schema version stays, the client reads what failed in plain words."""
+    _restart_with(ws, "lake.duckdb", f'ALTER TABLE {EVENTS}.push_event ALTER COLUMN "type" SET NOT NULL')
+    before = snapshot(ws.url)
+    rows = pa.table({"id": ["a", "b"], "type": [None, "PushEvent"]}, schema=pa.schema([("id", pa.string()),
+                                                                                        ("type", pa.string())]))
+    with pytest.raises(FlightShareError) as failed:
+        connect(ws.url)[EVENTS].save(rows, table_name="push_event", write_disposition="replace")
+    text = str(failed.value)
+    assert "nothing was written" in text
+    assert "The above exception" not in text and "Traceback" not in text and "pipeline.load()" not in text
+    assert snapshot(ws.url) == before
+    with pytest.raises(flight_sql.Error) as info:
+        ingest(ws.url, "push_event", rows, "replace")
+    assert "The above exception" not in str(info.value)
+    assert snapshot(ws.url) == before
+    assert ws.pipelines_left() == []
+    # a good replace still goes through, and replaces the child table's rows too (dlt's replace)
+    connect(ws.url)[EVENTS].save(rows.slice(1), table_name="push_event", write_disposition="replace")
+    after = snapshot(ws.url)
+    assert [r["id"] for r in after["push_event"]] == ["b"] and after[CHILD] == []
+
+
+_VANISHING_REPLACE = """
+import os, sys, pyarrow as pa, pyarrow.flight as flight
+client = flight.connect(sys.argv[1])
+batch = pa.record_batch({"id": pa.array([str(i) for i in range(50_000)])})
+writer, _ = client.do_put(flight.FlightDescriptor.for_path("github_events_dataset", "push_event"), batch.schema)
+for _ in range(20):
+    writer.write_batch(batch)
+os._exit(0)  # vanish mid-stream
+"""
+
+
+def test_a_replace_whose_client_vanishes_keeps_the_table(ws: WriteServer) -> None:
+    before = snapshot(ws.url)
+    # the path descriptor appends; a replace needs the JSON command: send it from a dying client
+    script = _VANISHING_REPLACE.replace(
+        'flight.FlightDescriptor.for_path("github_events_dataset", "push_event")',
+        'flight.FlightDescriptor.for_command(b\'{"v":1,"op":"write","dataset":"github_events_dataset",'
+        '"table":"push_event","write_disposition":"replace"}\')')
+    subprocess.run([sys.executable, "-c", script, ws.url], check=True, timeout=60)
+    for _ in range(100):
+        if ws.pipelines_left() == []:
+            break
+        time.sleep(0.1)
+    assert snapshot(ws.url) == before
+    assert ws.proc.alive
+
+
+# --- 2, 3, 8. names and types: the same checks on both surfaces ------------------------------------
+
+BAD_TABLE_NAMES = ["_DLT_version", "_Dlt_Loads", " _dlt_loads", "_dlt_pipeline_state", "a.b", "a%b", "a{b}",
+                   "a}b", "a/b", "a\x00b", "x" * 5000, "", "   "]
+
+
+@pytest.mark.parametrize("name", BAD_TABLE_NAMES, ids=lambda n: repr(n[:20]))
+def test_bad_table_names_are_invalid_argument_on_both_surfaces(ws: WriteServer, name: str) -> None:
+    data = pa.table({"k": [1]})
+    with pytest.raises(pa.ArrowInvalid) as refused:  # INVALID_ARGUMENT
+        raw_put(ws.url, "open_dataset", name, data)
+    text = str(refused.value)
+    # NUL, over-long and empty names are already refused by the command decoder ("command key 'table'")
+    assert ("table name" in text or "command key 'table'" in text) and "internal" not in text.lower()
+    with pytest.raises(pa.ArrowInvalid) as refused:  # INVALID_ARGUMENT
+        raw_ingest(ws.url, "open_dataset", name, data)
+    assert "table name" in str(refused.value) and "internal" not in str(refused.value).lower()
+    assert connect(ws.url).open_dataset.tables == []
+    assert ws.proc.alive
+
+
+def test_reserved_names_in_another_letter_case_are_refused(ws: WriteServer) -> None:
+    for name in ("_DLT_version", "_Dlt_Loads", " _dlt_loads"):
+        with pytest.raises(InvalidRequestError, match="reserved for dlt"):
+            connect(ws.url).open_dataset.save(pd.DataFrame({"k": [1]}), table_name=name)
+    loads = ws.stop_and_inspect("warehouse.duckdb", "SELECT count(*) FROM information_schema.tables "
+                                                    "WHERE table_schema = 'open_dataset'")
+    assert loads in (None, [(0,)])  # no file (nothing ever written to it), or no table of the dataset
+
+
+@pytest.mark.parametrize("column", [
+    pa.array([1], pa.duration("s")),
+    pa.array([pa.MonthDayNano([1, 2, 3])], pa.month_day_nano_interval()),
+    pa.UnionArray.from_dense(pa.array([0], pa.int8()), pa.array([0], pa.int32()), [pa.array([1])]),
+], ids=["duration", "interval", "dense_union"])
+def test_arrow_types_dlt_cannot_store_are_invalid_argument(ws: WriteServer, column: pa.Array) -> None:
+    data = pa.table({"k": [1], "odd": column})
+    with pytest.raises(InvalidRequestError) as refused:
+        connect(ws.url).open_dataset.save(data, table_name="typed")
+    text = str(refused.value)
+    assert "column 'odd'" in text and str(column.type) in text and "nothing was written" in text
+    with pytest.raises(flight_sql.Error, match="column 'odd'"):
+        ingest(ws.url, "typed", data, "create_append", dataset="open_dataset")
+    assert connect(ws.url).open_dataset.tables == []
+
+
+def test_names_are_compared_after_dlts_normalization(ws: WriteServer) -> None:
+    """``N`` is stored as ``n`` and ``Issues_Event`` is ``issues_event``: under freeze such saves
+    go into the existing table and column instead of being refused as new ones."""
+    catalog = connect(ws.url)
+    catalog.reports_dataset.save(pd.DataFrame({"k": ["a"], "n": [1]}), table_name="typed")  # columns frozen
+    catalog.reports_dataset.save(pd.DataFrame({"K": ["b"], "N": [2]}), table_name="Typed")
+    assert ingest(ws.url, "TYPED", pa.table({"k": ["c"], "N": [3]}), "append", dataset="reports_dataset") == 1
+    data = connect(ws.url).reports_dataset.typed.arrow().sort_by("k")
+    assert data.column("n").to_pylist() == [1, 2, 3] and connect(ws.url).reports_dataset.tables == ["typed"]
+    before = snapshot(ws.url, tables=("issues_event",))
+    row = _event_rows(ws.url, "issues_event", 1)
+    upper = row.rename_columns([c.upper() if c == "id" else c for c in row.column_names])
+    connect(ws.url)[EVENTS].save(upper, table_name="Issues_Event")  # frozen dataset: existing table and columns
+    after = snapshot(ws.url, tables=("issues_event",))
+    assert len(after["issues_event"]) == len(before["issues_event"]) + 1 and after["tables"] == before["tables"]
+    # two names that normalize to one column are refused, naming both
+    with pytest.raises(InvalidRequestError, match="'n' and 'N'"):
+        connect(ws.url).reports_dataset.save(pa.table({"n": [1], "N": [2]}), table_name="typed")
+
+
+def test_ingest_replace_evicts_the_hot_table_cache(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pa.table({"k": [1, 2, 3]}), table_name="hot")
+    assert catalog.open_dataset.refresh().hot.arrow().num_rows == 3  # now served from memory
+    assert connect(ws.url).open_dataset.hot.arrow().num_rows == 3
+    assert ingest(ws.url, "hot", pa.table({"k": [9]}), "replace", dataset="open_dataset") == 1
+    assert connect(ws.url).open_dataset.hot.arrow().column("k").to_pylist() == [9]
+
+
+def test_ingest_and_doput_leave_the_same_audit_line(ws: WriteServer) -> None:
+    connect(ws.url).open_dataset.save(pa.table({"k": [1, 2]}), table_name="audited")
+    ingest(ws.url, "audited", pa.table({"k": [3, 4, 5]}), "append", dataset="open_dataset")
+    deadline = time.monotonic() + 10
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(lines) < 2:
+        lines = [json.loads(m.group(1)) for m in re.finditer(r"flight_share\.audit (\{.*\})", ws.proc.output())]
+        lines = [r for r in lines if r["rpc"] == "do_put" and r["table"] == "audited"]
+        time.sleep(0.1)
+    assert [(r["dataset"], r["rows"], r["outcome"]) for r in lines] == [("open_dataset", 2, "ok"),
+                                                                        ("open_dataset", 3, "ok")]
+
+
+def _event_rows(url: str, table: str, n: int) -> pa.Table:
+    """The first ``n`` rows of a demo table as the owner's Arrow types, without dlt's own columns."""
+    data = connect(url)[EVENTS][table].arrow().slice(0, n)
+    return data.select([c for c in data.column_names if not c.startswith("_dlt")])
+
+
+# --- 9. messages in the user's terms ---------------------------------------------------------------
+
+def test_a_merge_under_freeze_is_checked_against_the_stored_hints(ws: WriteServer) -> None:
+    """Saving the owner's own rows back with ``merge`` under ``freeze`` was refused as a data type
+    change "from text to text" (the merge key's NOT NULL, and Arrow's timestamp precision, compared
+    with the stored column). With the stored hints the key stays as stored and the merge goes through."""
+    ds = connect(ws.url)[EVENTS]
+    rows = _event_rows(ws.url, "issues_event", 3)
+    before = snapshot(ws.url, tables=("issues_event",))
+    ds.save(rows, table_name="issues_event", write_disposition="merge", primary_key="id")
+    after = snapshot(ws.url, tables=("issues_event",))
+    assert len(after["issues_event"]) == len(before["issues_event"]) and after["tables"] == before["tables"]
+    # a real type change under freeze is refused, and the message names both types
+    changed = rows.set_column(rows.column_names.index("id"), "id", pa.array([1, 2, 3], pa.int64()))
+    with pytest.raises(PipelineStepFailed) as refused:
+        ds.save(changed, table_name="issues_event", write_disposition="merge", primary_key="id")
+    text = str(refused.value.__cause__)
+    assert "Trying to change data type of column id in table issues_event from text to bigint" in text
+    assert snapshot(ws.url, tables=("issues_event",)) == after
+
+
+
+def test_the_profiles_contract_is_not_stored_in_the_owners_schema(ws: WriteServer) -> None:
+    """dlt stores the contract a pipeline runs with in the schema it stores; a save under the
+    ``freeze`` profile then froze the owner's own pipeline out of the dataset. And it stores the
+    save's table hints (write disposition, resource) over the owner's."""
+    catalog = connect(ws.url)
+    version = catalog[EVENTS].info.schema_version
+    catalog[EVENTS].save(_event_rows(ws.url, "issues_event", 2), table_name="issues_event")
+    catalog.reports_dataset.save(pd.DataFrame({"k": ["a"]}), table_name="fresh")  # a new table, columns frozen
+    # the owner's table hints stay too: an append into a table the owner loads with replace
+    assert connect(ws.url)[EVENTS].info.schema_version == version
+    ws.proc.stop()
+    for file, dataset in (("lake.duckdb", EVENTS), ("warehouse.duckdb", "reports_dataset")):
+        with duckdb.connect(str(ws.data / file), read_only=True) as con:
+            newest = con.execute(f"SELECT schema FROM {dataset}._dlt_version ORDER BY inserted_at DESC LIMIT 1").fetchone()
+            owners = con.execute(f"SELECT schema FROM {dataset}._dlt_version WHERE version = ?", [version]).fetchone()
+        schema = json.loads(newest[0])
+        assert "schema_contract" not in schema.get("settings", {}), dataset
+        assert [t for t, body in schema["tables"].items() if "schema_contract" in body] == [], dataset
+        if dataset == EVENTS:
+            assert schema["tables"]["issues_event"] == json.loads(owners[0])["tables"]["issues_event"]
+            assert schema["tables"]["issues_event"]["write_disposition"] == "replace"
