@@ -465,7 +465,7 @@ class FlightSql:
 
     def _query_schema(self, context: Any, query: str) -> pa.Schema:
         storage, checked = self._prepare(context, query)
-        return self.server.sql.schema(storage, checked)
+        return self.server.sql.schema(storage, checked, context.is_cancelled)
 
     def _statement_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         self._no_transaction(command)
@@ -477,7 +477,7 @@ class FlightSql:
 
     def _statement_get(self, context: Any, command: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         storage, checked = self._prepare(context, decode_handle(command.statement_handle))
-        return flight.RecordBatchStream(self.server.sql.run(storage, checked))
+        return flight.RecordBatchStream(self.server.sql.run(storage, checked, context.is_cancelled))
 
     def _create_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
         self._no_transaction(request)
