@@ -32,15 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
-import sqlglot
-from sqlglot import exp
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import check_query, referenced_datasets
+from flight_server.sql import check_query, has_parameters, referenced_datasets
 
 if TYPE_CHECKING:
     from flight_server.service import FlightShareServer
@@ -228,12 +226,6 @@ def _like_match(pieces: list[_Piece], name: str) -> bool:
         pos = found + len(piece)
     end = len(name) - len(last)
     return end >= pos and _piece_at(last, name, end)
-
-
-def _has_parameters(query: str) -> bool:
-    """Whether a statement (already parsed once by the sandbox helpers) has ``?`` / ``$1`` parameters."""
-    tree = sqlglot.parse_one(query, read="duckdb")
-    return tree.find(exp.Placeholder, exp.Parameter) is not None
 
 
 def encode_handle(query: str) -> bytes:
@@ -451,7 +443,7 @@ class FlightSql:
                 f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
-        if _has_parameters(query):
+        if has_parameters(query):
             # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
             raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
         if len(datasets) > 1:

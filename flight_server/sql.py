@@ -39,6 +39,7 @@ bind of GetFlightInfo / GetSchema; parse-to-last-batch of DoGet) and ``server.sq
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import queue
@@ -100,6 +101,24 @@ class CheckedQuery:
     dataset: str
     # table -> columns the query uses (None: all of them)
     tables: Mapping[str, frozenset[str] | None]
+
+
+# Parsing runs in the server process (the allow-list decides what reaches a worker at all). Its time is
+# bounded by MAX_QUERY_CHARS (~2 s at most for 100,000 characters); its memory (sqlglot's tree, up to
+# ~100 MB for the longest query) by letting only this many analyses run at once.
+MAX_CONCURRENT_ANALYSES = 2
+_ANALYSIS_WAIT_SECONDS = 30.0
+_ANALYSES = threading.BoundedSemaphore(MAX_CONCURRENT_ANALYSES)
+
+
+@contextlib.contextmanager
+def _analysing(dataset: str | None) -> Iterator[None]:
+    if not _ANALYSES.acquire(timeout=_ANALYSIS_WAIT_SECONDS):
+        raise Unavailable("the server is busy analysing other queries; try again", dataset=dataset)
+    try:
+        yield
+    finally:
+        _ANALYSES.release()
 
 
 def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
@@ -204,6 +223,17 @@ def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], li
     CTE names are not table references. Nothing is checked here beyond parsing: the query still goes
     through :func:`check_query` for the dataset chosen.
     """
+    with _analysing(None):
+        return _referenced_datasets(sql, dialect)
+
+
+def has_parameters(sql: str, dialect: str = "duckdb") -> bool:
+    """Whether a statement has bound-parameter placeholders (``?``, ``$1``)."""
+    with _analysing(None):
+        return _parse_one(sql, dialect, None).find(exp.Placeholder, exp.Parameter) is not None
+
+
+def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
     tree = _parse_one(sql, dialect, None)
     datasets: set[str] = set()
     unqualified: list[str] = []
@@ -232,10 +262,11 @@ def check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | Non
 
     ``catalog``: a catalog qualifier the caller may write (``catalog.dataset.table``); any other is refused.
     """
-    try:
-        return _check_query(sql, dataset, tables, dialect, catalog)
-    except RecursionError:
-        raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
+    with _analysing(dataset):
+        try:
+            return _check_query(sql, dataset, tables, dialect, catalog)
+        except RecursionError:
+            raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
 
 
 def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str,
