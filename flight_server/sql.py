@@ -359,6 +359,9 @@ SANDBOX_WORKERS = 4
 WARM_WORKERS = 2
 #: a worker is replaced after this many queries (a fresh duckdb runs every query; this only bounds drift)
 MAX_QUERIES_PER_WORKER = 500
+#: a worker that holds more than this after its query (allocators keep freed memory) is replaced, so idle
+#: workers hold little: the server's SQL memory stays within SANDBOX_WORKERS x (limit + margin) + this x WARM_WORKERS
+IDLE_WORKER_RSS = 256 << 20
 # how often a waiting call checks its deadline and whether its caller cancelled
 _POLL_SECONDS = 0.05
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
@@ -550,10 +553,11 @@ class WorkerPool:
     def release(self, worker: _Worker, reuse: bool) -> None:
         worker.job = None
         worker.queries += 1
-        keep = reuse and not worker.dead and not self.closed and worker.queries < MAX_QUERIES_PER_WORKER
+        keep = reuse and not worker.dead and not self.closed and worker.queries < MAX_QUERIES_PER_WORKER \
+            and _rss(worker.pid) <= IDLE_WORKER_RSS
         if keep:
             with self._lock:
-                keep = len(self._idle) < SANDBOX_WORKERS
+                keep = len(self._idle) < self.warm
                 if keep:
                     self._idle.append(worker)
         if not keep:
@@ -741,6 +745,15 @@ class _Job:
 
 
 _MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process (Linux ``/proc``); huge when unknown, so the worker is not kept."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 1 << 62
 
 
 def _exit_text(code: int | None) -> str:
