@@ -471,6 +471,7 @@ class _Worker:
             self.ready.set()
             self.kill()
             code = self.proc.wait()
+            self.sock.close()
             if not self.was_ready:
                 log.error("a SQL sandbox worker exited before it was ready (%s)", _exit_text(code))
 
