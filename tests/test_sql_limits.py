@@ -210,17 +210,23 @@ def _audit(server: ServerProcess) -> list[dict[str, Any]]:
             if "flight_share.audit " in line]
 
 
-@pytest.mark.parametrize("phase", ["plan", "execute"])
+@pytest.mark.parametrize("phase", ["plan", "execute", "flight_sql"])
 def test_cancelled_call_stops_its_work_within_a_second(limited: ServerProcess, phase: str) -> None:
-    """A client that gives up (a call deadline) mid-plan (GetFlightInfo) or mid-run (DoGet): the worker is ended."""
+    """A client that gives up (a call deadline) mid-plan (GetFlightInfo, plain or Flight SQL) or mid-run
+    (DoGet): the worker is ended, the call is logged CANCELLED, and the server answers the next query."""
+    from flight_server._vendor import FlightSql_pb2 as pb
+    from flight_server.flight_sql import pack
+
     server = psutil.Process(limited.proc.pid)
-    query = FOLDING[2] if phase == "plan" else HOSTILE[6]
+    query = HOSTILE[6] if phase == "execute" else FOLDING[2]
     descriptor = flight.FlightDescriptor.for_command(encode_command(SqlCommand(EVENTS, query)))
+    if phase == "flight_sql":
+        descriptor = flight.FlightDescriptor.for_command(pack(pb.CommandStatementQuery(query=query)))
     client = flight.connect(limited.url)
     impatient = flight.FlightCallOptions(timeout=1.0)
     started = time.monotonic()
     with pytest.raises(flight.FlightTimedOutError):
-        if phase == "plan":
+        if phase != "execute":
             client.get_flight_info(descriptor, impatient)
         else:
             client.do_get(_ticket_for(client, query), impatient).read_all()
@@ -230,7 +236,7 @@ def test_cancelled_call_stops_its_work_within_a_second(limited: ServerProcess, p
     assert time.monotonic() - started < TIMEOUT + TIME_MARGIN
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        rpc = "get_flight_info" if phase == "plan" else "do_get"
+        rpc = "do_get" if phase == "execute" else "get_flight_info"
         calls = [a for a in _audit(limited) if a["rpc"] == rpc and a["outcome"] != "ok"]
         if calls and calls[-1]["outcome"] == "CANCELLED":
             break
