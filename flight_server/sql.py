@@ -63,7 +63,7 @@ from sqlglot.optimizer.scope import traverse_scope
 
 from flight_server.errors import Cancelled, InvalidRequest, NotFound, ServiceError, Unavailable
 from flight_server.masking import mask
-from flight_server.sql_worker import END, MARK, recv_frame, send_frame
+from flight_server.sql_worker import END, MARK, pipe, recv_frame, send_frame
 
 if TYPE_CHECKING:
     from flight_server.config import ServerConfig
@@ -616,7 +616,7 @@ class _Job:
         request = {"op": self.op, "sql": self.query.sql, "dataset": self.query.dataset,
                    "tables": [[t, s] for (t, _), s in zip(self.tables, schemas)],
                    "max_rows": self.sandbox.max_rows, "batch_rows": self.sandbox.batch_rows}
-        r, w = os.pipe()
+        r, w = pipe()
         try:
             send_frame(self.worker.sock, request, [w])
         except OSError:

@@ -47,7 +47,19 @@ ERROR = "error"
 MARK = "flight_share"
 
 
-# --- framing (used by both sides) -------------------------------------------------------------------
+# --- framing and pipes (used by both sides) ---------------------------------------------------------
+
+def pipe() -> tuple[int, int]:
+    """A pipe with a 1 MiB buffer (Linux default 64 KiB): Arrow data crosses in far fewer context switches."""
+    r, w = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (OSError, ImportError):  # pragma: no cover - over /proc/sys/fs/pipe-max-size, or not Linux
+        pass
+    return r, w
+
 
 def send_frame(sock: socket.socket, message: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
     data = json.dumps(message).encode()
@@ -171,7 +183,7 @@ class Worker:
                 return schema.__arrow_c_schema__()
 
             def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-                r, w = os.pipe()
+                r, w = pipe()
                 try:
                     with worker.send_lock:
                         send_frame(worker.sock, {"open": index}, [w])
