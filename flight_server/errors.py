@@ -5,6 +5,8 @@ Exception tree::
     ServiceError
     ├── NotFound              -> NOT_FOUND          (dataset / table / column that the profile cannot see)
     ├── InvalidRequest        -> INVALID_ARGUMENT   (malformed command, bad SQL, bad column)
+    │   ├── SqlSyntaxError    -> INVALID_ARGUMENT   (fields: line, column, near)
+    │   └── SqlLimitExceeded  -> INVALID_ARGUMENT   (fields: limit = the server.* key, value)
     ├── Unsupported           -> UNIMPLEMENTED
     ├── Forbidden             -> PERMISSION_DENIED  (+ extra_info JSON)
     │   └── ContractViolation -> PERMISSION_DENIED  (+ extra_info JSON with dlt's fields)
@@ -53,6 +55,14 @@ class NotFound(ServiceError):
 
 class InvalidRequest(ServiceError):
     """A request the server understood but cannot accept as sent."""
+
+
+class SqlSyntaxError(InvalidRequest):
+    """SQL that does not parse: where (line, column) and near what (``near``)."""
+
+
+class SqlLimitExceeded(InvalidRequest):
+    """A query stopped at one of the sandbox's limits: ``limit`` names the server key, ``value`` its setting."""
 
 
 class Unsupported(ServiceError):

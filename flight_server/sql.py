@@ -61,7 +61,8 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.errors import Cancelled, InvalidRequest, NotFound, ServiceError, Unavailable
+from flight_server.errors import (Cancelled, InvalidRequest, NotFound, ServiceError, SqlLimitExceeded,
+                                  SqlSyntaxError, Unavailable)
 from flight_server.masking import mask
 from flight_server.sql_worker import END, MARK, pipe, recv_frame, send_frame
 
@@ -127,9 +128,11 @@ def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except sqlglot.errors.ParseError as exc:
-        raise InvalidRequest(syntax_error(exc), dataset=dataset) from None
+        error = exc.errors[0] if exc.errors else {}
+        raise SqlSyntaxError(syntax_error(exc), dataset=dataset, line=error.get("line"), column=error.get("col"),
+                             near=str(error.get("highlight") or "")[:80]) from None
     except sqlglot.errors.TokenError as exc:
-        raise InvalidRequest(_token_error(exc), dataset=dataset) from None
+        raise SqlSyntaxError(_token_error(exc), dataset=dataset) from None
     except RecursionError:
         raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
     if len(statements) != 1:
@@ -355,12 +358,13 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
 #: queries that run at once, each in its own worker process (more wait for a free one, within their
 #: time limit); the server's memory for SQL is bounded by this many times server.sql_memory_limit
 SANDBOX_WORKERS = 4
-#: idle workers kept started (duckdb imported) so a query does not wait for a process to start
+#: idle workers kept started (duckdb imported) so a query does not wait for a process to start; a worker
+#: whose query ended cleanly goes back to the idle ones (at most SANDBOX_WORKERS of them)
 WARM_WORKERS = 2
 #: a worker is replaced after this many queries (a fresh duckdb runs every query; this only bounds drift)
 MAX_QUERIES_PER_WORKER = 500
 #: a worker that holds more than this after its query (allocators keep freed memory) is replaced, so idle
-#: workers hold little: the server's SQL memory stays within SANDBOX_WORKERS x (limit + margin) + this x WARM_WORKERS
+#: workers hold little: the server's SQL memory stays within SANDBOX_WORKERS x (limit + margin + this)
 IDLE_WORKER_RSS = 256 << 20
 # how often a waiting call checks its deadline and whether its caller cancelled
 _POLL_SECONDS = 0.05
@@ -534,7 +538,7 @@ class WorkerPool:
                 self.fill()
                 if not worker.ready.wait(max(deadline - time.monotonic(), 0)):
                     worker.kill()
-                    raise InvalidRequest(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)")
+                    raise _time_limit(timeout, None)
                 if not worker.dead:
                     return worker
             raise Unavailable("the SQL sandbox could not start; see the server log")
@@ -558,7 +562,7 @@ class WorkerPool:
             and _rss(worker.pid) <= IDLE_WORKER_RSS
         if keep:
             with self._lock:
-                keep = len(self._idle) < self.warm
+                keep = len(self._idle) < SANDBOX_WORKERS
                 if keep:
                     self._idle.append(worker)
         if not keep:
@@ -674,28 +678,30 @@ class _Job:
         self.worker.proc.wait()
         timeout = self.sandbox.timeout
         if self.outcome == "timeout":
-            return InvalidRequest(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)",
-                                  dataset=self.query.dataset)
+            return _time_limit(timeout, self.query.dataset)
         if self.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
         if self.source_error is not None:
             return self.source_error
         # killed by the kernel (the memory limit) or crashed under it
-        return InvalidRequest(f"{_MEMORY_TEXT} (the query's sandbox process ended with "
-                              f"{_exit_text(self.worker.proc.returncode)})", dataset=self.query.dataset)
+        return SqlLimitExceeded(f"{_MEMORY_TEXT} (the query's sandbox process ended with "
+                                f"{_exit_text(self.worker.proc.returncode)})", dataset=self.query.dataset,
+                                limit="server.sql_memory_limit", value=self.sandbox.memory_limit)
 
     def _error(self, kind: str, message: str) -> BaseException:
         if self.source_error is not None:
             return self.source_error
         dataset = self.query.dataset
         if kind == "memory":
-            return InvalidRequest(_MEMORY_TEXT, dataset=dataset)
+            return SqlLimitExceeded(_MEMORY_TEXT, dataset=dataset, limit="server.sql_memory_limit",
+                                    value=self.sandbox.memory_limit)
         if kind == "interrupt":
-            return InvalidRequest(f"query exceeded the time limit of {self.sandbox.timeout:g} s (server.sql_timeout)",
-                                  dataset=dataset)
+            return _time_limit(self.sandbox.timeout, dataset)
         if kind == "permission":
             return InvalidRequest("query tried to reach outside the dataset (files, network or settings)", dataset=dataset)
-        if kind in ("rows", "refused"):
+        if kind == "rows":
+            return SqlLimitExceeded(message, dataset=dataset, limit="server.sql_max_rows", value=self.sandbox.max_rows)
+        if kind == "refused":
             return InvalidRequest(message, dataset=dataset)
         if kind in ("sql", "source"):
             return InvalidRequest(f"SQL error: {mask(message)[:500]}", dataset=dataset)
@@ -748,6 +754,11 @@ class _Job:
 _MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
 
 
+def _time_limit(timeout: float, dataset: str | None) -> SqlLimitExceeded:
+    return SqlLimitExceeded(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
+                            limit="server.sql_timeout", value=timeout)
+
+
 def _rss(pid: int) -> int:
     """Resident memory of a process (Linux ``/proc``); huge when unknown, so the worker is not kept."""
     try:
@@ -774,6 +785,7 @@ class SqlSandbox:
         self.max_rows = max_rows
         self.timeout = timeout
         self.batch_rows = batch_rows
+        self.memory_limit = memory_limit
         self.memory_bytes = size_bytes(memory_limit)
         self.pool = _pool(self.memory_bytes, threads or 0)
 
@@ -835,9 +847,10 @@ class SqlSandbox:
                     return
                 rows += batch.num_rows
                 if rows > self.max_rows:  # the worker stops first; this is the second wall
-                    raise _wire(InvalidRequest(
+                    raise _wire(SqlLimitExceeded(
                         f"query result exceeds the limit of {self.max_rows:,} rows (server.sql_max_rows); "
-                        "aggregate or add a LIMIT", dataset=job.query.dataset))
+                        "aggregate or add a LIMIT", dataset=job.query.dataset, limit="server.sql_max_rows",
+                        value=self.max_rows))
                 yield batch
                 try:
                     batch = job.next_batch()

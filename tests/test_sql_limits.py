@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from client import InvalidRequestError, NotFoundError, connect
 from client.protocol import SqlCommand, encode_command
-from flight_server.sql import IDLE_WORKER_RSS, SANDBOX_WORKERS, WARM_WORKERS
+from flight_server.sql import IDLE_WORKER_RSS, SANDBOX_WORKERS
 from tests.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
@@ -183,7 +183,7 @@ def test_memory_stays_bounded_under_concurrent_hostile_queries(limited: ServerPr
     assert peaks["parent"] - parent_start < PARENT_MARGIN_MB * mb
     assert peaks["worker"] < (LIMIT_MB + WORKER_MARGIN_MB) * mb
     assert peaks["total"] < (parent_start + PARENT_MARGIN_MB * mb + SANDBOX_WORKERS * (LIMIT_MB + WORKER_MARGIN_MB) * mb
-                             + WARM_WORKERS * IDLE_WORKER_RSS)
+                             + SANDBOX_WORKERS * IDLE_WORKER_RSS)
     assert limited.alive
 
 
@@ -331,3 +331,14 @@ def test_fuzz_hostile_sql_answers_within_bounds(limited: ServerProcess, query: s
         assert "internal" not in str(error).lower() and "Traceback" not in str(error)
     assert elapsed < TIMEOUT + TIME_MARGIN, (query, elapsed)
     assert limited.alive
+
+
+def test_cheap_queries_reuse_warm_workers(limited: ServerProcess) -> None:
+    """A statement costs no process start: workers whose query ended cleanly serve the next ones."""
+    server = psutil.Process(limited.proc.pid)
+    _plain(limited, "SELECT 1 AS warm")
+    time.sleep(2.0)  # replacements for workers ended by earlier tests finish starting
+    before = {child.pid for child in server.children()}
+    for _ in range(10):
+        assert _plain(limited, "SELECT count(*) AS n FROM push_event").column("n")[0].as_py() > 0
+    assert {child.pid for child in server.children()} - before == set()
