@@ -5,11 +5,14 @@ Exception tree::
     ServiceError
     ├── NotFound              -> NOT_FOUND          (dataset / table / column that the profile cannot see)
     ├── InvalidRequest        -> INVALID_ARGUMENT   (malformed command, bad SQL, bad column)
+    │   ├── SqlSyntaxError    -> INVALID_ARGUMENT   (fields: line, column, near)
+    │   └── SqlLimitExceeded  -> INVALID_ARGUMENT   (fields: limit = the server.* key, value)
     ├── Unsupported           -> UNIMPLEMENTED
     ├── Forbidden             -> PERMISSION_DENIED  (+ extra_info JSON)
     │   └── ContractViolation -> PERMISSION_DENIED  (+ extra_info JSON with dlt's fields)
     ├── Unauthenticated       -> UNAUTHENTICATED
-    └── Unavailable           -> UNAVAILABLE
+    ├── Unavailable           -> UNAVAILABLE
+    └── Cancelled             -> CANCELLED          (the caller cancelled or went away)
 
 No handler invents its own mapping: :func:`to_flight_error` is used by the service for every RPC and
 nothing else reaches a client; unexpected exceptions become INTERNAL with a generic text (the
@@ -21,6 +24,7 @@ names the caller sent).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import pyarrow.flight as flight
@@ -53,6 +57,14 @@ class InvalidRequest(ServiceError):
     """A request the server understood but cannot accept as sent."""
 
 
+class SqlSyntaxError(InvalidRequest):
+    """SQL that does not parse: where (line, column) and near what (``near``)."""
+
+
+class SqlLimitExceeded(InvalidRequest):
+    """A query stopped at one of the sandbox's limits: ``limit`` names the server key, ``value`` its setting."""
+
+
 class Unsupported(ServiceError):
     """A request for something this server does not implement."""
 
@@ -73,23 +85,41 @@ class Unavailable(ServiceError):
     """A destination that cannot be reached right now."""
 
 
+class Cancelled(ServiceError):
+    """The caller cancelled the call or went away; its work was stopped."""
+
+
 # gRPC NOT_FOUND / INVALID_ARGUMENT / UNIMPLEMENTED have no pyarrow Flight exception class, so they
 # are raised as the Python built-ins pyarrow maps to those codes. ``__str__`` returns the plain text
 # (KeyError would otherwise quote it) and the server runs with ``sys.tracebacklimit = 0`` so no
 # traceback rides along.
-# pyarrow appends "Detail: Python exception: <module.class>" to these; the names below are what a
-# client then reads, so they say the status, not where the server keeps its classes.
+# pyarrow appends ". Detail: Python exception: " + traceback.format_exception(...) to the message of
+# these, and the formatted exception repeats the whole text ("InvalidArgument: <text>"): clients that
+# show the gRPC message (the ADBC driver) printed every error twice. The text is in the status message
+# already, so the exception renders as its bare status name when the traceback module formats it:
+# the detail then reads "Python exception: InvalidArgument". The names below are what a client reads,
+# so they say the status, not where the server keeps its classes.
+def _status_text(exc: BaseException) -> str:
+    try:
+        caller = sys._getframe(2).f_globals.get("__name__")  # 0: here, 1: __str__, 2: who asked
+    except ValueError:  # asked from C (pyarrow building the status message): no Python caller
+        caller = None
+    return "" if caller == "traceback" else str(exc.args[0]) if exc.args else ""
+
+
 class _WireNotFound(KeyError):
     def __str__(self) -> str:
-        return str(self.args[0])
+        return _status_text(self)
 
 
 class _WireInvalid(ValueError):
-    pass
+    def __str__(self) -> str:
+        return _status_text(self)
 
 
 class _WireUnimplemented(NotImplementedError):
-    pass
+    def __str__(self) -> str:
+        return _status_text(self)
 
 
 for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented")):
@@ -134,6 +164,8 @@ def to_flight_error(exc: BaseException) -> BaseException:
         return flight.FlightUnauthenticatedError(_text(exc.message), _detail(exc))
     if isinstance(exc, Unavailable):
         return flight.FlightUnavailableError(_text(exc.message), _detail(exc))
+    if isinstance(exc, Cancelled):
+        return flight.FlightCancelledError(_text(exc.message), _detail(exc))
     if isinstance(exc, (_WireNotFound, _WireInvalid, _WireUnimplemented)):
         return exc
     log.error("internal error", exc_info=exc)

@@ -27,21 +27,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
-import sqlglot
-from sqlglot import exp
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import check_query, referenced_datasets
+from flight_server.sql import check_query, has_parameters, referenced_datasets
 
 if TYPE_CHECKING:
     from flight_server.service import FlightShareServer
@@ -145,28 +142,90 @@ def _version() -> str:
 
 
 def like(pattern: str | None) -> Callable[[str], bool]:
-    """A Flight SQL filter pattern (``%`` any run, ``_`` one character, ``\\`` escapes) as a predicate."""
+    """A Flight SQL filter pattern (``%`` any run, ``_`` one character, ``\\`` escapes) as a predicate.
+
+    Matched in time linear in the pattern plus (name length x longest ``%``-free piece), never by
+    backtracking: the pattern splits at ``%`` into pieces, the first anchored at the start, the last at
+    the end, and every piece between at its leftmost place after the previous one (leftmost is always
+    safe: a later place leaves less room for the rest). ``\\`` takes the next character literally (the
+    server reports ``\\`` as SQL_SEARCH_STRING_ESCAPE); a trailing lone ``\\`` is itself.
+    """
     if pattern is None:
         return lambda _name: True
-    regex = []
-    chars = iter(pattern)
-    for ch in chars:
+    pieces = _like_pieces(pattern)
+    if len(pieces) == 1:
+        only = pieces[0]
+        return lambda name: len(name) == len(only) and _piece_at(only, name, 0)
+    return lambda name: _like_match(pieces, name)
+
+
+# names are short: a longer pattern is a mistake (and parsing megabytes would hold the GIL for a while)
+MAX_PATTERN_CHARS = 10_000
+
+
+def _checked_pattern(pattern: str | None, field: str) -> str | None:
+    if pattern is not None and len(pattern) > MAX_PATTERN_CHARS:
+        raise InvalidRequest(f"{field} is {len(pattern):,} characters; at most {MAX_PATTERN_CHARS:,} allowed")
+    return pattern
+
+
+# a piece is a tuple of characters, with None for ``_`` (any one character)
+_Piece = tuple
+
+
+def _like_pieces(pattern: str) -> list[_Piece]:
+    """The ``%``-separated pieces of a LIKE pattern (runs of ``%`` count once)."""
+    pieces: list[_Piece] = []
+    current: list[str | None] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
         if ch == "\\":
-            regex.append(re.escape(next(chars, "\\")))
-        elif ch == "%":
-            regex.append(".*")
-        elif ch == "_":
-            regex.append(".")
+            current.append(pattern[i + 1] if i + 1 < n else "\\")
+            i += 2
+            continue
+        if ch == "%":
+            pieces.append(tuple(current))
+            current = []
         else:
-            regex.append(re.escape(ch))
-    compiled = re.compile("".join(regex), re.DOTALL)
-    return lambda name: compiled.fullmatch(name) is not None
+            current.append(None if ch == "_" else ch)
+        i += 1
+    pieces.append(tuple(current))
+    return pieces
 
 
-def _has_parameters(query: str) -> bool:
-    """Whether a statement (already parsed once by the sandbox helpers) has ``?`` / ``$1`` parameters."""
-    tree = sqlglot.parse_one(query, read="duckdb")
-    return tree.find(exp.Placeholder, exp.Parameter) is not None
+def _piece_at(piece: _Piece, name: str, start: int) -> bool:
+    if start + len(piece) > len(name):
+        return False
+    return all(p is None or p == name[start + k] for k, p in enumerate(piece))
+
+
+def _find_piece(piece: _Piece, name: str, start: int) -> int:
+    """The leftmost position >= start where ``piece`` matches, or -1."""
+    if None not in piece:  # no ``_``: the C substring search
+        return name.find("".join(piece), start)  # type: ignore[arg-type]
+    for pos in range(start, len(name) - len(piece) + 1):
+        if _piece_at(piece, name, pos):
+            return pos
+    return -1
+
+
+def _like_match(pieces: list[_Piece], name: str) -> bool:
+    first, middle, last = pieces[0], pieces[1:-1], pieces[-1]
+    if len(first) + len(last) + sum(len(p) for p in middle) > len(name):
+        return False
+    if not _piece_at(first, name, 0):
+        return False
+    pos = len(first)
+    for piece in middle:
+        if not piece:
+            continue
+        found = _find_piece(piece, name, pos)
+        if found < 0:
+            return False
+        pos = found + len(piece)
+    end = len(name) - len(last)
+    return end >= pos and _piece_at(last, name, end)
 
 
 def encode_handle(query: str) -> bytes:
@@ -343,7 +402,7 @@ class FlightSql:
         """The datasets the caller sees, narrowed by a catalog and a schema filter pattern."""
         if catalog is not None and catalog != self.catalog_name:
             return []
-        matches = like(pattern)
+        matches = like(_checked_pattern(pattern, "db_schema_filter_pattern"))
         return sorted(d for d in self.server.catalog.visible(self._profile(context)) if matches(d))
 
     def _db_schemas(self, context: Any, command: Any) -> pa.Table:
@@ -355,7 +414,8 @@ class FlightSql:
     def _tables(self, context: Any, command: Any) -> pa.Table:
         catalog = command.catalog if command.HasField("catalog") else None
         pattern = command.db_schema_filter_pattern if command.HasField("db_schema_filter_pattern") else None
-        matches = like(command.table_name_filter_pattern if command.HasField("table_name_filter_pattern") else None)
+        matches = like(_checked_pattern(command.table_name_filter_pattern, "table_name_filter_pattern")
+                       if command.HasField("table_name_filter_pattern") else None)
         schema = TABLES_SCHEMA_WITH_SCHEMA if command.include_schema else TABLES_SCHEMA
         rows = []
         if not command.table_types or TABLE_TYPE in command.table_types:
@@ -383,7 +443,7 @@ class FlightSql:
                 f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
-        if _has_parameters(query):
+        if has_parameters(query):
             # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
             raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
         if len(datasets) > 1:
@@ -397,7 +457,7 @@ class FlightSql:
 
     def _query_schema(self, context: Any, query: str) -> pa.Schema:
         storage, checked = self._prepare(context, query)
-        return self.server.sql.schema(storage, checked)
+        return self.server.sql.schema(storage, checked, context.is_cancelled)
 
     def _statement_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         self._no_transaction(command)
@@ -409,7 +469,7 @@ class FlightSql:
 
     def _statement_get(self, context: Any, command: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         storage, checked = self._prepare(context, decode_handle(command.statement_handle))
-        return flight.RecordBatchStream(self.server.sql.run(storage, checked))
+        return flight.RecordBatchStream(self.server.sql.run(storage, checked, context.is_cancelled))
 
     def _create_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
         self._no_transaction(request)

@@ -115,17 +115,17 @@ class FlightShareServer(flight.FlightServerBase):
         columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
         return storage, check_query(command.query, command.dataset, columns)
 
-    def _schema(self, profile: str, command: Command) -> pa.Schema:
+    def _schema(self, context: flight.ServerCallContext, profile: str, command: Command) -> pa.Schema:
         if isinstance(command, ReadCommand):
             return self.catalog.table_schema(profile, command.dataset, command.table, command.columns)
         if isinstance(command, SqlCommand):
             storage, checked = self._sql(profile, command)
-            return self.sql.schema(storage, checked)
+            return self.sql.schema(storage, checked, context.is_cancelled)
         raise InvalidRequest("a write command has no schema to read; use DoPut")
 
     def _flight_info(self, context: flight.ServerCallContext, profile: str, command: Command,
                      descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        schema = self._schema(profile, command)
+        schema = self._schema(context, profile, command)
         if isinstance(command, ReadCommand):
             storage = self.catalog.open(profile, command.dataset)
             cached = self.cache.table(storage, command) if command.partition is None else None
@@ -183,7 +183,7 @@ class FlightShareServer(flight.FlightServerBase):
         profile = self.profile_of(context)
         command = self._command(descriptor)
         audit.annotate(context, command.dataset, getattr(command, "table", None))
-        return flight.SchemaResult(self._schema(profile, command))
+        return flight.SchemaResult(self._schema(context, profile, command))
 
     @_rpc
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
@@ -202,7 +202,7 @@ class FlightShareServer(flight.FlightServerBase):
         if isinstance(command, SqlCommand):
             storage, checked = self._sql(profile, command)
             # the sandbox already steps through batches (row limit, timeout): counting there is free
-            return flight.RecordBatchStream(audit.counted(context, self.sql.run(storage, checked)))
+            return flight.RecordBatchStream(audit.counted(context, self.sql.run(storage, checked, context.is_cancelled)))
         raise InvalidRequest("a ticket must hold a read or sql command")
 
     @_rpc
@@ -276,4 +276,5 @@ class FlightShareServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:  # type: ignore[override]
         super().shutdown()
+        self.sql.close()
         self.catalog.close()

@@ -7,43 +7,64 @@ Two independent walls:
    the dataset; it is rewritten with each reference qualified to the dataset, so the engine never
    resolves a name the caller chose. Table functions (``read_csv``, ``glob`` ...) are refused.
 
-2. **A locked-down engine** (:class:`SqlSandbox`). The query does not run on the destination's
-   connection: duckdb allows one configuration per database file per process, and the server's
-   shared connection must keep external access because dlt loads files through it, so
-   ``enable_external_access=false`` cannot be set there. Instead each query gets a fresh in-memory
-   duckdb opened with ``enable_external_access=false``, ``lock_configuration=true``, no extension
-   installing/loading, no Python replacement scans and a memory limit. It holds nothing but one view
-   per table the query names, each an Arrow C stream opened from the storage adapter's own
-   ``reader()`` only when duckdb scans it (``__arrow_c_stream__``; a table scanned twice opens two
-   streams), projected to the columns the query uses. Nothing is materialised; the result streams
-   out as an Arrow reader. Even a query that slipped past wall 1 could not write the data (the
-   sandbox has only read streams), reach files or the network, see another dataset or dlt's
-   internal tables (they are not there), or change its own limits. The same path works for every
-   destination kind that can produce a reader.
+2. **A locked-down engine in a killable process** (:class:`SqlSandbox`). The query does not run on
+   the destination's connection (that one keeps external access: dlt loads files through it), nor in
+   the server process at all: duckdb folds constant expressions while it binds and plans
+   (``range(1e8)``, ``repeat(...)``), outside its ``memory_limit`` and before ``interrupt()`` can act,
+   and a single scalar call (``levenshtein`` of long strings) never looks at interrupts. So each
+   query -- its bind for GetFlightInfo / GetSchema as much as its run for DoGet -- goes to a worker
+   process (:mod:`flight_server.sql_worker`) from a warm pool: duckdb already imported, an OS memory
+   limit (``RLIMIT_DATA``: ``server.sql_memory_limit`` plus a fixed margin), an empty environment,
+   no files. There a fresh in-memory duckdb opened with ``enable_external_access=false``,
+   ``lock_configuration=true``, no temp directory (nothing spills; duckdb allows its temp directory
+   even with external access off), no extension installing/loading, no Python replacement scans
+   and ``memory_limit`` holds nothing but one view per table the query names. Each view is an Arrow
+   stream the server opens from the storage adapter's own ``reader()`` only when duckdb scans it,
+   projected to the columns the query uses, and sends down a pipe; the result comes back as an
+   Arrow IPC stream. The server owns the clock: at ``server.sql_timeout``, or when the caller
+   cancels or goes away while waiting, it kills the worker (SIGKILL: whatever phase it is in) and a
+   fresh one replaces it. Even a query that slipped past wall 1 could not write the data (the
+   worker has only read streams), reach files or the network, see another dataset or dlt's
+   internal tables (they are not there), change its own limits, or take the server's memory.
 
 Flight SQL statements are written against the whole project (catalog = project, schema = dataset):
 :func:`referenced_datasets` tells which dataset a statement reads, and ``check_query(...,
 catalog=project)`` also accepts ``project.dataset.table``.
 
-Limits: ``server.sql_max_rows`` (more rows fail the query), ``server.sql_timeout`` (``interrupt()``
-from a timer, covering execution and streaming) and ``server.sql_memory_limit``.
+Limits: ``server.sql_max_rows`` (more rows fail the query), ``server.sql_timeout`` (each call: the
+bind of GetFlightInfo / GetSchema; parse-to-last-batch of DoGet) and ``server.sql_memory_limit``
+(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-import duckdb
 import pyarrow as pa
+import pyarrow.ipc
 import sqlglot
 from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.errors import InvalidRequest, NotFound
+from flight_server.errors import (Cancelled, InvalidRequest, NotFound, ServiceError, SqlLimitExceeded,
+                                  SqlSyntaxError, Unavailable)
 from flight_server.masking import mask
+from flight_server.sql_worker import END, MARK, pipe, recv_frame, send_frame
 
 if TYPE_CHECKING:
     from flight_server.config import ServerConfig
@@ -83,18 +104,120 @@ class CheckedQuery:
     tables: Mapping[str, frozenset[str] | None]
 
 
+# Parsing runs in the server process (the allow-list decides what reaches a worker at all). Its time is
+# bounded by MAX_QUERY_CHARS (~2 s at most for 100,000 characters); its memory (sqlglot's tree, up to
+# ~100 MB for the longest query) by letting only this many analyses run at once.
+MAX_CONCURRENT_ANALYSES = 2
+_ANALYSIS_WAIT_SECONDS = 30.0
+_ANALYSES = threading.BoundedSemaphore(MAX_CONCURRENT_ANALYSES)
+
+
+@contextlib.contextmanager
+def _analysing(dataset: str | None) -> Iterator[None]:
+    if not _ANALYSES.acquire(timeout=_ANALYSIS_WAIT_SECONDS):
+        raise Unavailable("the server is busy analysing other queries; try again", dataset=dataset)
+    try:
+        yield
+    finally:
+        _ANALYSES.release()
+
+
 def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
     if len(sql) > MAX_QUERY_CHARS:
         raise InvalidRequest(f"query is {len(sql):,} characters; at most {MAX_QUERY_CHARS:,} allowed", dataset=dataset)
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except sqlglot.errors.ParseError as exc:
-        raise InvalidRequest(f"SQL does not parse: {str(exc).splitlines()[0]}", dataset=dataset) from None
+        error = exc.errors[0] if exc.errors else {}
+        raise SqlSyntaxError(syntax_error(exc), dataset=dataset, line=error.get("line"), column=error.get("col"),
+                             near=str(error.get("highlight") or "")[:80]) from None
+    except sqlglot.errors.TokenError as exc:
+        raise SqlSyntaxError(_token_error(exc), dataset=dataset) from None
     except RecursionError:
         raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
     if len(statements) != 1:
         raise InvalidRequest(f"exactly one SQL statement is allowed, got {len(statements)}", dataset=dataset)
     return statements[0]
+
+
+# sqlglot's own descriptions, in SQL terms; "Required keyword: 'expression' missing for <class
+# 'sqlglot.expressions.Mul'>" names the parser's classes, not anything the user wrote
+_SYNTAX_HINTS: tuple[tuple[str, str], ...] = (
+    ("Required keyword", "something is missing here (an operand, a name or a clause's body)"),
+    ("Expecting )", "a ')' is missing"),
+    ("Expected table name", "a table name is missing"),
+    ("Invalid expression / Unexpected token", "unexpected word or symbol"),
+)
+
+
+def syntax_error(exc: "sqlglot.errors.ParseError") -> str:
+    """``syntax error near '*' at line 1, column 10: ...`` from sqlglot's structured error."""
+    error = exc.errors[0] if exc.errors else {}
+    near = str(error.get("highlight") or "").strip()[:80]
+    where = f" near '{near}'" if near else " at the end of the query"
+    if error.get("line"):
+        where += f" at line {error['line']}, column {error.get('col', 0)}"
+    description = str(error.get("description") or "")
+    hint = next((text for prefix, text in _SYNTAX_HINTS if description.startswith(prefix)), None)
+    if hint is None:
+        hint = description if description and "<class" not in description and "sqlglot" not in description else ""
+    return f"syntax error{where}" + (f": {hint}" if hint else "")
+
+
+def _token_error(exc: "sqlglot.errors.TokenError") -> str:
+    # sqlglot says "Error tokenizing '<the text up to the problem>'": keep only the end of that text
+    text = str(exc)
+    context = text.split("Error tokenizing '", 1)[-1].rstrip("'")[-40:]
+    return f"syntax error near '{context}': an unterminated quote, quoted name or comment"
+
+
+def table_references(tree: exp.Expression) -> list[exp.Table]:
+    """The table references of a query: every ``exp.Table`` except those that name a CTE *in scope*.
+
+    Resolved by scope, so a CTE defined in one subquery does not hide a table of the same name
+    elsewhere (``SELECT * FROM (WITH pg_settings AS (...) SELECT ...) t, pg_settings`` must check the
+    outer ``pg_settings``). Anything not placed for certain stays a table reference and meets the
+    allow-list: a doubt refuses, it never admits.
+
+    Not sqlglot's ``traverse_scope``: it copies every enclosing scope's sources into each scope, which
+    for a query of 4,000 CTEs took 1.2 s and 470 MB. Walking up from each table to the ``WITH``
+    clauses around it costs the nesting depth (bounded: deeper queries are refused as too nested).
+    """
+    names: dict[int, dict[str, int]] = {}  # id(WITH) -> CTE name -> position of its first definition
+    return [t for t in tree.find_all(exp.Table) if not _names_cte_in_scope(t, names)]
+
+
+def _cte_names(with_: exp.With, cache: dict[int, dict[str, int]]) -> dict[str, int]:
+    names = cache.get(id(with_))
+    if names is None:
+        names = cache[id(with_)] = {}
+        for i, cte in enumerate(with_.expressions):
+            names.setdefault(cte.alias_or_name, i)
+    return names
+
+
+def _names_cte_in_scope(table: exp.Table, cache: dict[int, dict[str, int]]) -> bool:
+    if table.args.get("db") is not None or table.args.get("catalog") is not None \
+            or not isinstance(table.this, exp.Identifier):
+        return False
+    name = table.name
+    child: exp.Expression = table
+    node = table.parent
+    while node is not None:
+        if isinstance(node, exp.With):
+            # inside the body of one CTE: the CTEs before it are visible (and itself, if RECURSIVE)
+            position = _cte_names(node, cache).get(name)
+            index = child.index if isinstance(child, exp.CTE) else None
+            if position is not None and index is not None and (
+                    position < index or (position == index and node.args.get("recursive"))):
+                return True
+        else:
+            with_ = node.args.get("with_")
+            # the body of a query with a WITH clause: all of its CTEs are visible
+            if isinstance(with_, exp.With) and child is not with_ and name in _cte_names(with_, cache):
+                return True
+        child, node = node, node.parent
+    return False
 
 
 def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], list[str]]:
@@ -103,15 +226,29 @@ def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], li
     CTE names are not table references. Nothing is checked here beyond parsing: the query still goes
     through :func:`check_query` for the dataset chosen.
     """
+    with _analysing(None):
+        return _referenced_datasets(sql, dialect)
+
+
+def has_parameters(sql: str, dialect: str = "duckdb") -> bool:
+    """Whether a statement has bound-parameter placeholders (``?``, ``$1``)."""
+    with _analysing(None):
+        return _parse_one(sql, dialect, None).find(exp.Placeholder, exp.Parameter) is not None
+
+
+def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
     tree = _parse_one(sql, dialect, None)
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     datasets: set[str] = set()
     unqualified: list[str] = []
-    for table in tree.find_all(exp.Table):
+    try:
+        tables = table_references(tree)
+    except RecursionError:
+        raise InvalidRequest("query is nested too deeply") from None
+    for table in tables:
         schema = table.args.get("db")
         if schema is not None:
             datasets.add(schema.name)
-        elif isinstance(table.this, exp.Identifier) and table.name not in ctes:
+        elif isinstance(table.this, exp.Identifier):
             unqualified.append(table.name)
     return datasets, unqualified
 
@@ -128,10 +265,11 @@ def check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | Non
 
     ``catalog``: a catalog qualifier the caller may write (``catalog.dataset.table``); any other is refused.
     """
-    try:
-        return _check_query(sql, dataset, tables, dialect, catalog)
-    except RecursionError:
-        raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
+    with _analysing(dataset):
+        try:
+            return _check_query(sql, dataset, tables, dialect, catalog)
+        except RecursionError:
+            raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
 
 
 def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str,
@@ -148,8 +286,7 @@ def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | No
     for name in _function_names(tree):
         if name in _FORBIDDEN_FUNCTIONS:
             raise InvalidRequest(f"function '{name}' is not allowed in a query", dataset=dataset)
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
-    for table in tree.find_all(exp.Table):
+    for table in table_references(tree):
         if not isinstance(table.this, exp.Identifier):
             raise InvalidRequest(
                 f"table expression '{table.sql(dialect)}' is not allowed; query tables of dataset '{dataset}' by name",
@@ -161,8 +298,6 @@ def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | No
             raise InvalidRequest(f"table '{table.sql(dialect)}' must not name a catalog", dataset=dataset)
         schema = table.args.get("db")
         name = table.name
-        if schema is None and name in ctes:
-            continue
         if schema is not None and schema.name != dataset:
             raise NotFound(f"Table '{table.sql(dialect)}' is outside dataset '{dataset}'", dataset=dataset, table=name)
         if name not in allowed:
@@ -218,63 +353,450 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
     return {t: frozenset(cols) for t, cols in found.items() if t in used}
 
 
-class _TableSource:
-    """A table as an Arrow stream that is opened each time duckdb scans it (PyCapsule protocol)."""
+# --- the locked-down engine: warm worker processes (flight_server/sql_worker.py) ------------------------
 
-    def __init__(self, storage: "Storage", table: str, columns: list[str] | None) -> None:
-        self.storage = storage
-        self.table = table
-        self.columns = columns
+#: queries that run at once, each in its own worker process (more wait for a free one, within their
+#: time limit); the server's memory for SQL is bounded by this many times server.sql_memory_limit
+SANDBOX_WORKERS = 4
+#: idle workers kept started (duckdb imported) so a query does not wait for a process to start; a worker
+#: whose query ended cleanly goes back to the idle ones (at most SANDBOX_WORKERS of them)
+WARM_WORKERS = 2
+#: a worker is replaced after this many queries (a fresh duckdb runs every query; this only bounds drift)
+MAX_QUERIES_PER_WORKER = 500
+#: a worker that holds more than this after its query (allocators keep freed memory) is replaced, so idle
+#: workers hold little: the server's SQL memory stays within SANDBOX_WORKERS x (limit + margin + this)
+IDLE_WORKER_RSS = 256 << 20
+# how often a waiting call checks its deadline and whether its caller cancelled
+_POLL_SECONDS = 0.05
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}  # duckdb's meaning of each unit
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.sql_worker import main; "
+         "main(sys.argv[2:])")
+_ROOT = str(Path(__file__).resolve().parents[1])
 
-    def __arrow_c_schema__(self) -> Any:
-        return self.storage.arrow_schema(self.table, self.columns).__arrow_c_schema__()
-
-    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-        return self.storage.reader(self.table, self.columns, None).__arrow_c_stream__(requested_schema)
+log = logging.getLogger("flight_share.server")
+_POOLS: dict[tuple[int, int], "WorkerPool"] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def size_bytes(size: str) -> int:
+    """``'512MB'`` -> bytes, with duckdb's units (config.py accepts these forms)."""
+    m = _SIZE.match(size.strip())
+    if not m:
+        raise ValueError(f"not a size: {size!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+class _Spawner:
+    """Starts every worker from one thread that lives as long as the server process.
+
+    Workers ask the kernel for SIGKILL when their parent goes (``PR_SET_PDEATHSIG``), and Linux sends
+    it when the *thread* that forked them ends: a worker forked by a short-lived thread would die
+    with that thread.
+    """
+
+    def __init__(self) -> None:
+        self._requests: "queue.Queue[tuple[list[str], int, list[Any]]]" = queue.Queue()
+        threading.Thread(target=self._run, name="sql-worker-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            args, fd, answer = self._requests.get()
+            try:
+                answer.append(subprocess.Popen(
+                    args, pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, cwd="/", env={"PATH": os.defpath, "LANG": "C.UTF-8"}))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                answer.append(exc)
+
+    def popen(self, args: list[str], fd: int) -> subprocess.Popen:
+        answer: list[Any] = []
+        self._requests.put((args, fd, answer))
+        while not answer:
+            time.sleep(0.002)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+
+_SPAWNER: _Spawner | None = None
+
+
+def _spawner() -> _Spawner:
+    global _SPAWNER
+    with _POOLS_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = _Spawner()
+        return _SPAWNER
+
+
+class _Worker:
+    """One sandbox worker process and the thread that serves its requests for table data."""
+
+    def __init__(self, memory_bytes: int, threads: int) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = _spawner().popen(
+                [sys.executable, "-c", _BOOT, _ROOT, str(theirs.fileno()), str(memory_bytes), str(threads)],
+                theirs.fileno())
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.ready = threading.Event()
+        self.dead = False
+        self.was_ready = False
+        self.queries = 0
+        self.job: _Job | None = None
+        threading.Thread(target=self._serve, name=f"sql-worker-{self.proc.pid}", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                message, fds = recv_frame(self.sock)
+                if "ready" in message:
+                    self.was_ready = True
+                    self.ready.set()
+                    continue
+                job = self.job
+                if "open" in message and fds and job is not None:
+                    threading.Thread(target=job.feed, args=(int(message["open"]), fds[0]), daemon=True).start()
+                    fds = fds[1:]
+                for fd in fds:
+                    os.close(fd)
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            self.dead = True
+            self.ready.set()
+            self.kill()
+            code = self.proc.wait()
+            self.sock.close()
+            if not self.was_ready:
+                log.error("a SQL sandbox worker exited before it was ready (%s)", _exit_text(code))
+
+    def kill(self) -> None:
+        """End the process now (whatever it is doing: binding, planning, executing, streaming)."""
+        self.dead = True
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class WorkerPool:
+    """Warm sandbox workers: at most :data:`SANDBOX_WORKERS` busy, :data:`WARM_WORKERS` kept idle."""
+
+    def __init__(self, memory_bytes: int, threads: int, size: int = SANDBOX_WORKERS, warm: int = WARM_WORKERS) -> None:
+        self.memory_bytes, self.threads, self.warm = memory_bytes, threads, warm
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._starting = 0
+        self.closed = False
+
+    def fill(self) -> None:
+        """Start workers in the background until :data:`WARM_WORKERS` are idle or starting."""
+        with self._lock:
+            missing = self.warm - len(self._idle) - self._starting
+            self._starting += max(missing, 0)
+        for _ in range(max(missing, 0)):
+            threading.Thread(target=self._start_one, daemon=True).start()
+
+    def _start_one(self) -> None:
+        worker = None
+        try:
+            worker = _Worker(self.memory_bytes, self.threads)
+            worker.ready.wait(60)
+        except OSError:
+            log.exception("could not start a SQL sandbox worker")
+        finally:
+            with self._lock:
+                self._starting -= 1
+                if worker is not None and not worker.dead and worker.ready.is_set() and not self.closed:
+                    self._idle.append(worker)
+                    worker = None
+            if worker is not None:
+                worker.kill()
+
+    def acquire(self, deadline: float, timeout: float) -> _Worker:
+        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise Unavailable(f"every SQL sandbox is busy ({SANDBOX_WORKERS} queries running); "
+                              f"waited the query's whole time limit of {timeout:g} s (server.sql_timeout)")
+        try:
+            for _attempt in range(3):  # an idle worker may have died since (the kernel, a crash): take another
+                worker = self._take_idle() or _Worker(self.memory_bytes, self.threads)  # none warm: start one
+                self.fill()
+                if not worker.ready.wait(max(deadline - time.monotonic(), 0)):
+                    worker.kill()
+                    raise _time_limit(timeout, None)
+                if not worker.dead:
+                    return worker
+            raise Unavailable("the SQL sandbox could not start; see the server log")
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _take_idle(self) -> _Worker | None:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if not worker.dead:
+                    return worker
+                worker.kill()
+        return None
+
+    def release(self, worker: _Worker, reuse: bool) -> None:
+        worker.job = None
+        worker.queries += 1
+        keep = reuse and not worker.dead and not self.closed and worker.queries < MAX_QUERIES_PER_WORKER \
+            and _rss(worker.pid) <= IDLE_WORKER_RSS
+        if keep:
+            with self._lock:
+                keep = len(self._idle) < SANDBOX_WORKERS
+                if keep:
+                    self._idle.append(worker)
+        if not keep:
+            worker.kill()
+        self._slots.release()
+        if not keep and not self.closed:
+            self.fill()
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.kill()
+
+
+
+
+def _pool(memory_bytes: int, threads: int) -> WorkerPool:
+    """One pool per limit per process (tests make many sandboxes with the same settings)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get((memory_bytes, threads))
+        if pool is None or pool.closed:
+            pool = _POOLS[(memory_bytes, threads)] = WorkerPool(memory_bytes, threads)
+        return pool
+
+
+class _Job:
+    """One query on one worker: its deadline, its caller's cancellation, the table data it asks for."""
+
+    def __init__(self, sandbox: "SqlSandbox", storage: "Storage", query: CheckedQuery, op: str,
+                 cancelled: Callable[[], bool] | None) -> None:
+        self.sandbox, self.storage, self.query, self.op = sandbox, storage, query, op
+        self.cancelled = cancelled
+        self.deadline = time.monotonic() + sandbox.timeout
+        self.lock = threading.Lock()
+        self.waiting = False  # the caller's thread is blocked on the worker (only then is its context polled)
+        self.outcome: str | None = None  # "timeout" | "cancelled": why the server ended the worker
+        self.source_error: BaseException | None = None
+        self.done = False
+        self.tables = sorted(query.tables.items())
+        self.columns = [sandbox._columns(storage, t, c) for t, c in self.tables]
+        self.pool = sandbox.pool
+        self.worker = self.pool.acquire(self.deadline, sandbox.timeout)
+        self.worker.job = self
+        try:
+            self.reader = self._send()
+        except BaseException:
+            self.finish(clean=False)
+            raise
+
+    def _send(self) -> pa.RecordBatchReader:
+        schemas = [base64.b64encode(self.storage.arrow_schema(t, cols).serialize().to_pybytes()).decode()
+                   for (t, _), cols in zip(self.tables, self.columns)]
+        request = {"op": self.op, "sql": self.query.sql, "dataset": self.query.dataset,
+                   "tables": [[t, s] for (t, _), s in zip(self.tables, schemas)],
+                   "max_rows": self.sandbox.max_rows, "batch_rows": self.sandbox.batch_rows}
+        r, w = pipe()
+        try:
+            send_frame(self.worker.sock, request, [w])
+        except OSError:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.result = os.fdopen(r, "rb")
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self.wait(lambda: pa.ipc.open_stream(pa.PythonFile(self.result, mode="r")))
+
+    def _watch(self) -> None:
+        """Ends the worker at the deadline, or when the caller cancels while it waits for the worker."""
+        while True:
+            time.sleep(_POLL_SECONDS)
+            with self.lock:
+                if self.done:
+                    return
+                if time.monotonic() >= self.deadline:
+                    self.outcome = "timeout"
+                elif self.waiting and self.cancelled is not None and self.cancelled():
+                    # polled only while the caller's thread is blocked in wait(): its call is still on
+                    self.outcome = "cancelled"
+                if self.outcome:
+                    self.worker.kill()
+                    return
+
+    def wait(self, step: Callable[[], Any]) -> Any:
+        """Run a blocking read from the worker with the caller's cancellation watched."""
+        with self.lock:
+            self.waiting = True
+        try:
+            return step()
+        except (pa.ArrowException, OSError, ValueError):
+            raise self._ended() from None
+        finally:
+            with self.lock:
+                self.waiting = False
+
+    def next_batch(self) -> pa.RecordBatch | None:
+        """The next result batch; None at the end; the query's error if it failed."""
+        try:
+            batch, metadata = self.wait(self.reader.read_next_batch_with_custom_metadata)
+        except StopIteration:
+            raise self._ended() from None
+        if metadata is not None and metadata.get(MARK.encode()) is not None:
+            if metadata.get(MARK.encode()) == END.encode():
+                return None
+            raise self._error(metadata.get(b"kind", b"").decode(), metadata.get(b"message", b"").decode())
+        return batch
+
+    def _ended(self) -> BaseException:
+        """Why the result stream stopped without its end mark: the server ended the worker, or it died."""
+        self.worker.kill()
+        self.worker.proc.wait()
+        timeout = self.sandbox.timeout
+        if self.outcome == "timeout":
+            return _time_limit(timeout, self.query.dataset)
+        if self.outcome == "cancelled":
+            return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
+        if self.source_error is not None:
+            return self.source_error
+        # killed by the kernel (the memory limit) or crashed under it
+        return SqlLimitExceeded(f"{_MEMORY_TEXT} (the query's sandbox process ended with "
+                                f"{_exit_text(self.worker.proc.returncode)})", dataset=self.query.dataset,
+                                limit="server.sql_memory_limit", value=self.sandbox.memory_limit)
+
+    def _error(self, kind: str, message: str) -> BaseException:
+        if self.source_error is not None:
+            return self.source_error
+        dataset = self.query.dataset
+        if kind == "memory":
+            return SqlLimitExceeded(_MEMORY_TEXT, dataset=dataset, limit="server.sql_memory_limit",
+                                    value=self.sandbox.memory_limit)
+        if kind == "interrupt":
+            return _time_limit(self.sandbox.timeout, dataset)
+        if kind == "permission":
+            return InvalidRequest("query tried to reach outside the dataset (files, network or settings)", dataset=dataset)
+        if kind == "rows":
+            return SqlLimitExceeded(message, dataset=dataset, limit="server.sql_max_rows", value=self.sandbox.max_rows)
+        if kind == "refused":
+            return InvalidRequest(message, dataset=dataset)
+        if kind in ("sql", "source"):
+            return InvalidRequest(f"SQL error: {mask(message)[:500]}", dataset=dataset)
+        log.error("SQL sandbox worker failed: %s", mask(message))
+        return Unavailable("the SQL sandbox failed; see the server log", dataset=dataset)
+
+    def feed(self, index: int, fd: int) -> None:
+        """Stream table ``index`` (projected) into the pipe the worker sent; ends when the worker stops reading."""
+        sink = os.fdopen(fd, "wb")
+        reader = None
+        try:
+            table, _ = self.tables[index]
+            reader = self.storage.reader(table, self.columns[index], None)
+            with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        except (BrokenPipeError, ConnectionError):
+            pass  # the worker finished with the table early (a LIMIT) or was ended
+        except (IndexError, ValueError):
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported as the query's error
+            if not self.worker.dead and not isinstance(exc, (OSError, pa.ArrowException)):
+                self.source_error = exc
+        finally:
+            if reader is not None:
+                try:
+                    reader.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            try:
+                sink.close()
+            except OSError:
+                pass
+
+    def finish(self, clean: bool) -> None:
+        """Give the worker back (a cleanly ended query) or end it (anything else)."""
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+        result = getattr(self, "result", None)
+        if result is not None:
+            try:
+                result.close()
+            except OSError:
+                pass
+        self.pool.release(self.worker, reuse=clean and self.outcome is None)
+
+
+_MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
+
+
+def _time_limit(timeout: float, dataset: str | None) -> SqlLimitExceeded:
+    return SqlLimitExceeded(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
+                            limit="server.sql_timeout", value=timeout)
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process (Linux ``/proc``); huge when unknown, so the worker is not kept."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 1 << 62
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 class SqlSandbox:
-    """Runs checked queries on fresh, locked-down in-memory duckdb connections (see module doc)."""
+    """Runs checked queries in warm, killable, memory-limited worker processes (see module doc)."""
 
     def __init__(self, max_rows: int = 10_000_000, timeout: float = 120.0, memory_limit: str = "2GB",
                  batch_rows: int = 122_880, threads: int | None = None) -> None:
         self.max_rows = max_rows
         self.timeout = timeout
         self.batch_rows = batch_rows
-        self.config: dict[str, Any] = {
-            "enable_external_access": False,  # no files, no network, no ATTACH of files, no INSTALL
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "allow_community_extensions": False,
-            "allow_unsigned_extensions": False,
-            "python_enable_replacements": False,  # a name never resolves to a Python variable
-            "memory_limit": memory_limit,
-            "lock_configuration": True,  # nothing above can be SET back by a query
-        }
-        if threads:
-            self.config["threads"] = threads
+        self.memory_limit = memory_limit
+        self.memory_bytes = size_bytes(memory_limit)
+        self.pool = _pool(self.memory_bytes, threads or 0)
 
     @classmethod
     def from_config(cls, server: "ServerConfig") -> "SqlSandbox":
-        return cls(server.sql_max_rows, server.sql_timeout, server.sql_memory_limit, server.batch_rows)
+        sandbox = cls(server.sql_max_rows, server.sql_timeout, server.sql_memory_limit, server.batch_rows)
+        sandbox.pool.fill()  # warm before the first query
+        return sandbox
 
-    def _connect(self, storage: "Storage", query: CheckedQuery) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(":memory:", config=self.config)
-        try:
-            con.execute(f"CREATE SCHEMA {_quote(query.dataset)}")
-            for i, (table, columns) in enumerate(sorted(query.tables.items())):
-                names = self._columns(storage, table, columns)
-                source = f"__flight_share_source_{i}"
-                con.register(source, _TableSource(storage, table, names))
-                con.execute(f"CREATE VIEW {_quote(query.dataset)}.{_quote(table)} AS SELECT * FROM {source}")
-        except BaseException:
-            con.close()
-            raise
-        return con
+    def close(self) -> None:
+        self.pool.close()
 
     @staticmethod
     def _columns(storage: "Storage", table: str, columns: frozenset[str] | None) -> list[str] | None:
@@ -284,94 +806,62 @@ class SqlSandbox:
         # a query using no column (count(*)) still needs rows: stream the first column only
         return names or storage.arrow_schema(table).names[:1]
 
-    def _bind(self, con: duckdb.DuckDBPyConnection, query: CheckedQuery) -> duckdb.DuckDBPyRelation:
+    def schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None = None) -> pa.Schema:
+        """The result schema, from binding the query in a worker (no table data is read)."""
+        job = _Job(self, storage, query, "schema", cancelled)
+        clean = False
         try:
-            rel = con.sql(query.sql)
-        except duckdb.Error as exc:
-            raise _sql_error(exc, query) from None
-        if rel is None:  # a statement, not a query (only reachable if the allow-list were bypassed)
-            raise InvalidRequest("only SELECT queries are allowed", dataset=query.dataset)
-        return rel
-
-    def schema(self, storage: "Storage", query: CheckedQuery) -> pa.Schema:
-        """The result schema, from binding the query (no table data is read)."""
-        con = self._connect(storage, query)
-        try:
-            rel = self._bind(con, query)
-            try:
-                return rel.limit(0).to_arrow_table().schema
-            except duckdb.Error as exc:
-                raise _sql_error(exc, query) from None
+            schema = job.reader.schema
+            while job.next_batch() is not None:
+                pass
+            clean = True
+            return schema
         finally:
-            con.close()
+            job.finish(clean)
 
-    def run(self, storage: "Storage", query: CheckedQuery) -> pa.RecordBatchReader:
-        """A streaming reader of the result; limits apply while it is read."""
-        con = self._connect(storage, query)
-        state = {"timed_out": False}
+    def run(self, storage: "Storage", query: CheckedQuery,
+            cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+        """A streaming reader of the result; the limits hold while it binds, runs and is read.
 
-        def on_timeout() -> None:
-            state["timed_out"] = True
-            con.interrupt()
-
-        timer = threading.Timer(self.timeout, on_timeout)
-        timer.daemon = True
-        timer.start()
+        ``cancelled``: the caller's ``context.is_cancelled``; polled only while the caller waits for
+        the worker (so never after its call ended).
+        """
+        job = _Job(self, storage, query, "run", cancelled)
         try:
-            rel = self._bind(con, query)
-            reader = rel.to_arrow_reader(self.batch_rows)
-        except BaseException as exc:
-            timer.cancel()
-            con.close()
-            if isinstance(exc, duckdb.Error):
-                raise _sql_error(exc, query, state["timed_out"], self.timeout) from None
+            # the first batch (or the error of a query that fails to bind) before the stream starts:
+            # an error then leaves as the call's status, not in the middle of a stream
+            first = job.next_batch()
+        except BaseException:
+            job.finish(False)
             raise
-        return pa.RecordBatchReader.from_batches(reader.schema, self._limited(con, timer, reader, query, state))
+        return pa.RecordBatchReader.from_batches(job.reader.schema, self._limited(job, first))
 
-    def _limited(self, con: duckdb.DuckDBPyConnection, timer: threading.Timer, reader: pa.RecordBatchReader,
-                 query: CheckedQuery, state: dict[str, bool]) -> Iterator[pa.RecordBatch]:
+    def _limited(self, job: _Job, first: pa.RecordBatch | None) -> Iterator[pa.RecordBatch]:
         rows = 0
+        clean = False
+        batch = first
         try:
             while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
+                if batch is None:
+                    clean = True
                     return
-                except (pa.ArrowException, duckdb.Error, OSError) as exc:
-                    raise _wire(_sql_error(exc, query, state["timed_out"], self.timeout)) from None
                 rows += batch.num_rows
-                if rows > self.max_rows:
-                    raise _wire(InvalidRequest(
+                if rows > self.max_rows:  # the worker stops first; this is the second wall
+                    raise _wire(SqlLimitExceeded(
                         f"query result exceeds the limit of {self.max_rows:,} rows (server.sql_max_rows); "
-                        "aggregate or add a LIMIT", dataset=query.dataset))
+                        "aggregate or add a LIMIT", dataset=job.query.dataset, limit="server.sql_max_rows",
+                        value=self.max_rows))
                 yield batch
+                try:
+                    batch = job.next_batch()
+                except ServiceError as exc:
+                    raise _wire(exc) from None
         finally:
-            timer.cancel()
-            reader.close()
-            con.close()
+            job.finish(clean)
 
 
-def _wire(exc: InvalidRequest) -> BaseException:
+def _wire(exc: ServiceError) -> BaseException:
     # raised inside a stream: pyarrow maps only Python built-ins to statuses there
     from flight_server.errors import to_flight_error
 
     return to_flight_error(exc)
-
-
-_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
-    (duckdb.OutOfMemoryException, "query needs more memory than the sandbox allows (server.sql_memory_limit)"),
-    (duckdb.PermissionException, "query tried to reach outside the dataset (files, network or settings)"),
-)
-
-
-def _sql_error(exc: BaseException, query: CheckedQuery, timed_out: bool = False, timeout: float = 0) -> InvalidRequest:
-    """A clear user-facing error for something the engine refused."""
-    if timed_out or isinstance(exc, duckdb.InterruptException):
-        return InvalidRequest(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=query.dataset)
-    for kind, text in _ERROR_KINDS:
-        if isinstance(exc, kind):
-            return InvalidRequest(text, dataset=query.dataset)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "Out of Memory" in first:
-        return InvalidRequest(_ERROR_KINDS[0][1], dataset=query.dataset)
-    return InvalidRequest(f"SQL error: {mask(first)[:500]}", dataset=query.dataset)

@@ -260,3 +260,103 @@ def test_sandbox_accepts_the_project_as_catalog() -> None:
     with pytest.raises(InvalidRequest, match="must not name a catalog"):
         sandbox_query("SELECT * FROM p.d.t", "d", ["t"])
     assert referenced_datasets("WITH c AS (SELECT 1) SELECT * FROM a.t JOIN c ON true JOIN u ON true") == ({"a"}, ["u"])
+
+
+# --- LIKE patterns: linear time, same answers as a reference (issue 11, item 4) -----------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _like_reference(pattern: str, name: str) -> bool:
+    """SQL LIKE by dynamic programming over (pattern token, name position): obviously right, slow is fine."""
+    tokens: list[str | None] = []  # None: %, "\0any": _, else a literal character
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            tokens.append(pattern[i + 1] if i + 1 < len(pattern) else "\\")
+            i += 2
+            continue
+        tokens.append(None if ch == "%" else ("\0any" if ch == "_" else ch))
+        i += 1
+    reach = {0}
+    for token in tokens:
+        if token is None:
+            reach = set(range(min(reach), len(name) + 1)) if reach else set()
+        else:
+            reach = {p + 1 for p in reach if p < len(name) and (token == "\0any" or name[p] == token)}
+    return len(name) in reach
+
+
+_LIKE_ALPHABET = st.sampled_from(list("ab%_\\!"))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pattern=st.text(_LIKE_ALPHABET, max_size=12), name=st.text(st.sampled_from(list("ab%_\\!")), max_size=12))
+def test_like_agrees_with_a_reference(pattern: str, name: str) -> None:
+    assert like(pattern)(name) is _like_reference(pattern, name), (pattern, name)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pattern=st.text(_LIKE_ALPHABET, min_size=200, max_size=10_000), name=st.text(st.sampled_from("ab!"), max_size=300))
+def test_like_is_fast_on_long_patterns(pattern: str, name: str) -> None:
+    import time
+
+    started = time.perf_counter()
+    like(pattern)(name)
+    assert time.perf_counter() - started < 1.0  # a backtracking matcher takes minutes on some of these
+
+
+HOSTILE_PATTERNS = ["%" * 14 + "!", "%" * 30 + "!", "%_" * 4_000 + "!", "_%" * 4_999, "%a" * 3_000 + "%!",
+                    "\\" * 9_999, "%" * 10_000]
+
+
+def test_hostile_name_patterns_answer_quickly_on_a_real_server(sql_server: ServerProcess) -> None:
+    """GetDbSchemas / GetTables with backtracking-hostile patterns: each answers (empty) within a bound,
+    while another client's call on the same server still answers."""
+    import threading
+    import time
+
+    def fetch(client: flight.FlightClient, command: bytes) -> pa.Table:
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+        return client.do_get(info.endpoints[0].ticket).read_all()
+
+    expected: dict[bytes, bool] = {}  # command -> whether it matches anything
+    for pattern in HOSTILE_PATTERNS:
+        everything = set(pattern) == {"%"}
+        expected[pack(pb.CommandGetDbSchemas(db_schema_filter_pattern=pattern))] = everything
+        expected[pack(pb.CommandGetTables(db_schema_filter_pattern="%", table_name_filter_pattern=pattern))] = everything
+    commands = list(expected)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            with _flight(sql_server) as client:
+                while not done.is_set():
+                    for command in commands:
+                        fetch(client, command)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        with _flight(sql_server) as client:
+            for command in commands:
+                started = time.monotonic()
+                rows = fetch(client, command)
+                assert time.monotonic() - started < 5, command[:80]
+                assert (rows.num_rows > 0) is expected[command]
+            started = time.monotonic()
+            assert fetch(client, pack(pb.CommandGetCatalogs())).num_rows == 1
+            assert time.monotonic() - started < 5
+            too_long = pack(pb.CommandGetTables(table_name_filter_pattern="%" * 10_001))
+            with pytest.raises(pa.ArrowInvalid, match="table_name_filter_pattern is 10,001 characters; at most 10,000"):
+                fetch(client, too_long)
+    finally:
+        done.set()
+        thread.join(30)
+    assert not errors, errors
+    assert sql_server.alive
