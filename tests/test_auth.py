@@ -18,7 +18,7 @@ from client import protocol
 import pytest
 import yaml
 
-from client import AuthenticationError, NotFoundError, ServerUnavailableError, connect, protocol
+from client import AuthenticationError, NotFoundError, ServerUnavailableError, connect
 from client.protocol import ReadCommand, SqlCommand, encode_command
 from flight_server.auth import Authenticator
 from flight_server.config import ConfigError, load_project

@@ -12,7 +12,6 @@ at dlt's *load* step, after dlt had already stored its new schema version.
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path

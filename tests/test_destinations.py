@@ -10,10 +10,8 @@ errors — and that no secret shows up in any output, error text or server log.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
-import os
 import re
 import shutil
 from collections import Counter
@@ -306,7 +304,7 @@ def test_postgres_connections_return_to_the_pool_after_partial_and_unread_stream
         assert storage.query(_sql(storage, "SELECT count(*) AS n FROM push_event")).read_all().column("n")[0].as_py() \
             == EXPECTED["push_event"]
         with pytest.raises(Exception) as err:
-            storage.query(f'DELETE FROM "github_events_dataset"."push_event"').read_all()
+            storage.query('DELETE FROM "github_events_dataset"."push_event"').read_all()
         assert "read-only transaction" in str(err.value)
         assert storage.row_count("push_event") == EXPECTED["push_event"]
     finally:

@@ -6,7 +6,6 @@ through the same contracts as the plain DoPut (the demo's github_events_dataset 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import adbc_driver_flightsql.dbapi as flight_sql

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import base64
 import json
-import os
 import threading
 import time
 import uuid

@@ -29,7 +29,6 @@ def test_print_catalog_reads_like_the_seed(catalog: Catalog, demo_project) -> No
 
 
 def test_print_dataset_lists_tables_under_logical_schema(catalog: Catalog, demo_project) -> None:
-    import duckdb
 
     text = str(catalog.github_events_dataset).splitlines()
     # the real version, as stored by dlt (read here with duckdb directly from a copy of the file)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import adbc_driver_flightsql.dbapi as flight_sql

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import duckdb
 import pyarrow as pa
 import pytest
 

@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 import pytest
 
 from client import protocol
-from client import (Catalog, DataValidationError, InvalidRequestError, LoadInfo, PermissionDeniedError,
+from client import (DataValidationError, InvalidRequestError, LoadInfo, PermissionDeniedError,
                     PipelineStepFailed, connect)
 from tests.servers import REPO, ServerProcess, make_project
 
