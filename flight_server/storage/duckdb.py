@@ -95,8 +95,12 @@ class FileHandle:
         with self._cond:
             if self._writer == threading.get_ident():
                 return self._write_con.cursor()  # type: ignore[union-attr]
+            deadline = time.monotonic() + BUSY_TIMEOUT
             while self._writer is not None:
-                self._cond.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(f"the duckdb file {self.path} is busy with a save; retry", path=self.path)
+                self._cond.wait(left)
             if self._read_con is None:
                 self._read_con = self._connect(read_only=True)
             self._readers += 1
@@ -130,8 +134,13 @@ class FileHandle:
             if self._writer == me:
                 yield self._write_con  # type: ignore[misc]
                 return
+            deadline = time.monotonic() + BUSY_TIMEOUT
             while self._writer is not None or self._readers:
-                self._cond.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:  # a stream still open (a slow or idle reader): never wait without bound
+                    raise Unavailable(f"the duckdb file {self.path} is busy with reads; nothing was written, retry",
+                                      path=self.path)
+                self._cond.wait(left)
             self._writer = me
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
