@@ -272,7 +272,7 @@ def test_client_that_disconnects_mid_stream_writes_nothing(ws: WriteServer) -> N
     while ws.pipelines_left() != [] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "vanishing" not in catalog.open_dataset.refresh().tables
-    assert ws.pipelines_left() == []
+    assert ws.pipelines_left() == [], ws.proc.output()[-3000:]
     catalog.open_dataset.save(pd.DataFrame({"i": [1]}), table_name="after")
     assert catalog.open_dataset.after.arrow().num_rows == 1
     assert ws.proc.alive

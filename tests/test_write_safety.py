@@ -309,3 +309,22 @@ def test_the_profiles_contract_is_not_stored_in_the_owners_schema(ws: WriteServe
         if dataset == EVENTS:
             assert schema["tables"]["issues_event"] == json.loads(owners[0])["tables"]["issues_event"]
             assert schema["tables"]["issues_event"]["write_disposition"] == "replace"
+
+
+def test_a_save_writes_no_pipeline_state_into_the_owners_dataset(ws: WriteServer) -> None:
+    """Regression (review): a save that failed at the load step still stored a row in the dataset's
+    `_dlt_pipeline_state` (dlt stores the save pipeline's state with every package). Saves carry no
+    state: nothing of them is there, failed or not."""
+    import pyarrow as pa
+
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pa.table({"k": [1], "ts": pa.array([0], pa.timestamp("s"))}), table_name="stamped")
+    with pytest.raises(Exception):  # out of range for duckdb's microseconds: fails at the load step
+        catalog.open_dataset.save(pa.table({"k": [2], "ts": pa.array([10**13], pa.timestamp("s"))}),
+                                  table_name="stamped")
+    assert sorted(catalog.open_dataset.stamped.arrow().column("k").to_pylist()) == [1]
+    rows = ws.stop_and_inspect("warehouse.duckdb", "SELECT count(*) FROM information_schema.tables "
+                                                   "WHERE table_schema = 'open_dataset' AND table_name = '_dlt_pipeline_state'")
+    state = ws.stop_and_inspect("warehouse.duckdb", "SELECT count(*) FROM open_dataset._dlt_pipeline_state") \
+        if rows == [(1,)] else [(0,)]
+    assert state == [(0,)]
