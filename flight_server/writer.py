@@ -73,10 +73,6 @@ log = logging.getLogger("flight_share.writer")
 # table (dict-created tables have NOT NULL _dlt_id/_dlt_load_id) and _dlt_loads tracks every row.
 os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID", "true")
 os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID", "true")
-# A save pipeline lives for one put and has no state worth keeping, while dlt would store its state in
-# the owner's `_dlt_pipeline_state` with every package - even one whose data failed to load. So saves
-# neither restore nor store pipeline state (dlt's own switch for both).
-os.environ.setdefault("RESTORE_FROM_DESTINATION", "false")
 
 # Uploads arrive in small batches (the client sends 65,536 rows). Handed to dlt one by one, each becomes
 # its own extract item and its own parquet row group, which normalize and the destination then re-read
@@ -152,6 +148,10 @@ class Writer:
             folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
             pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                     dataset_name=command.dataset)
+            # a save pipeline lives for one put and has no state worth keeping, while dlt would store its
+            # state in the owner's `_dlt_pipeline_state` with every package - even one whose data failed to
+            # load: so it neither restores nor stores state (dlt's own switch for both, this pipeline only)
+            pipeline.config.restore_from_destination = False
             undo: Callable[[], None] | None = None
             packaged: set[str] = set()  # schema version hashes of the put's packages
             try:
