@@ -54,16 +54,14 @@ class DltDatasetStorage(Storage):
         return Unavailable(f"{what} failed on destination '{self.destination_config.name}': {detail}",
                            dataset=self.dataset.name)
 
-    def _rows(self, sql: str, what: str) -> list[tuple[Any, ...]]:
+    def _rows(self, sql: str, what: str, table: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` with ``{table}`` as the qualified name of ``table`` (one dataset, one client)."""
         try:
             with self._dataset().sql_client as client:
-                with client.execute_query(sql) as cursor:
+                with client.execute_query(sql.format(table=client.make_qualified_table_name(table))) as cursor:
                     return list(cursor.fetchall())
         except Exception as exc:  # noqa: BLE001 - the driver's errors, in the user's terms
             raise self._fail(exc, what) from None
-
-    def _qualified(self, table: str) -> str:
-        return self._dataset().sql_client.make_qualified_table_name(table)
 
     @property
     def location(self) -> str:
@@ -101,7 +99,7 @@ class DltDatasetStorage(Storage):
     # --- reading ----------------------------------------------------------------------------
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
-        (n,), = self._rows(f"SELECT count(*) FROM {self._qualified(table)}", "counting rows")
+        (n,), = self._rows("SELECT count(*) FROM {table}", "counting rows", table)
         return int(n)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,

@@ -108,10 +108,9 @@ class FileHandle:
 
     def release_read(self, cursor: duckdb.DuckDBPyConnection) -> None:
         with self._cond:
-            if self._writer == threading.get_ident():
-                cursor.close()
-                return
             cursor.close()
+            if self._writer == threading.get_ident():
+                return  # a cursor of the write connection: no read share was taken
             self._readers -= 1
             if self._readers == 0 and self._read_con is not None:
                 self._read_con.close()
