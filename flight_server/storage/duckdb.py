@@ -52,6 +52,15 @@ def open_error(path: str, exc: duckdb.Error) -> Unavailable:
 
 # How long a request waits for the file while another process (the owner's pipeline) holds it
 BUSY_TIMEOUT = 10.0
+# duckdb does not queue other processes for its lock: the owner's pipeline fails fast when the server
+# holds the file and retries. So overlapping reads may keep the shared connection open for at most
+# HOLD_SECONDS; then new reads wait (at most DRAIN_SECONDS) until the open ones are done, the file is
+# closed, and GAP_SECONDS pass in which it is free for another process. Best effort: duckdb gives no
+# fairer way, and a long stream (a big table, a slow client) holds the file whatever we do - so a drain
+# is tried only when every open read is younger than DRAIN_SECONDS, and given up when it takes longer.
+HOLD_SECONDS = 1.0
+DRAIN_SECONDS = 0.5
+GAP_SECONDS = 0.3
 
 
 class FileHandle:
@@ -65,6 +74,10 @@ class FileHandle:
     backoff while another process holds the file, and gives up after :data:`BUSY_TIMEOUT` seconds
     with UNAVAILABLE ("busy, retry"). A file that does not exist yet reads as empty; the first write
     creates it.
+
+    Fairness: while a save waits, new reads wait behind it; and overlapping reads never hold the
+    file longer than :data:`HOLD_SECONDS` at a stretch (then a gap of :data:`GAP_SECONDS` for other
+    processes). A thread that already holds a read never waits for a second one (re-entrant).
     """
 
     def __init__(self, path: str) -> None:
@@ -74,6 +87,11 @@ class FileHandle:
         self._read_con: duckdb.DuckDBPyConnection | None = None
         self._write_con: duckdb.DuckDBPyConnection | None = None
         self._writer: int | None = None  # the thread that holds the write window
+        self._writers_waiting = 0
+        self._holders: dict[int, tuple[int, float]] = {}  # id(cursor) -> (its thread, when taken)
+        self._opened_at = 0.0  # when the shared read connection was opened (or a drain given up)
+        self._drain_until = 0.0  # while in the future: no new reads, the open ones finish, the file closes
+        self._free_until = 0.0  # the gap after a drain: the file stays closed until then
 
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         delay, deadline = 0.02, time.monotonic() + BUSY_TIMEOUT
@@ -89,32 +107,59 @@ class FileHandle:
     def exists(self) -> bool:
         return Path(self.path).is_file()
 
+    def _read_wait(self, now: float) -> float:
+        """How long a new read (of a thread holding none) waits before it looks again; 0 when it may
+        go ahead. Called under the condition."""
+        if self._writer is not None or self._writers_waiting:
+            return BUSY_TIMEOUT
+        if self._read_con is None:
+            return max(self._free_until - now, 0.0)
+        if self._drain_until <= self._opened_at and now - self._opened_at > HOLD_SECONDS:
+            oldest = min((taken for _, taken in self._holders.values()), default=now)
+            if now - oldest < DRAIN_SECONDS:  # short reads only: they end soon, then the file is let go
+                self._drain_until = now + DRAIN_SECONDS
+            else:  # a long stream holds the file anyway: a drain would only delay others
+                self._opened_at = now
+        if self._drain_until > self._opened_at:
+            if now < self._drain_until:
+                return self._drain_until - now
+            self._opened_at = now  # the open reads did not end in time: give up this drain
+        return 0.0
+
     def acquire_read(self) -> duckdb.DuckDBPyConnection:
         """A cursor on the shared read-only connection; :meth:`release_read` when done with it.
         Inside this thread's write window, a cursor of the write connection (no second connection)."""
+        me = threading.get_ident()
         with self._cond:
-            if self._writer == threading.get_ident():
+            if self._writer == me:
                 return self._write_con.cursor()  # type: ignore[union-attr]
-            deadline = time.monotonic() + BUSY_TIMEOUT
-            while self._writer is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Unavailable(f"the duckdb file {self.path} is busy with a save; retry", path=self.path)
-                self._cond.wait(left)
+            if all(thread != me for thread, _ in self._holders.values()):
+                deadline = time.monotonic() + BUSY_TIMEOUT
+                while wait := self._read_wait(now := time.monotonic()):
+                    left = deadline - now
+                    if left <= 0:
+                        raise Unavailable(f"the duckdb file {self.path} is busy with a save; retry", path=self.path)
+                    self._cond.wait(min(left, max(wait, 0.01)))
             if self._read_con is None:
                 self._read_con = self._connect(read_only=True)
+                self._opened_at = time.monotonic()
             self._readers += 1
-            return self._read_con.cursor()
+            cursor = self._read_con.cursor()
+            self._holders[id(cursor)] = (me, time.monotonic())
+            return cursor
 
     def release_read(self, cursor: duckdb.DuckDBPyConnection) -> None:
         with self._cond:
             cursor.close()
-            if self._writer == threading.get_ident():
+            if self._holders.pop(id(cursor), None) is None:
                 return  # a cursor of the write connection: no read share was taken
             self._readers -= 1
             if self._readers == 0 and self._read_con is not None:
                 self._read_con.close()
                 self._read_con = None
+                if self._drain_until > self._opened_at:  # a drain ended: the gap for other processes
+                    self._free_until = time.monotonic() + GAP_SECONDS
+                    self._drain_until = 0.0
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -134,12 +179,17 @@ class FileHandle:
                 yield self._write_con  # type: ignore[misc]
                 return
             deadline = time.monotonic() + BUSY_TIMEOUT
-            while self._writer is not None or self._readers:
-                left = deadline - time.monotonic()
-                if left <= 0:  # a stream still open (a slow or idle reader): never wait without bound
-                    raise Unavailable(f"the duckdb file {self.path} is busy with reads; nothing was written, retry",
-                                      path=self.path)
-                self._cond.wait(left)
+            self._writers_waiting += 1  # new reads wait behind this save
+            try:
+                while self._writer is not None or self._readers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:  # a stream still open (a slow or idle reader): never wait without bound
+                        raise Unavailable(f"the duckdb file {self.path} is busy with reads; nothing was written, "
+                                          "retry", path=self.path)
+                    self._cond.wait(left)
+            finally:
+                self._writers_waiting -= 1
+                self._cond.notify_all()
             self._writer = me
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
