@@ -286,8 +286,7 @@ class Connection:
             raise failed.__cause__ from None  # type: ignore[misc]
         except DataValidationError as exc:
             raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
-        body = json.loads(answer.to_pybytes()) if answer is not None else {}
-        return LoadInfo.from_json(body[protocol.PUT_RESULT_LOAD_INFO])
+        return LoadInfo.from_json(protocol.PutResult.from_bytes(answer.to_pybytes() if answer is not None else None).load_info)
 
     def close(self) -> None:
         for client in self.__dict__.pop("_location_clients", {}).values():

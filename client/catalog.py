@@ -136,7 +136,7 @@ class Dataset:
 
     def refresh(self) -> "Dataset":
         """Re-read this dataset's tables and schema version from the server."""
-        body = json.dumps({"datasets": [self.name]}).encode()
+        body = protocol.ListDatasetsRequest((self.name,)).to_bytes()
         info = CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS, body)).datasets[0]
         if info.error is not None:
             raise ServerUnavailableError(info.error, dataset=self.name)

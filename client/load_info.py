@@ -31,7 +31,7 @@ class LoadInfo:
         return cls(**fields)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON the server puts into PutResult metadata (``protocol.PUT_RESULT_LOAD_INFO``)."""
+        """The JSON the server puts into PutResult metadata (``protocol.PutResult``)."""
         body = asdict(self)
         body["load_ids"] = list(self.load_ids)
         return body

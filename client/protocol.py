@@ -23,11 +23,16 @@ Tickets
     duckdb row-id range), readable on its own and on any replica. Endpoints are in table order: read
     them in parallel, concatenate in endpoint order. An endpoint's ``locations`` name the replica to
     read it from (empty: the server that answered GetFlightInfo); its ``app_metadata`` is JSON
-    ``{"partition": i, "records": n}`` (n estimated where the destination only knows sizes).
+    ``{"partition": i, "records": n}`` (:class:`EndpointMetadata`; n estimated where the destination
+    only knows sizes).
 
 Actions
     ``list-datasets`` -> one JSON result: ``{"project", "profile", "datasets": [DatasetInfo...]}``
+                         (:class:`CatalogInfo`); the body (:class:`ListDatasetsRequest`) may name datasets
     ``health``        -> one JSON result: ``{"status": "ok", ...}``
+
+Puts
+    A DoPut answers one ``PutResult`` whose metadata is :class:`PutResult` JSON: ``{"load_info": {...}}``.
 
 Authentication
     ``authorization: Basic <base64 user:password>`` on the Handshake (or any call) is answered with
@@ -325,5 +330,63 @@ def server_message(flight_message: str) -> str:
 # the app_metadata message that ends an upload sent with ``commit_marker: true``
 COMMIT_METADATA = b'{"commit":true}'
 
-# metadata keys of a DoPut result (PutResult.app_metadata is JSON with these keys)
-PUT_RESULT_LOAD_INFO = "load_info"
+
+@dataclass(frozen=True)
+class ListDatasetsRequest:
+    """The body of ``list-datasets``: empty for every dataset, or ``{"datasets": [names]}``."""
+
+    datasets: tuple[str, ...] | None = None
+
+    def to_bytes(self) -> bytes:
+        return b"" if self.datasets is None else json.dumps({"datasets": list(self.datasets)}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ListDatasetsRequest":
+        if not data:
+            return cls()
+        usage = 'list-datasets body must be empty or JSON like {"datasets": ["name"]}'
+        if len(data) > MAX_COMMAND_BYTES:
+            raise ProtocolError(usage, "datasets")
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError):
+            raise ProtocolError(usage, "datasets") from None
+        names = body.get("datasets") if isinstance(body, dict) else None
+        if names is None:
+            return cls()
+        if not isinstance(names, list) or not all(isinstance(d, str) and 0 < len(d) <= MAX_NAME_CHARS for d in names):
+            raise ProtocolError(usage, "datasets")
+        return cls(tuple(names))
+
+
+@dataclass(frozen=True)
+class EndpointMetadata:
+    """An endpoint's ``app_metadata`` in a split read: its position and (estimated) row count."""
+
+    partition: int
+    records: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"partition": self.partition, "records": self.records}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EndpointMetadata":
+        d = json.loads(data)
+        return cls(int(d["partition"]), int(d["records"]))
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """The one ``PutResult.app_metadata`` message a save answers: ``{"load_info": {...}}`` (dlt's LoadInfo fields)."""
+
+    load_info: Mapping[str, Any]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"load_info": dict(self.load_info)}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> "PutResult":
+        d = json.loads(data) if data else {}
+        if not isinstance(d, dict) or not isinstance(d.get("load_info"), dict):
+            raise ProtocolError("the server's put result carries no load_info", "load_info")
+        return cls(d["load_info"])

@@ -23,12 +23,11 @@ read streams: the size of a small sample of the projected rows, scaled to ``tota
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from client.protocol import ReadCommand
+from client.protocol import EndpointMetadata, ReadCommand
 from flight_server.storage import Storage
 
 SAMPLE_ROWS = 2048  # rows read to estimate the Arrow size of a result
@@ -45,7 +44,7 @@ class ReadPlan:
 
     def metadata(self, index: int) -> bytes:
         """An endpoint's ``app_metadata``: its position and row count."""
-        return json.dumps({"partition": index, "records": self.records[index]}).encode()
+        return EndpointMetadata(index, self.records[index]).to_bytes()
 
 
 def plan_read(storage: Storage, command: ReadCommand, target_rows: int) -> ReadPlan:

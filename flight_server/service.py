@@ -213,7 +213,7 @@ class FlightShareServer(flight.FlightServerBase):
         if not isinstance(command, WriteCommand):
             raise InvalidRequest("DoPut takes a write command or a [dataset, table] path")
         result = self.save(context, command, reader)
-        writer.write(pa.py_buffer(json.dumps({protocol.PUT_RESULT_LOAD_INFO: result.to_json()}).encode()))
+        writer.write(pa.py_buffer(protocol.PutResult(result.to_json()).to_bytes()))
 
     def save(self, context: flight.ServerCallContext, command: WriteCommand, reader: Any,
              must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
@@ -246,17 +246,7 @@ class FlightShareServer(flight.FlightServerBase):
 
     # --- actions ----------------------------------------------------------------------------
     def _list_datasets(self, context: flight.ServerCallContext, body: bytes) -> bytes:
-        datasets = None
-        usage = "list-datasets body must be JSON like {\"datasets\": [\"name\"]}"
-        if body:
-            try:
-                request = json.loads(body)
-            except (ValueError, RecursionError):
-                raise InvalidRequest(usage) from None
-            datasets = request.get("datasets") if isinstance(request, dict) else None
-            if datasets is not None and (not isinstance(datasets, list) or not all(
-                    isinstance(d, str) and 0 < len(d) <= protocol.MAX_NAME_CHARS for d in datasets)):
-                raise InvalidRequest(usage)
+        datasets = protocol.ListDatasetsRequest.from_bytes(body).datasets
         identity = self.identity_of(context)
         if datasets is not None:
             for d in datasets:

@@ -312,3 +312,18 @@ def test_do_put_whose_schema_changes_mid_stream_is_refused_and_writes_nothing(pb
     with connect(wire_server.url) as catalog:
         assert "shifting" not in catalog[REPORTS].tables
     assert wire_server.alive
+
+
+def test_the_typed_wire_messages_round_trip_and_refuse_what_is_not_theirs() -> None:
+    """list-datasets bodies, endpoint metadata and put results: one definition each, in client/protocol.py."""
+    from client.protocol import EndpointMetadata, ListDatasetsRequest, ProtocolError, PutResult
+
+    assert ListDatasetsRequest.from_bytes(b"") == ListDatasetsRequest()
+    assert ListDatasetsRequest.from_bytes(ListDatasetsRequest(("a", "b")).to_bytes()).datasets == ("a", "b")
+    for bad in (b"[", b'{"datasets": "a"}', b'{"datasets": [""]}', b'{"datasets": [1]}', b"[[[[", b"x" * (2 << 20)):
+        with pytest.raises(ProtocolError, match="list-datasets body"):
+            ListDatasetsRequest.from_bytes(bad)
+    assert EndpointMetadata.from_bytes(EndpointMetadata(3, 1000).to_bytes()) == EndpointMetadata(3, 1000)
+    assert PutResult.from_bytes(PutResult({"rows": 1}).to_bytes()).load_info == {"rows": 1}
+    with pytest.raises(ProtocolError, match="load_info"):
+        PutResult.from_bytes(b'{"x": 1}')
