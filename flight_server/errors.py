@@ -24,7 +24,6 @@ names the caller sent).
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import pyarrow.flight as flight
@@ -91,35 +90,33 @@ class Cancelled(ServiceError):
 
 # gRPC NOT_FOUND / INVALID_ARGUMENT / UNIMPLEMENTED have no pyarrow Flight exception class, so they
 # are raised as the Python built-ins pyarrow maps to those codes. ``__str__`` returns the plain text
-# (KeyError would otherwise quote it) and the server runs with ``sys.tracebacklimit = 0`` so no
-# traceback rides along.
-# pyarrow appends ". Detail: Python exception: " + traceback.format_exception(...) to the message of
-# these, and the formatted exception repeats the whole text ("InvalidArgument: <text>"): clients that
-# show the gRPC message (the ADBC driver) printed every error twice. The text is in the status message
-# already, so the exception renders as its bare status name when the traceback module formats it:
-# the detail then reads "Python exception: InvalidArgument". The names below are what a client reads,
-# so they say the status, not where the server keeps its classes.
-def _status_text(exc: BaseException) -> str:
-    try:
-        caller = sys._getframe(2).f_globals.get("__name__")  # 0: here, 1: __str__, 2: who asked
-    except ValueError:  # asked from C (pyarrow building the status message): no Python caller
-        caller = None
-    return "" if caller == "traceback" else str(exc.args[0]) if exc.args else ""
-
-
-class _WireNotFound(KeyError):
+# (KeyError would otherwise quote it). pyarrow then appends ". Detail: " and what
+# ``traceback.format_exception`` makes of the exception - the server's traceback and the whole text
+# again (clients that show the gRPC message printed every error twice, with file names). When that
+# formatting fails, pyarrow falls back to the exception's type name (``PythonErrorDetail::ToString``
+# in pyarrow's ``common.cc``): so these exceptions refuse to be formatted (``__notes__`` raises, which
+# ``traceback.TracebackException`` does not swallow), and the detail reads "Python exception:
+# InvalidArgument". No process-wide ``sys.tracebacklimit`` is needed. The names are what a client
+# reads, so they say the status, not where the server keeps its classes.
+class _Unformattable:
     def __str__(self) -> str:
-        return _status_text(self)
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def __notes__(self) -> Any:
+        raise LookupError("a wire error carries no traceback")
 
 
-class _WireInvalid(ValueError):
-    def __str__(self) -> str:
-        return _status_text(self)
+class _WireNotFound(_Unformattable, KeyError):
+    pass
 
 
-class _WireUnimplemented(NotImplementedError):
-    def __str__(self) -> str:
-        return _status_text(self)
+class _WireInvalid(_Unformattable, ValueError):
+    pass
+
+
+class _WireUnimplemented(_Unformattable, NotImplementedError):
+    pass
 
 
 for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented")):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -534,7 +534,3 @@ class FlightSql:
         # DoPutUpdateResult goes back raw, not packed in Any
         writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))
 
-
-def supported_commands(flight_sql: FlightSql) -> Iterable[str]:
-    """Short names of the Flight SQL messages this server answers (for docs and tests)."""
-    return sorted(_short(url) for url in flight_sql.routes)

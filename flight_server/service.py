@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -59,8 +58,6 @@ class FlightShareServer(flight.FlightServerBase):
 
     def __init__(self, project: ProjectConfig, location: str, profile: str | None = None, **kwargs: Any) -> None:
         """``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow (TLS)."""
-        # pyarrow appends Python tracebacks to errors raised as built-ins; none may reach a client
-        sys.tracebacklimit = 0
         self.project = project
         self.security = Security.for_project(project, anonymous_profile=profile)
         kwargs.setdefault("auth_handler", self.security.auth_handler())
@@ -68,7 +65,6 @@ class FlightShareServer(flight.FlightServerBase):
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
         self.sql = SqlSandbox.from_config(project.server)
-        self.default_profile = self.security.authenticator.anonymous_profile
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.flight_sql = FlightSql(self)  # Any-packed Flight SQL requests on the same port (see _rpc)
         self.locations = LocationRing(project.server.locations)  # replicas for endpoints, round-robin
@@ -100,9 +96,6 @@ class FlightShareServer(flight.FlightServerBase):
         ticket, expires = self.security.tickets.sign(protocol.encode_command(command), self.identity_of(context).user)
         expiration = pa.scalar(int(expires * 1_000_000), pa.timestamp("us", tz="UTC"))
         return flight.FlightEndpoint(flight.Ticket(ticket), [], expiration)
-
-    def _ticket(self, context: flight.ServerCallContext, command: Command) -> flight.Ticket:
-        return self._endpoint(context, command).ticket
 
     def _command_from_ticket(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> Command:
         data = self.security.tickets.open(ticket.ticket, self.identity_of(context).user)
@@ -230,6 +223,12 @@ class FlightShareServer(flight.FlightServerBase):
             record.table = result.table_name
             record.rows, record.bytes = result.rows, result.bytes
         return result
+
+    @_rpc
+    def do_exchange(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+                    reader: Any, writer: Any) -> None:
+        self.identity_of(context)
+        raise Unsupported("DoExchange is not supported: read with DoGet, write with DoPut")
 
     @_rpc
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:

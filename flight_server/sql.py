@@ -253,12 +253,6 @@ def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
     return datasets, unqualified
 
 
-def sandbox_query(sql: str, dataset: str, tables: Iterable[str], dialect: str = "duckdb",
-                  catalog: str | None = None) -> str:
-    """Check a query and return it with every table qualified to ``dataset``."""
-    return check_query(sql, dataset, {t: None for t in tables}, dialect, catalog).sql
-
-
 def check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str = "duckdb",
                 catalog: str | None = None) -> CheckedQuery:
     """Check a query against the allow-list; ``tables`` maps each table of the dataset to its columns.

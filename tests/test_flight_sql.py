@@ -251,13 +251,13 @@ def test_like_patterns(pattern: str | None, name: str, matches: bool) -> None:
 
 def test_sandbox_accepts_the_project_as_catalog() -> None:
     from flight_server.errors import InvalidRequest
-    from flight_server.sql import referenced_datasets, sandbox_query
+    from flight_server.sql import check_query, referenced_datasets
 
-    assert sandbox_query("SELECT * FROM p.d.t", "d", ["t"], catalog="p") == 'SELECT * FROM "d"."t"'
+    assert check_query("SELECT * FROM p.d.t", "d", {"t": None}, catalog="p").sql == 'SELECT * FROM "d"."t"'
     with pytest.raises(InvalidRequest, match="must not name a catalog"):
-        sandbox_query("SELECT * FROM q.d.t", "d", ["t"], catalog="p")
+        check_query("SELECT * FROM q.d.t", "d", {"t": None}, catalog="p")
     with pytest.raises(InvalidRequest, match="must not name a catalog"):
-        sandbox_query("SELECT * FROM p.d.t", "d", ["t"])
+        check_query("SELECT * FROM p.d.t", "d", {"t": None})
     assert referenced_datasets("WITH c AS (SELECT 1) SELECT * FROM a.t JOIN c ON true JOIN u ON true") == ({"a"}, ["u"])
 
 
