@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from client import protocol
 from client._transport import PUT_BATCH_ROWS, Connection
-from client.environment import resolve
+from client.environment import ConnectionSettings, resolve
 from client.errors import InvalidRequestError, NotFoundError, ServerUnavailableError, UsageError
 from client.load_info import LoadInfo
 from client.protocol import CatalogInfo, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
@@ -323,3 +323,8 @@ def connect(url: str | None = None, *, username: str | None = None, password: st
         if value is not None:
             client_kwargs[key] = value
     return Catalog(Connection(settings.url, **settings.credentials, **client_kwargs))
+
+
+def open_catalog(settings: ConnectionSettings, **client_kwargs: Any) -> Catalog:
+    """``connect`` with settings already resolved (the command line and data packages)."""
+    return connect(settings.url, **settings.credentials, **client_kwargs)

@@ -108,9 +108,3 @@ def resolve(
             return ConnectionSettings(url, {"token": read_token_file(default)}, str(default))
     return ConnectionSettings(url)
 
-
-def open_catalog(settings: ConnectionSettings, **client_kwargs: Any) -> Any:
-    """``client.connect`` with settings already resolved (the command line and data packages)."""
-    from client.catalog import connect
-
-    return connect(settings.url, **settings.credentials, **client_kwargs)

@@ -61,7 +61,7 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.errors import (Cancelled, InvalidRequest, NotFound, ServiceError, SqlLimitExceeded,
+from flight_server.errors import (Cancelled, InvalidRequest, NotFound, SqlLimitExceeded,
                                   SqlSyntaxError, Unavailable)
 from flight_server.masking import mask
 from flight_server.sql_worker import END, MARK, pipe, recv_frame, send_frame
@@ -841,21 +841,11 @@ class SqlSandbox:
                     return
                 rows += batch.num_rows
                 if rows > self.max_rows:  # the worker stops first; this is the second wall
-                    raise _wire(SqlLimitExceeded(
+                    raise SqlLimitExceeded(
                         f"query result exceeds the limit of {self.max_rows:,} rows (server.sql_max_rows); "
                         "aggregate or add a LIMIT", dataset=job.query.dataset, limit="server.sql_max_rows",
-                        value=self.max_rows))
+                        value=self.max_rows)
                 yield batch
-                try:
-                    batch = job.next_batch()
-                except ServiceError as exc:
-                    raise _wire(exc) from None
+                batch = job.next_batch()  # errors leave as raised; the transport maps them (status.mapped)
         finally:
             job.finish(clean)
-
-
-def _wire(exc: ServiceError) -> BaseException:
-    # raised inside a stream: pyarrow maps only Python built-ins to statuses there
-    from flight_server.errors import to_flight_error
-
-    return to_flight_error(exc)

@@ -20,7 +20,7 @@ import yaml
 
 from client import AuthenticationError, NotFoundError, ServerUnavailableError, connect
 from client.protocol import ReadCommand, SqlCommand, encode_command
-from flight_server.auth import Authenticator
+from flight_server.transport.auth import Authenticator
 from flight_server.config import ConfigError, load_project
 from tests import security
 from tests.conftest import Secured
@@ -121,7 +121,7 @@ def test_wrong_password_and_unknown_user_look_the_same_to_the_client(secured: Se
 
 def test_unknown_user_costs_the_same_scrypt_work(secure_server: Secured, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process: a login for a missing user verifies against a hash with the users' own cost."""
-    import flight_server.auth as auth
+    import flight_server.transport.auth as auth
 
     for key, value in security.ENV.items():
         monkeypatch.setenv(key, value)

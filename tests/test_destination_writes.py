@@ -393,7 +393,7 @@ def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path
 
     from dlt.destinations.impl.filesystem.filesystem import FilesystemClient
 
-    from flight_server.service import FlightShareServer
+    from flight_server.transport.server import FlightShareServer
 
     project = tmp_path / "dlt.yml"
     project.write_text("format_version: 1\nproject: {name: dlt_example_project}\ndestinations:\n"

@@ -15,7 +15,7 @@ import pytest
 
 from client import connect
 from flight_server._vendor import FlightSql_pb2 as pb
-from flight_server.flight_sql import SQL_INFO_SCHEMA, like, pack, sql_info_table
+from flight_server.transport.flight_sql import SQL_INFO_SCHEMA, like, pack, sql_info_table
 from tests.servers import ServerProcess, make_project
 
 PROJECT = "dlt_example_project"

@@ -9,9 +9,10 @@ import pytest
 
 import client
 import client.catalog
-from client.environment import ConnectionSettings, default_token_file, open_catalog, resolve
+from client.catalog import open_catalog
+from client.environment import ConnectionSettings, default_token_file, resolve
 from client.errors import AuthenticationError, UnsupportedError, UsageError
-from client.packages import PackageConfig, packages, server_side_only
+from client.data_packages import PackageConfig, packages, server_side_only
 
 PKG = "dlt_example_project"
 

@@ -214,7 +214,7 @@ def test_cancelled_call_stops_its_work_within_a_second(limited: ServerProcess, p
     """A client that gives up (a call deadline) mid-plan (GetFlightInfo, plain or Flight SQL) or mid-run
     (DoGet): the worker is ended, the call is logged CANCELLED, and the server answers the next query."""
     from flight_server._vendor import FlightSql_pb2 as pb
-    from flight_server.flight_sql import pack
+    from flight_server.transport.flight_sql import pack
 
     server = psutil.Process(limited.proc.pid)
     query = HOSTILE[6] if phase == "execute" else FOLDING[2]

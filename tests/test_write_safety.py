@@ -79,7 +79,7 @@ def raw_put(url: str, dataset: str, table: str, data: pa.Table, disposition: str
 def raw_ingest(url: str, dataset: str, table: str, data: pa.Table) -> None:
     """A Flight SQL CommandStatementIngest (create_append) sent as is: names a driver would refuse or cut."""
     from flight_server._vendor import FlightSql_pb2 as pb
-    from flight_server.flight_sql import pack
+    from flight_server.transport.flight_sql import pack
 
     options = pb.CommandStatementIngest.TableDefinitionOptions
     command = pb.CommandStatementIngest(

@@ -203,7 +203,7 @@ def connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def open_catalog(settings: Any) -> Any:
     """The catalog on the server the options name."""
-    from client.environment import open_catalog as _open
+    from client.catalog import open_catalog as _open
 
     return _open(settings)
 

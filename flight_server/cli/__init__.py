@@ -74,8 +74,8 @@ def _logging(project) -> None:
 def serve(project_path: str, host: str | None, port: int | None, profile: str | None,
           tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, health_port: int | None) -> None:
     """Serve the project's datasets over Arrow Flight."""
-    from flight_server import tls
-    from flight_server.service import FlightShareServer
+    from flight_server.transport import tls
+    from flight_server.transport.server import FlightShareServer
 
     project = _project(project_path)
     _logging(project)
@@ -106,7 +106,7 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
         raise click.ClickException(str(exc)) from None
     health = None
     if health_port is not None:
-        from flight_server.health import HealthServer
+        from flight_server.transport.health import HealthServer
 
         health = HealthServer(host, health_port)
         health.set_serving(True)

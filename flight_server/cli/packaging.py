@@ -20,7 +20,7 @@ from typing import Any
 
 from client import __version__
 from client.environment import env_prefix
-from client.packages import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, PACKAGE_FORMAT
+from client.data_packages import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, PACKAGE_FORMAT
 from flight_server.config import ConfigError, ProjectConfig
 
 CLIENT_DISTRIBUTION = "flight-share"
@@ -202,7 +202,7 @@ def _init(spec: PackageSpec) -> str:
 import os
 
 from client import Catalog
-from client.packages import PackageConfig, PackageContext, package_context, server_side_only
+from client.data_packages import PackageConfig, PackageContext, package_context, server_side_only
 
 from {name}._project import PROJECT
 

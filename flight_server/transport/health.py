@@ -52,7 +52,7 @@ def check(target: str, service: str = "", timeout: float = 3.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flight_server.health [host:]port``: exit 0 when SERVING (for container health checks)."""
+    """``python -m flight_server.transport.health [host:]port``: exit 0 when SERVING (for container health checks)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

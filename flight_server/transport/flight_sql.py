@@ -1,11 +1,11 @@
 """Arrow Flight SQL on the same port as the plain Flight surface, onto the same rooms.
 
 Flight SQL requests are ``google.protobuf.Any`` messages (FlightSql.proto) in command descriptors,
-tickets, DoPut descriptors and action bodies. :meth:`FlightSql.route` is the one hook the service
-calls: it recognises an ``Any`` payload and answers from :attr:`FlightSql.routes`, one table keyed by
-the Any type URL with one method per (command, RPC). Anything else — an unknown type URL, or a known
-command on an RPC it has no meaning for — answers UNIMPLEMENTED naming the command. Errors leave
-through the service's one mapping table (``errors.to_flight_error``), like every other RPC.
+tickets, DoPut descriptors and action bodies; :mod:`flight_server.transport.decode` decodes them with
+everything else, and :meth:`FlightSqlSurface.routes` adds one handler per (RPC, message) to the server's
+one dispatch table. Anything else — an unknown message, or a known one on an RPC it has no meaning
+for — answers UNIMPLEMENTED naming the message. Errors leave through the one mapping table
+(:mod:`flight_server.transport.status`), like every other RPC.
 
 How the project looks to a Flight SQL client:
 
@@ -20,50 +20,39 @@ statement handles carry the statement itself: the server keeps no per-statement 
 DoGet runs the sandbox again under the caller's profile. Bound parameters are not supported.
 
 Bulk ingest (``CommandStatementIngest``) goes through ``Writer.put``: the same permissions, dlt
-contracts and error texts as the plain DoPut. ``schema`` names the dataset.
+contracts and error texts as the plain DoPut (the dispatch drops the cache and writes the audit line
+for both). ``schema`` names the dataset.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server.catalog import Catalog
 from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import check_query, has_parameters, referenced_datasets
+from flight_server.sql import SqlSandbox, check_query, has_parameters, referenced_datasets
+from flight_server.storage import Storage
+from flight_server.transport.call import Call
+from flight_server.transport.decode import ACTION_BODIES, Request
+from flight_server.writer import Writer
 
-if TYPE_CHECKING:
-    from flight_server.service import FlightShareServer
-    from flight_server.storage import Storage
-
-TYPE_URL_PREFIX = "type.googleapis.com/"
-SQL_PACKAGE = "arrow.flight.protocol.sql."
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "flight-share"
 _HANDLE_PREFIX = b"flight-share/statement/v1:"
 
-# Flight SQL (and Flight session) action names; any of them reaches this module, the rest are ours
-FLIGHT_SQL_ACTIONS = frozenset({
-    "CreatePreparedStatement", "ClosePreparedStatement", "CreatePreparedSubstraitPlan",
-    "BeginTransaction", "BeginSavepoint", "EndTransaction", "EndSavepoint", "CancelQuery",
-    "CancelFlightInfo", "RenewFlightEndpoint", "SetSessionOptions", "GetSessionOptions", "CloseSession",
-})
 # Flight.proto's CloseSessionResult{status: CLOSED}: sessions hold nothing here, so closing always succeeds
 _CLOSE_SESSION_CLOSED = b"\x08\x01"
 
-Handler = Callable[..., Any]
-
-
-def type_url(message: type[Message]) -> str:
-    return TYPE_URL_PREFIX + message.DESCRIPTOR.full_name
+Handler = Callable[[Call, Request], Any]
 
 
 def pack(message: Message) -> bytes:
@@ -71,21 +60,6 @@ def pack(message: Message) -> bytes:
     wrapped = any_pb2.Any()
     wrapped.Pack(message)
     return wrapped.SerializeToString()
-
-
-def unpack_any(data: bytes) -> any_pb2.Any | None:
-    """The ``Any`` in ``data``, or None if ``data`` is not one (our JSON commands start with ``{``)."""
-    if not data or data[:1] != b"\n":
-        return None
-    try:
-        wrapped = any_pb2.Any.FromString(data)
-    except DecodeError:
-        return None
-    return wrapped if wrapped.type_url.startswith(TYPE_URL_PREFIX) else None
-
-
-def _short(url: str) -> str:
-    return url.rsplit("/", 1)[-1].removeprefix(SQL_PACKAGE)
 
 
 # --- result schemas of the metadata commands (FlightSql.proto) --------------------------------------
@@ -244,26 +218,17 @@ def decode_handle(handle: bytes) -> str:
     return query
 
 
-@dataclass(frozen=True)
-class Route:
-    """One Flight SQL message: how to unpack it, and its handler per RPC."""
-
-    message: type[Message]
-    handlers: dict[str, Handler]
-
-
 _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
-_RPC_NAMES = {"get_flight_info": "GetFlightInfo", "get_schema": "GetSchema", "do_get": "DoGet",
-              "do_put": "DoPut", "do_action": "DoAction"}
 
 
-class FlightSql:
-    """Flight SQL dispatch for one :class:`~flight_server.service.FlightShareServer`."""
+class FlightSqlSurface:
+    """Handlers of Flight SQL requests, given the domain services they use."""
 
-    def __init__(self, server: "FlightShareServer") -> None:
-        self.server = server
-        metadata = {"get_flight_info": self._metadata_info, "get_schema": self._metadata_schema,
-                    "do_get": self._metadata_get}
+    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer) -> None:
+        self.catalog_name = catalog_name
+        self.catalog = catalog
+        self.sql = sql
+        self.writer = writer
         self._metadata: dict[type[Message], tuple[Callable[[Any], pa.Schema], Callable[..., pa.Table]]] = {
             pb.CommandGetSqlInfo: (lambda _c: SQL_INFO_SCHEMA, self._sql_info),
             pb.CommandGetCatalogs: (lambda _c: CATALOGS_SCHEMA, self._catalogs),
@@ -272,104 +237,52 @@ class FlightSql:
                                   self._tables),
             pb.CommandGetTableTypes: (lambda _c: TABLE_TYPES_SCHEMA, self._table_types),
         }
-        routes = [Route(m, metadata) for m in self._metadata]
-        routes += [
-            Route(pb.CommandStatementQuery, {"get_flight_info": self._statement_info,
-                                             "get_schema": self._statement_schema}),
-            Route(pb.CommandPreparedStatementQuery, {"get_flight_info": self._prepared_info,
-                                                     "get_schema": self._prepared_schema,
-                                                     "do_put": self._prepared_bind}),
-            Route(pb.TicketStatementQuery, {"do_get": self._statement_get}),
-            Route(pb.CommandStatementIngest, {"do_put": self._ingest}),
-            Route(pb.ActionCreatePreparedStatementRequest, {"do_action": self._create_prepared}),
-            Route(pb.ActionClosePreparedStatementRequest, {"do_action": self._close_prepared}),
-        ]
-        self.routes: dict[str, Route] = {type_url(r.message): r for r in routes}
-        # Flight SQL action name -> the Any type URL its body carries
-        self.actions: dict[str, str] = {
-            "CreatePreparedStatement": type_url(pb.ActionCreatePreparedStatementRequest),
-            "ClosePreparedStatement": type_url(pb.ActionClosePreparedStatementRequest),
-        }
 
-    # --- the hook -------------------------------------------------------------------------------
-    def route(self, rpc: str, args: tuple[Any, ...]) -> Callable[[], Any] | None:
-        """A call that answers this RPC if its payload is Flight SQL, else None (the plain surface answers)."""
-        if rpc == "do_action":
-            context, action = args[0], args[1]
-            if action.type not in FLIGHT_SQL_ACTIONS:
-                return None
-            body = action.body.to_pybytes() if action.body is not None else b""
-            if action.type == "CloseSession":
-                return lambda: iter([_CLOSE_SESSION_CLOSED])
-            expected = self.actions.get(action.type)
-            if expected is None:
-                return lambda: self._unsupported_action(action.type)
-            wrapped = unpack_any(body)
-            if wrapped is None or wrapped.type_url != expected:
-                return lambda: self._bad_action_body(action.type, expected)
-            return lambda: self._dispatch(rpc, wrapped, context, action.type)
-        if rpc in ("get_flight_info", "get_schema", "do_put"):
-            descriptor = args[1]
-            if descriptor.descriptor_type != flight.DescriptorType.CMD:
-                return None
-            payload = descriptor.command
-        elif rpc == "do_get":
-            payload = args[1].ticket
-        else:
-            return None
-        wrapped = unpack_any(payload)
-        if wrapped is None:
-            return None
-        return lambda: self._dispatch(rpc, wrapped, *args)
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """(RPC, message name) -> handler, for the server's one dispatch table."""
+        routes: dict[tuple[str, str], Handler] = {}
+        for message in self._metadata:
+            name = message.DESCRIPTOR.name
+            routes[("get_flight_info", name)] = self._metadata_info
+            routes[("get_schema", name)] = self._metadata_schema
+            routes[("do_get", name)] = self._metadata_get
+        routes.update({
+            ("get_flight_info", "CommandStatementQuery"): self._statement_info,
+            ("get_schema", "CommandStatementQuery"): self._statement_schema,
+            ("get_flight_info", "CommandPreparedStatementQuery"): self._prepared_info,
+            ("get_schema", "CommandPreparedStatementQuery"): self._prepared_schema,
+            ("do_put", "CommandPreparedStatementQuery"): self._prepared_bind,
+            ("do_get", "TicketStatementQuery"): self._statement_get,
+            ("do_put", "CommandStatementIngest"): self._ingest,
+            ("do_action", "CreatePreparedStatement"): self._create_prepared,
+            ("do_action", "ClosePreparedStatement"): self._close_prepared,
+            ("do_action", "CloseSession"): lambda _call, _request: iter([_CLOSE_SESSION_CLOSED]),
+        })
+        return routes
 
-    def _dispatch(self, rpc: str, wrapped: any_pb2.Any, context: Any, *rest: Any) -> Any:
-        route = self.routes.get(wrapped.type_url)
-        handler = route.handlers.get(rpc) if route else None
-        if route is None or handler is None:
-            self._unsupported(_short(wrapped.type_url), rpc)
-        message = route.message()
-        try:
-            message.ParseFromString(wrapped.value)
-        except DecodeError:
-            raise InvalidRequest(f"Flight SQL {_short(wrapped.type_url)} does not decode") from None
-        return handler(context, message, *rest)
-
-    def _unsupported_action(self, name: str) -> Any:
-        raise Unsupported(f"Flight SQL action {name} is not supported by this server; "
-                          f"supported: {', '.join([*self.actions, 'CloseSession'])}")
-
-    def _bad_action_body(self, name: str, expected: str) -> Any:
-        raise InvalidRequest(f"Flight SQL action {name} takes a {_short(expected)} packed in google.protobuf.Any")
-
-    def _unsupported(self, what: str, rpc: str) -> Any:
-        supported = sorted({_short(url) for url, r in self.routes.items() if rpc in r.handlers})
-        raise Unsupported(f"Flight SQL {what} is not supported by this server on {_RPC_NAMES.get(rpc, rpc)}; "
-                          f"supported there: {', '.join(supported) or '(none)'}")
+    @staticmethod
+    def unsupported_action(name: str) -> Unsupported:
+        return Unsupported(f"Flight SQL action {name} is not supported by this server; "
+                           f"supported: {', '.join([*ACTION_BODIES, 'CloseSession'])}")
 
     # --- who and what -----------------------------------------------------------------------------
-    @property
-    def catalog_name(self) -> str:
-        return self.server.project.name
-
-    def _profile(self, context: Any) -> str:
-        return self.server.profile_of(context)
-
-    def _info(self, schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
+    @staticmethod
+    def _info(schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
 
     # --- metadata commands ------------------------------------------------------------------------
-    def _metadata_info(self, context: Any, command: Message, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        schema_of, _ = self._metadata[type(command)]
+    def _metadata_info(self, call: Call, request: Request) -> flight.FlightInfo:
+        schema_of, _ = self._metadata[type(request.message)]
         # the ticket is the command itself: DoGet answers it under the caller's profile then
-        return self._info(schema_of(command), descriptor, descriptor.command)
+        return self._info(schema_of(request.message), call.descriptor, call.descriptor.command)
 
-    def _metadata_schema(self, context: Any, command: Message, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._metadata[type(command)][0](command))
+    def _metadata_schema(self, call: Call, request: Request) -> flight.SchemaResult:
+        return flight.SchemaResult(self._metadata[type(request.message)][0](request.message))
 
-    def _metadata_get(self, context: Any, command: Message, ticket: flight.Ticket) -> flight.FlightDataStream:
-        return flight.RecordBatchStream(self._metadata[type(command)][1](context, command))
+    def _metadata_get(self, call: Call, request: Request) -> flight.FlightDataStream:
+        return flight.RecordBatchStream(self._metadata[type(request.message)][1](call, request.message))
 
-    def _sql_info(self, context: Any, command: Any) -> pa.Table:
+    def _sql_info(self, call: Call, command: Any) -> pa.Table:
         infos: dict[int, tuple[int, Any]] = {
             0: (_STRING, SERVER_NAME),                 # FLIGHT_SQL_SERVER_NAME
             1: (_STRING, _version()),                     # FLIGHT_SQL_SERVER_VERSION
@@ -395,23 +308,23 @@ class FlightSql:
         wanted = list(command.info) or list(infos)
         return sql_info_table({i: infos[i] for i in wanted if i in infos})
 
-    def _catalogs(self, context: Any, command: Any) -> pa.Table:
+    def _catalogs(self, call: Call, command: Any) -> pa.Table:
         return pa.Table.from_pylist([{"catalog_name": self.catalog_name}], schema=CATALOGS_SCHEMA)
 
-    def _datasets(self, context: Any, catalog: str | None, pattern: str | None) -> list[str]:
+    def _datasets(self, call: Call, catalog: str | None, pattern: str | None) -> list[str]:
         """The datasets the caller sees, narrowed by a catalog and a schema filter pattern."""
         if catalog is not None and catalog != self.catalog_name:
             return []
         matches = like(_checked_pattern(pattern, "db_schema_filter_pattern"))
-        return sorted(d for d in self.server.catalog.visible(self._profile(context)) if matches(d))
+        return sorted(d for d in self.catalog.visible(call.profile) if matches(d))
 
-    def _db_schemas(self, context: Any, command: Any) -> pa.Table:
+    def _db_schemas(self, call: Call, command: Any) -> pa.Table:
         catalog = command.catalog if command.HasField("catalog") else None
         pattern = command.db_schema_filter_pattern if command.HasField("db_schema_filter_pattern") else None
-        rows = [{"catalog_name": self.catalog_name, "db_schema_name": d} for d in self._datasets(context, catalog, pattern)]
+        rows = [{"catalog_name": self.catalog_name, "db_schema_name": d} for d in self._datasets(call, catalog, pattern)]
         return pa.Table.from_pylist(rows, schema=DB_SCHEMAS_SCHEMA)
 
-    def _tables(self, context: Any, command: Any) -> pa.Table:
+    def _tables(self, call: Call, command: Any) -> pa.Table:
         catalog = command.catalog if command.HasField("catalog") else None
         pattern = command.db_schema_filter_pattern if command.HasField("db_schema_filter_pattern") else None
         matches = like(_checked_pattern(command.table_name_filter_pattern, "table_name_filter_pattern")
@@ -419,8 +332,8 @@ class FlightSql:
         schema = TABLES_SCHEMA_WITH_SCHEMA if command.include_schema else TABLES_SCHEMA
         rows = []
         if not command.table_types or TABLE_TYPE in command.table_types:
-            for dataset in self._datasets(context, catalog, pattern):
-                storage = self.server.catalog.storage(dataset)
+            for dataset in self._datasets(call, catalog, pattern):
+                storage = self.catalog.storage(dataset)
                 for table in sorted(t for t in storage.table_names() if matches(t)):
                     row = {"catalog_name": self.catalog_name, "db_schema_name": dataset,
                            "table_name": table, "table_type": TABLE_TYPE}
@@ -429,15 +342,15 @@ class FlightSql:
                     rows.append(row)
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def _table_types(self, context: Any, command: Any) -> pa.Table:
+    def _table_types(self, call: Call, command: Any) -> pa.Table:
         return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES_SCHEMA)
 
     # --- statements -------------------------------------------------------------------------------
-    def _prepare(self, context: Any, query: str) -> tuple["Storage", str]:
+    def _prepare(self, call: Call, query: str) -> tuple[Storage, Any]:
         """The storage a statement reads and the statement checked and qualified by the sandbox."""
-        profile = self._profile(context)
+        profile = call.profile
         datasets, unqualified = referenced_datasets(query)
-        visible = self.server.catalog.visible(profile)
+        visible = self.catalog.visible(profile)
         if unqualified:
             raise InvalidRequest(
                 f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
@@ -451,48 +364,49 @@ class FlightSql:
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
         dataset = next(iter(datasets)) if datasets else visible[0]
-        storage = self.server.catalog.open(profile, dataset)
+        storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
         return storage, check_query(query, dataset, columns, catalog=self.catalog_name)
 
-    def _query_schema(self, context: Any, query: str) -> pa.Schema:
-        storage, checked = self._prepare(context, query)
-        return self.server.sql.schema(storage, checked, context.is_cancelled)
+    def _query_schema(self, call: Call, query: str) -> pa.Schema:
+        storage, checked = self._prepare(call, query)
+        return self.sql.schema(storage, checked, call.cancelled)
 
-    def _statement_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
+        command = request.message
         self._no_transaction(command)
         ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(command.query)))
-        return self._info(self._query_schema(context, command.query), descriptor, ticket)
+        return self._info(self._query_schema(call, command.query), call.descriptor, ticket)
 
-    def _statement_schema(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(context, command.query))
+    def _statement_schema(self, call: Call, request: Request) -> flight.SchemaResult:
+        return flight.SchemaResult(self._query_schema(call, request.message.query))
 
-    def _statement_get(self, context: Any, command: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
-        storage, checked = self._prepare(context, decode_handle(command.statement_handle))
-        return flight.RecordBatchStream(self.server.sql.run(storage, checked, context.is_cancelled))
+    def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
+        storage, checked = self._prepare(call, decode_handle(request.message.statement_handle))
+        return call.stream(self.sql.run(storage, checked, call.cancelled))
 
-    def _create_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
-        self._no_transaction(request)
-        schema = self._query_schema(context, request.query)
+    def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
+        self._no_transaction(request.message)
+        schema = self._query_schema(call, request.message.query)
         result = pb.ActionCreatePreparedStatementResult(
-            prepared_statement_handle=encode_handle(request.query),
+            prepared_statement_handle=encode_handle(request.message.query),
             dataset_schema=schema.serialize().to_pybytes(),
         )
         return iter([pack(result)])
 
-    def _close_prepared(self, context: Any, request: Any, action_type: str) -> Iterator[bytes]:
-        decode_handle(request.prepared_statement_handle)  # stateless: nothing to free
+    def _close_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
+        decode_handle(request.message.prepared_statement_handle)  # stateless: nothing to free
         return iter([])
 
-    def _prepared_info(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        query = decode_handle(command.prepared_statement_handle)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=command.prepared_statement_handle))
-        return self._info(self._query_schema(context, query), descriptor, ticket)
+    def _prepared_info(self, call: Call, request: Request) -> flight.FlightInfo:
+        handle = request.message.prepared_statement_handle
+        ticket = pack(pb.TicketStatementQuery(statement_handle=handle))
+        return self._info(self._query_schema(call, decode_handle(handle)), call.descriptor, ticket)
 
-    def _prepared_schema(self, context: Any, command: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(context, decode_handle(command.prepared_statement_handle)))
+    def _prepared_schema(self, call: Call, request: Request) -> flight.SchemaResult:
+        return flight.SchemaResult(self._query_schema(call, decode_handle(request.message.prepared_statement_handle)))
 
-    def _prepared_bind(self, context: Any, command: Any, descriptor: Any, reader: Any, writer: Any) -> None:
+    def _prepared_bind(self, call: Call, request: Request) -> None:
         raise Unsupported("bound parameters are not supported; put the values into the SQL text")
 
     @staticmethod
@@ -501,10 +415,11 @@ class FlightSql:
             raise Unsupported("transactions are not supported; statements run on their own")
 
     # --- bulk ingest ------------------------------------------------------------------------------
-    def _ingest(self, context: Any, command: Any, descriptor: Any, reader: Any, writer: Any) -> None:
-        """CommandStatementIngest: the ingest options checked here, the rest is the server's one
-        write path (:meth:`FlightShareServer.save`), exactly as for a DoPut."""
-        profile = self._profile(context)
+    def _ingest(self, call: Call, request: Request) -> None:
+        """CommandStatementIngest: the ingest options checked here, the rest is the one write path
+        (:meth:`Writer.put`), exactly as for a DoPut."""
+        command = request.message
+        profile = call.profile
         self._no_transaction(command)
         if command.temporary:
             raise Unsupported("temporary tables are not supported; ingest into a table of a dataset")
@@ -521,16 +436,17 @@ class FlightSql:
         if command.HasField("catalog") and command.catalog != self.catalog_name:
             raise NotFound(f"Catalog '{command.catalog}' not found; the catalog is project {self.catalog_name}")
         if not command.HasField("schema") or not command.schema:
-            visible = self.server.catalog.visible(profile)
+            visible = self.catalog.visible(profile)
             raise InvalidRequest(
                 f"name the dataset to ingest into as the db_schema (datasets: {', '.join(visible) or '(none)'})"
             )
         must_exist = "ingest in create mode to add it" if options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_FAIL else None
         must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
         disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
-        # the same write path as DoPut: name and type checks, contract, load, cache eviction, audit
-        result = self.server.save(context, WriteCommand(command.schema, command.table, disposition), reader,
-                                  must_exist=must_exist, must_be_new=must_be_new)
+        # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
+        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), call.reader,
+                                 call.cancelled, must_exist=must_exist, must_be_new=must_be_new)
+        call.loaded(result)
         # DoPutUpdateResult goes back raw, not packed in Any
-        writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))
+        call.writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))
 

@@ -38,7 +38,7 @@ import jwt
 import pyarrow.flight as flight
 
 from client import protocol
-from flight_server.audit import MIDDLEWARE_KEY, AuditRecord, rpc_name
+from flight_server.transport.audit import MIDDLEWARE_KEY, AuditRecord, rpc_name
 from flight_server.config import ConfigError, ProjectConfig
 from flight_server.credentials import (
     ScryptHash,
@@ -48,8 +48,9 @@ from flight_server.credentials import (
     token_digest,
     verify_password,
 )
-from flight_server.errors import Unauthenticated, to_flight_error
-from flight_server.tickets import TicketSigner
+from flight_server.errors import Unauthenticated
+from flight_server.transport.status import to_flight_error
+from flight_server.transport.tickets import TicketSigner
 
 log = logging.getLogger("flight_share.auth")
 

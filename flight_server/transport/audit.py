@@ -1,6 +1,6 @@
 """One structured audit line per call: who, under which profile, did what, to which data, with what outcome.
 
-Each RPC gets an :class:`AuditRecord` when the call middleware (:mod:`flight_server.auth`) starts it;
+Each RPC gets an :class:`AuditRecord` when the call middleware (:mod:`flight_server.transport.auth`) starts it;
 handlers fill in the dataset and table (:func:`annotate`), streams count rows and bytes as they
 leave (:func:`counted`), and the middleware's ``call_completed`` writes the record as one JSON line
 to the ``flight_share.audit`` logger — also for calls refused before any handler ran::

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Mapping
 
-from client.environment import ConnectionSettings, env_prefix, open_catalog, resolve
+from client.catalog import open_catalog
+from client.environment import ConnectionSettings, env_prefix, resolve
 from client.errors import UnsupportedError
 
 if TYPE_CHECKING:

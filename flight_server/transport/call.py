@@ -1,0 +1,42 @@
+"""One live call as the handlers see it: who calls, and the RPC's own objects (streams, writer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from client.load_info import LoadInfo
+from flight_server.transport import audit, status
+from flight_server.transport.auth import Identity
+
+
+@dataclass
+class Call:
+    """The context of one RPC, the caller's identity, and what the RPC brought besides its payload."""
+
+    context: flight.ServerCallContext
+    identity: Identity
+    descriptor: flight.FlightDescriptor | None = None
+    reader: Any = None  # DoPut: the upload
+    writer: Any = None  # DoPut: where results go
+
+    @property
+    def profile(self) -> str:
+        return self.identity.profile
+
+    def cancelled(self) -> bool:
+        return bool(self.context.is_cancelled())
+
+    def loaded(self, info: LoadInfo) -> None:
+        """A save's figures on the call's audit line (the table as dlt stored it)."""
+        record = audit.record_of(self.context)
+        if record is not None:
+            record.table = info.table_name
+            record.rows, record.bytes = info.rows, info.bytes
+
+    def stream(self, reader: pa.RecordBatchReader) -> flight.RecordBatchStream:
+        """A result computed while it streams: counted on the audit line, its errors mapped to statuses."""
+        return flight.RecordBatchStream(audit.counted(self.context, status.mapped(reader)))

@@ -1,0 +1,141 @@
+"""The one decoder: what a Flight request asks for, whichever surface it speaks.
+
+Every RPC's payload - a descriptor, a ticket, an action - becomes a :class:`Request`: the RPC, a
+``kind`` that keys the server's one dispatch table, and the decoded message. flight-share's own JSON
+commands (:mod:`client.protocol`) have the kinds ``read``, ``sql`` and ``write``; a Flight SQL
+``google.protobuf.Any`` has the short name of its message (``CommandStatementQuery``...); an action
+has its type (``list-datasets``, ``CreatePreparedStatement``...). Decoding checks the form only; who
+may do what is the handlers' business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow.flight as flight
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from client import protocol
+from client.protocol import ReadCommand, SqlCommand, WriteCommand
+from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server.errors import InvalidRequest
+
+TYPE_URL_PREFIX = "type.googleapis.com/"
+SQL_PACKAGE = "arrow.flight.protocol.sql."
+
+# Flight SQL (and Flight session) action names; their bodies are Any-packed messages
+FLIGHT_SQL_ACTIONS = frozenset({
+    "CreatePreparedStatement", "ClosePreparedStatement", "CreatePreparedSubstraitPlan",
+    "BeginTransaction", "BeginSavepoint", "EndTransaction", "EndSavepoint", "CancelQuery",
+    "CancelFlightInfo", "RenewFlightEndpoint", "SetSessionOptions", "GetSessionOptions", "CloseSession",
+})
+# the message a Flight SQL action's body carries, where this server answers the action
+ACTION_BODIES: dict[str, type[Message]] = {
+    "CreatePreparedStatement": pb.ActionCreatePreparedStatementRequest,
+    "ClosePreparedStatement": pb.ActionClosePreparedStatementRequest,
+}
+# what a client reads in messages: the gRPC method names
+RPC_NAMES = {"get_flight_info": "GetFlightInfo", "get_schema": "GetSchema", "do_get": "DoGet",
+             "do_put": "DoPut", "do_action": "DoAction", "do_exchange": "DoExchange",
+             "list_flights": "ListFlights", "list_actions": "ListActions"}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoded request: ``(rpc, kind)`` picks its handler."""
+
+    rpc: str
+    kind: str
+    message: Any = None  # a protocol Command, a Flight SQL message, an action body or ListFlights criteria
+    flight_sql: bool = False
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the request names, for the audit line and cache eviction."""
+        if isinstance(self.message, (ReadCommand, SqlCommand, WriteCommand)):
+            return self.message.dataset
+        if isinstance(self.message, pb.CommandStatementIngest) and self.message.HasField("schema"):
+            return self.message.schema
+        return None
+
+    @property
+    def table(self) -> str | None:
+        if isinstance(self.message, (ReadCommand, WriteCommand)):
+            return self.message.table
+        if isinstance(self.message, pb.CommandStatementIngest):
+            return self.message.table
+        return None
+
+    @property
+    def writes(self) -> bool:
+        """Whether the request saves data (the hot-table cache of its dataset is dropped after it)."""
+        return self.kind in ("write", "CommandStatementIngest")
+
+
+def short_name(url: str) -> str:
+    """``type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery`` -> ``CommandStatementQuery``."""
+    return url.rsplit("/", 1)[-1].removeprefix(SQL_PACKAGE)
+
+
+def unpack_any(data: bytes) -> any_pb2.Any | None:
+    """The ``Any`` in ``data``, or None if ``data`` is not one (our JSON commands start with ``{``)."""
+    if not data or data[:1] != b"\n":
+        return None
+    try:
+        wrapped = any_pb2.Any.FromString(data)
+    except DecodeError:
+        return None
+    return wrapped if wrapped.type_url.startswith(TYPE_URL_PREFIX) else None
+
+
+def _flight_sql(rpc: str, wrapped: any_pb2.Any) -> Request:
+    """A Flight SQL message; an unknown one decodes to its name only (the dispatch says UNIMPLEMENTED)."""
+    name = short_name(wrapped.type_url)
+    cls = getattr(pb, name, None) if wrapped.type_url.startswith(TYPE_URL_PREFIX + SQL_PACKAGE) else None
+    if not (isinstance(cls, type) and issubclass(cls, Message)):
+        return Request(rpc, name, None, flight_sql=True)
+    message = cls()
+    try:
+        message.ParseFromString(wrapped.value)
+    except DecodeError:
+        raise InvalidRequest(f"Flight SQL {name} does not decode") from None
+    return Request(rpc, name, message, flight_sql=True)
+
+
+def descriptor(rpc: str, descriptor: flight.FlightDescriptor) -> Request:
+    """GetFlightInfo, GetSchema, DoPut: a path ``[dataset, table]``, a JSON command or a Flight SQL command."""
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        command = protocol.command_from_path(descriptor.path, "write" if rpc == "do_put" else "read")  # type: ignore[arg-type]
+        return Request(rpc, command.op, command)
+    wrapped = unpack_any(descriptor.command)
+    if wrapped is not None:
+        return _flight_sql(rpc, wrapped)
+    command = protocol.decode_command(descriptor.command)
+    return Request(rpc, command.op, command)
+
+
+def ticket(data: bytes, open_signed: Callable[[bytes], bytes]) -> Request:
+    """DoGet: a Flight SQL ticket, or one of ours (signed for its caller: ``open_signed`` checks it)."""
+    wrapped = unpack_any(data)
+    if wrapped is not None:
+        return _flight_sql("do_get", wrapped)
+    command = protocol.decode_command(open_signed(data))
+    return Request("do_get", command.op, command)
+
+
+def action(act: flight.Action) -> Request:
+    """DoAction: ours take a JSON body (bytes as sent); Flight SQL's an Any-packed message."""
+    body = act.body.to_pybytes() if act.body is not None else b""
+    if act.type not in FLIGHT_SQL_ACTIONS:
+        return Request("do_action", act.type, body)
+    expected = ACTION_BODIES.get(act.type)
+    if expected is None:
+        return Request("do_action", act.type, None, flight_sql=True)
+    wrapped = unpack_any(body)
+    if wrapped is None or short_name(wrapped.type_url) != expected.DESCRIPTOR.name:
+        raise InvalidRequest(f"Flight SQL action {act.type} takes a {expected.DESCRIPTOR.name} packed in "
+                             "google.protobuf.Any")
+    request = _flight_sql("do_action", wrapped)
+    return Request("do_action", act.type, request.message, flight_sql=True)

@@ -1,0 +1,119 @@
+"""The one table that turns errors into Flight statuses (every RPC and stream leaves through it).
+
+Domain errors (:mod:`flight_server.errors`) map by class; a query engine refusing the caller's SQL is
+INVALID_ARGUMENT; anything else is INTERNAL with a generic text (the traceback goes to the server log
+only). Every message and detail leaves masked (credentials as ``***``, :mod:`flight_server.masking`)
+and at most :data:`MAX_MESSAGE_CHARS` long (messages echo names the caller sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from client.protocol import ErrorDetail, ProtocolError
+from flight_server.errors import (Cancelled, Forbidden, InvalidRequest, NotFound, ServiceError, Unauthenticated,
+                                  Unavailable, Unsupported)
+from flight_server.masking import mask
+
+log = logging.getLogger("flight_share.server")
+
+MAX_MESSAGE_CHARS = 2000
+
+
+# gRPC NOT_FOUND / INVALID_ARGUMENT / UNIMPLEMENTED have no pyarrow Flight exception class, so they
+# are raised as the Python built-ins pyarrow maps to those codes. ``__str__`` returns the plain text
+# (KeyError would otherwise quote it). pyarrow then appends ". Detail: " and what
+# ``traceback.format_exception`` makes of the exception - the server's traceback and the whole text
+# again (clients that show the gRPC message printed every error twice, with file names). When that
+# formatting fails, pyarrow falls back to the exception's type name (``PythonErrorDetail::ToString``
+# in pyarrow's ``common.cc``): so these exceptions refuse to be formatted (``__notes__`` raises, which
+# ``traceback.TracebackException`` does not swallow), and the detail reads "Python exception:
+# InvalidArgument". No process-wide ``sys.tracebacklimit`` is needed. The names are what a client
+# reads, so they say the status, not where the server keeps its classes.
+class _Unformattable:
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def __notes__(self) -> Any:
+        raise LookupError("a wire error carries no traceback")
+
+
+class _WireNotFound(_Unformattable, KeyError):
+    pass
+
+
+class _WireInvalid(_Unformattable, ValueError):
+    pass
+
+
+class _WireUnimplemented(_Unformattable, NotImplementedError):
+    pass
+
+
+for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented")):
+    _cls.__module__, _cls.__name__, _cls.__qualname__ = "builtins", _name, _name
+
+
+def _engine_rejected_query(exc: BaseException) -> bool:
+    """A query engine refusing the caller's SQL (unknown column, type mismatch, ...): a client mistake."""
+    try:
+        import duckdb
+    except ImportError:  # pragma: no cover - duckdb is a server dependency
+        return False
+    return isinstance(exc, (duckdb.BinderException, duckdb.CatalogException, duckdb.ParserException,
+                            duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException,
+                            duckdb.TypeMismatchException, duckdb.NotImplementedException))
+
+def _text(message: str) -> str:
+    text = mask(message)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "... (truncated)"
+
+
+def _detail(exc: ServiceError) -> bytes:
+    fields = {k: (_text(v) if isinstance(v, str) else v) for k, v in exc.fields.items()}
+    return mask.bytes(ErrorDetail(type(exc).__name__, _text(exc.message), fields).to_bytes())
+
+
+def to_flight_error(exc: BaseException) -> BaseException:
+    """Map any exception raised in a handler to what the client may see."""
+    if isinstance(exc, flight.FlightError):
+        return exc
+    if isinstance(exc, NotFound):
+        return _WireNotFound(_text(exc.message))
+    if isinstance(exc, (InvalidRequest, ProtocolError)):
+        return _WireInvalid(_text(str(exc)))
+    if _engine_rejected_query(exc):
+        return _WireInvalid(_text(f"the query was rejected: {str(exc).splitlines()[0]}"))
+    if isinstance(exc, Unsupported):
+        return _WireUnimplemented(_text(exc.message))
+    if isinstance(exc, Forbidden):
+        return flight.FlightUnauthorizedError(_text(exc.message), _detail(exc))
+    if isinstance(exc, Unauthenticated):
+        return flight.FlightUnauthenticatedError(_text(exc.message), _detail(exc))
+    if isinstance(exc, Unavailable):
+        return flight.FlightUnavailableError(_text(exc.message), _detail(exc))
+    if isinstance(exc, Cancelled):
+        return flight.FlightCancelledError(_text(exc.message), _detail(exc))
+    if isinstance(exc, (_WireNotFound, _WireInvalid, _WireUnimplemented)):
+        return exc
+    log.error("internal error", exc_info=exc)
+    return flight.FlightInternalError("internal server error; see the server log")
+
+
+def mapped(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    """The same stream, with an error raised while it is read mapped like a handler's (inside a stream,
+    pyarrow maps only Python built-ins to statuses)."""
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        except Exception as exc:  # noqa: BLE001 - every error leaves through the mapping table (not
+            raise to_flight_error(exc) from None  # GeneratorExit: the client left, nothing to report)
+        finally:
+            reader.close()
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
