@@ -423,7 +423,7 @@ def _refused_data(exc: BaseException) -> bool:
         if {k.__name__ for k in type(cause).__mro__} & _DATA_ERRORS:
             return True
         text = str(getattr(cause, "failed_message", None) or cause)
-        if _DATA_ERROR_TEXT.search(text.split("\n", 1)[0]) or _DATA_ERROR_TEXT.match(text):
+        if _DATA_ERROR_TEXT.search(text.split("\n", 1)[0]):  # the message's first line: what failed
             return True
         cause = cause.__cause__ or cause.__context__
     return False
