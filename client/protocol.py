@@ -137,6 +137,9 @@ Command = Union[ReadCommand, SqlCommand, WriteCommand]
 
 MAX_COMMAND_BYTES = 1 << 20
 MAX_NAME_CHARS = 255
+# columns a table may have after a save (stored + new ones, dlt's own included): PostgreSQL stops at 1,600,
+# and dlt's schema handling slows every later save of a table with tens of thousands of columns
+MAX_COLUMNS = 1000
 MAX_LIMIT = (1 << 62) - 1
 
 

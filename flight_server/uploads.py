@@ -11,6 +11,18 @@ or decimal column whose Arrow type differs from the stored one while dlt sees th
 with ``safe=True``, and nulls in a NOT NULL column are counted; a value that does not fit refuses
 the whole upload with INVALID_ARGUMENT naming the column, instead of failing at the load step.
 
+Values the destination would refuse only at the load step are refused here too: decimals wider than
+:data:`MAX_DECIMAL_PRECISION` digits (no destination stores them) and ``timestamp[s]``/``timestamp[ms]``
+values outside what a microsecond timestamp holds (duckdb, PostgreSQL and Delta store microseconds).
+
+The table's shape is checked against dlt's nested tables: child tables (``orders__items``, tables with
+a ``parent``) are dlt's own rows of their parent - linked by ``_dlt_parent_id`` - and are not written
+directly, and a new column whose path is a child table's name (``items`` in ``orders``) is refused,
+since dlt would then load the owner's nested ``items`` into that column instead of the child table.
+``_dlt_id`` and ``_dlt_load_id`` in an upload (rows read back from the dataset carry them) are dropped:
+dlt gives every saved row its own; any other ``_dlt`` column name is reserved. A table may have at
+most :data:`~client.protocol.MAX_COLUMNS` columns after the save.
+
 Every refusal is an :class:`~flight_server.errors.InvalidRequest` naming the table or column and
 what is allowed.
 """
@@ -27,12 +39,20 @@ from dlt.common.normalizers.json.helpers import normalize_table_identifier
 from dlt.common.schema import Schema
 from dlt.common.schema.utils import is_complete_column
 
-from client.protocol import MAX_NAME_CHARS
+from client.protocol import MAX_COLUMNS, MAX_NAME_CHARS
 from flight_server.errors import InvalidRequest
 
 # ``.`` qualifies names in SQL, ``/`` separates folders, ``%``, ``{`` and ``}`` are dlt's file layout
 # placeholders on the filesystem destination; control characters have no place in a name.
 FORBIDDEN_TABLE_CHARS = "./%{}\\"
+# the widest decimal every destination stores (duckdb and Delta: 38 digits; dlt's default cap)
+MAX_DECIMAL_PRECISION = 38
+# dlt's own row columns: an upload's values are replaced by dlt's, so they are dropped from it
+DLT_ROW_COLUMNS = ("_dlt_id", "_dlt_load_id")
+# timestamps are stored in microseconds in a signed 64-bit integer; duckdb keeps its two ends for
+# infinity: per Arrow unit, the values that fit
+_MICROS = {"s": 1_000_000, "ms": 1_000}
+_TS_MAX = (1 << 63) - 2  # microseconds
 TABLE_NAME_RULE = (f"a table name is 1 to {MAX_NAME_CHARS} characters, without control characters or any of "
                    f"{' '.join(FORBIDDEN_TABLE_CHARS)}, and does not start with _dlt (in any letter case)")
 
@@ -67,6 +87,8 @@ def _unstorable(dtype: pa.DataType) -> pa.DataType | None:
     """The (nested) Arrow type in ``dtype`` dlt cannot store, or None."""
     if pa.types.is_union(dtype):
         return dtype  # dlt maps unions to json, but no loader file format can write them
+    if pa.types.is_run_end_encoded(dtype):
+        return dtype  # dlt maps it by its values, but Parquet cannot write it (and it decodes to any size)
     if pa.types.is_dictionary(dtype):
         return _unstorable(dtype.value_type)
     if pa.types.is_nested(dtype):
@@ -89,11 +111,20 @@ class UploadShape:
     # the stored column schemas of the columns dlt sees with their stored data type: given to the
     # dlt resource as its column hints, so dlt's contract check compares like with like
     hints: dict[str, Any] = field(default_factory=dict)
+    # positions of the incoming columns that are kept (None: all); dlt's own row columns are dropped
+    keep: tuple[int, ...] | None = None
+    # column -> Arrow timestamp unit whose values may not fit a microsecond timestamp
+    coarse_timestamps: dict[str, str] = field(default_factory=dict)
 
     def conform(self, batch: Any, table: str, dataset: str) -> Any:
         """One batch (or table) in :attr:`schema`; a value that does not fit refuses the upload."""
         arrays = list(batch.columns)
+        if self.keep is not None:
+            arrays = [arrays[i] for i in self.keep]
         for i, f in enumerate(self.schema):
+            unit = self.coarse_timestamps.get(f.name)
+            if unit is not None:
+                _check_timestamp_range(arrays[i], unit, f.name, table, dataset)
             if not f.nullable and arrays[i].null_count:
                 raise InvalidRequest(
                     f"column '{f.name}' of table '{table}' is stored as NOT NULL; the upload has "
@@ -108,7 +139,7 @@ class UploadShape:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise InvalidRequest(
                     f"column '{f.name}' of table '{table}' is stored as {self.stored_types.get(f.name, target)}; the upload's "
-                    f"{batch.schema.field(i).type} values cannot be stored in it ({str(exc).splitlines()[0]}); "
+                    f"{arrays[i].type} values cannot be stored in it ({str(exc).splitlines()[0]}); "
                     "nothing was written",
                     dataset=dataset, table=table, column_name=f.name,
                 ) from None
@@ -124,11 +155,30 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
     contract decision (``data_type: evolve``) wants the upload cast to, although dlt sees another type.
     """
     stored = schema.get_table_columns(table) if table in schema.tables else {}
+    parent = schema.tables.get(table, {}).get("parent")
+    if parent:
+        raise InvalidRequest(
+            f"table '{table}' in dataset '{dataset}' is a child table of '{parent}': dlt keeps the nested rows "
+            f"of '{parent}' in it, each linked to its parent row by _dlt_parent_id, so it cannot be written "
+            f"on its own; save the rows into '{parent}' or into a table of your own; nothing was written",
+            dataset=dataset, table=table,
+        )
+    if len(incoming) > MAX_COLUMNS:
+        raise _too_many_columns(dataset, table, len(incoming), "the upload has")
+    child_tables = {name: t.get("parent") for name, t in schema.tables.items() if t.get("parent")}
+    reserved = schema.naming.normalize_identifier("_dlt").lower()
     seen: dict[str, str] = {}
     fields = []
+    keep: list[int] = []
     casts: dict[str, pa.DataType] = {}
     hints: dict[str, Any] = {}
-    for f in incoming:
+    coarse: dict[str, str] = {}
+    for position, f in enumerate(incoming):
+        if not f.name.strip():
+            raise InvalidRequest(
+                f"a column of table '{table}' has an empty name ('{_shown(f.name)}'); name every column; "
+                "nothing was written", dataset=dataset, table=table, column_name=f.name,
+            )
         odd = _unstorable(f.type)
         if odd is not None:
             raise InvalidRequest(
@@ -145,6 +195,23 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
                 dataset=dataset, table=table, column_name=f.name,
             )
         seen[name] = f.name
+        if name in DLT_ROW_COLUMNS:
+            continue  # dlt gives every saved row its own id and load id
+        if name.lower().startswith(reserved) or f.name.strip().lower().startswith("_dlt"):
+            raise InvalidRequest(
+                f"column '{_shown(f.name)}' of table '{table}' (stored as '{name}') has a name reserved for dlt's "
+                "own columns (_dlt...); rename it; nothing was written",
+                dataset=dataset, table=table, column_name=f.name,
+            )
+        path = schema.naming.shorten_fragments(table, name)
+        if name not in stored and path in child_tables:
+            raise InvalidRequest(
+                f"column '{_shown(f.name)}' of table '{table}' (stored as '{name}') would take the place of the "
+                f"child table '{path}', where dlt keeps the nested '{name}' rows of '{table}': the owner's next "
+                f"load would put them into the column instead; rename the column; nothing was written",
+                dataset=dataset, table=table, column_name=f.name,
+            )
+        keep.append(position)
         kept = stored.get(name)
         nullable = f.nullable
         if kept is not None and is_complete_column(kept):
@@ -165,10 +232,53 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
                 target = columns_to_arrow({name: dict(kept)}, capabilities, "UTC").field(name).type
                 if target != f.type:
                     casts[name] = target
+        sent = casts.get(name, f.type)  # a stored decimal column's type, if the upload is cast to it
+        if pa.types.is_decimal(sent) and sent.precision > MAX_DECIMAL_PRECISION:
+            raise InvalidRequest(
+                f"column '{_shown(f.name)}' of table '{table}' has Arrow type {f.type}: decimals of more than "
+                f"{MAX_DECIMAL_PRECISION} digits cannot be stored; send decimal128 with a precision of at most "
+                f"{MAX_DECIMAL_PRECISION} (or a string); nothing was written",
+                dataset=dataset, table=table, column_name=f.name,
+            )
+        if pa.types.is_timestamp(f.type) and f.type.unit in _MICROS and name not in casts:
+            coarse[name] = f.type.unit
         fields.append(pa.field(name, casts.get(name, f.type), nullable, f.metadata))
+    new = {f.name for f in fields} - set(stored)
+    total = len(set(stored) | {f.name for f in fields} | set(DLT_ROW_COLUMNS))
+    if new and total > MAX_COLUMNS:
+        raise _too_many_columns(dataset, table, total, f"with the upload's {len(new)} new column(s) it would have")
     target_schema = pa.schema(fields, incoming.metadata)
     stored_types = {n: str(stored[n].get("data_type")) for n in casts}
-    return UploadShape(target_schema, casts, stored_types, hints)
+    return UploadShape(target_schema, casts, stored_types, hints,
+                       None if len(keep) == len(incoming) else tuple(keep), coarse)
+
+
+def _too_many_columns(dataset: str, table: str, count: int, what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"table '{table}' in dataset '{dataset}' may have at most {MAX_COLUMNS} columns (dlt's own included); "
+        f"{what} {count}; nothing was written", dataset=dataset, table=table, max_columns=MAX_COLUMNS,
+    )
+
+
+def _check_timestamp_range(array: Any, unit: str, column: str, table: str, dataset: str) -> None:
+    """Refuse ``timestamp[s]``/``timestamp[ms]`` values that do not fit a microsecond timestamp."""
+    bounds = pc.min_max(array.cast(pa.int64())).as_py()  # a view of the same integers, no range check
+    if bounds["min"] is None:
+        return
+    limit = _TS_MAX // _MICROS[unit]
+    if -limit <= bounds["min"] and bounds["max"] <= limit:
+        return
+    raise InvalidRequest(
+        f"column '{column}' of table '{table}' has timestamp[{unit}] values from {bounds['min']} to {bounds['max']}; "
+        f"timestamps are stored in microseconds, which hold timestamp[{unit}] values from {-limit} to {limit} "
+        f"(about {_year(-_TS_MAX)} to {_year(_TS_MAX)}); nothing was written",
+        dataset=dataset, table=table, column_name=column,
+    )
+
+
+def _year(micros: int) -> str:
+    year = int(1970 + micros / (365.2425 * 86400 * 1_000_000))
+    return f"year {year}" if year > 0 else f"year {1 - year} BC"
 
 
 def _dlt_type(dtype: pa.DataType) -> str | None:

@@ -53,7 +53,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import dlt
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.common.schema.utils import generate_version_hash, get_nested_tables
@@ -226,12 +228,16 @@ class Writer:
                     counts["committed"] = 1
                 continue
             counts["rows"] += batch.num_rows
-            counts["bytes"] += batch.nbytes
+            cost = _decoded_nbytes(batch)  # what it costs once dictionaries and list views are decoded
+            counts["bytes"] += cost
             if counts["bytes"] > self.max_bytes:
-                raise InvalidRequest(f"upload exceeds the server's limit of {self.max_bytes} bytes; nothing was written")
+                raise InvalidRequest(
+                    f"upload exceeds the server's limit of {self.max_bytes} bytes (counted as the data takes once "
+                    "decoded: dictionary-encoded columns at the size of their values); nothing was written",
+                    max_bytes=self.max_bytes)
             pending.append(batch)
             rows += batch.num_rows
-            size += batch.nbytes
+            size += cost
             if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
                 yield pa.Table.from_batches(pending)
                 pending, rows, size = [], 0, 0
@@ -364,6 +370,12 @@ class Writer:
                 contract_mode=str(inner.contract_mode), load_id=exc.load_id, step=exc.step,
             )
         reason = _reason(inner)
+        if exc.step == "load" and _refused_data(inner):  # the destination refused these values
+            return InvalidRequest(
+                f"saving to '{dataset}.{table}' failed at step load: the destination refused the upload's values "
+                f"({reason}); nothing was written and the table is as it was",
+                dataset=dataset, table=table, step=exc.step, reason=reason,
+            )
         if exc.step == "load":  # the destination refused or failed, not the data as checked up front
             return Unavailable(
                 f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "
@@ -388,6 +400,90 @@ def _reason(exc: BaseException) -> str:
     first = next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
     first = _EXCEPTION_PREFIX.sub("", first)
     return first if len(first) <= 300 else first[:300] + "..."
+
+
+# Destination errors caused by the values sent, not by the destination's state: duckdb's conversion,
+# range, input and constraint errors, PostgreSQL's data exceptions (class 22: DataError and its
+# NumericValueOutOfRange, InvalidDatetimeFormat, ...) and integrity violations (class 23). dlt keeps only
+# the text of a failed job, so the names are also looked for at the start of its message.
+_DATA_ERRORS = frozenset({
+    "ConversionException", "OutOfRangeException", "InvalidInputException", "ConstraintException",
+    "DataError", "IntegrityError", "NumericValueOutOfRange", "NotNullViolation", "CheckViolation",
+})
+_DATA_ERROR_TEXT = re.compile(r"\b(?:Conversion|Out of Range|Invalid Input|Constraint) Error:|"
+                              r"\b(?:" + "|".join(sorted(_DATA_ERRORS)) + r")\b")
+
+
+def _refused_data(exc: BaseException) -> bool:
+    """True when the load failed on the values (see :data:`_DATA_ERRORS`), not on an outage or lock."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if {k.__name__ for k in type(cause).__mro__} & _DATA_ERRORS:
+            return True
+        text = str(getattr(cause, "failed_message", None) or cause)
+        if _DATA_ERROR_TEXT.search(text.split("\n", 1)[0]):  # the message's first line: what failed
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _needs_decoding(dtype: pa.DataType) -> bool:
+    """Types whose ``nbytes`` can be far below their decoded size: dictionaries and list views."""
+    if pa.types.is_dictionary(dtype) or pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype):
+        return True
+    return pa.types.is_nested(dtype) and any(_needs_decoding(dtype.field(i).type) for i in range(dtype.num_fields))
+
+
+def _decoded_nbytes(batch: Any) -> int:
+    """The batch's size as dlt will hold it: ``nbytes`` for plain columns; for dictionary-encoded
+    columns (and list views) each row costs its value, so a 1 MB dictionary referenced by 6,600
+    indices counts 6.6 GB, not 1 MB."""
+    total = 0
+    for column in batch.columns:
+        if _needs_decoding(column.type):
+            total += int(_element_sizes(column).sum())
+        else:
+            total += column.nbytes
+    return total
+
+
+def _element_sizes(array: Any) -> np.ndarray:
+    """Decoded bytes per element of ``array`` (approximate: buffers' per-element share)."""
+    n = len(array)
+    dtype = array.type
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if pa.types.is_dictionary(dtype):
+        values = _element_sizes(array.dictionary)
+        indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return values[indices] if len(values) else np.zeros(n, np.int64)
+    if pa.types.is_binary(dtype) or pa.types.is_string(dtype) or pa.types.is_large_binary(dtype) \
+            or pa.types.is_large_string(dtype):
+        lengths = pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return lengths + (8 if pa.types.is_large_binary(dtype) or pa.types.is_large_string(dtype) else 4)
+    if pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype) or pa.types.is_list(dtype) \
+            or pa.types.is_large_list(dtype) or pa.types.is_map(dtype):
+        child = np.concatenate([[0], np.cumsum(_element_sizes(array.values))])
+        if pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype):
+            starts = array.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            ends = starts + array.sizes.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            offsets = array.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            starts, ends = offsets[:-1], offsets[1:]
+        valid = array.is_valid().to_numpy(zero_copy_only=False)
+        return np.where(valid, child[ends] - child[starts], 0) + 8
+    if pa.types.is_fixed_size_list(dtype):
+        child = _element_sizes(array.flatten())
+        return child.reshape(n, dtype.list_size).sum(axis=1) if len(child) == n * dtype.list_size \
+            else np.full(n, int(child.sum()) // n + 1, np.int64)
+    if pa.types.is_struct(dtype):
+        sizes = np.zeros(n, np.int64)
+        for child in array.flatten():
+            sizes += _element_sizes(child)
+        return sizes + 1
+    return np.full(n, -(-array.nbytes // n), np.int64)  # fixed width and the rest: an even share
 
 
 def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -132,11 +133,14 @@ def test_replace_failing_at_the_load_step_keeps_the_table_and_its_child_tables(w
         connect(ws.url)[EVENTS].save(rows, table_name="push_event", write_disposition="replace")
     text = str(failed.value)
     assert "nothing was written" in text
+    # the values were refused (a constraint), not the destination down: INVALID_ARGUMENT, not UNAVAILABLE
+    assert isinstance(failed.value, InvalidRequestError) and "refused the upload's values" in text, text
     assert "The above exception" not in text and "Traceback" not in text and "pipeline.load()" not in text
     assert snapshot(ws.url) == before
     with pytest.raises(flight_sql.Error) as info:
         ingest(ws.url, "push_event", rows, "replace")
     assert "The above exception" not in str(info.value)
+    assert "INVALID_ARGUMENT" in str(info.value).upper().replace(" ", "_")
     assert snapshot(ws.url) == before
     assert ws.pipelines_left() == []
     # a good replace still goes through, and replaces the child table's rows too (dlt's replace)
@@ -328,3 +332,136 @@ def test_a_save_writes_no_pipeline_state_into_the_owners_dataset(ws: WriteServer
     state = ws.stop_and_inspect("warehouse.duckdb", "SELECT count(*) FROM open_dataset._dlt_pipeline_state") \
         if rows == [(1,)] else [(0,)]
     assert state == [(0,)]
+
+
+# --- review findings: sizes, column counts, child tables, values only the destination would refuse ---
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_dictionary_encoded_upload_is_counted_at_its_decoded_size(loaded_project: Path, tmp_path: Path) -> None:
+    """Regression (review): ``batch.nbytes`` counts a dictionary column at its encoded size, so a 1 MB
+    upload decoded to gigabytes inside the server. 100 KB of dictionary and 100,000 indices (~0.5 MB
+    sent, 10 GB decoded) are refused against a 2 MB limit, and the server's memory stays put."""
+    ws = WriteServer(loaded_project, tmp_path / "project", "{profile: access, max_put_bytes: 2000000}")
+    try:
+        small = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array(["a", "b"]))
+        raw_put(ws.url, "open_dataset", "coded", pa.table({"k": [1, 2, 3], "v": small}))  # small ones are fine
+        assert connect(ws.url).open_dataset.coded.arrow().column("v").to_pylist() == ["a", "b", "a"]
+        rss = _rss_bytes(ws.proc.proc.pid)
+        huge = pa.DictionaryArray.from_arrays(pa.array(np.zeros(100_000), pa.int32()), pa.array(["x" * 100_000]))
+        data = pa.table({"k": pa.array(range(100_000)), "v": huge})
+        assert data.nbytes < 2_000_000
+        with pytest.raises(pa.ArrowInvalid, match="limit of 2000000 bytes"):  # INVALID_ARGUMENT
+            raw_put(ws.url, "open_dataset", "coded", data)
+        assert _rss_bytes(ws.proc.proc.pid) - rss < 50 << 20
+        # a list view may reference the same values from every row: counted as decoded too
+        view = pa.ListViewArray.from_arrays(pa.array(np.zeros(2000), pa.int32()), pa.array(np.full(2000, 100_000), pa.int32()),
+                                            pa.array(np.zeros(100_000), pa.int64()))
+        with pytest.raises(pa.ArrowInvalid, match="limit of 2000000 bytes"):
+            raw_put(ws.url, "open_dataset", "coded", pa.table({"v": view}))
+        # run-end encoding cannot be stored (and decodes to any size): refused by type
+        ree = pa.RunEndEncodedArray.from_arrays(pa.array([10**9], pa.int32()), pa.array(["x"]))
+        with pytest.raises(pa.ArrowInvalid, match="column 'v'.*run_end_encoded"):
+            raw_put(ws.url, "open_dataset", "coded", pa.table({"v": ree}))
+        assert connect(ws.url).open_dataset.coded.row_count() == 3
+        assert ws.pipelines_left() == [] and ws.proc.alive
+    finally:
+        ws.proc.stop()
+
+
+def test_a_table_may_have_at_most_max_columns(ws: WriteServer) -> None:
+    """Regression (review): a 20,000-column upload made every later save of the dataset ~40x slower."""
+    from client.protocol import MAX_COLUMNS
+
+    wide = pa.table({f"c{i}": [i] for i in range(MAX_COLUMNS + 1)})
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_COLUMNS} columns"):
+        connect(ws.url).open_dataset.save(wide, table_name="wide")
+    with pytest.raises(flight_sql.Error, match=f"at most {MAX_COLUMNS} columns"):
+        ingest(ws.url, "wide", wide, "create_append", dataset="open_dataset")
+    # the stored columns (dlt's two included) count too
+    connect(ws.url).open_dataset.save(wide.select(range(MAX_COLUMNS - 10)), table_name="wide")
+    more = pa.table({f"d{i}": [i] for i in range(20)})
+    with pytest.raises(InvalidRequestError, match=f"20 new column\\(s\\) it would have {MAX_COLUMNS + 12}"):
+        connect(ws.url).open_dataset.save(more, table_name="wide")
+    connect(ws.url).open_dataset.save(more.select(range(8)), table_name="wide")
+    assert len(connect(ws.url).open_dataset.wide.arrow().column_names) == MAX_COLUMNS
+
+
+ORDERS = [{"id": 1, "items": [{"sku": "a", "qty": 1}, {"sku": "b", "qty": 2}]},
+          {"id": 2, "items": [{"sku": "c", "qty": 3}]}]
+
+
+def _owner_load(ws: WriteServer, tmp: Path) -> None:
+    """The owner's own dlt pipeline (nested records: ``orders`` and its child table ``orders__items``)."""
+    import dlt
+
+    ws.proc.stop()
+    pipeline = dlt.pipeline("shop", pipelines_dir=str(tmp / "owner-pipelines"),
+                            destination=dlt.destinations.duckdb(str(ws.data / "warehouse.duckdb")),
+                            dataset_name="open_dataset")
+    pipeline.run(ORDERS, table_name="orders")
+    ws.proc = ServerProcess(ws.project)
+    ws.url = ws.proc.url
+
+
+def test_child_tables_are_not_shadowed_or_written_directly(ws: WriteServer, tmp_path: Path) -> None:
+    """Regression (review): under ``columns: evolve`` a new column ``items`` in ``orders`` took the
+    place of the child table ``orders__items``, and the owner's next run emptied it. Such a column is
+    refused, and so is a write into a child table (its rows belong to parent rows)."""
+    _owner_load(ws, tmp_path)
+    before = snapshot(ws.url, "open_dataset", ("orders", "orders__items"))
+    assert len(before["orders__items"]) == 3
+    for name in ("items", "Items"):
+        with pytest.raises(InvalidRequestError, match="child table 'orders__items'") as refused:
+            connect(ws.url).open_dataset.save(pa.table({"id": [3], name: ["x"]}), table_name="orders")
+        assert "nothing was written" in str(refused.value)
+    with pytest.raises(flight_sql.Error, match="child table 'orders__items'"):
+        ingest(ws.url, "orders", pa.table({"id": [3], "items": ["x"]}), "append", dataset="open_dataset")
+    for table in ("orders__items", "Orders__Items"):
+        with pytest.raises(InvalidRequestError, match="is a child table of 'orders'"):
+            connect(ws.url).open_dataset.save(pa.table({"sku": ["z"], "qty": [9]}), table_name=table)
+    assert snapshot(ws.url, "open_dataset", ("orders", "orders__items")) == before
+    connect(ws.url).open_dataset.save(pa.table({"id": [3], "note": ["x"]}), table_name="orders")  # other columns: fine
+    _owner_load(ws, tmp_path)  # the owner's next run still fills the child table
+    assert len(connect(ws.url).open_dataset.orders__items.arrow()) == 6
+
+
+@pytest.mark.parametrize("column, match", [
+    ({"_dlt_parent_id": ["x"]}, "column '_dlt_parent_id' .*reserved for dlt"),
+    ({"_DLT_Root_Id": ["x"]}, "column '_DLT_Root_Id' .*reserved for dlt"),
+    ({"_dlt_x": [1]}, "column '_dlt_x' .*reserved for dlt"),
+    ({"d": pa.array([1], pa.decimal256(40, 2))}, "column 'd' .*decimal256\\(40, 2\\).*at most 38"),
+    ({"ts": pa.array([2**62], pa.timestamp("ms"))}, "column 'ts' .*timestamp\\[ms\\] values from"),
+    ({"ts": pa.array([10**13], pa.timestamp("s"))}, "column 'ts' .*timestamp\\[s\\] values from 10000000000000 to"),
+    ({"ts": pa.array([-(10**13)], pa.timestamp("s"))}, "column 'ts' .*year 290308 BC"),
+    ({"": [1]}, "empty name"),
+    ({"  ": [1]}, "empty name"),
+], ids=["parent_id", "root_id_upper", "dlt_x", "decimal256", "ts_ms", "ts_s", "ts_s_low", "empty", "blank"])
+def test_values_the_destination_would_refuse_are_invalid_argument_up_front(ws: WriteServer, column: dict, match: str) -> None:
+    """Regression (review): these failed at the load step as UNAVAILABLE with duckdb's or dlt's text."""
+    connect(ws.url).open_dataset.save(pa.table({"k": [1]}), table_name="checked")
+    data = pa.table({"k": [2], **column})
+    with pytest.raises(InvalidRequestError, match=match) as refused:
+        connect(ws.url).open_dataset.save(data, table_name="checked")
+    assert "nothing was written" in str(refused.value)
+    with pytest.raises(pa.ArrowInvalid, match=match):  # INVALID_ARGUMENT on the raw DoPut too
+        raw_put(ws.url, "open_dataset", "checked", data)
+    assert connect(ws.url).open_dataset.checked.arrow().column_names == ["k", "_dlt_load_id", "_dlt_id"]
+    assert connect(ws.url).open_dataset.checked.row_count() == 1
+
+
+def test_dlts_row_columns_in_an_upload_are_replaced_by_dlts(ws: WriteServer) -> None:
+    """Rows read back carry ``_dlt_id`` and ``_dlt_load_id``: saving them gives them new ones."""
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pa.table({"k": [1]}), table_name="again")
+    rows = catalog.open_dataset.again.arrow()
+    catalog.open_dataset.save(rows, table_name="again")
+    catalog.open_dataset.save(pa.table({"k": [3], "_DLT_ID": ["mine"]}), table_name="again")
+    data = connect(ws.url).open_dataset.again.arrow()
+    assert sorted(data.column("k").to_pylist()) == [1, 1, 3]
+    assert len(set(data.column("_dlt_id").to_pylist())) == 3 and "mine" not in data.column("_dlt_id").to_pylist()
