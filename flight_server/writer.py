@@ -46,12 +46,14 @@ lock - a client that stops sending holds nothing but its own request. Only the l
 in progress; retry"; a client that goes away stops the wait). Under the lock the stored schema is
 read again: if its version hash is not the one the upload was checked against (another save, or the
 owner's pipeline, changed the dataset's schema meanwhile), the put is refused with UNAVAILABLE
-"changed during the upload ... retry" and nothing is written. Refusing, rather than re-checking the
+"changed during the upload ... retry" and nothing is written - unless the schema now stored is exactly
+the one the upload's package holds (two saves that created the same new table with the same columns):
+then the load loses nothing and needs nothing the contract would have to allow. Refusing, rather than re-checking the
 contract against the new schema, was chosen because the package was normalized against the old
 schema: loading it would store a schema version without the other save's tables and columns (the
 owner's schema would lose them), and re-normalizing would need the rows again. Saves that do not
-change the schema (appends of known columns, replaces, merges) keep the stored version, so they
-never conflict with each other; they load one after the other.
+change the schema (appends of known columns, replaces, merges) usually keep the stored version, so
+they do not conflict with each other; they load one after the other.
 
 A save that succeeds changes the owner's schema only by what the contract allows (new tables and
 columns under ``evolve``): the profile's contract is not left in the schema dlt stores
@@ -255,7 +257,13 @@ class Writer:
         rows are committed (every error before that leaves the dataset as it was)."""
         storage.invalidate()
         now = storage.stored_schema()
-        if (now.version_hash if now else None) != (stored.version_hash if stored else None):
+        changed = (now.version_hash if now else None) != (stored.version_hash if stored else None)
+        if changed and now is not None and now.version_hash in packaged:
+            # the other save stored exactly the schema this upload's package holds (e.g. both created
+            # the same new table with the same columns): loading it loses nothing and changes nothing
+            # the contract would have to allow - the stored schema is the base of the load from here
+            stored, changed = now, False
+        if changed:
             # optimistic concurrency: the upload was checked and normalized against a schema that is
             # no longer the dataset's (another save, or the owner's pipeline, changed it meanwhile)
             raise Unavailable(
