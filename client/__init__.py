@@ -42,10 +42,10 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # what type checkers and IDEs see
-    from client.catalog import Catalog, Dataset, Relation, Table, connect
-    from client.errors import (AuthenticationError, DataValidationError, FlightShareError, InvalidRequestError,
+if TYPE_CHECKING:  # what type checkers and IDEs see (re-exported names)
+    from client.catalog import Catalog, Dataset, Relation, Table, connect  # noqa: F401
+    from client.errors import (AuthenticationError,  # noqa: F401 DataValidationError, FlightShareError, InvalidRequestError,
                                NotFoundError, PermissionDeniedError, PipelineStepFailed, ServerError,
                                ServerUnavailableError, UnsupportedError, UsageError)
-    from client.load_info import LoadInfo
-    from client.data_packages import DataPackage, packages
+    from client.load_info import LoadInfo  # noqa: F401
+    from client.data_packages import DataPackage, packages  # noqa: F401

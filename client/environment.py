@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from client.protocol import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
 

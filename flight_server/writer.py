@@ -26,8 +26,34 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
    is overwritten). Before the load the writer takes ``storage.savepoint(tables)`` - the current
    version of the table and its child tables - and a failed load restores every table that moved with
    ``DeltaTable.restore(version)``.
-4. Whatever failed, the put's pending packages are dropped and its folder removed (nothing for a later
+4. *New tables*: dlt creates a new table (and new child tables) before it loads rows into them, in a
+   step of its own; a load that then fails would leave an empty table the stored schema does not know.
+   ``storage.savepoint`` also remembers which of the tables did not exist, and the undo of a failed
+   load removes those (SQL: ``DROP TABLE IF EXISTS``; Delta: the new table's folder) - never a table
+   that existed. After every load, success or not, the staging tables it used (``<dataset>_staging``,
+   replace and merge) are emptied (``storage.clear_staging``, best effort).
+5. Whatever failed, the put's pending packages are dropped and its folder removed (nothing for a later
    run to retry), and a schema version that dlt stored before the load failed is removed again.
+6. *Once the load has committed*, the save has happened: what follows (the owner's hints put back,
+   staging emptied, the new schema version read for the answer) is best effort and logged, and can
+   no longer turn the client's answer into an error.
+
+**Concurrency: the client's stream is read without the dataset's lock** (optimistic). The contract
+is decided from the upload's Arrow schema against the stored schema *before any row is read*; then
+extract reads the stream into the put's own pipelines folder and normalize works there, holding no
+lock - a client that stops sending holds nothing but its own request. Only the load step takes
+``storage.write_lock``, waiting at most ``WRITE_LOCK_TIMEOUT`` (then UNAVAILABLE, "another save ... is
+in progress; retry"; a client that goes away stops the wait). Under the lock the stored schema is
+read again: if its version hash is not the one the upload was checked against (another save, or the
+owner's pipeline, changed the dataset's schema meanwhile), the put is refused with UNAVAILABLE
+"changed during the upload ... retry" and nothing is written - unless the schema now stored is exactly
+the one the upload's package holds (two saves that created the same new table with the same columns):
+then the load loses nothing and needs nothing the contract would have to allow. Refusing, rather than re-checking the
+contract against the new schema, was chosen because the package was normalized against the old
+schema: loading it would store a schema version without the other save's tables and columns (the
+owner's schema would lose them), and re-normalizing would need the rows again. Saves that do not
+change the schema (appends of known columns, replaces, merges) usually keep the stored version, so
+they do not conflict with each other; they load one after the other.
 
 A save that succeeds changes the owner's schema only by what the contract allows (new tables and
 columns under ``evolve``): the profile's contract is not left in the schema dlt stores
@@ -42,6 +68,7 @@ duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -67,6 +94,7 @@ from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
 from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
+from flight_server.storage.base import WRITE_LOCK_TIMEOUT
 from flight_server.storage.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
@@ -95,7 +123,7 @@ def _load_id() -> str:
 
 
 class Writer:
-    """Runs puts for the service; one write per dataset at a time."""
+    """Runs puts for the service; one load per dataset at a time (uploads are read concurrently)."""
 
     def __init__(self, catalog: Catalog, work_dir: Path, max_bytes: int) -> None:
         self.catalog = catalog
@@ -111,103 +139,179 @@ class Writer:
         """
         grant = self.catalog.require_write(profile, command.dataset)
         storage = self.catalog.storage(command.dataset)
-        with storage.write_lock:
-            storage.invalidate()
-            stored = storage.stored_schema()
-            dataset_config = self.catalog.project.datasets[command.dataset]
-            schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
-            table = uploads.table_name(schema, command.dataset, command.table)  # as dlt stores it
-            exists = table in storage.table_names()
-            if must_exist is not None and not exists:
-                raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
-                               dataset=command.dataset, table=table)
-            if must_be_new is not None and exists:
-                raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
-                                     dataset=command.dataset, table=table)
-            capabilities = storage.cached_capabilities()
-            shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities)
-            counts = {"rows": 0, "bytes": 0, "committed": 0}
+        # No lock while the client's stream is read: a client that stops sending would hold every
+        # other save to the dataset. The upload is checked against the stored schema as it is now,
+        # extracted and normalized into the put's own folder, and loaded under the dataset's write
+        # lock only if the stored schema is still the one it was checked against (see _load).
+        storage.invalidate()
+        stored = storage.stored_schema()
+        dataset_config = self.catalog.project.datasets[command.dataset]
+        schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
+        table = uploads.table_name(schema, command.dataset, command.table)  # as dlt stores it
+        exists = table in storage.table_names()
+        if must_exist is not None and not exists:
+            raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
+                           dataset=command.dataset, table=table)
+        if must_be_new is not None and exists:
+            raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
+                                 dataset=command.dataset, table=table)
+        capabilities = storage.cached_capabilities()
+        shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities)
+        counts = {"rows": 0, "bytes": 0, "committed": 0}
 
-            def upload() -> Iterator[Any]:
-                """The upload as dlt items; runs only inside extract, after the contract decision."""
-                yield from uploads.conformed(self._batches(reader, counts), shape, table, command.dataset)
+        def upload() -> Iterator[Any]:
+            """The upload as dlt items; runs only inside extract, after the contract decision."""
+            yield from uploads.conformed(self._batches(reader, counts), shape, table, command.dataset)
 
-            primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
-            resource = dlt.resource(
-                upload(), name=table, write_disposition=command.write_disposition,
-                primary_key=primary_key or None, table_format=storage.table_format,
-                columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
-            )
+        primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
+        resource = dlt.resource(
+            upload(), name=table, write_disposition=command.write_disposition,
+            primary_key=primary_key or None, table_format=storage.table_format,
+            columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
+        )
+        try:  # decided from the Arrow schema, before any row is read
+            decision = check_write(schema, table, shape.schema, grant.contract, resource, capabilities)
+        except ContractViolation as exc:
+            exc.fields["load_id"] = _load_id()
+            exc.fields["step"] = "extract"
+            raise
+        if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
+            shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities, decision.coerce)
+        pipeline_name = f"save_{table}_pipeline"
+        folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
+        pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
+                                dataset_name=command.dataset)
+        # a save pipeline lives for one put and has no state worth keeping, while dlt would store its
+        # state in the owner's `_dlt_pipeline_state` with every package - even one whose data failed to
+        # load: so it neither restores nor stores state (dlt's own switch for both, this pipeline only)
+        pipeline.config.restore_from_destination = False
+        try:
             try:
-                decision = check_write(schema, table, shape.schema, grant.contract, resource, capabilities)
-            except ContractViolation as exc:
-                exc.fields["load_id"] = _load_id()
-                exc.fields["step"] = "extract"
-                raise
-            if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
-                shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities, decision.coerce)
-            pipeline_name = f"save_{table}_pipeline"
-            folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
-            pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
-                                    dataset_name=command.dataset)
-            # a save pipeline lives for one put and has no state worth keeping, while dlt would store its
-            # state in the owner's `_dlt_pipeline_state` with every package - even one whose data failed to
-            # load: so it neither restores nor stores state (dlt's own switch for both, this pipeline only)
-            pipeline.config.restore_from_destination = False
-            undo: Callable[[], None] | None = None
-            packaged: set[str] = set()  # schema version hashes of the put's packages
-            try:
+                # extract reads the client's stream into the put's folder; normalize works there too
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
                 if command.commit_marker and not counts["committed"]:
                     raise PutCancelled(
                         f"upload to '{command.dataset}.{table}' ended without the client's commit; nothing was written",
                         dataset=command.dataset, table=table,
                     )
-                if cancelled():
-                    raise PutCancelled(
-                        f"upload to '{command.dataset}.{table}' was cancelled by the client; nothing was written",
-                        dataset=command.dataset, table=table,
-                    )
+                self._check_cancelled(cancelled, command.dataset, table)
                 pipeline.normalize()
-                packaged |= self._keep_owner_contract(pipeline, stored)
-                # the destination is held for the load step only (duckdb: its read-write connection,
-                # which dlt borrows; reads of the file wait meanwhile, the owner's pipelines before and after)
-                with storage.writing():
-                    # what the load may touch: the table and its child tables (a replace empties them)
-                    undo = storage.savepoint(_table_family(schema, table))
-                    info = pipeline.load()
-                    self._keep_owner_table_hints(storage, stored, command.dataset)
+                packaged = self._keep_owner_contract(pipeline, stored)  # schema version hashes of the packages
             except PipelineStepFailed as exc:
-                self._undo(undo)
-                if exc.step == "load":
-                    self._forget_failed_schema(storage, stored, pipeline, packaged)
-                self._discard_packages(pipeline)
                 raise self._step_error(exc, command.dataset, table) from None
-            except BaseException:
-                self._undo(undo)
-                self._forget_failed_schema(storage, stored, pipeline, packaged)
-                self._discard_packages(pipeline)
-                raise
-            finally:
-                storage.invalidate()
-                shutil.rmtree(folder, ignore_errors=True)
+            with self._write_lock(storage, command.dataset, table, cancelled):
+                info = self._load(storage, stored, pipeline, packaged, command.dataset, table, cancelled)
+        except BaseException:
+            self._discard_packages(pipeline)
+            raise
+        finally:
+            storage.invalidate()
+            shutil.rmtree(folder, ignore_errors=True)
+        # the rows are committed: nothing from here on may turn the answer into an error
+        try:
             new_schema = storage.stored_schema()
-            started, finished = info.started_at, info.finished_at
-            return LoadInfo(
-                pipeline_name=pipeline_name,
-                destination_name=storage.destination_config.name,
-                destination_type=storage.destination_config.type,
-                dataset_name=command.dataset,
-                location=storage.location,
-                table_name=table,
-                load_ids=tuple(info.loads_ids),
-                load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
-                rows=counts["rows"],
-                bytes=counts["bytes"],
-                schema_name=schema.name,
-                schema_version=new_schema.version if new_schema else None,
-                failed_jobs=sum(len(p.jobs.get("failed_jobs", [])) for p in info.load_packages),
-            )
+        except Exception:  # noqa: BLE001 - the destination may be briefly unreachable; the save happened
+            log.exception("could not read the schema of dataset %s after a save", command.dataset)
+            new_schema = None
+        started, finished = info.started_at, info.finished_at
+        return LoadInfo(
+            pipeline_name=pipeline_name,
+            destination_name=storage.destination_config.name,
+            destination_type=storage.destination_config.type,
+            dataset_name=command.dataset,
+            location=storage.location,
+            table_name=table,
+            load_ids=tuple(info.loads_ids),
+            load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
+            rows=counts["rows"],
+            bytes=counts["bytes"],
+            schema_name=schema.name,
+            schema_version=new_schema.version if new_schema else None,
+            failed_jobs=sum(len(p.jobs.get("failed_jobs", [])) for p in info.load_packages),
+        )
+
+    @staticmethod
+    def _check_cancelled(cancelled: Callable[[], bool], dataset: str, table: str) -> None:
+        if cancelled():
+            raise PutCancelled(f"upload to '{dataset}.{table}' was cancelled by the client; nothing was written",
+                               dataset=dataset, table=table)
+
+    @classmethod
+    @contextlib.contextmanager
+    def _write_lock(cls, storage: Any, dataset: str, table: str, cancelled: Callable[[], bool]) -> Iterator[None]:
+        """The dataset's write lock, waited for at most WRITE_LOCK_TIMEOUT (then UNAVAILABLE, retry);
+        a client that goes away meanwhile stops the wait."""
+        deadline = time.monotonic() + WRITE_LOCK_TIMEOUT
+        while not storage.write_lock.acquire(timeout=max(0.0, min(0.25, deadline - time.monotonic()))):
+            cls._check_cancelled(cancelled, dataset, table)
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"another save to dataset '{dataset}' is in progress; nothing was written, retry",
+                    dataset=dataset, table=table)
+        try:
+            yield
+        finally:
+            storage.write_lock.release()
+
+    def _load(self, storage: Any, stored: Any, pipeline: Any, packaged: set[str], dataset: str, table: str,
+              cancelled: Callable[[], bool]) -> Any:
+        """Load the normalized packages; runs under the dataset's write lock, and returns only once the
+        rows are committed (every error before that leaves the dataset as it was)."""
+        storage.invalidate()
+        now = storage.stored_schema()
+        changed = (now.version_hash if now else None) != (stored.version_hash if stored else None)
+        if changed and now is not None and now.version_hash in packaged:
+            # the other save stored exactly the schema this upload's package holds (e.g. both created
+            # the same new table with the same columns): loading it loses nothing and changes nothing
+            # the contract would have to allow - the stored schema is the base of the load from here
+            stored, changed = now, False
+        if changed:
+            # optimistic concurrency: the upload was checked and normalized against a schema that is
+            # no longer the dataset's (another save, or the owner's pipeline, changed it meanwhile)
+            raise Unavailable(
+                f"dataset '{dataset}' changed during the upload to '{dataset}.{table}' (its schema is now version "
+                f"{now.version if now else 'none'}); nothing was written, retry the save",
+                dataset=dataset, table=table)
+        self._check_cancelled(cancelled, dataset, table)
+        # what the load may touch: the table and its child tables, stored or new (a replace empties them)
+        family = sorted(set(_table_family(stored.schema if stored else None, table))
+                        | set(_table_family(pipeline.default_schema, table)))
+        undo: Callable[[], None] | None = None
+        committed = False
+        try:
+            # the destination is held for the load step only (duckdb: its read-write connection,
+            # which dlt borrows; reads of the file wait meanwhile, the owner's pipelines before and after)
+            with storage.writing():
+                undo = storage.savepoint(family)
+                info = pipeline.load()
+                committed = True
+                self._keep_owner_table_hints(storage, stored, dataset)  # best effort, never raises
+                self._clear_staging(storage, family)
+        except PipelineStepFailed as exc:
+            if committed:  # pragma: no cover - nothing after the commit raises
+                log.exception("error after the load of a save to %s.%s was committed", dataset, table)
+                return info
+            self._undo(undo)
+            if exc.step == "load":
+                self._forget_failed_schema(storage, stored, pipeline, packaged)
+            self._clear_staging(storage, family)
+            raise self._step_error(exc, dataset, table) from None
+        except BaseException as exc:
+            if committed and isinstance(exc, Exception):
+                log.exception("error after the load of a save to %s.%s was committed", dataset, table)
+                return info
+            self._undo(undo)
+            self._forget_failed_schema(storage, stored, pipeline, packaged)
+            self._clear_staging(storage, family)
+            raise
+        return info
+
+    @staticmethod
+    def _clear_staging(storage: Any, tables: list[str]) -> None:
+        try:
+            storage.clear_staging(tables)
+        except Exception:  # noqa: BLE001 - staging rows are dlt's scratch space; logged
+            log.exception("could not empty the staging tables %s of dataset %s", tables, storage.dataset.name)
 
     def _batches(self, reader: Any, counts: dict[str, int]) -> Iterator[pa.Table]:
         """The upload's batches as dlt items, counted against the size limit, gathered into larger tables."""
@@ -497,8 +601,8 @@ def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
     return True
 
 
-def _table_family(schema: Schema, table: str) -> list[str]:
-    """The table and its child tables in the stored schema (what dlt's replace empties)."""
-    if table not in schema.tables:
+def _table_family(schema: Schema | None, table: str) -> list[str]:
+    """The table and its child tables in a schema (what dlt's replace empties, or creates)."""
+    if schema is None or table not in schema.tables:
         return [table]
     return [t["name"] for t in get_nested_tables(schema.tables, table)]

@@ -430,3 +430,35 @@ def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path
     finally:
         server.shutdown()
         sys.tracebacklimit = limit if limit is not None else 1000
+
+
+def _physical_tables(dest: Destination, dataset: str) -> set[str]:
+    """The tables that exist at the destination, whatever the stored schema says."""
+    if dest.kind == "postgres":
+        import psycopg2
+
+        with contextlib.closing(psycopg2.connect(dest.postgres_url)) as con, con.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (dataset,))
+            return {r[0] for r in cur.fetchall()}
+    with dest.storage(dataset) as storage:
+        client = storage._dlt_client(storage.stored_schema().schema)
+        root = client.dataset_path
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in client.fs_client.ls(root, detail=False)}
+
+
+def test_a_failed_save_into_a_new_table_leaves_no_table_behind(dest: Destination) -> None:
+    """The load fails after dlt created the new table (a timestamp the destination cannot hold): the
+    table is removed again, and a later save to the same name goes through."""
+    bad = pa.table({"k": [1], "ts": pa.array([10**13], pa.timestamp("s"))})
+    try:
+        dest.catalog().open_dataset.save(bad, table_name="stamps_new")
+    except FlightShareError as exc:
+        assert "nothing was written" in str(exc)
+    else:
+        pytest.skip(f"{dest.kind} stores the timestamp; the failing load is covered in-process for Delta")
+    assert "stamps_new" not in dest.catalog().open_dataset.tables
+    assert "stamps_new" not in _physical_tables(dest, "open_dataset")
+    dest.catalog().open_dataset.save(pa.table({"k": [2], "ts": pa.array([0], pa.timestamp("s"))}),
+                                     table_name="stamps_new")
+    assert dest.catalog().open_dataset.stamps_new.arrow().column("k").to_pylist() == [2]
+    assert dest.pipelines_left() == []

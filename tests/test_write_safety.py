@@ -465,3 +465,166 @@ def test_dlts_row_columns_in_an_upload_are_replaced_by_dlts(ws: WriteServer) -> 
     data = connect(ws.url).open_dataset.again.arrow()
     assert sorted(data.column("k").to_pylist()) == [1, 1, 3]
     assert len(set(data.column("_dlt_id").to_pylist())) == 3 and "mine" not in data.column("_dlt_id").to_pylist()
+
+# --- the dataset's write lock is not held while a client sends its upload (review finding A) ---------
+
+class _StalledPut:
+    """A DoPut that sent one batch and then sends nothing, its stream left open (a slow or stuck client)."""
+
+    def __init__(self, url: str, dataset: str, table: str, data: pa.Table) -> None:
+        from client import protocol
+
+        body = json.dumps({"v": protocol.PROTOCOL_VERSION, "op": "write", "dataset": dataset, "table": table,
+                           "write_disposition": "append", "commit_marker": True}).encode()
+        self.client = flight.connect(url)
+        self.writer, _ = self.client.do_put(flight.FlightDescriptor.for_command(body), data.schema)
+        self.writer.write_table(data)
+
+    def finish(self, commit: bool) -> BaseException | None:
+        """End the upload (with or without the commit marker); the server's answer as an exception, or None."""
+        from client import protocol
+
+        try:
+            if commit:
+                self.writer.write_metadata(pa.py_buffer(protocol.COMMIT_METADATA))
+            self.writer.done_writing()
+            self.writer.close()
+            return None
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            return exc
+        finally:
+            self.client.close()
+
+
+def _timed(fn: Any, limit: float) -> float:
+    """Run ``fn`` in a thread; fail if it takes longer than ``limit`` seconds (a save blocked by another)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"a save was blocked for more than {limit} s by a stalled upload"
+    if errors:
+        raise errors[0]
+    return time.monotonic() - started
+
+
+def test_a_stalled_upload_does_not_block_other_saves_to_the_dataset(ws: WriteServer) -> None:
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pa.table({"k": [1]}), table_name="shared")
+    stalled = _StalledPut(ws.url, "open_dataset", "shared", pa.table({"k": [100]}))
+    try:
+        time.sleep(1.0)  # the server has the stream and reads from it
+        _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2]}), table_name="other"), 20)
+        _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [3]}), table_name="shared"), 20)
+    finally:
+        answer = stalled.finish(commit=False)  # closed without the commit: nothing of it is stored
+    assert answer is not None and "nothing was written" in str(answer)
+    ds = connect(ws.url).open_dataset
+    assert sorted(ds.shared.arrow().column("k").to_pylist()) == [1, 3]
+    assert ds.other.arrow().column("k").to_pylist() == [2]
+    for _ in range(100):
+        if ws.pipelines_left() == []:
+            break
+        time.sleep(0.1)
+    assert ws.pipelines_left() == []
+
+
+def test_an_upload_whose_dataset_changed_meanwhile_is_refused_as_retryable(ws: WriteServer) -> None:
+    """Optimistic concurrency: the upload was checked against the stored schema when it began; another
+    save changed that schema (a new column) before it was complete: refused with UNAVAILABLE, retry,
+    and nothing of it written - the other save's column and rows stay. The retry goes through."""
+    catalog = connect(ws.url)
+    catalog.open_dataset.save(pa.table({"k": [1]}), table_name="shared")
+    stalled = _StalledPut(ws.url, "open_dataset", "shared", pa.table({"k": [100], "a": ["from A"]}))
+    time.sleep(1.0)
+    _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2], "b": ["from B"]}), table_name="shared"), 20)
+    version = connect(ws.url).open_dataset.info.schema_version
+    answer = stalled.finish(commit=True)
+    assert isinstance(answer, flight.FlightUnavailableError), answer
+    assert "changed during the upload" in str(answer) and "retry" in str(answer) and "nothing was written" in str(answer)
+    ds = connect(ws.url).open_dataset
+    data = ds.shared.arrow().sort_by("k")
+    assert data.column("k").to_pylist() == [1, 2] and "a" not in data.column_names
+    assert data.column("b").to_pylist() == [None, "from B"] and ds.info.schema_version == version
+    ds.save(pa.table({"k": [100], "a": ["from A"]}), table_name="shared")  # the retry
+    assert sorted(connect(ws.url).open_dataset.shared.arrow().column("k").to_pylist()) == [1, 2, 100]
+
+
+def test_concurrent_saves_to_one_dataset_all_end_clearly(ws: WriteServer) -> None:
+    """Saves at the same time into one dataset - the same table, new tables, new columns - each either
+    goes through or is refused as retryable; what went through is all there, and the owner's tables too."""
+    import threading
+
+    before = snapshot(ws.url)
+    outcomes: dict[int, BaseException | None] = {}
+
+    def save(i: int) -> None:
+        data = pa.table({"k": [i], f"c{i}": [i]}) if i % 2 else pa.table({"k": [i]})
+        try:
+            connect(ws.url).open_dataset.save(data, table_name="busy" if i < 4 else f"busy_{i}")
+            outcomes[i] = None
+        except Exception as exc:  # noqa: BLE001
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outcomes) == 6
+    for i, exc in outcomes.items():
+        assert exc is None or ("retry" in str(exc) and "nothing was written" in str(exc)), (i, exc)
+    ds = connect(ws.url).open_dataset
+    saved = [i for i, exc in outcomes.items() if exc is None]
+    assert saved, "no save went through"
+    busy = sorted(ds.busy.arrow().column("k").to_pylist()) if any(i < 4 for i in saved) else []
+    assert busy == sorted(i for i in saved if i < 4)
+    for i in saved:
+        if i >= 4:
+            assert ds[f"busy_{i}"].arrow().column("k").to_pylist() == [i]
+    for i in (1, 3):
+        assert (f"c{i}" in ds.busy.schema.names) == (i in saved)
+    assert snapshot(ws.url) == before  # the other dataset untouched
+    assert ws.proc.alive
+
+
+# --- a failed save into a new table leaves no table behind (review finding B) ----------------------------
+
+def test_a_failed_save_into_a_new_table_leaves_no_table_behind(ws: WriteServer) -> None:
+    """The load fails after dlt created the new table (a timestamp duckdb cannot hold): the table is
+    dropped again, so the next save to that name goes through and nothing is left that the stored
+    schema does not know."""
+    catalog = connect(ws.url)
+    for bad in (pa.array([10**13], pa.timestamp("s")), pa.array([2**62], pa.timestamp("ms"))):
+        with pytest.raises(FlightShareError) as failed:  # at the load step, or refused up front
+            catalog.open_dataset.save(pa.table({"k": [1], "ts": bad}), table_name="fresh_stamps")
+        assert "nothing was written" in str(failed.value)
+        assert "fresh_stamps" not in connect(ws.url).open_dataset.tables
+    catalog.open_dataset.save(pa.table({"k": [2], "ts": pa.array([0], pa.timestamp("s"))}), table_name="fresh_stamps")
+    assert connect(ws.url).open_dataset.fresh_stamps.arrow().column("k").to_pylist() == [2]
+    # a replace leaves no rows behind in dlt's staging dataset, nor does a failed replace into a new table
+    catalog.open_dataset.save(pa.table({"k": [3], "ts": pa.array([0], pa.timestamp("s"))}), table_name="fresh_stamps",
+                              write_disposition="replace")
+    with pytest.raises(FlightShareError):
+        catalog.open_dataset.save(pa.table({"k": [5], "ts": pa.array([10**13], pa.timestamp("s"))}),
+                                  table_name="never_made", write_disposition="replace")
+    assert connect(ws.url).open_dataset.fresh_stamps.arrow().column("k").to_pylist() == [3]
+    tables = ws.stop_and_inspect("warehouse.duckdb", "SELECT table_schema, table_name FROM information_schema.tables "
+                                                     "WHERE table_schema LIKE 'open_dataset%' ORDER BY 1, 2")
+    names = [t for s, t in tables or [] if s == "open_dataset"]
+    assert "never_made" not in names and "fresh_stamps" in names
+    staged = [t for s, t in tables or [] if s == "open_dataset_staging" and not t.startswith("_dlt")]
+    assert "fresh_stamps" in staged  # dlt's staging table stays (dlt knows it), without rows
+    with duckdb.connect(str(ws.data / "warehouse.duckdb"), read_only=True) as con:
+        for t in staged:
+            assert con.execute(f'SELECT count(*) FROM open_dataset_staging."{t}"').fetchone() == (0,), t

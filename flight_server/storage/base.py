@@ -98,6 +98,15 @@ SQL_REPLACE_STRATEGY = "insert-from-staging"
 
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 
+# How long a save waits for another save to the same dataset (its load step) before UNAVAILABLE
+# ("retry"); like the duckdb file's BUSY_TIMEOUT, no request waits without bound.
+WRITE_LOCK_TIMEOUT = 10.0
+
+
+def staging_dataset(dataset: str) -> str:
+    """dlt's staging dataset of a dataset (``staging_dataset_name_layout``'s default, ``%s_staging``)."""
+    return f"{dataset}_staging"
+
 
 class Storage(ABC):
     """One dataset on one destination."""
@@ -210,10 +219,16 @@ class Storage(ABC):
         return contextlib.nullcontext()
 
     def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
-        """Before a load that may change ``tables``: a function that puts them back as they are now,
-        for a load that fails half way. None where the destination needs none: on SQL destinations a
-        load changes the real tables in one transaction (see :data:`SQL_REPLACE_STRATEGY`)."""
+        """Before a load that may change or create ``tables`` (the table and its child tables, also
+        ones the load would create): a function that puts them back as they are now, for a load that
+        fails half way - tables that existed keep (or get back) their rows, tables that did not exist
+        are removed again (dlt creates a new table before it loads its rows, so a failed load left
+        an empty table that the stored schema does not know). None: nothing to put back."""
         return None
+
+    def clear_staging(self, tables: Sequence[str]) -> None:
+        """After a load, whatever its outcome: empty the tables of dlt's staging dataset that the load
+        used (``insert-from-staging`` replace and merge leave the rows there). Best effort."""
 
     @property
     @abstractmethod

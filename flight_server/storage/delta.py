@@ -162,15 +162,29 @@ class DeltaStorage(Storage):
         commit in ``initialize_storage``), then each table with rows is overwritten in one commit
         of its own. So the current version of each table is remembered, and a load that fails puts
         back every table that moved since with ``DeltaTable.restore(version)`` - a new commit whose
-        files are those of that version (the removed files are still there: nothing vacuums them)."""
+        files are those of that version (the removed files are still there: nothing vacuums them).
+        A table whose folder did not exist before the load (a new table, a new child table) is
+        removed again, folder and all: dlt would otherwise find a Delta table there that the stored
+        schema does not know."""
         from deltalake import DeltaTable
 
+        def folders() -> tuple[Any, dict[str, str]]:
+            stored = self.stored_schema()
+            schema = stored.schema if stored is not None else dlt.Schema(self.dataset.schema_name or self.dataset.name)
+            client = self._dlt_client(schema)
+            return client.fs_client, {t: client.get_table_dir(t) for t in tables}
+
+        fs, dirs = isolated(folders)
         versions: dict[str, int] = {}
+        new: list[str] = []
         for table in tables:
+            if not fs.exists(dirs[table]):
+                new.append(table)
+                continue
             try:
                 versions[table] = int(self.delta_table(table).version())
             except (NotFound, Unavailable):
-                continue  # not stored yet: a failed load leaves nothing there to restore
+                continue  # a folder that is no Delta table of this dataset (yet): left as it is
 
         def restore() -> None:
             self.invalidate()
@@ -178,9 +192,14 @@ class DeltaStorage(Storage):
                 dt = DeltaTable(self.table_uri(table), storage_options=self._storage_options or None)
                 if int(dt.version()) != version:
                     dt.restore(version)
+            for table in new:
+                folder = dirs[table]
+                # the table's own folder only (never the dataset's): ".../<dataset>/<table>/"
+                if folder.rstrip("/").rsplit("/", 1)[-1] == table and fs.exists(folder):
+                    fs.rm(folder, recursive=True)
             self.invalidate()
 
-        return restore if versions else None
+        return restore if versions or new else None
 
     @property
     def location(self) -> str:

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 import dlt
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import Unavailable
-from flight_server.storage.base import (SHARED_SCHEMA_TTL, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema,
+from flight_server.storage.base import (SHARED_SCHEMA_TTL, staging_dataset, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema,
                                         int_range, split_evenly)
 from flight_server.storage.lifetime import owning_reader
 
@@ -262,6 +262,34 @@ class DuckDBStorage(Storage):
                 f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = ? AND version_hash = ?",
                 [schema_name, version_hash],
             )
+
+    def _existing(self, con: duckdb.DuckDBPyConnection, schema: str, tables: Sequence[str]) -> list[str]:
+        names = {r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [schema]).fetchall()}
+        return [t for t in tables if t in names]
+
+    def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
+        """A load changes the existing tables in one transaction (:data:`SQL_REPLACE_STRATEGY`), but
+        dlt creates new tables before it, in a transaction of its own: a failed load drops them again
+        (only tables that did not exist before the load)."""
+        with self.file.writing() as con:  # re-entrant: the writer holds the write window already
+            existing = set(self._existing(con, self.dataset.name, tables))
+        new = [t for t in tables if t not in existing]
+        if not new:
+            return None
+
+        def drop() -> None:
+            with self.file.writing() as con:
+                for table in new:
+                    con.execute(f"DROP TABLE IF EXISTS {quote(self.dataset.name)}.{quote(table)}")
+
+        return drop
+
+    def clear_staging(self, tables: Sequence[str]) -> None:
+        staging = staging_dataset(self.dataset.name)
+        with self.file.writing() as con:
+            for table in self._existing(con, staging, tables):
+                con.execute(f"DELETE FROM {quote(staging)}.{quote(table)}")
 
     def capabilities(self) -> Any:
         return dlt.destinations.duckdb().capabilities()

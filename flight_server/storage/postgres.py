@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import queue
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dlt
 import pyarrow as pa
@@ -30,7 +30,7 @@ import sqlglot
 
 from flight_server.config import DatasetConfig, DestinationConfig
 from flight_server.errors import InvalidRequest, Unavailable
-from flight_server.storage.base import SHARED_SCHEMA_TTL, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.storage.base import SHARED_SCHEMA_TTL, staging_dataset, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema, int_range, split_evenly
 from flight_server.storage.lifetime import isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
@@ -96,6 +96,10 @@ class _Pool:
                 _close_quietly(self._idle.get_nowait())
             except queue.Empty:
                 return
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _close_quietly(obj: Any) -> None:
@@ -251,21 +255,54 @@ class PostgresStorage(Storage):
         return StoredSchema.from_row(row["version"], row["version_hash"], json.loads(row["schema"]))
 
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
-        def literal(text: str) -> str:
-            return "'" + text.replace("'", "''") + "'"
+        self._execute([f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = {_literal(schema_name)} "
+                       f"AND version_hash = {_literal(version_hash)}"], "removing a schema version")
 
+    def _execute(self, statements: Sequence[str], what: str, fetch: bool = False) -> list[tuple[Any, ...]]:
+        """Run statements on a pooled (autocommit) connection; the rows of the last if ``fetch``."""
         con = self.pool().take()
+        rows: list[tuple[Any, ...]] = []
         try:
             cur = con.cursor()
             try:
-                cur.execute(f"DELETE FROM {quote(self.dataset.name)}._dlt_version "
-                            f"WHERE schema_name = {literal(schema_name)} AND version_hash = {literal(version_hash)}")
+                for sql in statements:
+                    cur.execute(sql)
+                if fetch:
+                    rows = list(cur.fetchall())
             finally:
                 _close_quietly(cur)
         except Exception as exc:  # noqa: BLE001
             _close_quietly(con)
-            raise self._fail(exc, "removing a schema version") from None
+            raise self._fail(exc, what) from None
         self.pool().give(con)
+        return rows
+
+    def _existing(self, schema: str, tables: Sequence[str]) -> list[str]:
+        names = {r[0] for r in self._execute(
+            [f"SELECT table_name FROM information_schema.tables WHERE table_schema = {_literal(schema)}"],
+            "listing tables", fetch=True)}
+        return [t for t in tables if t in names]
+
+    def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
+        """A load changes the existing tables in one transaction (:data:`SQL_REPLACE_STRATEGY`), but
+        dlt creates new tables before it, in a transaction of its own: a failed load drops them again
+        (only tables that did not exist before the load)."""
+        existing = set(self._existing(self.dataset.name, tables))
+        new = [t for t in tables if t not in existing]
+        if not new:
+            return None
+
+        def drop() -> None:
+            self._execute([f"DROP TABLE IF EXISTS {quote(self.dataset.name)}.{quote(t)}" for t in new],
+                          "dropping the new tables of a failed load")
+
+        return drop
+
+    def clear_staging(self, tables: Sequence[str]) -> None:
+        staging = staging_dataset(self.dataset.name)
+        present = self._existing(staging, tables)
+        if present:
+            self._execute([f"DELETE FROM {quote(staging)}.{quote(t)}" for t in present], "emptying staging tables")
 
     # --- reading ----------------------------------------------------------------------------
     def _select(self, table: str, columns: Sequence[str], limit: int | None, where: str | None = None) -> str:
