@@ -501,7 +501,12 @@ def _reason(exc: BaseException) -> str:
     innermost message, without Python's chained-exception text, class paths or dlt's retry advice
     (a failed put's package is dropped, there is nothing to retry)."""
     text = getattr(exc, "failed_message", None) or str(exc) or type(exc).__name__
-    first = next((line.strip() for line in str(text).splitlines() if line.strip()), type(exc).__name__)
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):  # a failed job's message can be a whole traceback:
+        # its exception lines are the unindented ones after the frames; the first names the root cause
+        lines = [line for line in lines if not line[0].isspace() and not line.startswith(
+            ("Traceback", "The above exception", "During handling"))]
+    first = lines[0].strip() if lines else type(exc).__name__
     first = _EXCEPTION_PREFIX.sub("", first)
     return first if len(first) <= 300 else first[:300] + "..."
 
