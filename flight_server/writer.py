@@ -77,7 +77,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import dlt
 import numpy as np
@@ -88,12 +88,20 @@ from dlt.common.schema.exceptions import DataValidationError
 from dlt.common.schema.utils import generate_version_hash, get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
 
-from client.load_info import LoadInfo  # the one definition of what a put answers, shared with the client
-from client.protocol import COMMIT_METADATA, WriteCommand
+from client.load_info import (
+    LoadInfo,  # the one definition of what a put answers, shared with the client
+)
+from client.protocol import WriteCommand
 from flight_server import uploads
 from flight_server.catalog import Catalog
 from flight_server.contracts import check_write
-from flight_server.errors import ContractViolation, InvalidRequest, NotFound, ServiceError, Unavailable
+from flight_server.errors import (
+    ContractViolation,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from flight_server.storage.base import WRITE_LOCK_TIMEOUT
 from flight_server.storage.lifetime import isolated
 
@@ -113,6 +121,21 @@ COALESCE_ROWS = 1 << 20
 COALESCE_BYTES = 128 << 20
 
 
+class Upload(Protocol):
+    """What a save reads: the upload's schema, its batches, and whether it arrived whole. The transport
+    makes one from its stream (:class:`flight_server.transport.upload.FlightUpload`)."""
+
+    @property
+    def schema(self) -> pa.Schema: ...
+
+    @property
+    def complete(self) -> bool:
+        """After :meth:`batches` ran out: False when the client did not finish the upload."""
+        ...
+
+    def batches(self) -> Iterator[pa.RecordBatch]: ...
+
+
 class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
@@ -130,9 +153,9 @@ class Writer:
         self.work_dir = work_dir
         self.max_bytes = max_bytes
 
-    def put(self, profile: str, command: WriteCommand, reader: Any, cancelled: Callable[[], bool],
+    def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
             must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
-        """Check, then load one upload stream; raise a ServiceError on refusal.
+        """Check, then load one upload; raise a ServiceError on refusal.
 
         The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
         ``must_be_new``: the table must (not) hold data already; the text says what to do instead.
@@ -156,16 +179,16 @@ class Writer:
             raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
                                  dataset=command.dataset, table=table)
         capabilities = storage.cached_capabilities()
-        shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities)
-        counts = {"rows": 0, "bytes": 0, "committed": 0}
+        shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities)
+        counts = {"rows": 0, "bytes": 0}
 
-        def upload() -> Iterator[Any]:
+        def items() -> Iterator[Any]:
             """The upload as dlt items; runs only inside extract, after the contract decision."""
-            yield from uploads.conformed(self._batches(reader, counts), shape, table, command.dataset)
+            yield from uploads.conformed(self._batches(upload.batches(), counts), shape, table, command.dataset)
 
         primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
         resource = dlt.resource(
-            upload(), name=table, write_disposition=command.write_disposition,
+            items(), name=table, write_disposition=command.write_disposition,
             primary_key=primary_key or None, table_format=storage.table_format,
             columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
         )
@@ -176,7 +199,7 @@ class Writer:
             exc.fields["step"] = "extract"
             raise
         if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
-            shape = uploads.shape(schema, command.dataset, table, reader.schema, capabilities, decision.coerce)
+            shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities, decision.coerce)
         pipeline_name = f"save_{table}_pipeline"
         folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
         pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
@@ -189,7 +212,7 @@ class Writer:
             try:
                 # extract reads the client's stream into the put's folder; normalize works there too
                 pipeline.extract(resource, schema=schema, schema_contract=decision.contract)
-                if command.commit_marker and not counts["committed"]:
+                if not upload.complete:
                     raise PutCancelled(
                         f"upload to '{command.dataset}.{table}' ended without the client's commit; nothing was written",
                         dataset=command.dataset, table=table,
@@ -313,24 +336,11 @@ class Writer:
         except Exception:  # noqa: BLE001 - staging rows are dlt's scratch space; logged
             log.exception("could not empty the staging tables %s of dataset %s", tables, storage.dataset.name)
 
-    def _batches(self, reader: Any, counts: dict[str, int]) -> Iterator[pa.Table]:
+    def _batches(self, batches: Iterator[pa.RecordBatch], counts: dict[str, int]) -> Iterator[pa.Table]:
         """The upload's batches as dlt items, counted against the size limit, gathered into larger tables."""
         pending: list[pa.RecordBatch] = []
         rows = size = 0
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError) as exc:  # pyarrow reports some IPC framing errors as IOError
-                raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
-            batch = chunk.data
-            if counts["committed"]:
-                raise InvalidRequest("the upload continued after its commit marker")
-            if batch is None:
-                if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == COMMIT_METADATA:
-                    counts["committed"] = 1
-                continue
+        for batch in batches:
             counts["rows"] += batch.num_rows
             cost = _decoded_nbytes(batch)  # what it costs once dictionaries and list views are decoded
             counts["bytes"] += cost

@@ -268,7 +268,12 @@ def test_client_that_disconnects_mid_stream_writes_nothing(ws: WriteServer) -> N
     # the server is still up and the upload left no table, no schema change and no package
     import time
 
-    deadline = time.monotonic() + 30  # the server notices the vanished client, then cleans up (slower under load)
+    # the put ends on the server some time after the client vanished (its audit line says so); only then
+    # is there something to check - before, the folder may not even exist yet (this test was flaky)
+    deadline = time.monotonic() + 60
+    while '"rpc": "do_put"' not in ws.proc.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"rpc": "do_put"' in ws.proc.output(), ws.proc.output()[-3000:]
     while ws.pipelines_left() != [] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "vanishing" not in catalog.open_dataset.refresh().tables

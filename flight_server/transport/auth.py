@@ -38,7 +38,6 @@ import jwt
 import pyarrow.flight as flight
 
 from client import protocol
-from flight_server.transport.audit import MIDDLEWARE_KEY, AuditRecord, rpc_name
 from flight_server.config import ConfigError, ProjectConfig
 from flight_server.credentials import (
     ScryptHash,
@@ -49,6 +48,7 @@ from flight_server.credentials import (
     verify_password,
 )
 from flight_server.errors import Unauthenticated
+from flight_server.transport.audit import MIDDLEWARE_KEY, AuditRecord, rpc_name
 from flight_server.transport.status import to_flight_error
 from flight_server.transport.tickets import TicketSigner
 

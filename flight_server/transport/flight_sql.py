@@ -39,10 +39,16 @@ from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.catalog import Catalog
 from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import SqlSandbox, check_query, has_parameters, referenced_datasets
+from flight_server.sql import (
+    SqlSandbox,
+    check_query,
+    has_parameters,
+    referenced_datasets,
+)
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, Request
+from flight_server.transport.upload import FlightUpload
 from flight_server.writer import Writer
 
 TABLE_TYPE = "TABLE"
@@ -444,7 +450,7 @@ class FlightSqlSurface:
         must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
         disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
         # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
-        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), call.reader,
+        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), FlightUpload(call.reader, False),
                                  call.cancelled, must_exist=must_exist, must_be_new=must_be_new)
         call.loaded(result)
         # DoPutUpdateResult goes back raw, not packed in Any

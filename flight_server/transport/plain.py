@@ -23,6 +23,7 @@ from flight_server.table_cache import TableCache
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.tickets import TicketSigner
+from flight_server.transport.upload import FlightUpload
 from flight_server.writer import Writer
 
 Handler = Callable[[Call, Request], Any]
@@ -135,7 +136,7 @@ class PlainSurface:
     # --- writes -----------------------------------------------------------------------------------
     def save(self, call: Call, request: Request) -> None:
         command: WriteCommand = request.message
-        result = self.writer.put(call.profile, command, call.reader, call.cancelled)
+        result = self.writer.put(call.profile, command, FlightUpload(call.reader, command.commit_marker), call.cancelled)
         call.loaded(result)
         call.writer.write(pa.py_buffer(protocol.PutResult(result.to_json()).to_bytes()))
 

@@ -15,8 +15,16 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client.protocol import ErrorDetail, ProtocolError
-from flight_server.errors import (Cancelled, Forbidden, InvalidRequest, NotFound, ServiceError, Unauthenticated,
-                                  Unavailable, Unsupported)
+from flight_server.errors import (
+    Cancelled,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    Unsupported,
+)
 from flight_server.masking import mask
 
 log = logging.getLogger("flight_share.server")

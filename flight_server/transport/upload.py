@@ -1,0 +1,47 @@
+"""A DoPut's stream as the writer's :class:`~flight_server.writer.Upload`: Flight's chunk framing and
+the protocol's commit marker (:data:`client.protocol.COMMIT_METADATA`) end here."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from client.protocol import COMMIT_METADATA
+from flight_server.errors import InvalidRequest
+
+
+class FlightUpload:
+    """The record batches of a DoPut. With ``commit_marker`` the upload is whole only if its last
+    message is the commit marker (a client whose own data source failed half way sends none)."""
+
+    def __init__(self, reader: flight.MetadataRecordBatchReader, commit_marker: bool) -> None:
+        self._reader = reader
+        self._commit_marker = commit_marker
+        self._committed = False
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._reader.schema
+
+    @property
+    def complete(self) -> bool:
+        """After :meth:`batches` ran out: whether the client said the upload is whole."""
+        return self._committed or not self._commit_marker
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                chunk = self._reader.read_chunk()
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:  # pyarrow reports some IPC framing errors as IOError
+                raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
+            if self._committed:
+                raise InvalidRequest("the upload continued after its commit marker")
+            if chunk.data is None:
+                if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == COMMIT_METADATA:
+                    self._committed = True
+                continue
+            yield chunk.data
