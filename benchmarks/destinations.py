@@ -101,7 +101,7 @@ def load_with_dlt(project: Path, table: pa.Table, env: dict[str, str]) -> float:
         import sys, time, pyarrow as pa, dlt
         LOADS = {LOADS}
         sys.path.insert(0, {str(REPO)!r})
-        from flight_server.config import load_project
+        from flight_server.domain.config import load_project
         from flight_server.storage import open_storage
         project = load_project({str(project)!r})
         storage = open_storage(project, project.datasets["bench_dataset"])

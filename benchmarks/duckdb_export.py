@@ -27,7 +27,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import duckdb  # noqa: E402
-
 from read_throughput import DATASET, TABLE, build_project, generate_table  # noqa: E402
 
 

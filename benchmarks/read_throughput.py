@@ -113,7 +113,7 @@ def build_project(folder: Path, table: pa.Table, cache_bytes: int = 0) -> Path:
     """Write the project file and load ``table`` with a dlt pipeline into its duckdb destination."""
     import dlt
 
-    from flight_server.config import load_project
+    from flight_server.domain.config import load_project
 
     folder.mkdir(parents=True, exist_ok=True)
     project_file = folder / "dlt.yml"
@@ -300,8 +300,9 @@ def timed_read(client: flight.FlightClient, target: Target, materialise: bool, s
 
 def in_process_storage(project_file: Path, repeat: int) -> dict[str, Any]:
     """Drain DuckDBStorage.reader in this process: the flight-share read path without Flight."""
-    from flight_server.config import load_project
-    from flight_server.storage import duckdb as duckdb_storage, open_storage
+    from flight_server.domain.config import load_project
+    from flight_server.storage import duckdb as duckdb_storage
+    from flight_server.storage import open_storage
 
     project = load_project(project_file)
     storage = open_storage(project, project.datasets[DATASET])

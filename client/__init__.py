@@ -7,7 +7,8 @@ The names below load on first use (PEP 562), so the server can import the wire f
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -44,8 +45,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (re-exported names)
     from client.catalog import Catalog, Dataset, Relation, Table, connect  # noqa: F401
-    from client.errors import (AuthenticationError,  # noqa: F401 DataValidationError, FlightShareError, InvalidRequestError,
-                               NotFoundError, PermissionDeniedError, PipelineStepFailed, ServerError,
-                               ServerUnavailableError, UnsupportedError, UsageError)
-    from client.load_info import LoadInfo  # noqa: F401
     from client.data_packages import DataPackage, packages  # noqa: F401
+    from client.errors import (  # noqa: F401 DataValidationError, FlightShareError, InvalidRequestError,
+        AuthenticationError,
+        NotFoundError,
+        PermissionDeniedError,
+        PipelineStepFailed,
+        ServerError,
+        ServerUnavailableError,
+        UnsupportedError,
+        UsageError,
+    )
+    from client.load_info import LoadInfo  # noqa: F401

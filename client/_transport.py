@@ -7,10 +7,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import time
-import warnings
 import queue
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -21,10 +21,15 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client import protocol
-from client.errors import (AuthenticationError, DataValidationError, PipelineStepFailed, ServerUnavailableError, translate)
+from client.errors import (
+    AuthenticationError,
+    DataValidationError,
+    PipelineStepFailed,
+    ServerUnavailableError,
+    translate,
+)
 from client.load_info import LoadInfo
 from client.protocol import Command, WriteCommand
-
 
 PUT_BATCH_ROWS = 65_536
 PARALLEL_ENDPOINTS = 4  # endpoints of one read fetched at once

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import html
 import json
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
@@ -18,9 +18,20 @@ import pyarrow as pa
 from client import protocol
 from client._transport import PUT_BATCH_ROWS, Connection
 from client.environment import ConnectionSettings, resolve
-from client.errors import InvalidRequestError, NotFoundError, ServerUnavailableError, UsageError
+from client.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    ServerUnavailableError,
+    UsageError,
+)
 from client.load_info import LoadInfo
-from client.protocol import CatalogInfo, DatasetInfo, ReadCommand, SqlCommand, WriteCommand
+from client.protocol import (
+    CatalogInfo,
+    DatasetInfo,
+    ReadCommand,
+    SqlCommand,
+    WriteCommand,
+)
 
 if TYPE_CHECKING:
     import pandas

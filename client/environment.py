@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from client.protocol import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
+from client.protocol import (
+    DEFAULT_URL,
+    ENV_PASSWORD,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    ENV_URL,
+    ENV_USERNAME,
+)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from flight_server.credentials import hash_password, hash_token
+from flight_server.domain.credentials import hash_password, hash_token
 from tests.servers import cli
 
 # secrets of the test project (the server gets them from the environment, never from the YAML)

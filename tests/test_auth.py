@@ -13,18 +13,30 @@ from typing import Any, Callable
 import jwt
 import pyarrow as pa
 import pyarrow.flight as flight
-
-from client import protocol
 import pytest
 import yaml
 
-from client import AuthenticationError, NotFoundError, ServerUnavailableError, connect
+from client import (
+    AuthenticationError,
+    NotFoundError,
+    ServerUnavailableError,
+    connect,
+    protocol,
+)
 from client.protocol import ReadCommand, SqlCommand, encode_command
+from flight_server.domain.config import ConfigError, load_project
 from flight_server.transport.auth import Authenticator
-from flight_server.config import ConfigError, load_project
 from tests import security
 from tests.conftest import Secured
-from tests.security import BOT_TOKEN, EVENTS, INTERNAL, JWT_SECRET, PASSWORDS, REPORTS, SECRETS
+from tests.security import (
+    BOT_TOKEN,
+    EVENTS,
+    INTERNAL,
+    JWT_SECRET,
+    PASSWORDS,
+    REPORTS,
+    SECRETS,
+)
 from tests.servers import REPO, ServerProcess, cli
 
 AUTH_FAILED = protocol.AUTH_FAILED

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flight_server.config import ConfigError, check_project, load_project
+from flight_server.domain.config import ConfigError, check_project, load_project
 from tests.servers import REPO, cli
 
 BASE = """

@@ -21,13 +21,22 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from client import Catalog, DataValidationError, InvalidRequestError, PipelineStepFailed, connect
+from client import (
+    Catalog,
+    DataValidationError,
+    InvalidRequestError,
+    PipelineStepFailed,
+    connect,
+)
 from client.errors import FlightShareError
-from flight_server.config import load_project
 from flight_server.cli.demo import load_demo
+from flight_server.domain.config import load_project
 from flight_server.storage import open_storage
-from tests.servers import environment, ServerProcess
-from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE  # the documented texts, defined once
+from tests.servers import ServerProcess, environment
+from tests.test_write_path import (  # the documented texts, defined once
+    FROZEN_COLUMN,
+    FROZEN_TABLE,
+)
 
 KINDS = ["delta_local", "delta_s3", "postgres"]
 EVENTS = 120

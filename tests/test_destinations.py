@@ -25,11 +25,11 @@ import pytest
 
 from client import NotFoundError, ServerUnavailableError, connect
 from client.errors import FlightShareError
-from flight_server.config import ConfigError, load_project
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES, generate_pages, load_demo
-from flight_server.sql import sandbox_query
+from flight_server.domain.config import ConfigError, load_project
+from flight_server.domain.sql import sandbox_query
 from flight_server.storage import open_storage
-from tests.servers import environment, REPO, ServerProcess
+from tests.servers import REPO, ServerProcess, environment
 
 EVENTS = 500  # as the session's duckdb demo project (tests/conftest.py)
 SEED = 42
@@ -421,7 +421,7 @@ def _typed_rows() -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def test_every_dlt_type_streams_as_advertised(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
     import dlt
 
-    from flight_server.config import DatasetConfig
+    from flight_server.domain.config import DatasetConfig
 
     prepared = prepare(kind, request)
     with environment(prepared.env):

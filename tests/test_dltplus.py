@@ -11,7 +11,7 @@ import dlt
 import pytest
 
 from client import connect
-from flight_server.config import ConfigError, check_project, load_project
+from flight_server.domain.config import ConfigError, check_project, load_project
 from tests.servers import ServerProcess, cli
 
 

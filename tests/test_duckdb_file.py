@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 import flight_server.storage.duckdb as duckdb_storage
-from flight_server.errors import Unavailable
+from flight_server.domain.errors import Unavailable
 
 
 def test_between_requests_another_process_may_open_the_file_read_write(tmp_path: Path) -> None:

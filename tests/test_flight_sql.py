@@ -15,7 +15,12 @@ import pytest
 
 from client import connect
 from flight_server._vendor import FlightSql_pb2 as pb
-from flight_server.transport.flight_sql import SQL_INFO_SCHEMA, like, pack, sql_info_table
+from flight_server.transport.flight_sql import (
+    SQL_INFO_SCHEMA,
+    like,
+    pack,
+    sql_info_table,
+)
 from tests.servers import ServerProcess, make_project
 
 PROJECT = "dlt_example_project"
@@ -250,8 +255,8 @@ def test_like_patterns(pattern: str | None, name: str, matches: bool) -> None:
 
 
 def test_sandbox_accepts_the_project_as_catalog() -> None:
-    from flight_server.errors import InvalidRequest
-    from flight_server.sql import check_query, referenced_datasets
+    from flight_server.domain.errors import InvalidRequest
+    from flight_server.domain.sql import check_query, referenced_datasets
 
     assert check_query("SELECT * FROM p.d.t", "d", {"t": None}, catalog="p").sql == 'SELECT * FROM "d"."t"'
     with pytest.raises(InvalidRequest, match="must not name a catalog"):

@@ -10,9 +10,9 @@ import pytest
 import client
 import client.catalog
 from client.catalog import open_catalog
+from client.data_packages import PackageConfig, packages, server_side_only
 from client.environment import ConnectionSettings, default_token_file, resolve
 from client.errors import AuthenticationError, UnsupportedError, UsageError
-from client.data_packages import PackageConfig, packages, server_side_only
 
 PKG = "dlt_example_project"
 

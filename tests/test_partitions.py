@@ -8,8 +8,8 @@ loaded through the server (three saves: 25,000 + 6,000 + 6,000 rows).
 
 from __future__ import annotations
 
-import contextlib
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -22,14 +22,13 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from client import NotFoundError, InvalidRequestError, connect
-from client import protocol
+from client import InvalidRequestError, NotFoundError, connect, protocol
 from client._transport import Connection
 from client.protocol import ReadCommand
-from flight_server.config import ConfigError, load_project
+from flight_server.domain.config import ConfigError, load_project
 from flight_server.storage import open_storage
 from flight_server.storage.base import contiguous_groups
-from tests.servers import environment, ServerProcess
+from tests.servers import ServerProcess, environment
 
 KINDS = ["duckdb", "delta_local", "delta_s3", "postgres"]
 TARGET = 10_000

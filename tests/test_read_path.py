@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from client import Catalog, InvalidRequestError, NotFoundError, connect
-from client import protocol
+from client import Catalog, InvalidRequestError, NotFoundError, connect, protocol
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES
 from tests.servers import ServerProcess
 

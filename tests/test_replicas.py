@@ -17,11 +17,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from client import connect
-from client import protocol
+from client import connect, protocol
 from client.protocol import ReadCommand
-from tests.services import free_port
 from tests.servers import ServerProcess
+from tests.services import free_port
 
 ROWS = 40_000
 

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 
 from client import InvalidRequestError, NotFoundError, PermissionDeniedError
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import InvalidRequest
-from flight_server.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import InvalidRequest
+from flight_server.domain.sql import CheckedQuery, SqlSandbox, check_query
 from flight_server.storage.duckdb import DuckDBStorage
 from tests.conftest import Secured
 from tests.security import EVENTS, INTERNAL
@@ -272,7 +272,7 @@ def test_column_pruning_streams_only_what_the_query_uses() -> None:
 def test_table_references_resolve_cte_names_by_scope(query: str, tables: list[str]) -> None:
     import sqlglot
 
-    from flight_server.sql import table_references
+    from flight_server.domain.sql import table_references
 
     assert [t.sql() for t in table_references(sqlglot.parse_one(query, read="duckdb"))] == tables
 

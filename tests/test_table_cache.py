@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 
-from flight_server.table_cache import TableCache
+from flight_server.domain.table_cache import TableCache
 
 
 class Lumpy:

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import grpc
 import pyarrow as pa
-from google.protobuf import any_pb2
 import pytest
+from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import connect
@@ -316,7 +316,12 @@ def test_do_put_whose_schema_changes_mid_stream_is_refused_and_writes_nothing(pb
 
 def test_the_typed_wire_messages_round_trip_and_refuse_what_is_not_theirs() -> None:
     """list-datasets bodies, endpoint metadata and put results: one definition each, in client/protocol.py."""
-    from client.protocol import EndpointMetadata, ListDatasetsRequest, ProtocolError, PutResult
+    from client.protocol import (
+        EndpointMetadata,
+        ListDatasetsRequest,
+        ProtocolError,
+        PutResult,
+    )
 
     assert ListDatasetsRequest.from_bytes(b"") == ListDatasetsRequest()
     assert ListDatasetsRequest.from_bytes(ListDatasetsRequest(("a", "b")).to_bytes()).datasets == ("a", "b")

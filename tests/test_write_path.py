@@ -16,9 +16,15 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from client import protocol
-from client import (DataValidationError, InvalidRequestError, LoadInfo, PermissionDeniedError,
-                    PipelineStepFailed, connect)
+from client import (
+    DataValidationError,
+    InvalidRequestError,
+    LoadInfo,
+    PermissionDeniedError,
+    PipelineStepFailed,
+    connect,
+    protocol,
+)
 from tests.servers import REPO, ServerProcess, make_project
 
 FROZEN_TABLE = (

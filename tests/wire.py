@@ -21,8 +21,8 @@ HEADER_SCHEMA, HEADER_DICTIONARY_BATCH, HEADER_RECORD_BATCH = 1, 2, 3
 
 def generate(out_dir: Path) -> tuple[ModuleType, ModuleType]:
     """Generate Flight_pb2 / Flight_pb2_grpc into ``out_dir`` and import them."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)

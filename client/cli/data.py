@@ -12,9 +12,16 @@ from typing import Any, Callable, Iterator
 import click
 import pyarrow as pa
 
-from client.cli.output import (FILE_FORMATS, FORMATS, Progress, format_from_path, open_input, render_table,
-                                      write_batches)
 from client.cli.frame import connection_options, echo_lines, open_catalog
+from client.cli.output import (
+    FILE_FORMATS,
+    FORMATS,
+    Progress,
+    format_from_path,
+    open_input,
+    render_table,
+    write_batches,
+)
 
 WRITE_DISPOSITIONS = ("append", "replace", "merge")
 

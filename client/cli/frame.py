@@ -13,15 +13,22 @@ PipelineStepFailed text) on stderr and an exit code from :data:`EXIT_CODES`, nev
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import os
 import re
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import click
 
-from client.protocol import DEFAULT_URL, ENV_PASSWORD, ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL, ENV_USERNAME
+from client.protocol import (
+    DEFAULT_URL,
+    ENV_PASSWORD,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    ENV_URL,
+    ENV_USERNAME,
+)
 
 DATA_SECTION = "Read and write data (on a running server: --url, or FLIGHT_SHARE_URL)"
 SERVER_SECTION = "Serve a project (on the server side: --project dlt.yml)"

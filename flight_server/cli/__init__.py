@@ -14,9 +14,17 @@ import click
 
 from client import __version__
 from client.cli.data import DATA_COMMANDS
+from client.cli.frame import (
+    DATA_SECTION,
+    EXIT_CODES,
+    EXIT_ERROR,
+    SERVER_ERRORS,
+    SERVER_SECTION,
+    SectionedGroup,
+    set_debug,
+)
 from flight_server.cli.project import DEFAULT_PROJECT, PROJECT_COMMANDS
-from client.cli.frame import DATA_SECTION, EXIT_CODES, EXIT_ERROR, SERVER_ERRORS, SERVER_SECTION, SectionedGroup, set_debug
-from flight_server.config import ConfigError, load_project
+from flight_server.domain.config import ConfigError, load_project
 
 
 def _project(path: str):
@@ -44,7 +52,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _logging(project) -> None:
-    from flight_server import masking
+    from flight_server.domain import masking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     if project.server.audit_log is not None:
@@ -140,8 +148,8 @@ def users_add(name: str, profile: str, project_path: str, password_stdin: bool, 
     """Print a `users:` entry for NAME with a hash of a new password (prompted) or a new API token."""
     import yaml
 
-    from flight_server.config import _USER_PATTERN
-    from flight_server.credentials import hash_password, hash_token, new_token
+    from flight_server.domain.config import _USER_PATTERN
+    from flight_server.domain.credentials import hash_password, hash_token, new_token
 
     if not _USER_PATTERN.match(name):
         raise click.ClickException(f"'{name}' is not a valid user name (letters, digits, _ . @ -; at most 128)")

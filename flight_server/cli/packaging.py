@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from client import __version__
-from client.environment import env_prefix
 from client.data_packages import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, PACKAGE_FORMAT
-from flight_server.config import ConfigError, ProjectConfig
+from client.environment import env_prefix
+from flight_server.domain.config import ConfigError, ProjectConfig
 
 CLIENT_DISTRIBUTION = "flight-share"
 URL_SCHEMES = ("grpc://", "grpc+tcp://", "grpc+tls://")

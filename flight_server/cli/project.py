@@ -25,7 +25,7 @@ def check_command(project_path: str) -> None:
 
     Each problem is one line: the file, the key path and what is allowed. Exits 1 when there are any.
     """
-    from flight_server.config import check_project
+    from flight_server.domain.config import check_project
 
     file = project_file(project_path)
     project, problems = check_project(file)
@@ -69,8 +69,8 @@ def package_command(project_dir: str, name: str | None, server: str | None, prof
           --server grpc+tls://data.example.com:8815 --out dist/dlt_example_project
       pip wheel --no-deps dist/dlt_example_project -w dist/
     """
-    from flight_server.config import load_project
     from flight_server.cli.packaging import PackagingError, make_spec, write_package
+    from flight_server.domain.config import load_project
 
     project = load_project(project_file(project_dir))
     try:

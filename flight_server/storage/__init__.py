@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from flight_server.config import SQL_DESTINATION_TYPES, DatasetConfig, DestinationConfig, ProjectConfig
-from flight_server.errors import Unsupported
+from flight_server.domain.config import (
+    SQL_DESTINATION_TYPES,
+    DatasetConfig,
+    DestinationConfig,
+    ProjectConfig,
+)
+from flight_server.domain.errors import Unsupported
 from flight_server.storage.base import Storage, StoredSchema
 
 

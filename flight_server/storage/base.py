@@ -22,8 +22,8 @@ from dlt.common.libs.pyarrow import columns_to_arrow
 from dlt.common.schema import Schema
 from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import InvalidRequest, NotFound
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import InvalidRequest, NotFound
 from flight_server.storage.lifetime import isolated
 
 
@@ -252,7 +252,7 @@ class Storage(ABC):
 
     def data_version(self) -> Any:
         """A value that changes whenever the dataset's data may have changed (None: unknown, so
-        nothing of it is cached in server memory; see :mod:`flight_server.table_cache`)."""
+        nothing of it is cached in server memory; see :mod:`flight_server.domain.table_cache`)."""
         return None
 
     def estimated_arrow_bytes(self, table: str) -> int | None:

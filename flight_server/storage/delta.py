@@ -29,9 +29,16 @@ import pyarrow.dataset as pads
 import sqlglot
 from sqlglot import exp
 
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import InvalidRequest, NotFound, Unavailable
-from flight_server.storage.base import SHARED_SCHEMA_TTL, Partition, Storage, StoredSchema, contiguous_groups, split_evenly
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
+from flight_server.storage.base import (
+    SHARED_SCHEMA_TTL,
+    Partition,
+    Storage,
+    StoredSchema,
+    contiguous_groups,
+    split_evenly,
+)
 from flight_server.storage.lifetime import isolated, owning_reader
 
 # a LIMIT up to this many rows is read with ``Dataset.head`` (stops after enough batches); larger

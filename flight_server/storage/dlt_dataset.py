@@ -17,11 +17,12 @@ import dlt
 import pyarrow as pa
 from dlt.common.destination import Destination
 
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import InvalidRequest, Unavailable, Unsupported
-from flight_server.masking import mask
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import InvalidRequest, Unavailable, Unsupported
+from flight_server.domain.masking import mask
 from flight_server.storage.base import SHARED_SCHEMA_TTL, Storage, StoredSchema
 from flight_server.storage.lifetime import isolated
+
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"

@@ -15,15 +15,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import duckdb
 import dlt
+import duckdb
 import pyarrow as pa
 
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import Unavailable
-from flight_server.storage.base import (SHARED_SCHEMA_TTL, staging_dataset, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema,
-                                        int_range, split_evenly)
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import Unavailable
+from flight_server.storage.base import (
+    SHARED_SCHEMA_TTL,
+    SQL_REPLACE_STRATEGY,
+    Partition,
+    Storage,
+    StoredSchema,
+    int_range,
+    split_evenly,
+    staging_dataset,
+)
 from flight_server.storage.lifetime import owning_reader
+
 
 def quote(name: str) -> str:
     """A duckdb/postgres quoted identifier."""

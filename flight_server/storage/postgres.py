@@ -28,9 +28,18 @@ import dlt
 import pyarrow as pa
 import sqlglot
 
-from flight_server.config import DatasetConfig, DestinationConfig
-from flight_server.errors import InvalidRequest, Unavailable
-from flight_server.storage.base import SHARED_SCHEMA_TTL, staging_dataset, SQL_REPLACE_STRATEGY, Partition, Storage, StoredSchema, int_range, split_evenly
+from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.errors import InvalidRequest, Unavailable
+from flight_server.storage.base import (
+    SHARED_SCHEMA_TTL,
+    SQL_REPLACE_STRATEGY,
+    Partition,
+    Storage,
+    StoredSchema,
+    int_range,
+    split_evenly,
+    staging_dataset,
+)
 from flight_server.storage.lifetime import isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool

@@ -1,12 +1,14 @@
 """One structured audit line per call: who, under which profile, did what, to which data, with what outcome.
 
 Each RPC gets an :class:`AuditRecord` when the call middleware (:mod:`flight_server.transport.auth`) starts it;
-handlers fill in the dataset and table (:func:`annotate`), streams count rows and bytes as they
-leave (:func:`counted`), and the middleware's ``call_completed`` writes the record as one JSON line
-to the ``flight_share.audit`` logger — also for calls refused before any handler ran::
+the dispatch fills in the dataset and table (:func:`annotate`); SQL results count rows and bytes as
+they leave (:func:`counted`) and saves note what they stored - table reads go to Flight as C++
+streams, uncounted (GetFlightInfo's ``total_records`` says how many). The middleware's
+``call_completed`` writes the record as one JSON line to the ``flight_share.audit`` logger — also
+for calls refused before any handler ran::
 
-    {"time": "2026-11-03T10:00:00.123Z", "user": "alice", "profile": "analysts", "rpc": "do_get",
-     "dataset": "github_events_dataset", "table": "push_event", "rows": 120, "bytes": 51234,
+    {"time": "2026-11-03T10:00:00.123Z", "user": "alice", "profile": "analysts", "rpc": "do_put",
+     "dataset": "reports_dataset", "table": "aggregated_issues", "rows": 120, "bytes": 51234,
      "outcome": "ok", "peer": "ipv4:127.0.0.1:50512", "ms": 4.2}
 
 ``outcome`` is ``ok``, the gRPC status name (``UNAUTHENTICATED``, ``NOT_FOUND`` ...), or

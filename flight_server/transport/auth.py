@@ -38,8 +38,8 @@ import jwt
 import pyarrow.flight as flight
 
 from client import protocol
-from flight_server.config import ConfigError, ProjectConfig
-from flight_server.credentials import (
+from flight_server.domain.config import ConfigError, ProjectConfig
+from flight_server.domain.credentials import (
     ScryptHash,
     dummy_hash,
     parse_password_hash,
@@ -47,7 +47,7 @@ from flight_server.credentials import (
     token_digest,
     verify_password,
 )
-from flight_server.errors import Unauthenticated
+from flight_server.domain.errors import Unauthenticated
 from flight_server.transport.audit import MIDDLEWARE_KEY, AuditRecord, rpc_name
 from flight_server.transport.status import to_flight_error
 from flight_server.transport.tickets import TicketSigner

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from client import protocol
 from client.protocol import ReadCommand, SqlCommand, WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
-from flight_server.errors import InvalidRequest
+from flight_server.domain.errors import InvalidRequest
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 SQL_PACKAGE = "arrow.flight.protocol.sql."

@@ -37,19 +37,19 @@ from google.protobuf.message import Message
 
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
-from flight_server.catalog import Catalog
-from flight_server.errors import InvalidRequest, NotFound, Unsupported
-from flight_server.sql import (
+from flight_server.domain.catalog import Catalog
+from flight_server.domain.errors import InvalidRequest, NotFound, Unsupported
+from flight_server.domain.sql import (
     SqlSandbox,
     check_query,
     has_parameters,
     referenced_datasets,
 )
+from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, Request
 from flight_server.transport.upload import FlightUpload
-from flight_server.writer import Writer
 
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "flight-share"

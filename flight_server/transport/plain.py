@@ -14,17 +14,17 @@ import pyarrow.flight as flight
 
 from client import protocol
 from client.protocol import ReadCommand, SqlCommand, WriteCommand
-from flight_server.catalog import Catalog
-from flight_server.errors import InvalidRequest
-from flight_server.partitions import LocationRing, ReadPlan, plan_read
-from flight_server.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.domain.catalog import Catalog
+from flight_server.domain.errors import InvalidRequest
+from flight_server.domain.partitions import LocationRing, ReadPlan, plan_read
+from flight_server.domain.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.domain.table_cache import TableCache
+from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
-from flight_server.table_cache import TableCache
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.tickets import TicketSigner
 from flight_server.transport.upload import FlightUpload
-from flight_server.writer import Writer
 
 Handler = Callable[[Call, Request], Any]
 
@@ -73,7 +73,7 @@ class PlainSurface:
 
     # --- reads ------------------------------------------------------------------------------------
     def _endpoints(self, call: Call, plan: ReadPlan) -> list[flight.FlightEndpoint]:
-        """One endpoint per planned slice (flight_server/partitions.py), naming replicas round-robin;
+        """One endpoint per planned slice (flight_server/domain/partitions.py), naming replicas round-robin;
         each ticket is signed for the caller and expires (``server.ticket_ttl``)."""
         locations = self.locations.assign(len(plan.commands))
         endpoints = []

@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 import pyarrow.flight as flight
 
-from flight_server.catalog import Catalog
-from flight_server.config import ProjectConfig
-from flight_server.errors import InvalidRequest, Unsupported
-from flight_server.partitions import LocationRing
-from flight_server.sql import SqlSandbox
-from flight_server.table_cache import TableCache
+from flight_server.domain.catalog import Catalog
+from flight_server.domain.config import ProjectConfig
+from flight_server.domain.errors import InvalidRequest, Unsupported
+from flight_server.domain.partitions import LocationRing
+from flight_server.domain.sql import SqlSandbox
+from flight_server.domain.table_cache import TableCache
+from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode
 from flight_server.transport.auth import Security
 from flight_server.transport.call import Call
@@ -31,7 +32,6 @@ from flight_server.transport.decode import RPC_NAMES, Request
 from flight_server.transport.flight_sql import FlightSqlSurface
 from flight_server.transport.plain import PlainSurface
 from flight_server.transport.status import to_flight_error
-from flight_server.writer import Writer
 
 
 class FlightShareServer(flight.FlightServerBase):

@@ -1,8 +1,8 @@
 """The one table that turns errors into Flight statuses (every RPC and stream leaves through it).
 
-Domain errors (:mod:`flight_server.errors`) map by class; a query engine refusing the caller's SQL is
+Domain errors (:mod:`flight_server.domain.errors`) map by class; a query engine refusing the caller's SQL is
 INVALID_ARGUMENT; anything else is INTERNAL with a generic text (the traceback goes to the server log
-only). Every message and detail leaves masked (credentials as ``***``, :mod:`flight_server.masking`)
+only). Every message and detail leaves masked (credentials as ``***``, :mod:`flight_server.domain.masking`)
 and at most :data:`MAX_MESSAGE_CHARS` long (messages echo names the caller sent).
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client.protocol import ErrorDetail, ProtocolError
-from flight_server.errors import (
+from flight_server.domain.errors import (
     Cancelled,
     Forbidden,
     InvalidRequest,
@@ -25,7 +25,7 @@ from flight_server.errors import (
     Unavailable,
     Unsupported,
 )
-from flight_server.masking import mask
+from flight_server.domain.masking import mask
 
 log = logging.getLogger("flight_share.server")
 

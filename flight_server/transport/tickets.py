@@ -17,7 +17,7 @@ import json
 import time
 
 from client.protocol import MAX_COMMAND_BYTES
-from flight_server.errors import Forbidden, InvalidRequest
+from flight_server.domain.errors import Forbidden, InvalidRequest
 
 PREFIX = b"fst1."
 MAX_TICKET_BYTES = 2 * MAX_COMMAND_BYTES

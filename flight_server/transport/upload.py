@@ -1,4 +1,4 @@
-"""A DoPut's stream as the writer's :class:`~flight_server.writer.Upload`: Flight's chunk framing and
+"""A DoPut's stream as the writer's :class:`~flight_server.domain.writer.Upload`: Flight's chunk framing and
 the protocol's commit marker (:data:`client.protocol.COMMIT_METADATA`) end here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from client.protocol import COMMIT_METADATA
-from flight_server.errors import InvalidRequest
+from flight_server.domain.errors import InvalidRequest
 
 
 class FlightUpload:

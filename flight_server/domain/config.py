@@ -32,9 +32,13 @@ from urllib.parse import urlparse
 
 import yaml
 
-from flight_server.credentials import HashFormatError, parse_password_hash, parse_token_hash
-from flight_server.dltplus import is_dlt_plus, to_flight_share
-from flight_server.masking import Masker
+from flight_server.domain.credentials import (
+    HashFormatError,
+    parse_password_hash,
+    parse_token_hash,
+)
+from flight_server.domain.dltplus import is_dlt_plus, to_flight_share
+from flight_server.domain.masking import Masker
 
 FORMAT_VERSION = 1
 #: dlt destination types served through dlt's own dataset interface (flight_server/storage/dlt_dataset.py);
@@ -116,7 +120,7 @@ class UserConfig:
 
     name: str
     profile: str
-    password_hash: str | None = None  # scrypt$... (flight_server.credentials)
+    password_hash: str | None = None  # scrypt$... (flight_server.domain.credentials)
     token_hashes: tuple[str, ...] = ()  # sha256$... of static API tokens
 
 
@@ -131,7 +135,7 @@ class ServerConfig:
     data_dir: Path | None = None
     batch_rows: int = 122_880
     max_put_bytes: int = 4 << 30
-    # hot tables kept as Arrow in server memory (bytes; 0: off), see flight_server/table_cache.py
+    # hot tables kept as Arrow in server memory (bytes; 0: off), see flight_server/domain/table_cache.py
     cache_bytes: int = 1 << 30
     jwt_secret: str | None = None  # only via {env.NAME}; default: $FLIGHT_SHARE_JWT_SECRET or random
     token_ttl: int = 3600  # seconds a bearer token from the handshake is valid
@@ -390,7 +394,7 @@ def _read(r: _Reader) -> ProjectConfig | None:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", f"not valid YAML: {exc}") from None
-    if isinstance(raw, dict) and is_dlt_plus(raw):  # dlt+'s own format, read into this one (flight_server/dltplus.py)
+    if isinstance(raw, dict) and is_dlt_plus(raw):  # dlt+'s own format, read into this one (flight_server/domain/dltplus.py)
         raw = {**to_flight_share(raw, file, r.report, r.warn, r.secrets), "format_version": FORMAT_VERSION}
         for secret in r.secrets:
             r._masker.add([secret])

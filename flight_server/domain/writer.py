@@ -8,7 +8,7 @@ versions, ``_dlt_loads`` and evolution are dlt's.
 **A save is all-or-nothing** (issue 11). The owner's rows, child tables and schema version stay as
 they were whatever step fails - extract, normalize, load, or a client that vanishes:
 
-1. *Before dlt runs* (:mod:`flight_server.uploads`, on every destination): table and column names are
+1. *Before dlt runs* (:mod:`flight_server.domain.uploads`, on every destination): table and column names are
    normalized as dlt stores them and checked (reserved ``_dlt`` names in any letter case, characters
    that break SQL or dlt's file layout, types dlt cannot store), and integer/decimal columns are cast
    to the stored type with a safe cast - a value that would only fail at the load step (``uint64``
@@ -59,7 +59,7 @@ A save that succeeds changes the owner's schema only by what the contract allows
 columns under ``evolve``): the profile's contract is not left in the schema dlt stores
 (:meth:`Writer._keep_owner_contract`), and the owner's table and column hints - write disposition,
 resource, keys - are put back after the load (:meth:`Writer._keep_owner_table_hints`). Under ``data_type: evolve`` a column whose type differs from the
-stored one is cast to the stored type (see :func:`flight_server.contracts.check_write`).
+stored one is cast to the stored type (see :func:`flight_server.domain.contracts.check_write`).
 
 Works the same on every destination: dlt picks the loader file format for Arrow items (Parquet for
 duckdb and Delta, CSV through ``COPY`` for PostgreSQL), and the adapter gives the table format
@@ -92,10 +92,10 @@ from client.load_info import (
     LoadInfo,  # the one definition of what a put answers, shared with the client
 )
 from client.protocol import WriteCommand
-from flight_server import uploads
-from flight_server.catalog import Catalog
-from flight_server.contracts import check_write
-from flight_server.errors import (
+from flight_server.domain import uploads
+from flight_server.domain.catalog import Catalog
+from flight_server.domain.contracts import check_write
+from flight_server.domain.errors import (
     ContractViolation,
     InvalidRequest,
     NotFound,
@@ -474,7 +474,7 @@ class Writer:
                 return cause
             cause = cause.__cause__ or cause.__context__
         if isinstance(inner, DataValidationError):
-            from flight_server.contracts import violation_message
+            from flight_server.domain.contracts import violation_message
 
             text = violation_message(inner.schema_name, inner.table_name or table, inner.column_name,
                                      str(inner.schema_entity), str(inner.contract_mode))

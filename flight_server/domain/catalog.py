@@ -8,9 +8,9 @@ from typing import Sequence
 import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
-from flight_server.config import DatasetAccess, ProjectConfig
-from flight_server.errors import Forbidden, NotFound, ServiceError
-from flight_server.masking import mask
+from flight_server.domain.config import DatasetAccess, ProjectConfig
+from flight_server.domain.errors import Forbidden, NotFound, ServiceError
+from flight_server.domain.masking import mask
 from flight_server.storage import Storage, open_storage
 
 log = logging.getLogger("flight_share.catalog")

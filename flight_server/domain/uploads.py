@@ -23,7 +23,7 @@ since dlt would then load the owner's nested ``items`` into that column instead 
 dlt gives every saved row its own; any other ``_dlt`` column name is reserved. A table may have at
 most :data:`~client.protocol.MAX_COLUMNS` columns after the save.
 
-Every refusal is an :class:`~flight_server.errors.InvalidRequest` naming the table or column and
+Every refusal is an :class:`~flight_server.domain.errors.InvalidRequest` naming the table or column and
 what is allowed.
 """
 
@@ -34,13 +34,17 @@ from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from dlt.common.libs.pyarrow import UnsupportedArrowTypeException, columns_to_arrow, get_column_type_from_py_arrow
+from dlt.common.libs.pyarrow import (
+    UnsupportedArrowTypeException,
+    columns_to_arrow,
+    get_column_type_from_py_arrow,
+)
 from dlt.common.normalizers.json.helpers import normalize_table_identifier
 from dlt.common.schema import Schema
 from dlt.common.schema.utils import is_complete_column
 
 from client.protocol import MAX_COLUMNS, MAX_NAME_CHARS
-from flight_server.errors import InvalidRequest
+from flight_server.domain.errors import InvalidRequest
 
 # ``.`` qualifies names in SQL, ``/`` separates folders, ``%``, ``{`` and ``}`` are dlt's file layout
 # placeholders on the filesystem destination; control characters have no place in a name.

@@ -25,7 +25,7 @@ What is followed (dlt+ 0.17's project loader, and its documentation):
   dataset on the pipeline's destination too.
 
 The result is the same plain mapping a flight-share (``format_version: 1``) file holds, so one validation
-(``flight_server.config``) reads both.
+(``flight_server.domain.config``) reads both.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 DLT_PLUS_SECTIONS = ("project", "sources", "destinations", "datasets", "pipelines", "profiles", "runtime", "caches",
                      "transformations")

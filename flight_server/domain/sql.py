@@ -13,7 +13,7 @@ Two independent walls:
    (``range(1e8)``, ``repeat(...)``), outside its ``memory_limit`` and before ``interrupt()`` can act,
    and a single scalar call (``levenshtein`` of long strings) never looks at interrupts. So each
    query -- its bind for GetFlightInfo / GetSchema as much as its run for DoGet -- goes to a worker
-   process (:mod:`flight_server.sql_worker`) from a warm pool: duckdb already imported, an OS memory
+   process (:mod:`flight_server.domain.sql_worker`) from a warm pool: duckdb already imported, an OS memory
    limit (``RLIMIT_DATA``: ``server.sql_memory_limit`` plus a fixed margin), an empty environment,
    no files. There a fresh in-memory duckdb opened with ``enable_external_access=false``,
    ``lock_configuration=true``, no temp directory (nothing spills; duckdb allows its temp directory
@@ -61,13 +61,19 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.errors import (Cancelled, InvalidRequest, NotFound, SqlLimitExceeded,
-                                  SqlSyntaxError, Unavailable)
-from flight_server.masking import mask
-from flight_server.sql_worker import END, MARK, pipe, recv_frame, send_frame
+from flight_server.domain.errors import (
+    Cancelled,
+    InvalidRequest,
+    NotFound,
+    SqlLimitExceeded,
+    SqlSyntaxError,
+    Unavailable,
+)
+from flight_server.domain.masking import mask
+from flight_server.domain.sql_worker import END, MARK, pipe, recv_frame, send_frame
 
 if TYPE_CHECKING:
-    from flight_server.config import ServerConfig
+    from flight_server.domain.config import ServerConfig
     from flight_server.storage import Storage
 
 # parsing and analysing cost CPU in proportion to the text: real queries are far shorter than this
@@ -347,7 +353,7 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
     return {t: frozenset(cols) for t, cols in found.items() if t in used}
 
 
-# --- the locked-down engine: warm worker processes (flight_server/sql_worker.py) ------------------------
+# --- the locked-down engine: warm worker processes (flight_server/domain/sql_worker.py) ------------------------
 
 #: queries that run at once, each in its own worker process (more wait for a free one, within their
 #: time limit); the server's memory for SQL is bounded by this many times server.sql_memory_limit
@@ -365,9 +371,9 @@ _POLL_SECONDS = 0.05
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}  # duckdb's meaning of each unit
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.sql_worker import main; "
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.domain.sql_worker import main; "
          "main(sys.argv[2:])")
-_ROOT = str(Path(__file__).resolve().parents[1])
+_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds flight_server/
 
 log = logging.getLogger("flight_share.server")
 _POOLS: dict[tuple[int, int], "WorkerPool"] = {}

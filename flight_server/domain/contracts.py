@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import pyarrow as pa
+from dlt.common.destination.capabilities import (
+    DestinationCapabilitiesContext,
+    adjust_schema_to_capabilities,
+)
 from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
-from dlt.common.destination.capabilities import DestinationCapabilitiesContext, adjust_schema_to_capabilities
 from dlt.common.schema.utils import is_complete_column, merge_columns, new_table
 
-from flight_server.config import Contract
-from flight_server.errors import ContractViolation
+from flight_server.domain.config import Contract
+from flight_server.domain.errors import ContractViolation
 
 _VERBS = {"tables": "tables", "columns": "columns", "data_type": "data types"}
 

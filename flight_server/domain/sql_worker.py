@@ -1,4 +1,4 @@
-"""A sandbox worker process: runs one checked SQL query at a time for :mod:`flight_server.sql`.
+"""A sandbox worker process: runs one checked SQL query at a time for :mod:`flight_server.domain.sql`.
 
 The server keeps a small pool of these warm (duckdb and pyarrow already imported). Each one runs
 under an operating-system memory limit (``RLIMIT_DATA``: heap and private mappings, which is where
