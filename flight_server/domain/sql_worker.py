@@ -40,6 +40,8 @@ import sys
 import threading
 from typing import Any
 
+from flight_server.domain.identifiers import quote
+
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 END = "end"
@@ -204,12 +206,12 @@ class Worker:
         con = None
         try:
             con = self._connect()
-            con.execute(f"CREATE SCHEMA {_quote(request['dataset'])}")
+            con.execute(f"CREATE SCHEMA {quote(request['dataset'])}")
             for i, (table, schema_b64) in enumerate(request["tables"]):
                 table_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(schema_b64)))
                 source = f"__flight_share_source_{i}"
                 con.register(source, self._source(i, table_schema))
-                con.execute(f"CREATE VIEW {_quote(request['dataset'])}.{_quote(table)} AS SELECT * FROM {source}")
+                con.execute(f"CREATE VIEW {quote(request['dataset'])}.{quote(table)} AS SELECT * FROM {source}")
             rel = con.sql(request["sql"])
             if rel is None:  # a statement, not a query (only reachable if the allow-list were bypassed)
                 raise _Refused("only SELECT queries are allowed")
@@ -277,10 +279,6 @@ class _Refused(Exception):
 
 def _empty(pa: Any, schema: Any) -> Any:
     return pa.RecordBatch.from_pylist([], schema=schema)
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def main(argv: list[str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flight_server.domain.config import (
     SQL_DESTINATION_TYPES,
     DatasetConfig,
-    DestinationConfig,
+    DestinationConfig,  # noqa: F401 - re-exported for the adapters
     ProjectConfig,
 )
 from flight_server.domain.errors import Unsupported

@@ -24,6 +24,7 @@ from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound
+from flight_server.domain.identifiers import quote
 from flight_server.storage.lifetime import isolated
 
 
@@ -60,6 +61,18 @@ def contiguous_groups(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
         cuts.append(best)
     cuts.append(len(sizes))
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def select_sql(dataset: str, table: str, columns: Sequence[str], where: str | None = None,
+               limit: int | None = None) -> str:
+    """The one SELECT the SQL adapters stream a table read with; ``columns`` are SQL expressions
+    (quoted names, or the adapter's casts)."""
+    sql = f"SELECT {', '.join(columns)} FROM {quote(dataset)}.{quote(table)}"
+    if where:
+        sql += f" WHERE {where}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql
 
 
 def int_range(spec: Any, key: str) -> tuple[int, int | None]:
@@ -268,10 +281,6 @@ class Storage(ABC):
         on its own (``reader(..., partition=p.spec)``). One slice (or none for an empty table) means
         "read it as one stream". The default: never split."""
         return [Partition({}, self.row_count(table))]
-
-    @abstractmethod
-    def query(self, sql: str) -> pa.RecordBatchReader:
-        """Run a read-only query already checked by the SQL sandbox."""
 
     def close(self) -> None:
         """Release connections."""

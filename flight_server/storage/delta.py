@@ -26,11 +26,10 @@ import dlt
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import sqlglot
-from sqlglot import exp
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
+from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     Partition,
@@ -47,10 +46,6 @@ HEAD_LIMIT_ROWS = 1_000_000
 # table versions kept open for tickets planned against a version that is no longer the newest
 PINNED_VERSIONS = 4
 
-
-def quote(name: str) -> str:
-    """A duckdb quoted identifier."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def mask_url(url: str) -> str:
@@ -421,16 +416,6 @@ class DeltaStorage(Storage):
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         return con
-
-    def query(self, sql: str) -> pa.RecordBatchReader:
-        tree = sqlglot.parse_one(sql, read="duckdb")
-        tables = set(self.table_names())
-        referenced = sorted(
-            {t.name for t in tree.find_all(exp.Table) if t.args.get("db") is not None and t.db == self.dataset.name}
-            & tables
-        )
-        datasets = {t: self.arrow_dataset(t) for t in referenced}
-        return _reader_of(self._sql_connection(datasets), sql, self.batch_rows, datasets)
 
     def close(self) -> None:
         with self._lock:

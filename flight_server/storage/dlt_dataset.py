@@ -18,7 +18,7 @@ import pyarrow as pa
 from dlt.common.destination import Destination
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.errors import InvalidRequest, Unavailable, Unsupported
+from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.masking import mask
 from flight_server.storage.base import SHARED_SCHEMA_TTL, Storage, StoredSchema
 from flight_server.storage.lifetime import isolated
@@ -120,6 +120,3 @@ class DltDatasetStorage(Storage):
                 raise self._fail(exc, "read") from None
 
         return pa.RecordBatchReader.from_batches(schema, batches())
-
-    def query(self, sql: str) -> pa.RecordBatchReader:
-        raise Unsupported("queries run in the server's SQL sandbox for this destination")

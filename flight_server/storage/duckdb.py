@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
+from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_REPLACE_STRATEGY,
@@ -28,16 +29,11 @@ from flight_server.storage.base import (
     Storage,
     StoredSchema,
     int_range,
+    select_sql,
     split_evenly,
     staging_dataset,
 )
 from flight_server.storage.lifetime import owning_reader
-
-
-def quote(name: str) -> str:
-    """A duckdb/postgres quoted identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
 
 _STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
 
@@ -317,15 +313,6 @@ class DuckDBStorage(Storage):
     def location(self) -> str:
         return f"duckdb:///{self.path.lstrip('/')}" if self.path.startswith("/") else f"duckdb:///{self.path}"
 
-    def _select(self, table: str, columns: Sequence[str] | None, limit: int | None, where: str | None = None) -> str:
-        cols = ", ".join(quote(c) for c in columns) if columns else ", ".join(quote(c) for c in self.table_columns(table))
-        sql = f"SELECT {cols} FROM {quote(self.dataset.name)}.{quote(table)}"
-        if where:
-            sql += f" WHERE {where}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return sql
-
     def data_version(self) -> Any:
         """The stored schema's hash and the newest dlt load id: every write to the file is a dlt load
         (duckdb's lock keeps other processes out while this server runs)."""
@@ -365,7 +352,7 @@ class DuckDBStorage(Storage):
         if partition:
             start, stop = int_range(partition, "rowid")
             where = f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else "")
-        sql = self._select(table, schema.names, limit, where)
+        sql = select_sql(self.dataset.name, table, [quote(c) for c in schema.names], where, limit)
         cursor = self.file.acquire_read()
         try:
             # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
@@ -378,13 +365,4 @@ class DuckDBStorage(Storage):
             self.file.release_read(cursor)
             raise
         # the file's share is held until the stream is read to its end or dropped (lifetime.owning_reader)
-        return owning_reader(reader, cursor, on_close=lambda: self.file.release_read(cursor))
-
-    def query(self, sql: str) -> pa.RecordBatchReader:
-        cursor = self.file.acquire_read()
-        try:
-            reader = cursor.sql(sql).to_arrow_reader(self.batch_rows)
-        except BaseException:
-            self.file.release_read(cursor)
-            raise
         return owning_reader(reader, cursor, on_close=lambda: self.file.release_read(cursor))

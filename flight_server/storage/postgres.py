@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 
 import dlt
 import pyarrow as pa
-import sqlglot
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
+from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_REPLACE_STRATEGY,
@@ -37,6 +37,7 @@ from flight_server.storage.base import (
     Storage,
     StoredSchema,
     int_range,
+    select_sql,
     split_evenly,
     staging_dataset,
 )
@@ -44,10 +45,6 @@ from flight_server.storage.lifetime import isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
 
-
-def quote(name: str) -> str:
-    """A PostgreSQL quoted identifier."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _column_sql(name: str, data_type: str | None) -> str:
@@ -314,16 +311,6 @@ class PostgresStorage(Storage):
             self._execute([f"DELETE FROM {quote(staging)}.{quote(t)}" for t in present], "emptying staging tables")
 
     # --- reading ----------------------------------------------------------------------------
-    def _select(self, table: str, columns: Sequence[str], limit: int | None, where: str | None = None) -> str:
-        types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
-        select = ", ".join(_column_sql(c, types.get(c)) for c in columns)
-        sql = f"SELECT {select} FROM {quote(self.dataset.name)}.{quote(table)}"
-        if where:
-            sql += f" WHERE {where}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return sql
-
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
         n = self._scalar(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}", "counting rows")
@@ -357,13 +344,10 @@ class PostgresStorage(Storage):
         if partition:
             start, stop = int_range(partition, "pages")
             where = f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else "")
-        reader = self._stream(self._select(table, schema.names, limit, where))
+        types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
+        columns_sql = [_column_sql(c, types.get(c)) for c in schema.names]
+        reader = self._stream(select_sql(self.dataset.name, table, columns_sql, where, limit))
         return reader if reader.schema.equals(schema) else reader.cast(schema)
-
-    def query(self, sql: str) -> pa.RecordBatchReader:
-        # the sandbox writes duckdb's dialect; PostgreSQL gets its own
-        pg_sql = sqlglot.transpile(sql, read="duckdb", write="postgres")[0]
-        return self._stream(pg_sql, read_only_transaction=True, what="query")
 
     def close(self) -> None:
         with self._lock:

@@ -26,7 +26,6 @@ for both). ``schema`` names the dataset.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from typing import Any, Callable, Iterator
 
@@ -35,6 +34,7 @@ import pyarrow.flight as flight
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from client import __version__
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.domain.catalog import Catalog
@@ -112,13 +112,6 @@ def sql_info_table(values: dict[int, tuple[int, Any]]) -> pa.Table:
         children=arrays,
     )
     return pa.Table.from_arrays([pa.array(list(values), pa.uint32()), union], schema=SQL_INFO_SCHEMA)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("flight-share")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def like(pattern: str | None) -> Callable[[str], bool]:
@@ -291,7 +284,7 @@ class FlightSqlSurface:
     def _sql_info(self, call: Call, command: Any) -> pa.Table:
         infos: dict[int, tuple[int, Any]] = {
             0: (_STRING, SERVER_NAME),                 # FLIGHT_SQL_SERVER_NAME
-            1: (_STRING, _version()),                     # FLIGHT_SQL_SERVER_VERSION
+            1: (_STRING, __version__),                 # FLIGHT_SQL_SERVER_VERSION
             2: (_STRING, pa.__version__),              # FLIGHT_SQL_SERVER_ARROW_VERSION
             3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY (ingest writes)
             4: (_BOOL, True),                          # FLIGHT_SQL_SERVER_SQL
