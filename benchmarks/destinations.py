@@ -45,7 +45,7 @@ import pyarrow.flight as flight  # noqa: E402
 
 from client._transport import Connection  # noqa: E402
 from client.protocol import ReadCommand  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
+from flight_server.testing.servers import ServerProcess  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 LOADS = 4  # the tables are written by this many dlt loads (Delta: one file set per load)
@@ -210,7 +210,7 @@ def postgres_benchmark(rows: int, repeats: int, work: Path) -> dict[str, Any]:
     import adbc_driver_postgresql.dbapi as adbc
     import psycopg2
 
-    from tests.services import PostgresServer
+    from flight_server.testing.services import PostgresServer
 
     pg = PostgresServer().start()
     try:

@@ -37,7 +37,7 @@ import pyarrow.flight as flight
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.servers import ServerProcess  # noqa: E402
+from flight_server.testing.servers import ServerProcess  # noqa: E402
 
 PROJECT = """\
 format_version: 1

@@ -54,7 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from client import protocol  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
+from flight_server.testing.servers import ServerProcess  # noqa: E402
 
 DATASET = "bench_dataset"
 TABLE = "events"

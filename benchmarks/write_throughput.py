@@ -52,7 +52,7 @@ import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from client import connect  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
+from flight_server.testing.servers import ServerProcess  # noqa: E402
 
 DATASET = "open_dataset"
 TABLE = "bench_rows"

@@ -256,7 +256,7 @@ class Catalog:
             if info.name == name:
                 if info.error is not None:  # listed, but its destination cannot be read right now
                     raise ServerUnavailableError(info.error, dataset=name)
-                return Dataset(self._connection, info).refresh()
+                return Dataset(self._connection, info)  # the listing is fresh enough: a table it lacks is looked up again
         raise NotFoundError(
             f"Dataset '{name}' not found in project {self.project} for profile {self.profile}; "
             f"datasets: {', '.join(self.datasets) or '(none)'}",

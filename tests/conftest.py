@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 
 from client import Catalog, connect
-from tests.servers import ServerProcess, make_project
+from flight_server.testing.servers import ServerProcess, make_project
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +31,8 @@ def catalog(server: ServerProcess) -> Iterator[Catalog]:
         yield cat
 
 
-# --- real backing services (tests/services.py): one PostgreSQL and one S3 server per session --------
-from tests.services import PostgresServer, S3Server, postgres_server, s3_server  # noqa: E402
+# --- real backing services (flight_server/testing/services.py): one PostgreSQL and one S3 server per session --------
+from flight_server.testing.services import PostgresServer, S3Server, postgres_server, s3_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +136,14 @@ def mtls_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path, pki
 def secured(request: pytest.FixtureRequest) -> Secured:
     """Each test using this runs against the plaintext and the TLS server."""
     return request.getfixturevalue("secure_server" if request.param == "plain" else "tls_server")
+
+
+# Modules whose tests run in this process (or start no server): `pytest -m "not slow"` runs them in
+# seconds. Every other test starts a server process, PostgreSQL or the S3 server, and is marked slow.
+FAST_MODULES = {"test_dispatch", "test_duckdb_file", "test_table_cache", "test_install"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)

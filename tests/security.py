@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from flight_server.domain.credentials import hash_password, hash_token
-from tests.servers import cli
+from flight_server.testing.servers import cli
 
 # secrets of the test project (the server gets them from the environment, never from the YAML)
 JWT_SECRET = "test-signing-secret-0123456789-abcdefghijklmnop"

@@ -37,7 +37,7 @@ from tests.security import (
     REPORTS,
     SECRETS,
 )
-from tests.servers import REPO, ServerProcess, cli
+from flight_server.testing.servers import REPO, ServerProcess, cli
 
 AUTH_FAILED = protocol.AUTH_FAILED
 

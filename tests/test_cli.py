@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from client import connect
 from flight_server.cli import main
-from tests.servers import REPO, ServerProcess, cli, make_project
+from flight_server.testing.servers import REPO, ServerProcess, cli, make_project
 from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE
 
 COMMANDS = ("catalog", "show", "head", "row-counts", "sql", "save", "serve", "demo", "check", "package")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.servers import REPO, ServerProcess
-from tests.services import free_port
+from flight_server.testing.servers import REPO, ServerProcess
+from flight_server.testing.services import free_port
 
 COMPOSE = REPO / "docker-compose.yml"
 SECRETS = {"MINIO_ROOT_USER": "compose-user", "MINIO_ROOT_PASSWORD": "compose-secret-1", "POSTGRES_PASSWORD": "compose-secret-2"}

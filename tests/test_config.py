@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flight_server.domain.config import ConfigError, check_project, load_project
-from tests.servers import REPO, cli
+from flight_server.testing.servers import REPO, cli
 
 BASE = """
 format_version: 1

@@ -32,7 +32,7 @@ from client.errors import FlightShareError
 from flight_server.cli.demo import load_demo
 from flight_server.domain.config import load_project
 from flight_server.storage import open_storage
-from tests.servers import ServerProcess, environment
+from flight_server.testing.servers import ServerProcess, environment
 from tests.test_write_path import (  # the documented texts, defined once
     FROZEN_COLUMN,
     FROZEN_TABLE,

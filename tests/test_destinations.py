@@ -28,7 +28,7 @@ from client.errors import FlightShareError
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES, generate_pages, load_demo
 from flight_server.domain.config import ConfigError, load_project
 from flight_server.storage import open_storage
-from tests.servers import REPO, ServerProcess, environment
+from flight_server.testing.servers import REPO, ServerProcess, environment
 
 EVENTS = 500  # as the session's duckdb demo project (tests/conftest.py)
 SEED = 42

@@ -12,7 +12,7 @@ import pytest
 
 from client import connect
 from flight_server.domain.config import ConfigError, check_project, load_project
-from tests.servers import ServerProcess, cli
+from flight_server.testing.servers import ServerProcess, cli
 
 
 def project_file(folder: Path, text: str, files: dict[str, str] | None = None) -> Path:

@@ -21,7 +21,7 @@ from flight_server.transport.flight_sql import (
     pack,
     sql_info_table,
 )
-from tests.servers import ServerProcess, make_project
+from flight_server.testing.servers import ServerProcess, make_project
 
 PROJECT = "dlt_example_project"
 EVENTS = "github_events_dataset"

@@ -19,7 +19,7 @@ from client import protocol
 from client.protocol import ReadCommand, SqlCommand, encode_command
 from tests.conftest import Secured
 from tests.security import EVENTS, SECRETS
-from tests.servers import REPO
+from flight_server.testing.servers import REPO
 
 # what a client mistake may come back as: never INTERNAL, never UNKNOWN
 CLIENT_MISTAKES = (pa.ArrowInvalid, pa.ArrowKeyError, pa.ArrowNotImplementedError,

@@ -6,7 +6,7 @@ import re
 
 import tomllib
 
-from tests.servers import REPO
+from flight_server.testing.servers import REPO
 
 
 def _lock() -> dict:

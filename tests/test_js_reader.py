@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client import connect
-from tests.servers import ServerProcess
+from flight_server.testing.servers import ServerProcess
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 EVENTS = "github_events_dataset"

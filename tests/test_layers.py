@@ -12,11 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "flight_server"
-# everything outside the transport and the command line
+# everything outside the transport, the command line and the test helpers
 DOMAIN = sorted(
     ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
     for p in PACKAGE.rglob("*.py")
-    if not {"transport", "cli", "_vendor", "__pycache__"} & set(p.relative_to(PACKAGE).parts)
+    if not {"transport", "cli", "testing", "_vendor", "__pycache__"} & set(p.relative_to(PACKAGE).parts)
 )
 
 

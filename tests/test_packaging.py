@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES
-from tests.servers import REPO, ServerProcess, cli
+from flight_server.testing.servers import REPO, ServerProcess, cli
 from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE
 
 pytestmark = pytest.mark.slow

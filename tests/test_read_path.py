@@ -13,7 +13,7 @@ import pytest
 
 from client import Catalog, InvalidRequestError, NotFoundError, connect, protocol
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES
-from tests.servers import ServerProcess
+from flight_server.testing.servers import ServerProcess
 
 ALL_TABLES = [*EVENT_TABLES, *CHILD_TABLES]
 

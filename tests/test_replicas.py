@@ -19,8 +19,8 @@ import pytest
 
 from client import connect, protocol
 from client.protocol import ReadCommand
-from tests.servers import ServerProcess
-from tests.services import free_port
+from flight_server.testing.servers import ServerProcess
+from flight_server.testing.services import free_port
 
 ROWS = 40_000
 

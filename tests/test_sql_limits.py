@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from client import InvalidRequestError, NotFoundError, connect
 from client.protocol import SqlCommand, encode_command
 from flight_server.domain.sql import IDLE_WORKER_RSS, SANDBOX_WORKERS
-from tests.servers import ServerProcess, make_project
+from flight_server.testing.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
 TIMEOUT = 5.0

@@ -25,7 +25,7 @@ from client import connect
 from flight_server._vendor import FlightSql_pb2 as sql_pb
 from flight_server.transport.flight_sql import pack
 from tests import wire
-from tests.servers import REPO, ServerProcess, make_project
+from flight_server.testing.servers import REPO, ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
 REPORTS = "reports_dataset"

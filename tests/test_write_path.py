@@ -25,7 +25,7 @@ from client import (
     connect,
     protocol,
 )
-from tests.servers import REPO, ServerProcess, make_project
+from flight_server.testing.servers import REPO, ServerProcess, make_project
 
 FROZEN_TABLE = (
     "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is violated. "

@@ -26,7 +26,7 @@ import pytest
 
 from client import InvalidRequestError, PipelineStepFailed, connect
 from client.errors import FlightShareError
-from tests.servers import REPO, ServerProcess, make_project
+from flight_server.testing.servers import REPO, ServerProcess, make_project
 from tests.test_write_path import WriteServer
 
 EVENTS = "github_events_dataset"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: the folder holding flight_server/
 _READY = re.compile(r"serving project \S+ on (grpc(?:\+tls)?)://[^:]+:(\d+)")
 
 
@@ -109,6 +109,30 @@ class ServerProcess:
                 self.proc.wait(10)
 
     def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class InProcessServer:
+    """A flight-share server in this process, on a free loopback port: for fast unit tests of the
+    dispatch and the error mapping (no process start; the same code path as ``serve``)."""
+
+    def __init__(self, project: Path, profile: str | None = None) -> None:
+        from flight_server.domain.config import load_project
+        from flight_server.transport.server import FlightShareServer
+
+        self.server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0", profile=profile)
+        self.url = f"grpc://127.0.0.1:{self.server.port}"
+        self._thread = threading.Thread(target=self.server.serve, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self._thread.join(10)
+
+    def __enter__(self) -> "InProcessServer":
         return self
 
     def __exit__(self, *exc: object) -> None:
