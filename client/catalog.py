@@ -185,9 +185,13 @@ class Dataset:
         """A read-only SQL query over this dataset's tables."""
         return Relation(self._connection, SqlCommand(self.name, query))
 
-    def save(self, data: Any, table_name: str, write_disposition: str = "append",
+    def save(self, data: Any, table_name: str, write_disposition: str | None = None,
              primary_key: str | list[str] | None = None) -> LoadInfo:
-        """Write data into a table of this dataset under the profile's contract; returns the load info."""
+        """Write data into a table of this dataset under the profile's contract; returns the load info.
+
+        Without ``write_disposition`` the save follows the stored table: a ``merge`` table merges on its
+        stored primary key, any other table (and a new one) appends. ``merge`` without ``primary_key``
+        uses the stored key."""
         keys = (primary_key,) if isinstance(primary_key, str) else tuple(primary_key or ())
         command = WriteCommand(self.name, table_name, write_disposition, keys)  # type: ignore[arg-type]
         try:  # the server's own validation, before any data moves
@@ -224,6 +228,9 @@ class Catalog:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._info = self._load()
+        # one Dataset per name: `catalog.ds` costs no round trip, and what a save refreshed is what
+        # the next `catalog.ds` shows
+        self._datasets: dict[str, Dataset] = {}
 
     def _load(self) -> CatalogInfo:
         return CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS))
@@ -231,6 +238,7 @@ class Catalog:
     def refresh(self) -> "Catalog":
         """Re-read the dataset list from the server."""
         self._info = self._load()
+        self._datasets.clear()
         return self
 
     @property
@@ -256,7 +264,9 @@ class Catalog:
             if info.name == name:
                 if info.error is not None:  # listed, but its destination cannot be read right now
                     raise ServerUnavailableError(info.error, dataset=name)
-                return Dataset(self._connection, info)  # the listing is fresh enough: a table it lacks is looked up again
+                if name not in self._datasets:
+                    self._datasets[name] = Dataset(self._connection, info)
+                return self._datasets[name]
         raise NotFoundError(
             f"Dataset '{name}' not found in project {self.project} for profile {self.profile}; "
             f"datasets: {', '.join(self.datasets) or '(none)'}",

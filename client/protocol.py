@@ -12,7 +12,9 @@ Descriptors
         {"v": 1, "op": "write", "dataset": "d", "table": "t",
          "write_disposition": "append|replace|merge", "primary_key": ["id"], "commit_marker": true}
 
-    ``columns`` and ``limit`` are optional. ``write`` commands are for DoPut only. With
+    ``columns`` and ``limit`` are optional. ``write`` commands are for DoPut only; without
+    ``write_disposition`` a save follows the stored table (a ``merge`` table merges on its stored
+    keys, any other table appends), and ``merge`` without ``primary_key`` uses the stored keys. With
     ``commit_marker`` the upload is stored only if its last message is a metadata-only message
     holding ``{"commit":true}`` (COMMIT_METADATA); otherwise a stream that ends normally is stored.
 
@@ -125,7 +127,7 @@ class WriteCommand:
 
     dataset: str
     table: str
-    write_disposition: WriteDisposition = "append"
+    write_disposition: WriteDisposition | None = None  # None: as the stored table (merge tables merge)
     primary_key: tuple[str, ...] = ()
     # True: the server stores the upload only if the stream ends with COMMIT_METADATA, so a client
     # that fails half way through its own data cannot leave a partial write behind
@@ -212,15 +214,13 @@ def decode_command(data: bytes) -> Command:
         if not isinstance(query, str) or not query.strip():
             raise ProtocolError("command key 'query' must be a non-empty SQL string", "query")
         return SqlCommand(_name(body, "dataset"), query)
-    disposition = body.get("write_disposition", "append")
-    if disposition not in WRITE_DISPOSITIONS:
+    disposition = body.get("write_disposition")
+    if disposition is not None and disposition not in WRITE_DISPOSITIONS:
         raise ProtocolError(
             f"command key 'write_disposition' must be one of {list(WRITE_DISPOSITIONS)}, got {disposition!r}",
             "write_disposition",
         )
     primary_key = _names(body, "primary_key") or ()
-    if disposition == "merge" and not primary_key:
-        raise ProtocolError("write_disposition 'merge' needs a 'primary_key'", "primary_key")
     commit_marker = body.get("commit_marker", False)
     if not isinstance(commit_marker, bool):
         raise ProtocolError("command key 'commit_marker' must be true or false", "commit_marker")

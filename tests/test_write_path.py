@@ -180,8 +180,10 @@ def test_replace_and_merge(ws: WriteServer) -> None:
     ds.save(pd.DataFrame({"id": [2, 3], "v": ["B", "c"]}), table_name="m", write_disposition="merge", primary_key="id")
     merged = ds.m.arrow().sort_by("id")
     assert merged.column("id").to_pylist() == [1, 2, 3] and merged.column("v").to_pylist() == ["a", "B", "c"]
+    ds.save(pd.DataFrame({"id": [3], "v": ["C"]}), table_name="m", write_disposition="merge")  # the stored key
+    assert ds.m.arrow().sort_by("id").column("v").to_pylist() == ["a", "B", "C"]
     with pytest.raises(InvalidRequestError, match="primary_key"):
-        ds.save(pd.DataFrame({"id": [1]}), table_name="m", write_disposition="merge")
+        ds.save(pd.DataFrame({"id": [1]}), table_name="r", write_disposition="merge")  # r stores no key
 
 
 def test_large_multi_batch_put(ws: WriteServer) -> None:

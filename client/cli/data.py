@@ -189,12 +189,13 @@ def sql_command(settings: Any, dataset: str, query: str, fmt: str | None, output
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-f", "--format", "fmt", type=click.Choice(FILE_FORMATS), default=None,
               help="csv, json (JSON Lines, or one array of objects) or parquet [default: from the extension].")
-@click.option("-w", "--write-disposition", type=click.Choice(WRITE_DISPOSITIONS), default="append", show_default=True,
-              help="Add rows, replace the table, or merge on --primary-key.")
-@click.option("--primary-key", multiple=True, metavar="COL[,COL...]", help="Key columns for merge.")
+@click.option("-w", "--write-disposition", type=click.Choice(WRITE_DISPOSITIONS), default=None,
+              help="Add rows, replace the table, or merge on --primary-key. Default: as the stored table "
+                   "(a merge table merges on its stored key; otherwise append).")
+@click.option("--primary-key", multiple=True, metavar="COL[,COL...]", help="Key columns for merge (default: the stored key).")
 @progress_option
 @connection_options
-def save_command(settings: Any, dataset: str, table: str, file: str, fmt: str | None, write_disposition: str,
+def save_command(settings: Any, dataset: str, table: str, file: str, fmt: str | None, write_disposition: str | None,
                  primary_key: tuple[str, ...], progress: bool | None) -> None:
     """Upload a CSV, Parquet or JSON file into a table.
 

@@ -186,10 +186,10 @@ class Writer:
             """The upload as dlt items; runs only inside extract, after the contract decision."""
             yield from uploads.conformed(self._batches(upload.batches(), counts), shape, table, command.dataset)
 
-        primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
+        disposition, primary_key, merge_key = _write_mode(schema, command, table, exists, shape.schema.names)
         resource = dlt.resource(
-            items(), name=table, write_disposition=command.write_disposition,
-            primary_key=primary_key or None, table_format=storage.table_format,
+            items(), name=table, write_disposition=disposition,
+            primary_key=primary_key or None, merge_key=merge_key or None, table_format=storage.table_format,
             columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
         )
         try:  # decided from the Arrow schema, before any row is read
@@ -614,6 +614,32 @@ def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
     else:
         target.pop(key, None)
     return True
+
+
+def _write_mode(schema: Schema, command: WriteCommand, table: str, exists: bool,
+                columns: list[str]) -> tuple[str, list[str], list[str]]:
+    """The write disposition and keys of a save: as asked, else as the stored table (dlt+ does the same:
+    a save into a ``merge`` table merges on its stored keys; any other table, and a new one, appends -
+    a default save never deletes rows). A merge without keys uses the stored primary key (or merge key)."""
+    stored = schema.tables.get(table) if exists else None
+    stored_columns = (stored or {}).get("columns", {})
+    disposition = command.write_disposition or (
+        "merge" if stored is not None and stored.get("write_disposition") == "merge" else "append")
+    primary_key = [schema.naming.normalize_path(k) for k in command.primary_key]
+    merge_key: list[str] = []
+    if disposition == "merge" and not primary_key:
+        primary_key = [c for c, hints in stored_columns.items() if hints.get("primary_key")]
+        merge_key = [] if primary_key else [c for c, hints in stored_columns.items() if hints.get("merge_key")]
+        if not primary_key and not merge_key:
+            raise InvalidRequest(
+                f"merge needs a primary key: table '{command.dataset}.{table}' stores none; pass primary_key",
+                dataset=command.dataset, table=table)
+    missing = [k for k in (*primary_key, *merge_key) if k not in columns]
+    if disposition == "merge" and missing:
+        raise InvalidRequest(
+            f"primary key column '{missing[0]}' is not in the upload to '{command.dataset}.{table}'; "
+            f"columns: {', '.join(columns)}", dataset=command.dataset, table=table, column=missing[0])
+    return disposition, primary_key, merge_key
 
 
 def _table_family(schema: Schema | None, table: str) -> list[str]:

@@ -103,11 +103,16 @@ class StoredSchema:
 # dlt's replace on SQL destinations. Its default, ``truncate-and-insert``, empties the table and its
 # child tables in a transaction of their own before the load: a load that then fails leaves them
 # empty. ``insert-from-staging`` loads into the staging dataset (``<dataset>_staging``) first, then
-# runs TRUNCATE + INSERT ... SELECT for the table and its child tables as one SQL job, which dlt runs
-# in one transaction on duckdb and PostgreSQL (``SqlLoadJob.maybe_transaction``: both support
-# transactions, DDL included) - so a replace is all-or-nothing there. Checked in dlt 1.31's
-# ``SqlStagingReplaceFollowupJob`` and by tests/test_write_safety.py and test_destination_writes.py.
+# runs TRUNCATE + INSERT ... SELECT for the table and its child tables as one SQL job (merge: DELETE
+# of the matching rows + INSERT). dlt runs such a job in one transaction only when the destination's
+# capabilities say ``supports_transactions`` (``SqlLoadJob.maybe_transaction``), and duckdb's and
+# PostgreSQL's leave it unset: the TRUNCATE or DELETE was committed on its own, and an INSERT that then
+# failed (malformed JSON for a json column, found by review) left the table emptied. Both engines do
+# run the job in a transaction (DDL included), so the save destinations say so
+# (:data:`SQL_SAVE_SETTINGS`): a replace or merge is then all-or-nothing. Checked in dlt 1.31 and by
+# tests/test_write_safety.py and test_destination_writes.py.
 SQL_REPLACE_STRATEGY = "insert-from-staging"
+SQL_SAVE_SETTINGS = {"replace_strategy": SQL_REPLACE_STRATEGY, "supports_transactions": True}
 
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 

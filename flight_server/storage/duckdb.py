@@ -24,7 +24,7 @@ from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
-    SQL_REPLACE_STRATEGY,
+    SQL_SAVE_SETTINGS,
     Partition,
     Storage,
     StoredSchema,
@@ -274,7 +274,7 @@ class DuckDBStorage(Storage):
         return [t for t in tables if t in names]
 
     def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
-        """A load changes the existing tables in one transaction (:data:`SQL_REPLACE_STRATEGY`), but
+        """A load changes the existing tables in one transaction (:data:`SQL_SAVE_SETTINGS`), but
         dlt creates new tables before it, in a transaction of its own: a failed load drops them again
         (only tables that did not exist before the load)."""
         with self.file.writing() as con:  # re-entrant: the writer holds the write window already
@@ -307,7 +307,7 @@ class DuckDBStorage(Storage):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         return dlt.destinations.duckdb(con if con is not None else self.path,
                                        destination_name=self.destination_config.name,
-                                       replace_strategy=SQL_REPLACE_STRATEGY)  # all-or-nothing replace
+                                       **SQL_SAVE_SETTINGS)  # all-or-nothing replace and merge (storage/base.py)
 
     @property
     def location(self) -> str:

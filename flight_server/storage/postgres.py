@@ -32,7 +32,7 @@ from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
-    SQL_REPLACE_STRATEGY,
+    SQL_SAVE_SETTINGS,
     Partition,
     Storage,
     StoredSchema,
@@ -130,7 +130,7 @@ class PostgresStorage(Storage):
     def dlt_destination(self) -> Any:
         return dlt.destinations.postgres(
             credentials=self.destination_config.credentials, destination_name=self.destination_config.name,
-            replace_strategy=SQL_REPLACE_STRATEGY,  # all-or-nothing replace (storage/base.py)
+            **SQL_SAVE_SETTINGS,  # all-or-nothing replace and merge (storage/base.py)
         )
 
     def capabilities(self) -> Any:
@@ -290,7 +290,7 @@ class PostgresStorage(Storage):
         return [t for t in tables if t in names]
 
     def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
-        """A load changes the existing tables in one transaction (:data:`SQL_REPLACE_STRATEGY`), but
+        """A load changes the existing tables in one transaction (:data:`SQL_SAVE_SETTINGS`), but
         dlt creates new tables before it, in a transaction of its own: a failed load drops them again
         (only tables that did not exist before the load)."""
         existing = set(self._existing(self.dataset.name, tables))

@@ -4,9 +4,9 @@
 //   node flight_reader.mjs HOST:PORT DATASET TABLE COLUMN
 //
 // Authenticates when FLIGHT_USERNAME / FLIGHT_PASSWORD are set (Handshake with HTTP Basic; the
-// Bearer token from the answer's headers goes on every later call), lists flights, reads one table
-// with DoGet and prints JSON: the flights listed, the schema from FlightInfo, the row count and the
-// values of COLUMN.
+// Bearer token from the answer's headers goes on every later call), lists flights, asks GetFlightInfo
+// for the table (the listing carries no row counts), reads it with DoGet and prints JSON: the flights
+// listed, the schema from FlightInfo, the row count and the values of COLUMN.
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import grpc from "@grpc/grpc-js";
@@ -40,6 +40,10 @@ function handshake(username, password) {
     call.write({ protocol_version: 0, payload: Buffer.alloc(0) });
     call.end();
   });
+}
+
+function unary(method, request) {
+  return new Promise((resolve, reject) => method.call(client, request, headers, (err, answer) => (err ? reject(err) : resolve(answer))));
 }
 
 function collect(call) {
@@ -76,8 +80,9 @@ async function main() {
     headers.set("authorization", await handshake(process.env.FLIGHT_USERNAME, process.env.FLIGHT_PASSWORD ?? ""));
   }
   const infos = await collect(client.ListFlights({ expression: Buffer.alloc(0) }, headers));
-  const info = infos.find((i) => i.flight_descriptor.path.join("/") === `${dataset}/${tableName}`);
-  if (!info) throw new Error(`no flight ${dataset}/${tableName} among ${infos.length}`);
+  const listed = infos.find((i) => i.flight_descriptor.path.join("/") === `${dataset}/${tableName}`);
+  if (!listed) throw new Error(`no flight ${dataset}/${tableName} among ${infos.length}`);
+  const info = await unary(client.GetFlightInfo, listed.flight_descriptor);
   // FlightInfo.schema is one encapsulated IPC Schema message: add end-of-stream and it is a stream
   const schema = tableFromIPC(new Uint8Array(Buffer.concat([info.schema, CONTINUATION, Buffer.alloc(4)]))).schema;
   const data = await collect(client.DoGet(info.endpoint[0].ticket, headers));
