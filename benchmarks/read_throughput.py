@@ -54,7 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from client import protocol  # noqa: E402
-from flight_server.testing.servers import ServerProcess  # noqa: E402
+from flight_server.testing.servers import ServerProcess, stop_process  # noqa: E402
 
 DATASET = "bench_dataset"
 TABLE = "events"
@@ -381,13 +381,7 @@ class BareProcess:
         self.url = line.split("bare serving on ", 1)[1].split()[0]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,6 +53,17 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a child process, killing it if it does not end within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class ServerProcess:
     """``flight-share serve`` on a free loopback port; stop() or use as a context manager."""
 
@@ -100,13 +111,7 @@ class ServerProcess:
         return "".join(self.log)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def __enter__(self) -> "ServerProcess":
         return self
