@@ -155,6 +155,16 @@ class Writer:
 
     def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
             must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
+        """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`)."""
+        try:
+            return self._put(profile, command, upload, cancelled, must_exist, must_be_new)
+        except Unavailable as exc:  # the destination busy or away: always before the commit (see _load)
+            if "nothing was written" not in exc.message:
+                exc.message += "; nothing was written"
+            raise
+
+    def _put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
+             must_exist: str | None, must_be_new: str | None) -> LoadInfo:
         """Check, then load one upload; raise a ServiceError on refusal.
 
         The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
