@@ -464,7 +464,19 @@ def test_dlts_row_columns_in_an_upload_are_replaced_by_dlts(ws: WriteServer) -> 
     catalog.open_dataset.save(pa.table({"k": [3], "_DLT_ID": ["mine"]}), table_name="again")
     data = connect(ws.url).open_dataset.again.arrow()
     assert sorted(data.column("k").to_pylist()) == [1, 1, 3]
-    assert len(set(data.column("_dlt_id").to_pylist())) == 3 and "mine" not in data.column("_dlt_id").to_pylist()
+    # a table created from Arrow has no _dlt_id (as with dlt's pipeline.run(arrow_table)); every row
+    # has its load id, and the uploaded ids are not stored
+    assert "_dlt_id" not in data.column_names and "mine" not in str(data.to_pylist())
+    assert len(set(data.column("_dlt_load_id").to_pylist())) == 3
+
+
+def test_dlt_id_is_added_where_the_stored_table_requires_it(ws: WriteServer, tmp_path: Path) -> None:
+    """A table the owner loaded from Python dicts has a NOT NULL ``_dlt_id``: saves fill it."""
+    _owner_docs(ws, tmp_path)
+    connect(ws.url).open_dataset.save(pa.table({"id": [200], "doc": ['{"k": 200}']}), table_name="docs")
+    data = connect(ws.url).open_dataset.docs.arrow()
+    assert data.num_rows == 101 and data.column("_dlt_id").null_count == 0
+    assert len(set(data.column("_dlt_id").to_pylist())) == 101
 
 # --- the dataset's write lock is not held while a client sends its upload (review finding A) ---------
 

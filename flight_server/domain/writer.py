@@ -107,10 +107,20 @@ from flight_server.storage.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
 
-# Arrow loads get dlt's row ids and load ids like dict loads do, so Arrow and dict writes can share a
-# table (dict-created tables have NOT NULL _dlt_id/_dlt_load_id) and _dlt_loads tracks every row.
-os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID", "true")
-os.environ.setdefault("NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID", "true")
+
+
+def _row_ids(pipeline_name: str, schema: Schema, table: str) -> None:
+    """Write like dlt does (issue 13): Arrow items get ``_dlt_load_id`` (cheap, and the lineage key
+    ``_dlt_loads`` joins on) but ``_dlt_id`` only where the stored table requires it - tables loaded
+    from Python dicts have a NOT NULL ``_dlt_id``; dlt's own ``pipeline.run(arrow_table)`` adds none,
+    and the random ids cost most of a save's normalize time. Set for this pipeline only, in the
+    section dlt reads first (``<PIPELINE_NAME>__NORMALIZE__PARQUET_NORMALIZER__...``), so no other
+    pipeline of the process is touched."""
+    stored = schema.tables.get(table, {}).get("columns", {}).get("_dlt_id")
+    required = stored is not None and stored.get("nullable") is False
+    prefix = f"{pipeline_name.upper()}__NORMALIZE__PARQUET_NORMALIZER__"
+    os.environ[prefix + "ADD_DLT_LOAD_ID"] = "true"
+    os.environ[prefix + "ADD_DLT_ID"] = "true" if required else "false"
 
 # Uploads arrive in small batches (the client sends 65,536 rows). Handed to dlt one by one, each becomes
 # its own extract item and its own parquet row group, which normalize and the destination then re-read
@@ -211,6 +221,7 @@ class Writer:
         if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
             shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities, decision.coerce)
         pipeline_name = f"save_{table}_pipeline"
+        _row_ids(pipeline_name, schema, table)
         folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
         pipeline = dlt.pipeline(pipeline_name, pipelines_dir=str(folder), destination=storage.dlt_destination(),
                                 dataset_name=command.dataset)
