@@ -3,8 +3,9 @@
     python benchmarks/write_throughput.py [--rows 10000000] [--repeat 3]
 
 Both sides load the same deterministic Arrow table (int64, timestamp, short string, float64, bool)
-into a fresh duckdb file per repetition, with the dlt settings the server uses
-(``NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID`` / ``ADD_DLT_ID`` = true):
+into a fresh duckdb file per repetition. The baseline is plain ``pipeline.run`` with dlt's defaults
+(issue 13): no ``_dlt_id`` and no ``_dlt_load_id`` for Arrow items; the server adds ``_dlt_load_id``
+(the lineage key) and ``_dlt_id`` only where a stored table requires it (not here: a new table):
 
 (a) server: ``flight-share serve`` in its own process over a fresh project; the client calls
     ``Dataset.save(table, table_name=...)`` (DoPut, 65,536-row batches). Timed from the call to its
@@ -39,12 +40,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# the same settings the server's writer applies (flight_server/domain/writer.py), for a fair baseline
-DLT_ENV = {
-    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID": "true",
-    "NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID": "true",
-}
-os.environ.update(DLT_ENV)
+# the baseline is dlt's defaults: no dlt settings in this process or the server's environment
+for _key in [k for k in os.environ if "PARQUET_NORMALIZER" in k]:
+    del os.environ[_key]
 
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
@@ -221,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         "arrow_bytes": data.nbytes,
         "columns": {f.name: str(f.type) for f in data.schema},
         "repeat": args.repeat,
-        "dlt_settings": DLT_ENV,
+        "dlt_settings": "defaults (baseline); the server: _dlt_load_id, and _dlt_id only where a stored table requires it",
         "server": summary["server"],
         "in_process": summary["in_process"],
         "ratio_server_over_in_process": round(ratio, 3),
-        "target_ratio": 1.5,
-        "meets_target": ratio <= 1.5,
+        "target_ratio": 1.0,
+        "meets_target": ratio <= 1.0,
         "cpu_ratio_server_over_in_process": round(cpu_ratio, 3),
         "runs": runs,
         "in_process_warmup_seconds": round(warm_seconds, 3),
@@ -247,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[side]
         print(f"{side:<12}{s['best_seconds']:>10.2f}{s['median_seconds']:>10.2f}{s['rows_per_second']:>14,}"
               f"{s['mb_per_second']:>8.1f}{s['best_cpu_seconds']:>8.2f}")
-    print(f"ratio server / in-process (best-of-{args.repeat}): {ratio:.2f}x (target <= 1.5x) "
-          f"{'OK' if ratio <= 1.5 else 'MISSED'}; CPU seconds ratio {cpu_ratio:.2f}x")
+    print(f"ratio server / in-process (best-of-{args.repeat}): {ratio:.2f}x (target <= 1.0x) "
+          f"{'OK' if ratio <= 1.0 else 'MISSED'}; CPU seconds ratio {cpu_ratio:.2f}x")
     print(f"results: {args.output}")
     return 0
 

@@ -181,6 +181,11 @@ class Dataset:
     def __iter__(self) -> Iterator[Table]:
         return (self.table(t) for t in self._info.tables)
 
+    def loads(self) -> Table:
+        """dlt's load history of this dataset (``_dlt_loads``: load_id, schema_name, status, inserted_at,
+        schema_version_hash), read-only; also readable in SQL as ``_dlt_loads``."""
+        return Table(self._connection, ReadCommand(self.name, "_dlt_loads"))
+
     def sql(self, query: str) -> Relation:
         """A read-only SQL query over this dataset's tables."""
         return Relation(self._connection, SqlCommand(self.name, query))

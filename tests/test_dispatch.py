@@ -154,3 +154,20 @@ def test_the_status_table_hides_the_unexpected_and_masks_secrets() -> None:
     assert len(str(long)) <= status.MAX_MESSAGE_CHARS + 20
 
 
+
+
+def test_the_load_history_is_readable_and_read_only(unit: InProcessServer) -> None:
+    """dlt's ``_dlt_loads`` (the lineage consumers need): ``dataset.loads()`` and SQL; never listed, never written."""
+    from client import InvalidRequestError, connect
+
+    ds = connect(unit.url).shop
+    loads = ds.loads().arrow()
+    assert {"load_id", "schema_name", "status", "inserted_at"} <= set(loads.column_names)
+    assert loads.num_rows >= 1 and set(loads.column("status").to_pylist()) == {0}
+    assert "_dlt_loads" not in ds.tables
+    counted = ds.sql("SELECT count(*) AS n FROM _dlt_loads").arrow().column("n")[0].as_py()
+    assert counted == loads.num_rows
+    joined = ds.sql("SELECT count(*) AS n FROM orders o JOIN _dlt_loads l ON o._dlt_load_id = l.load_id")
+    assert joined.arrow().column("n")[0].as_py() == 5
+    with pytest.raises(InvalidRequestError, match="reserved for dlt"):
+        ds.save(pa.table({"load_id": ["x"]}), table_name="_dlt_loads")

@@ -114,6 +114,8 @@ class StoredSchema:
 SQL_REPLACE_STRATEGY = "insert-from-staging"
 SQL_SAVE_SETTINGS = {"replace_strategy": SQL_REPLACE_STRATEGY, "supports_transactions": True}
 
+LOADS_TABLE = "_dlt_loads"  # dlt's load history
+
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 
 # How long a save waits for another save to the same dataset (its load step) before UNAVAILABLE
@@ -176,9 +178,21 @@ class Storage(ABC):
             return []
         return [t["name"] for t in stored.schema.data_tables(seen_data_only=True) if has_table_seen_data(t)]
 
+    # dlt's load history (``_dlt_loads``): readable, never listed or written, where the adapter reads it
+    # as a table (the SQL destinations; on a filesystem it is a folder of JSON files, not served yet)
+    serves_load_history = False
+
+    def readable_tables(self) -> list[str]:
+        """The data tables, and the load history where this adapter serves it (reads and SQL)."""
+        names = self.table_names()
+        stored = self.stored_schema()
+        if self.serves_load_history and stored is not None and LOADS_TABLE in stored.schema.tables:
+            names.append(LOADS_TABLE)
+        return names
+
     def table_columns(self, table: str) -> dict[str, Any]:
         stored = self.stored_schema()
-        if stored is None or table not in self.table_names():
+        if stored is None or table not in self.readable_tables():
             raise NotFound(
                 f"Table '{table}' not found in dataset '{self.dataset.name}'; tables: {', '.join(self.table_names()) or '(none)'}",
                 dataset=self.dataset.name,

@@ -31,6 +31,8 @@ def _literal(text: str) -> str:
 class DltDatasetStorage(Storage):
     """One dataset on a destination dlt reaches with its SQL client."""
 
+    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+
     schema_ttl = SHARED_SCHEMA_TTL  # the owner's pipelines load into the same destination
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
@@ -57,6 +59,7 @@ class DltDatasetStorage(Storage):
 
     def _rows(self, sql: str, what: str, table: str) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` with ``{table}`` as the qualified name of ``table`` (one dataset, one client)."""
+
         try:
             with self._dataset().sql_client as client:
                 with client.execute_query(sql.format(table=client.make_qualified_table_name(table))) as cursor:

@@ -226,6 +226,8 @@ def file_handle(path: str) -> FileHandle:
 class DuckDBStorage(Storage):
     """One dataset (a duckdb schema) inside one duckdb file."""
 
+    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
         assert destination.location is not None
@@ -334,6 +336,7 @@ class DuckDBStorage(Storage):
         """Row-id ranges: duckdb pushes ``rowid`` bounds into its scan (only the row groups in range
         are read) and returns rows in insertion order. Ranges span ``0..max(rowid)`` so rows left
         after deletes are covered; the last range is open-ended."""
+
         self.table_columns(table)  # NotFound for unknown tables
         rows, top = self._one(f"SELECT count(*), max(rowid) FROM {quote(self.dataset.name)}.{quote(table)}")
         n = split_evenly(int(rows), target_rows)

@@ -118,6 +118,8 @@ def _close_quietly(obj: Any) -> None:
 class PostgresStorage(Storage):
     """One dataset (a PostgreSQL schema) in one database."""
 
+    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+
     schema_ttl = SHARED_SCHEMA_TTL  # other replicas and pipelines load into the same database
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
@@ -320,6 +322,7 @@ class PostgresStorage(Storage):
         """Block ranges of the table's heap: ``ctid`` bounds run as a TID Range Scan (PostgreSQL 14+),
         which reads only those pages, in physical order. Rows per range are estimated from the
         exact total and the page count; the last range is open-ended (pages added since are read)."""
+
         self.table_columns(table)  # NotFound for unknown tables
         name = f"{quote(self.dataset.name)}.{quote(table)}".replace("'", "''")
         reader = self._stream(

@@ -364,7 +364,7 @@ class FlightSqlSurface:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
         dataset = next(iter(datasets)) if datasets else visible[0]
         storage = self.catalog.open(profile, dataset)
-        columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
+        columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
         return storage, check_query(query, dataset, columns, catalog=self.catalog_name)
 
     def _query_schema(self, call: Call, query: str) -> pa.Schema:

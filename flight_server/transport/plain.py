@@ -115,7 +115,7 @@ class PlainSurface:
     # --- SQL --------------------------------------------------------------------------------------
     def _checked(self, call: Call, command: SqlCommand) -> tuple[Storage, CheckedQuery]:
         storage = self.catalog.open(call.profile, command.dataset)
-        columns = {t: list(storage.table_columns(t)) for t in storage.table_names()}
+        columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
         return storage, check_query(command.query, command.dataset, columns)
 
     def sql_info(self, call: Call, request: Request) -> flight.FlightInfo:
