@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import dlt
+import pyarrow as pa
 import pytest
 
 from client import connect
@@ -154,11 +155,11 @@ def test_check_reports_what_it_cannot_serve_and_warns_about_what_it_does_not_use
     text = [str(p) for p in problems]
     assert any("destinations.ice.type" in t and "'iceberg' is not supported" in t for t in text), text
     assert any("destinations.wh" in t and "unknown placeholder '{nowhere}'" in t for t in text), text
-    assert any("destinations.plain.type" in t and "type: delta" in t for t in text), text
+    assert not any("destinations.plain" in t for t in text), text  # dlt's plain layout is served (read-only)
     result = cli("check", "--project", str(path), check=False)
     assert result.returncode == 1
     fixed = "".join(line for line in path.read_text().splitlines(keepends=True) if "iceberg" not in line)
-    fixed = fixed.replace("{nowhere}", "{project_dir}").replace("type: filesystem", "type: delta")
+    fixed = fixed.replace("{nowhere}", "{project_dir}")
     path.write_text(fixed)
     result = cli("check", "--project", str(path), check=False)
     assert result.returncode == 0, result.stdout
@@ -362,3 +363,39 @@ def test_the_owners_pipeline_keeps_loading_while_the_server_serves(tmp_path: Pat
             thread.join(60)
         assert errors == [] and counts and set(counts) <= {8, 20_008}
         assert server.alive
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "jsonl", "csv"])
+def test_dlts_plain_filesystem_layout_is_served_read_only(tmp_path: Path, file_format: str) -> None:
+    """A filesystem destination in dlt's default layout (parquet, jsonl or csv files per table, no table
+    format): served the way dlt reads it - every table equal to dlt's own read, SQL and the load history -
+    and read-only, since dlt writes such files one by one (no all-or-nothing save is possible)."""
+    from client import UnsupportedError
+
+    root = tmp_path / "lake-project"
+    path = project_file(root, """
+        destinations:
+          files: {type: filesystem, bucket_url: lake}
+        pipelines:
+          events_pipeline: {source: events, destination: files, dataset_name: events_data}
+        server: {anonymous_profile: access}
+    """)
+    lake = root / "lake"
+    pipeline = dlt.pipeline(f"owner_{file_format}", destination=dlt.destinations.filesystem(str(lake)),
+                            dataset_name="events_data", pipelines_dir=str(tmp_path / "pipelines"))
+    for batch in ([{"id": i, "name": f"e{i}", "tags": [{"t": "a"}, {"t": "b"}]} for i in range(5)],
+                  [{"id": 9, "name": "x", "tags": []}]):
+        pipeline.run(batch, table_name="events", loader_file_format=file_format).raise_on_failed_jobs()
+    owner = dlt.dataset(dlt.destinations.filesystem(str(lake)), "events_data")
+    expected = {t: sorted(owner[t].arrow().to_pylist(), key=lambda r: r["_dlt_id"]) for t in ("events", "events__tags")}
+    assert cli("check", "--project", str(path), check=False).returncode == 0
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        dataset = catalog.events_data
+        assert sorted(dataset.tables) == ["events", "events__tags"] and not dataset.info.writable
+        for table, rows in expected.items():
+            assert sorted(dataset[table].arrow().to_pylist(), key=lambda r: r["_dlt_id"]) == rows
+        assert dataset.sql("SELECT count(*) AS n FROM events__tags").arrow().column("n")[0].as_py() == 10
+        assert dataset.loads().arrow().num_rows == 2
+        with pytest.raises(UnsupportedError, match="served read-only"):
+            dataset.save(pa.table({"id": [10]}), table_name="events")
+    assert sorted(owner.events.arrow().column("id").to_pylist()) == [0, 1, 2, 3, 4, 9]  # the owner's files as they were

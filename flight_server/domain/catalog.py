@@ -69,7 +69,7 @@ class Catalog:
             schema_name=stored.schema.name if stored else self.project.datasets[dataset].schema_name,
             schema_version=stored.version if stored else None,
             tables=tuple(storage.table_names()),
-            writable=grant.write,
+            writable=grant.write and storage.accepts_saves,
         )
 
     def info(self, profile: str, datasets: Sequence[str] | None = None) -> CatalogInfo:

@@ -315,8 +315,6 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     table_format = body.get("table_format")
     if table_format not in (None, "delta"):
         r.report(f"{key}.table_format", f"table format '{table_format}' is not supported; supported: delta")
-    elif kind == "filesystem" and table_format != "delta":
-        r.report(f"{key}.table_format", "a filesystem destination is served as Delta Lake tables: set 'table_format: delta'")
     elif kind != "filesystem" and table_format is not None:
         r.report(f"{key}.table_format", f"only a filesystem destination has a table format, not a {kind} destination")
     if kind in ("postgres", *SQL_DESTINATION_TYPES) and location is not None:

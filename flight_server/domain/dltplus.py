@@ -291,9 +291,6 @@ def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapp
             out["bucket_url"] = bucket_url
         if credentials is not None:
             out["credentials"] = credentials
-        if out.get("table_format") != "delta":
-            report(f"{key}.type", "a filesystem destination is served when it holds Delta tables: use 'type: delta' "
-                                  "(dlt's plain parquet/jsonl/csv layout is not served yet)")
     else:
         if credentials is not None:
             out["credentials"] = credentials

@@ -101,6 +101,7 @@ from flight_server.domain.errors import (
     NotFound,
     ServiceError,
     Unavailable,
+    Unsupported,
 )
 from flight_server.storage.base import WRITE_LOCK_TIMEOUT
 from flight_server.storage.lifetime import isolated
@@ -182,6 +183,11 @@ class Writer:
         """
         grant = self.catalog.require_write(profile, command.dataset)
         storage = self.catalog.storage(command.dataset)
+        if not storage.accepts_saves:
+            raise Unsupported(
+                f"dataset '{command.dataset}' is in dlt's plain parquet/jsonl/csv layout on a filesystem, served "
+                "read-only: dlt writes such files one by one, so a save could not be all-or-nothing; load the "
+                "dataset as Delta tables (table_format: delta) to save into it", dataset=command.dataset)
         # No lock while the client's stream is read: a client that stops sending would hold every
         # other save to the dataset. The upload is checked against the stored schema as it is now,
         # extracted and normalized into the put's own folder, and loaded under the dataset's write

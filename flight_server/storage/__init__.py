@@ -27,7 +27,8 @@ def open_storage(project: ProjectConfig, dataset: DatasetConfig) -> Storage:
         from flight_server.storage.postgres import PostgresStorage
 
         return PostgresStorage(dataset, destination, project.server.batch_rows)
-    if destination.type in SQL_DESTINATION_TYPES:
+    if destination.type in SQL_DESTINATION_TYPES or destination.type == "filesystem":
+        # dlt's plain parquet/jsonl/csv layout: read the way dlt reads it (duckdb views over the files)
         from flight_server.storage.dlt_dataset import DltDatasetStorage
 
         return DltDatasetStorage(dataset, destination, project.server.batch_rows)

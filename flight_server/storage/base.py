@@ -181,6 +181,8 @@ class Storage(ABC):
     # dlt's load history (``_dlt_loads``): readable, never listed or written, where the adapter reads it
     # as a table (the SQL destinations; on a filesystem it is a folder of JSON files, not served yet)
     serves_load_history = False
+    # whether saves are possible here at all, all-or-nothing (dlt's plain filesystem layout: no)
+    accepts_saves = True
 
     def readable_tables(self) -> list[str]:
         """The data tables, and the load history where this adapter serves it (reads and SQL)."""

@@ -40,10 +40,23 @@ class DltDatasetStorage(Storage):
         self.batch_rows = batch_rows
 
     # --- dlt --------------------------------------------------------------------------------
+    @property
+    def plain_files(self) -> bool:
+        """dlt's plain filesystem layout (parquet/jsonl/csv files per table), not a SQL database."""
+        return self.destination_config.type == "filesystem"
+
+    @property
+    def accepts_saves(self) -> bool:  # type: ignore[override]
+        # dlt writes a filesystem table's files one by one, with no transaction and no version to go
+        # back to: a save there could not be all-or-nothing, so the plain layout is served read-only
+        return not self.plain_files
+
     def dlt_destination(self) -> Any:
-        kwargs = {"destination_name": self.destination_config.name}
+        kwargs: dict[str, Any] = {"destination_name": self.destination_config.name}
         if self.destination_config.credentials is not None:
             kwargs["credentials"] = self.destination_config.credentials
+        if self.plain_files:
+            kwargs["bucket_url"] = self.destination_config.location
         return Destination.from_reference(self.destination_config.type, **kwargs)
 
     def capabilities(self) -> Any:
@@ -69,6 +82,8 @@ class DltDatasetStorage(Storage):
 
     @property
     def location(self) -> str:
+        if self.plain_files:
+            return mask(str(self.destination_config.location))
         credentials = self.destination_config.credentials
         shown = credentials if isinstance(credentials, str) else (credentials or {}).get("database", "")
         return mask(f"{self.destination_config.type}:{shown}" if shown else self.destination_config.type)
