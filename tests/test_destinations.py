@@ -352,7 +352,6 @@ def test_delta_sees_a_new_load_without_restart(request: pytest.FixtureRequest, t
 @pytest.mark.parametrize(
     "destination, key, text",
     [
-        ("{type: filesystem, bucket_url: data/lake}", "destinations.x.table_format", "set 'table_format: delta'"),
         ("{type: filesystem, bucket_url: data/lake, table_format: iceberg}", "destinations.x.table_format", "supported: delta"),
         ("{type: postgres, table_format: delta}", "destinations.x.table_format", "only a filesystem destination"),
         ("{type: postgres, location: 'postgres://h/db'}", "destinations.x.location", "given by 'credentials'"),

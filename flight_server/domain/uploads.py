@@ -248,7 +248,7 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             coarse[name] = f.type.unit
         fields.append(pa.field(name, casts.get(name, f.type), nullable, f.metadata))
     new = {f.name for f in fields} - set(stored)
-    total = len(set(stored) | {f.name for f in fields} | set(DLT_ROW_COLUMNS))
+    total = len(set(stored) | {f.name for f in fields} | {"_dlt_load_id"})  # dlt adds it to every save
     if new and total > MAX_COLUMNS:
         raise _too_many_columns(dataset, table, total, f"with the upload's {len(new)} new column(s) it would have")
     target_schema = pa.schema(fields, incoming.metadata)
