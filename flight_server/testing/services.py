@@ -222,13 +222,10 @@ class S3Server:
 
     def stop(self) -> None:
         proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if proc is not None:
+            from flight_server.testing.servers import stop_process
+
+            stop_process(proc)
         if getattr(self, "_log_file", None) is not None:
             self._log_file.close()
             self.log.unlink(missing_ok=True)
