@@ -852,6 +852,6 @@ class SqlSandbox:
                         "aggregate or add a LIMIT", dataset=job.query.dataset, limit="server.sql_max_rows",
                         value=self.max_rows)
                 yield batch
-                batch = job.next_batch()  # errors leave as raised; the transport maps them (status.mapped)
+                batch = job.next_batch()  # errors leave as raised; the transport maps them (audit.counted)
         finally:
             job.finish(clean)

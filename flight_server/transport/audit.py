@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -120,21 +120,27 @@ def annotate(context: flight.ServerCallContext, dataset: str | None = None, tabl
             record.table = table[:256]
 
 
-def counted(context: flight.ServerCallContext, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-    """The same stream, counting rows and bytes into the call's audit record as batches leave."""
+def counted(context: flight.ServerCallContext, reader: pa.RecordBatchReader,
+            map_error: Callable[[Exception], BaseException]) -> pa.RecordBatchReader:
+    """The same stream, counting rows and bytes into the call's audit record as batches leave, with an
+    error raised while it is read passed through ``map_error`` (inside a stream pyarrow maps only Python
+    built-ins to statuses). One Python generator per stream does both."""
     record = record_of(context)
-    if record is None:
-        return reader
-    record.rows = record.bytes = 0
-    record.stream_open = True
+    if record is not None:
+        record.rows = record.bytes = 0
+        record.stream_open = True
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
             for batch in reader:
-                record.rows = (record.rows or 0) + batch.num_rows
-                record.bytes = (record.bytes or 0) + batch.nbytes
+                if record is not None:
+                    record.rows = (record.rows or 0) + batch.num_rows
+                    record.bytes = (record.bytes or 0) + batch.nbytes
                 yield batch
-            record.stream_open = False
+            if record is not None:
+                record.stream_open = False
+        except Exception as exc:  # noqa: BLE001 - not GeneratorExit: a client that left has nothing to hear
+            raise map_error(exc) from None
         finally:
             reader.close()
 

@@ -39,4 +39,4 @@ class Call:
 
     def stream(self, reader: pa.RecordBatchReader) -> flight.RecordBatchStream:
         """A result computed while it streams: counted on the audit line, its errors mapped to statuses."""
-        return flight.RecordBatchStream(audit.counted(self.context, status.mapped(reader)))
+        return flight.RecordBatchStream(audit.counted(self.context, reader, status.to_flight_error))

@@ -9,9 +9,8 @@ and at most :data:`MAX_MESSAGE_CHARS` long (messages echo names the caller sent)
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any
 
-import pyarrow as pa
 import pyarrow.flight as flight
 
 from client.protocol import ErrorDetail, ProtocolError
@@ -112,16 +111,3 @@ def to_flight_error(exc: BaseException) -> BaseException:
     log.error("internal error", exc_info=exc)
     return flight.FlightInternalError("internal server error; see the server log")
 
-
-def mapped(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-    """The same stream, with an error raised while it is read mapped like a handler's (inside a stream,
-    pyarrow maps only Python built-ins to statuses)."""
-    def batches() -> Iterator[pa.RecordBatch]:
-        try:
-            yield from reader
-        except Exception as exc:  # noqa: BLE001 - every error leaves through the mapping table (not
-            raise to_flight_error(exc) from None  # GeneratorExit: the client left, nothing to report)
-        finally:
-            reader.close()
-
-    return pa.RecordBatchReader.from_batches(reader.schema, batches())
