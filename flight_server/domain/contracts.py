@@ -62,6 +62,22 @@ def violation_message(schema_name: str, table: str, column: str | None, entity: 
     return f"In schema: {schema_name}: {where} Contract on {entity} with mode {mode} is violated. {what}"
 
 
+def spell_out_nullability(schema: Schema, table: str) -> None:
+    """Write dlt's default ``nullable: true`` into the table's complete columns that leave it out.
+
+    dlt reads a missing ``nullable`` as true, but its contract check compares the key itself: a column
+    declared with ``columns={"amount": {"data_type": "decimal", ...}}`` is stored without it, while every
+    Arrow column arrives with ``nullable: true`` - so under ``data_type: freeze`` a table refused its own
+    rows ("from decimal (nullable) to decimal (nullable)"), in dlt's own extractor as well. The save's
+    copy of the stored schema says the default out loud; the owner's stored hints are put back after
+    the load (``Writer._keep_owner_table_hints``), so the stored schema does not change."""
+    if table not in schema.tables:
+        return
+    for column in schema.tables[table]["columns"].values():
+        if is_complete_column(column) and "nullable" not in column:
+            column["nullable"] = True
+
+
 def check_write(schema: Schema, table: str, arrow_schema: pa.Schema, contract: Contract,
                 resource: Any = None, capabilities: Any = None) -> ContractDecision:
     """Decide a write of ``arrow_schema`` into ``table``; raise ContractViolation (documented text).

@@ -223,7 +223,9 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             # stands (dlt's normalize still refuses nulls in a NOT NULL column). Otherwise dlt's
             # contract check reads a non-nullable Arrow field as a data type change.
             nullable = kept.get("nullable", True)
-            if _dlt_type(f.type) == kept.get("data_type"):
+            # a JSON column reads as its JSON text (Arrow has no JSON type): that text goes back as JSON
+            json_text = kept.get("data_type") == "json" and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+            if _dlt_type(f.type) == kept.get("data_type") or json_text:
                 # Arrow says less than the stored schema (``timestamp[us]`` has precision 6 where the
                 # stored column has none; a key's NOT NULL): dlt lets resource hints override what it
                 # reads from Arrow, so the stored hints are those hints and dlt's contract sees no

@@ -94,7 +94,7 @@ from client.load_info import (
 from client.protocol import WriteCommand
 from flight_server.domain import uploads
 from flight_server.domain.catalog import Catalog
-from flight_server.domain.contracts import check_write
+from flight_server.domain.contracts import check_write, spell_out_nullability
 from flight_server.domain.errors import (
     ContractViolation,
     InvalidRequest,
@@ -193,10 +193,14 @@ class Writer:
         # extracted and normalized into the put's own folder, and loaded under the dataset's write
         # lock only if the stored schema is still the one it was checked against (see _load).
         storage.invalidate()
-        stored = storage.stored_schema()
         dataset_config = self.catalog.project.datasets[command.dataset]
+        newest = storage.stored_schema()
+        table = uploads.table_name(newest.schema if newest else Schema(dataset_config.schema_name or command.dataset),
+                                   command.dataset, command.table)  # as dlt stores it
+        # a dataset with several dlt schemas: the save goes through the schema that holds the table
+        stored = storage.stored_schema(table)
         schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
-        table = uploads.table_name(schema, command.dataset, command.table)  # as dlt stores it
+        spell_out_nullability(schema, table)
         exists = table in storage.table_names()
         if must_exist is not None and not exists:
             raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
@@ -259,7 +263,7 @@ class Writer:
             shutil.rmtree(folder, ignore_errors=True)
         # the rows are committed: nothing from here on may turn the answer into an error
         try:
-            new_schema = storage.stored_schema()
+            new_schema = storage.stored_schema(table)
         except Exception:  # noqa: BLE001 - the destination may be briefly unreachable; the save happened
             log.exception("could not read the schema of dataset %s after a save", command.dataset)
             new_schema = None
@@ -308,7 +312,7 @@ class Writer:
         """Load the normalized packages; runs under the dataset's write lock, and returns only once the
         rows are committed (every error before that leaves the dataset as it was)."""
         storage.invalidate()
-        now = storage.stored_schema()
+        now = storage.stored_schema(table)
         changed = (now.version_hash if now else None) != (stored.version_hash if stored else None)
         if changed and now is not None and now.version_hash in packaged:
             # the other save stored exactly the schema this upload's package holds (e.g. both created
@@ -432,8 +436,8 @@ class Writer:
             return
         try:
             storage.invalidate()
-            now = storage.stored_schema()
-            if now is None or now.version_hash == before.version_hash or now.schema.name != before.schema.name:
+            now = _newest_version(storage, before.schema.name)
+            if now is None or now.version_hash == before.version_hash:
                 return
             stored = now.schema.to_dict(bump_version=False)
             for name, table in stored["tables"].items():
@@ -478,7 +482,8 @@ class Writer:
         the dataset's schema version as it was. Only the version this pipeline stored is removed."""
         try:
             storage.invalidate()
-            now = storage.stored_schema()
+            name = pipeline.default_schema_name or (before.schema.name if before is not None else None)
+            now = _newest_version(storage, name) if name else None
             ours = {pipeline.default_schema.version_hash} if pipeline.default_schema_name else set()
             ours |= packaged  # the schemas of the put's packages, as the load stored them
             if now is None or now.version_hash not in ours:
@@ -641,6 +646,11 @@ def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
     else:
         target.pop(key, None)
     return True
+
+
+def _newest_version(storage: Any, schema_name: str) -> Any:
+    """The newest stored version of one dlt schema of the dataset (a dataset may hold several)."""
+    return next((s for s in storage.stored_schemas() if s.schema.name == schema_name), None)
 
 
 def _write_mode(schema: Schema, command: WriteCommand, table: str, exists: bool,

@@ -123,6 +123,14 @@ SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processe
 WRITE_LOCK_TIMEOUT = 10.0
 
 
+def newest_schemas_sql(version_table: str) -> str:
+    """The newest row of each dlt schema in a ``_dlt_version`` table (qualified name), newest first: a
+    window function, which every SQL engine dlt loads into has (duckdb, PostgreSQL, SQLite 3.25+...)."""
+    return ("SELECT version, version_hash, schema FROM (SELECT version, version_hash, schema, inserted_at, "
+            "row_number() OVER (PARTITION BY schema_name ORDER BY inserted_at DESC, version DESC) AS newest "
+            f"FROM {version_table}) versions WHERE newest = 1 ORDER BY inserted_at DESC")
+
+
 def staging_dataset(dataset: str) -> str:
     """dlt's staging dataset of a dataset (``staging_dataset_name_layout``'s default, ``%s_staging``)."""
     return f"{dataset}_staging"
@@ -134,7 +142,7 @@ class Storage(ABC):
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig) -> None:
         self.dataset = dataset
         self.destination_config = destination
-        self._schema: StoredSchema | None = None
+        self._schemas: list[StoredSchema] = []
         self._schema_loaded = False
         self._schema_at = 0.0
         self._capabilities: Any = None
@@ -142,24 +150,37 @@ class Storage(ABC):
         self.write_lock = threading.Lock()  # one write per dataset at a time
 
     # --- schema -----------------------------------------------------------------------------
+    # A dataset may hold several dlt schemas (two sources loaded into one dataset): each keeps its own
+    # versions in ``_dlt_version``, and dlt reaches each one (``dlt.dataset(..., schema=name)``). The
+    # server serves them all: the newest version of every schema, newest schema first; a table belongs
+    # to the newest schema that has it, and a save goes through that schema (a new table: the newest).
     @abstractmethod
-    def _load_stored_schema(self) -> StoredSchema | None:
-        """Read the newest stored dlt schema of the dataset (None: nothing loaded yet)."""
+    def _load_stored_schemas(self) -> list[StoredSchema]:
+        """The newest stored version of each dlt schema of the dataset, newest first ([]: nothing loaded)."""
 
     # seconds a cached stored schema is trusted before it is read again; None: until invalidate().
     # Destinations that other processes write to (replicas, pipelines) set it, so a new table or
     # column loaded elsewhere shows up without a restart.
     schema_ttl: float | None = None
 
-    def stored_schema(self) -> StoredSchema | None:
-        """The cached stored schema; :meth:`invalidate` after a write."""
+    def stored_schemas(self) -> list[StoredSchema]:
+        """The cached stored schemas (newest first); :meth:`invalidate` after a write."""
         with self._lock:
             stale = self.schema_ttl is not None and time.monotonic() - self._schema_at > self.schema_ttl
             if not self._schema_loaded or stale:
-                self._schema = self._load_stored_schema()
+                self._schemas = self._load_stored_schemas()
                 self._schema_loaded = True
                 self._schema_at = time.monotonic()
-            return self._schema
+            return self._schemas
+
+    def stored_schema(self, table: str | None = None) -> StoredSchema | None:
+        """The schema that holds ``table`` (the newest that has it), else the dataset's newest schema."""
+        schemas = self.stored_schemas()
+        if table is not None:
+            for stored in schemas:
+                if table in stored.schema.tables:
+                    return stored
+        return schemas[0] if schemas else None
 
     @abstractmethod
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
@@ -172,11 +193,12 @@ class Storage(ABC):
             self._schema_loaded = False
 
     def table_names(self) -> list[str]:
-        """Data tables (no dlt internals) that hold data, in schema order."""
-        stored = self.stored_schema()
-        if stored is None:
-            return []
-        return [t["name"] for t in stored.schema.data_tables(seen_data_only=True) if has_table_seen_data(t)]
+        """Data tables (no dlt internals) that hold data, in schema order, of every stored schema."""
+        names: list[str] = []
+        for stored in self.stored_schemas():
+            names += [t["name"] for t in stored.schema.data_tables(seen_data_only=True)
+                      if has_table_seen_data(t) and t["name"] not in names]
+        return names
 
     # dlt's load history (``_dlt_loads``): readable, never listed or written, where the adapter reads it
     # as a table (the SQL destinations; on a filesystem it is a folder of JSON files, not served yet)
@@ -187,13 +209,13 @@ class Storage(ABC):
     def readable_tables(self) -> list[str]:
         """The data tables, and the load history where this adapter serves it (reads and SQL)."""
         names = self.table_names()
-        stored = self.stored_schema()
+        stored = self.stored_schema(LOADS_TABLE)
         if self.serves_load_history and stored is not None and LOADS_TABLE in stored.schema.tables:
             names.append(LOADS_TABLE)
         return names
 
     def table_columns(self, table: str) -> dict[str, Any]:
-        stored = self.stored_schema()
+        stored = self.stored_schema(table)
         if stored is None or table not in self.readable_tables():
             raise NotFound(
                 f"Table '{table}' not found in dataset '{self.dataset.name}'; tables: {', '.join(self.table_names()) or '(none)'}",

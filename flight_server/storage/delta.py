@@ -115,30 +115,41 @@ class DeltaStorage(Storage):
 
         return get_destination_clients(schema, self.dlt_destination(), self.dataset.name)[0]
 
-    def _read_stored_schema(self) -> tuple[StoredSchema, Any, dict[str, str]] | None:
+    def _read_stored_schemas(self) -> tuple[list[StoredSchema], Any, dict[str, str]] | None:
+        from dlt.common.destination.exceptions import DestinationUndefinedEntity
         from dlt.common.libs.deltalake import deltalake_storage_options
 
         probe = dlt.Schema(self.dataset.schema_name or "flight_share")
         with self._dlt_client(probe) as client:
-            stored = client.get_stored_schema()  # newest, any schema name; None when nothing was loaded
-        if stored is None:
+            # dlt names each stored schema file ``<schema>__<load id>__<hash>``: the newest load id per
+            # schema name is that schema's newest version (what dlt's get_stored_schema(name) picks)
+            newest: dict[str, str] = {}
+            try:
+                for _, parts in client._iter_stored_schema_files():
+                    if parts[1] > newest.get(parts[0], ""):
+                        newest[parts[0]] = parts[1]
+            except DestinationUndefinedEntity:
+                return None  # nothing loaded yet
+            names = sorted(newest, key=newest.__getitem__, reverse=True)
+            infos = [client.get_stored_schema(name) for name in names]
+        results = [StoredSchema.from_row(i.version, i.version_hash, i.schema) for i in infos if i is not None]
+        if not results:
             return None
-        result = StoredSchema.from_row(stored.version, stored.version_hash, stored.schema)
-        client = self._dlt_client(result.schema)
+        client = self._dlt_client(results[0].schema)
         options = deltalake_storage_options(client.config.credentials, client.config.deltalake_storage_options)
-        return result, client, options
+        return results, client, options
 
-    def _load_stored_schema(self) -> StoredSchema | None:
-        loaded = isolated(self._read_stored_schema)  # dlt resolves its config here: see lifetime.isolated
+    def _load_stored_schemas(self) -> list[StoredSchema]:
+        loaded = isolated(self._read_stored_schemas)  # dlt resolves its config here: see lifetime.isolated
         if loaded is None:
-            return None
-        result, client, options = loaded
+            return []
+        results, client, options = loaded
         with self._lock:
-            if self._schema is None or self._schema.version_hash != result.version_hash:
+            if [s.version_hash for s in self._schemas] != [s.version_hash for s in results]:
                 self._tables.clear()  # a new schema may move or replace tables
             self._client = client
             self._storage_options = options
-        return result
+        return results
 
     def invalidate(self) -> None:
         with self._lock:

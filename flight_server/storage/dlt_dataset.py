@@ -6,12 +6,17 @@ BigQuery, MotherDuck, ClickHouse...) is served here the way dlt itself reads it 
 from dlt's ``_dlt_version`` table, rows as Arrow batches from ``Relation.iter_arrow`` (so this adapter runs
 Python once per batch, unlike the fast ones), writes through dlt pipelines like every adapter. Nothing is
 cached in server memory (the data version is unknown here) and a table is one endpoint.
+
+A ``filesystem`` destination in dlt's plain layout (parquet/jsonl/csv files per table) is read the same
+way, read-only; tables in it whose folder holds a ``_delta_log`` are Delta tables, read by the Delta
+adapter (and saved, when every table of the dataset is one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dlt
 import pyarrow as pa
@@ -20,7 +25,14 @@ from dlt.common.destination import Destination
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.masking import mask
-from flight_server.storage.base import SHARED_SCHEMA_TTL, Storage, StoredSchema
+from flight_server.storage.base import (
+    LOADS_TABLE,
+    SHARED_SCHEMA_TTL,
+    Partition,
+    Storage,
+    StoredSchema,
+    newest_schemas_sql,
+)
 from flight_server.storage.lifetime import isolated
 
 
@@ -38,6 +50,8 @@ class DltDatasetStorage(Storage):
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
         self.batch_rows = batch_rows
+        self._delta: Any = None  # the Delta adapter over the same folder (plain filesystem layout only)
+        self._is_delta: dict[str, bool] = {}  # table -> found a Delta log in its folder
 
     # --- dlt --------------------------------------------------------------------------------
     @property
@@ -48,8 +62,69 @@ class DltDatasetStorage(Storage):
     @property
     def accepts_saves(self) -> bool:  # type: ignore[override]
         # dlt writes a filesystem table's files one by one, with no transaction and no version to go
-        # back to: a save there could not be all-or-nothing, so the plain layout is served read-only
-        return not self.plain_files
+        # back to: a save there could not be all-or-nothing, so the plain layout is served read-only -
+        # unless every table is a Delta table, where the Delta adapter's savepoint makes it so
+        return not self.plain_files or self._all_delta()
+
+    # --- Delta tables in a filesystem destination -------------------------------------------
+    # A filesystem destination without ``table_format`` may still hold Delta tables (a pipeline's
+    # resources loaded with ``table_format="delta"``). dlt's own reader would need duckdb's delta
+    # extension, downloaded at run time; like dlt+, a table is taken as Delta when its folder holds a
+    # ``_delta_log``, and read (and, when every table is Delta, saved) by the Delta adapter.
+    def _delta_storage(self) -> Any:
+        from flight_server.storage.delta import DeltaStorage
+
+        with self._lock:
+            if self._delta is None:
+                config = dataclasses.replace(self.destination_config, table_format="delta")
+                self._delta = DeltaStorage(self.dataset, config, self.batch_rows)
+            return self._delta
+
+    def is_delta(self, table: str) -> bool:
+        """Whether the table's folder holds a Delta log (checked once per table)."""
+        if not self.plain_files or table == LOADS_TABLE or table not in self.table_names():
+            return False  # (only the dataset's own tables are probed and remembered)
+        with self._lock:
+            known = self._is_delta.get(table)
+        if known is None:
+            delta = self._delta_storage()
+
+            def probe() -> bool:
+                if not delta.stored_schemas():
+                    return False
+                client = delta._client
+                return bool(client.fs_client.exists(client.pathlib.join(client.get_table_dir(table), "_delta_log")))
+
+            try:
+                known = isolated(probe)
+            except Exception as exc:  # noqa: BLE001 - the bucket's errors, in the user's terms
+                raise self._fail(exc, "looking for a Delta log") from None
+            with self._lock:
+                self._is_delta[table] = known
+        return known
+
+    def _all_delta(self) -> bool:
+        names = self.table_names()
+        return bool(names) and all(self.is_delta(t) for t in names)
+
+    @property
+    def table_format(self) -> str | None:
+        return "delta" if self.plain_files and self._all_delta() else super().table_format
+
+    def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
+        return self._delta_storage().savepoint(tables) if self.plain_files else None
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._is_delta.clear()
+            delta = self._delta
+        if delta is not None:
+            delta.invalidate()
+        super().invalidate()
+
+    def close(self) -> None:
+        if self._delta is not None:
+            self._delta.close()
 
     def dlt_destination(self) -> Any:
         kwargs: dict[str, Any] = {"destination_name": self.destination_config.name}
@@ -89,25 +164,25 @@ class DltDatasetStorage(Storage):
         return mask(f"{self.destination_config.type}:{shown}" if shown else self.destination_config.type)
 
     # --- schema -----------------------------------------------------------------------------
-    def _load_stored_schema(self) -> StoredSchema | None:
+    def _load_stored_schemas(self) -> list[StoredSchema]:
         from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
         try:
             with self._dataset().sql_client as client:
-                sql = (f"SELECT version, version_hash, schema FROM {client.make_qualified_table_name('_dlt_version')} "
-                       "ORDER BY inserted_at DESC")
+                sql = newest_schemas_sql(client.make_qualified_table_name('_dlt_version'))
                 with client.execute_query(sql) as cursor:
-                    row = cursor.fetchone()
+                    rows = cursor.fetchall()
         except DatabaseUndefinedRelation:
-            return None  # nothing loaded yet
+            return []  # nothing loaded yet
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "reading the stored schema") from None
-        if row is None:
-            return None
-        version, version_hash, schema = row
-        return StoredSchema.from_row(version, version_hash, json.loads(schema) if isinstance(schema, str) else schema)
+        return [StoredSchema.from_row(version, version_hash, json.loads(schema) if isinstance(schema, str) else schema)
+                for version, version_hash, schema in rows]
 
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
+        if self.plain_files:  # a schema file in _dlt_version/, not a row
+            self._delta_storage().forget_schema_version(schema_name, version_hash)
+            return
         try:
             with self._dataset().sql_client as client:
                 client.execute_sql(f"DELETE FROM {client.make_qualified_table_name('_dlt_version')} "
@@ -116,13 +191,27 @@ class DltDatasetStorage(Storage):
             raise self._fail(exc, "removing a schema version") from None
 
     # --- reading ----------------------------------------------------------------------------
+    def arrow_schema(self, table: str, columns: Sequence[str] | None = None) -> pa.Schema:
+        if self.is_delta(table):
+            return self._delta_storage().arrow_schema(table, columns)
+        return super().arrow_schema(table, columns)
+
+    def partitions(self, table: str, target_rows: int) -> list[Partition]:
+        if self.is_delta(table):
+            return self._delta_storage().partitions(table, target_rows)
+        return super().partitions(table, target_rows)
+
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
+        if self.is_delta(table):
+            return self._delta_storage().row_count(table)
         (n,), = self._rows("SELECT count(*) FROM {table}", "counting rows", table)
         return int(n)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
                partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+        if self.is_delta(table):
+            return self._delta_storage().reader(table, columns, limit, partition)
         if partition:
             raise InvalidRequest("tables on this destination are read as one endpoint", dataset=self.dataset.name)
         schema = self.arrow_schema(table, columns)

@@ -25,6 +25,7 @@ from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
+    newest_schemas_sql,
     Partition,
     Storage,
     StoredSchema,
@@ -248,20 +249,18 @@ class DuckDBStorage(Storage):
         """The write window of the file: one read-write connection that dlt borrows for the load."""
         return self.file.writing()
 
-    def _load_stored_schema(self) -> StoredSchema | None:
+    def _load_stored_schemas(self) -> list[StoredSchema]:
         if not self.file.exists() and self.file.write_connection is None:
-            return None  # nothing loaded yet, and reading must not create the file
-        exists = self._one(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = '_dlt_version'",
-            [self.dataset.name],
-        )
-        if not exists or not exists[0]:
-            return None
-        row = self._one(
-            f"SELECT version, version_hash, schema FROM {quote(self.dataset.name)}._dlt_version "
-            "ORDER BY inserted_at DESC LIMIT 1"
-        )
-        return StoredSchema.from_row(*row) if row else None
+            return []  # nothing loaded yet, and reading must not create the file
+        with self.file.reading() as cursor:  # one hold of the file for both queries
+            exists = cursor.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = '_dlt_version'",
+                [self.dataset.name],
+            ).fetchone()
+            if not exists or not exists[0]:
+                return []
+            rows = cursor.execute(newest_schemas_sql(f"{quote(self.dataset.name)}._dlt_version")).fetchall()
+        return [StoredSchema.from_row(*row) for row in rows]
 
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
         with self.file.writing() as con:
@@ -318,14 +317,14 @@ class DuckDBStorage(Storage):
     def data_version(self) -> Any:
         """The stored schema's hash and the newest dlt load id: every write to the file is a dlt load
         (duckdb's lock keeps other processes out while this server runs)."""
-        stored = self.stored_schema()
-        if stored is None:
+        schemas = self.stored_schemas()
+        if not schemas:
             return None
         try:
             row = self._one(f"SELECT max(load_id) FROM {quote(self.dataset.name)}._dlt_loads")
         except duckdb.Error:
             return None
-        return (stored.version_hash, row[0] if row else None)
+        return (tuple(s.version_hash for s in schemas), row[0] if row else None)
 
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables

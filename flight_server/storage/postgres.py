@@ -33,6 +33,7 @@ from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
+    newest_schemas_sql,
     Partition,
     Storage,
     StoredSchema,
@@ -242,7 +243,7 @@ class PostgresStorage(Storage):
         return table.column(0)[0].as_py() if table.num_rows else None
 
     # --- schema -----------------------------------------------------------------------------
-    def _load_stored_schema(self) -> StoredSchema | None:
+    def _load_stored_schemas(self) -> list[StoredSchema]:
         ds = self.dataset.name.replace("'", "''")
         exists = self._scalar(
             "SELECT count(*) FROM information_schema.tables "
@@ -250,17 +251,11 @@ class PostgresStorage(Storage):
             "reading the stored schema",
         )
         if not exists:
-            return None
-        reader = self._stream(
-            f"SELECT version, version_hash, schema FROM {quote(self.dataset.name)}._dlt_version "
-            "ORDER BY inserted_at DESC LIMIT 1",
-            what="reading the stored schema",
-        )
-        rows = reader.read_all().to_pylist()
-        if not rows:
-            return None
-        row = rows[0]
-        return StoredSchema.from_row(row["version"], row["version_hash"], json.loads(row["schema"]))
+            return []
+        reader = self._stream(newest_schemas_sql(f"{quote(self.dataset.name)}._dlt_version"),
+                              what="reading the stored schema")
+        return [StoredSchema.from_row(row["version"], row["version_hash"], json.loads(row["schema"]))
+                for row in reader.read_all().to_pylist()]
 
     def forget_schema_version(self, schema_name: str, version_hash: str) -> None:
         self._execute([f"DELETE FROM {quote(self.dataset.name)}._dlt_version WHERE schema_name = {_literal(schema_name)} "
