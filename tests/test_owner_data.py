@@ -200,7 +200,8 @@ def test_every_table_of_both_schemas_reads_as_the_destination_reads_it(owner: tu
         # the crm schema's hints survive the trip: decimal(12,4), tz timestamps
         schema = dataset.customers.schema
         assert schema.field("amount").type == pa.decimal128(12, 4)
-        assert schema.field("seen_at").type == pa.timestamp("us", tz="UTC")
+        # (SQLite keeps no time zone: dlt reads its timestamps naive, and so does the server)
+        assert schema.field("seen_at").type == pa.timestamp("us", tz=None if data.kind == "sqlite" else "UTC")
         assert dataset.sql("SELECT count(*) AS n FROM customers").arrow().column("n")[0].as_py() == 5
 
 

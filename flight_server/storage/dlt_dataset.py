@@ -40,6 +40,19 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def json_text(value: Any) -> str:
+    """SQLAlchemy's serializer for JSON columns in saves: a JSON column reads as its JSON text (Arrow has
+    no JSON type), so a string going back into one is that text, kept as it is (checked to be JSON: the
+    load then fails, all-or-nothing, instead of storing text that is none); anything else is dumped as
+    dlt dumps it. SQLAlchemy's default would dump the text again, storing a JSON string literal."""
+    if isinstance(value, str):
+        json.loads(value)
+        return value
+    from dlt.common.json import json as dlt_json
+
+    return dlt_json.dumps(value)
+
+
 class DltDatasetStorage(Storage):
     """One dataset on a destination dlt reaches with its SQL client."""
 
@@ -132,13 +145,20 @@ class DltDatasetStorage(Storage):
             kwargs["credentials"] = self.destination_config.credentials
         if self.plain_files:
             kwargs["bucket_url"] = self.destination_config.location
+        if self.destination_config.type == "sqlalchemy":
+            kwargs["engine_kwargs"] = {"json_serializer": json_text}
         return Destination.from_reference(self.destination_config.type, **kwargs)
 
     def capabilities(self) -> Any:
         return self.dlt_destination().capabilities()
 
-    def _dataset(self) -> Any:
-        return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name)
+    def _dataset(self, table: str | None = None) -> Any:
+        """dlt's dataset; for a table, bound to the dlt schema that holds it (a dataset may hold several,
+        and ``dataset[table]`` knows only its schema's tables)."""
+        stored = self.stored_schema(table) if table is not None else None
+        if stored is None:
+            return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name)
+        return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name, schema=stored.schema)
 
     def _fail(self, exc: Exception, what: str) -> Exception:
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
@@ -215,9 +235,12 @@ class DltDatasetStorage(Storage):
         if partition:
             raise InvalidRequest("tables on this destination are read as one endpoint", dataset=self.dataset.name)
         schema = self.arrow_schema(table, columns)
-        relation = self._dataset()[table].select(*schema.names)
-        if limit is not None:
-            relation = relation.limit(limit)
+        try:
+            relation = self._dataset(table)[table].select(*schema.names)
+            if limit is not None:
+                relation = relation.limit(limit)
+        except Exception as exc:  # noqa: BLE001 - dlt's errors, in the user's terms
+            raise self._fail(exc, "read") from None
 
         def batches() -> Iterator[pa.RecordBatch]:
             try:
