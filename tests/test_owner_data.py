@@ -207,6 +207,10 @@ def test_every_table_of_both_schemas_reads_as_the_destination_reads_it(owner: tu
         # (SQLite keeps no time zone: dlt reads its timestamps naive, and so does the server)
         assert schema.field("seen_at").type == pa.timestamp("us", tz=None if data.kind == "sqlite" else "UTC")
         assert dataset.sql("SELECT count(*) AS n FROM customers").arrow().column("n")[0].as_py() == 5
+        # the load history of both pipelines: readable, in SQL too, never listed as a table
+        loads = dataset.loads().arrow()
+        assert loads.num_rows == 4 and set(loads.column("schema_name").to_pylist()) == {"shop", "crm"}
+        assert dataset.sql("SELECT count(*) AS n FROM _dlt_loads WHERE status = 0").arrow().column("n")[0].as_py() == 4
 
 
 def test_rows_read_back_save_back_under_freeze(owner: tuple[Owner, ServerProcess]) -> None:

@@ -31,6 +31,7 @@ from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.storage.base import (
+    LOADS_TABLE,
     SHARED_SCHEMA_TTL,
     Partition,
     Storage,
@@ -260,8 +261,40 @@ class DeltaStorage(Storage):
             # no faster, single or 4 concurrent scans, so there is no second credential mapping.
             return dt.to_pyarrow_dataset()
 
+    # --- dlt's load history -----------------------------------------------------------------
+    # ``_dlt_loads`` on a filesystem is a folder of dlt's JSON files (one small record per load), not a
+    # Delta table: read here with the bucket's own client and pyarrow's JSON reader, read-only like
+    # everywhere. (dlt reads it through duckdb, which needs its httpfs extension - downloaded at run
+    # time - for a bucket; not reachable offline.)
+    serves_load_history = True
+
+    def _load_history(self) -> pa.Table:
+        import io
+
+        import pyarrow.json as pajson
+
+        schema = self.arrow_schema(LOADS_TABLE)
+
+        def read() -> list[bytes]:
+            client = self._client
+            files = sorted(client.list_table_files(LOADS_TABLE))
+            return [body for body in client.fs_client.cat(files).values()] if files else []
+
+        try:
+            bodies = isolated(read)
+        except Exception as exc:  # noqa: BLE001 - the bucket's errors, in the user's terms
+            raise Unavailable(f"reading the load history of dataset '{self.dataset.name}' failed: "
+                              f"{type(exc).__name__}", dataset=self.dataset.name, table=LOADS_TABLE) from None
+        text = b"\n".join(body.strip() for body in bodies if body.strip())
+        if not text:
+            return schema.empty_table()
+        options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        return pajson.read_json(io.BytesIO(text), parse_options=options).select(schema.names).cast(schema)
+
     # --- reading ----------------------------------------------------------------------------
     def row_count(self, table: str) -> int:
+        if table == LOADS_TABLE:
+            return self._load_history().num_rows
         dt = self.delta_table(table)
         with self._table_locks[table]:
             counts = dt.get_add_actions(flatten=False).column("num_records").to_pylist()
@@ -272,6 +305,8 @@ class DeltaStorage(Storage):
     def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
         """Bytes per row from the first rows of the table's *smallest* file (a sample still decodes
         a whole Parquet row group), remembered per table version and projection."""
+        if table == LOADS_TABLE:
+            return super().row_bytes(table, columns, sample_rows)
         schema = self.arrow_schema(table, columns)
         dt = self.delta_table(table)
         with self._table_locks[table]:
@@ -301,6 +336,8 @@ class DeltaStorage(Storage):
         log's ``num_records``); a file larger than the target is split by its Parquet row groups
         (its footer is read). Each group names the table version, so every endpoint reads the same
         snapshot even if a load commits in between, on whichever replica serves it."""
+        if table == LOADS_TABLE:
+            return super().partitions(table, target_rows)
         dt = self.delta_table(table)
         with self._table_locks[table]:
             version = int(dt.version())
@@ -397,6 +434,9 @@ class DeltaStorage(Storage):
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
                partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+        if table == LOADS_TABLE:
+            loads = self._load_history().select(self.arrow_schema(table, columns).names)
+            return (loads if limit is None else loads.slice(0, int(limit))).to_reader()
         schema = self.arrow_schema(table, columns)
         dataset = self._partition_dataset(table, partition) if partition else self.arrow_dataset(table)
         if limit is not None and int(limit) > HEAD_LIMIT_ROWS:
