@@ -333,7 +333,7 @@ def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
     password = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS["password"], **args)
     assert password["error"] == "FlightUnauthenticatedError" and password["failed_after"] <= TTL + 1.5
     assert protocol.server_message(password["message"]) == protocol.AUTH_FAILED
-    assert password["counts"] and PASSWORD not in password["message"]
+    assert password["counts"] and PASSWORD not in password["message"] and "eyJ" not in password["message"]
 
 
 # --- altertable-flightsql (user + password only: a token goes in as the password) --------------------------
@@ -393,3 +393,15 @@ def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: Server
     refused = [json.loads(line.split("flight_share.audit ", 1)[1]) for line in ttl_server.output().splitlines()
                if "flight_share.audit " in line]
     assert any(x["outcome"] == "UNAUTHENTICATED" and x["user"] is None for x in refused[-5:]), refused[-5:]
+
+
+# --- last: nothing secret reached a log ---------------------------------------------------------------------
+
+def test_no_password_token_or_bearer_in_the_server_logs(server: ServerProcess, ttl_server: ServerProcess) -> None:
+    """After every client above logged in every way: no password, API token, signing secret or JWT in a log."""
+    time.sleep(0.3)
+    for proc in (server, ttl_server):
+        log = proc.output()
+        assert "flight_share.audit" in log  # the logs are there to look at
+        for secret in (PASSWORD, TOKEN, JWT_SECRET, "eyJ"):
+            assert secret not in log
