@@ -137,16 +137,17 @@ def run(client: str, action: str, args: dict[str, Any]) -> Any:
     if action == "ingest":
         data = pa.Table.from_pydict(args["data"])
         return {"rows": session.ingest(args["schema"], args["table"], data, args["mode"])}
-    if action == "long_lived":  # one connection, a query every `every` seconds for `seconds`
-        counts, started = [], time.monotonic()
-        while time.monotonic() - started < args["seconds"]:
+    if action == "long_lived":  # one connection, a query every `every` seconds until one ran after `seconds`
+        counts, started, elapsed = [], time.monotonic(), 0.0
+        while elapsed < args["seconds"]:
             try:
                 counts.append(session.query(args["sql"]).column(0)[0].as_py())
             except Exception as exc:  # noqa: BLE001 - reported with the time it happened
                 return {"counts": counts, "failed_after": round(time.monotonic() - started, 1),
                         "error": type(exc).__name__, "message": str(exc)}
+            elapsed = time.monotonic() - started
             time.sleep(args["every"])
-        return {"counts": counts}
+        return {"counts": counts, "last_ok_after": round(elapsed, 1)}
     raise SystemExit(f"unknown action {action}")
 
 

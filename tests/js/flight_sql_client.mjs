@@ -5,7 +5,7 @@
 //   node flight_sql_client.mjs PORT ACTION '{"login": {...}, ...}'
 //
 // login: {} (anonymous), {"username", "password"} or {"token"}. Actions: browse (schema, table),
-// query (sql), long_lived (sql, seconds, every). Prints one JSON answer; an error is
+// query (sql), long_lived (sql, seconds, every: a query every `every` s until one succeeded after `seconds`). Prints one JSON answer; an error is
 // {"error": ..., "message": ...} with the text the client's user sees.
 import { createFlightSqlClient } from "@lakehouse-rs/flight-sql-client";
 import { tableFromIPC } from "apache-arrow";
@@ -50,18 +50,20 @@ async function main() {
     };
   }
   if (action === "query") return rows(await client.query(args.sql));
-  if (action === "long_lived") {
+  if (action === "long_lived") { // one connection, a query every `every` seconds until one ran after `seconds`
     const counts = [];
     const started = Date.now();
-    while (Date.now() - started < args.seconds * 1000) {
+    let elapsed = 0;
+    while (elapsed < args.seconds) {
       try {
         counts.push(rows(await client.query(args.sql)).rows[0][0]);
       } catch (err) {
         return { counts, failed_after: (Date.now() - started) / 1000, error: err.code ?? "Error", message: err.message };
       }
+      elapsed = (Date.now() - started) / 1000;
       await new Promise((resolve) => setTimeout(resolve, args.every * 1000));
     }
-    return { counts };
+    return { counts, last_ok_after: elapsed };
   }
   throw new Error(`unknown action ${action}`);
 }
