@@ -357,6 +357,105 @@ def test_expired_token_and_ticket_are_refused_and_the_client_logs_in_again(ttl_s
     assert "flight_share.audit" not in ttl_server.proc.output()
 
 
+def test_a_token_past_half_its_life_is_renewed_and_an_expired_one_is_not(secure_server: Secured,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: RENEW_AFTER of the lifetime gone -> a fresh token; expired -> UNAUTHENTICATED; API tokens never."""
+    for key, value in security.ENV.items():
+        monkeypatch.setenv(key, value)
+    authenticator = Authenticator(load_project(secure_server.proc.project), JWT_SECRET.encode())
+    start = time.time() - 3600 * 0.51  # token_ttl is the default hour
+    token = authenticator.issue(authenticator.login("alice", PASSWORDS["alice"]), now=start)
+    assert authenticator.verify_renewing(token, now=start + 3600 * 0.49)[1] is None
+    identity, fresh = authenticator.verify_renewing(token)
+    assert identity.user == "alice" and fresh is not None
+    body = jwt.decode(fresh, JWT_SECRET, algorithms=["HS256"], audience="secure_project")
+    assert body["iat"] >= int(start + 3600 * 0.51) and body["exp"] - body["iat"] == 3600
+    assert authenticator.verify_renewing(BOT_TOKEN, now=start + 10 ** 6) == (authenticator.verify(BOT_TOKEN), None)
+    expired = authenticator.issue(authenticator.login("alice", PASSWORDS["alice"]), now=start - 3601)
+    with pytest.raises(Exception, match="authentication failed"):
+        authenticator.verify_renewing(expired)
+
+
+def _sent_bearers(headers: "_Headers") -> list[str]:
+    return [v.split(" ", 1)[1] for h in headers.received for v in h.get("authorization", []) if v.startswith("Bearer ")]
+
+
+def test_calls_renew_the_token_over_the_wire_and_a_chain_outlives_the_ttl(ttl_server: Secured) -> None:
+    """token_ttl 2 s: a client that adopts the Bearer of each answer keeps working for 3x the ttl."""
+    headers = _Headers()
+    client = ttl_server.raw(middleware=[headers])
+    first = token = ttl_server.token("alice")
+    started = time.monotonic()
+    renewals = 0
+    while time.monotonic() - started < 6.5:
+        headers.received.clear()
+        assert {i.descriptor.path[0] for i in client.list_flights(b"", bearer(token))} == {EVENTS.encode()}
+        sent = _sent_bearers(headers)
+        if sent:
+            renewals += 1
+            assert jwt.decode(sent[-1], JWT_SECRET, algorithms=["HS256"], audience="secure_project")["sub"] == "alice"
+            token = sent[-1]
+        time.sleep(0.4)
+    assert renewals >= 3 and token != first
+    with pytest.raises(flight.FlightUnauthenticatedError) as err:  # the first token has long expired
+        list(client.list_flights(b"", bearer(first)))
+    assert protocol.server_message(str(err.value)) == AUTH_FAILED
+
+
+NO_CREDENTIALS = {
+    "Bearer None (flightsql-dbapi without a token)": "Bearer None",
+    "Bearer null": "Bearer null",
+    "Bearer with nothing": "Bearer ",
+    "Basic, empty user and password": "Basic " + base64.b64encode(b":").decode(),
+    "Basic, empty user and password, unpadded": "Basic " + base64.b64encode(b":").decode().rstrip("="),
+}
+
+
+def test_clients_that_always_send_credentials_can_say_none(server: ServerProcess, secure_server: Secured) -> None:
+    """Where anonymous access is on, "no credentials" spelled as clients spell it is anonymous; elsewhere it
+    gets the no-credentials message. A real but wrong credential never becomes anonymous."""
+    open_client, closed_client = flight.connect(server.url), secure_server.raw()
+    for name, value in NO_CREDENTIALS.items():
+        (result,) = open_client.do_action(flight.Action(protocol.ACTION_LIST_DATASETS, b""), header(value))
+        info = protocol.CatalogInfo.from_bytes(result.body.to_pybytes())
+        assert (info.user, info.profile) == ("(anonymous)", "access"), name
+        with pytest.raises(flight.FlightUnauthenticatedError) as err:
+            list(closed_client.do_action(flight.Action(protocol.ACTION_LIST_DATASETS, b""), header(value)))
+        assert protocol.server_message(str(err.value)) == protocol.AUTH_REQUIRED, name
+    for value in ("Bearer Nonesuch", "Basic " + base64.b64encode(b":some-password").decode(),
+                  "Basic " + base64.b64encode(b"alice:").decode()):
+        with pytest.raises(flight.FlightUnauthenticatedError) as err:
+            list(open_client.do_action(flight.Action(protocol.ACTION_LIST_DATASETS, b""), header(value)))
+        assert protocol.server_message(str(err.value)) == AUTH_FAILED, value
+    # pyarrow's Basic handshake with empty credentials: anonymous where allowed
+    key, value = open_client.authenticate_basic_token("", "")
+    assert not value or value == b"Bearer "
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        closed_client.authenticate_basic_token("", "")
+
+
+def test_api_token_logs_in_as_the_password_of_its_user(secure_server: Secured) -> None:
+    """Tools with only user and password fields: user bot, password = bot's API token -> a bearer JWT."""
+    import adbc_driver_flightsql.dbapi as adbc
+
+    client = secure_server.raw()
+    key, value = client.authenticate_basic_token("bot", BOT_TOKEN)
+    token = value.decode().split(" ", 1)[1]
+    assert jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="secure_project")["sub"] == "bot"
+    for user in ("alice", "nobody", ""):  # a token logs in only its own user
+        with pytest.raises(flight.FlightUnauthenticatedError) as err:
+            secure_server.raw().authenticate_basic_token(user, BOT_TOKEN)
+        assert protocol.server_message(str(err.value)) == AUTH_FAILED
+    with adbc.connect(secure_server.url, db_kwargs={"username": "bot", "password": BOT_TOKEN}) as conn, \
+            conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.push_event")
+        assert cur.fetchone()[0] > 0
+    with secure_server.connect(username="bot", password=BOT_TOKEN) as catalog:
+        assert (catalog.user, catalog.profile) == ("bot", "analysts")
+    time.sleep(0.3)
+    assert BOT_TOKEN not in secure_server.proc.output()
+
+
 def test_tls_needs_the_servers_ca(tls_server: Secured, pki: security.Pki) -> None:
     with pytest.raises(ServerUnavailableError):
         connect(tls_server.url, username="alice", password=PASSWORDS["alice"])  # system CAs do not know ours

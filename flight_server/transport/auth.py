@@ -5,13 +5,26 @@ Ways in (checked by :class:`CallMiddlewareFactory` on every call, DoGet/DoPut st
 * ``authorization: Basic <base64 user:password>`` (padding optional, as the ADBC driver sends it):
   the password is checked against the user's scrypt hash and the response carries
   ``authorization: Bearer <JWT>`` — pyarrow's ``authenticate_basic_token`` and the ADBC Flight SQL
-  driver read it from the Handshake response headers and send it on every later call.
+  driver read it from the Handshake response headers and send it on every later call. An API-token
+  user logs in the same way with the token as the password (tools that only have user and password
+  fields); the user name must be the token's own.
 * ``authorization: Bearer <token>``: a JWT this server issued (HS256, ``exp``/``iat``/``aud``
   checked) or a static API token whose SHA-256 is in the project file.
 * the legacy Flight handshake (``BasicAuth`` payload, then ``auth-token-bin`` on every call),
   through :class:`HandshakeAuthHandler` — pyarrow also needs that handler registered for the ADBC
   driver to accept the server.
-* nothing: the project's ``server.anonymous_profile`` if it has one, else UNAUTHENTICATED.
+* no credentials: the project's ``server.anonymous_profile`` if it has one, else UNAUTHENTICATED.
+  Clients that always send something say "none" in their own ways, and these count as no
+  credentials (never as a failed login): no header, Basic with an empty user and an empty password,
+  and a Bearer with no token or the literal ``None``/``null``/``undefined`` (flightsql-dbapi sends
+  ``Bearer None`` when given no token). A token that is present but invalid or expired stays
+  UNAUTHENTICATED and never falls back to anonymous.
+
+Renewal (:data:`RENEW_AFTER`): a call with a valid JWT that has lived past half its lifetime gets a
+fresh ``authorization: Bearer <JWT>`` in its response headers. Clients that adopt a bearer from any
+response (the ADBC Flight SQL driver's ``bearerAuthMiddleware.HeadersReceived``) so keep a connection
+made with a user name and password alive as long as it makes a call at least every ``token_ttl / 2``;
+an expired token is still refused.
 
 Any failure (unknown user, wrong password, bad/expired/forged token) is the same UNAUTHENTICATED
 message, and an unknown user costs the same scrypt work as a wrong password. The profile a token
@@ -60,6 +73,9 @@ ANONYMOUS = "(anonymous)"  # not a valid user name, so it can never collide with
 ISSUER = "flight-share"
 _ALGORITHM = "HS256"
 _MAX_HEADER_CHARS = 8192
+RENEW_AFTER = 0.5  # fraction of a JWT's lifetime after which a call gets a fresh one
+# what clients send as a Bearer when they have no token (Python's None, JavaScript's null/undefined)
+_NO_TOKEN = frozenset({"", "none", "null", "undefined"})
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,12 @@ class Authenticator:
         return Identity(ANONYMOUS, self.anonymous_profile, "anonymous")
 
     def login(self, username: str, password: str) -> Identity:
-        """Check a user name and password (same cost and same error whether or not the user exists)."""
+        """Check a user name and password (same cost and same error whether or not the user exists).
+
+        The password may be one of the user's API tokens (checked by digest, no scrypt work: a token
+        has 256 bits of entropy)."""
+        if password and self._tokens.get(token_digest(password)) == username:
+            return self._identity(username, "token")
         stored = self._passwords.get(username)
         ok = verify_password(password, stored or self._dummy)
         if stored is None or not ok:
@@ -137,6 +158,11 @@ class Authenticator:
 
     def verify(self, token: str) -> Identity:
         """The identity behind a bearer token: a JWT we issued, or a static API token."""
+        return self.verify_renewing(token)[0]
+
+    def verify_renewing(self, token: str, now: float | None = None) -> tuple[Identity, str | None]:
+        """The identity behind a bearer token, and a fresh JWT if it is one of ours past :data:`RENEW_AFTER`
+        of its lifetime (static API tokens do not expire and are never renewed)."""
         if token.count(".") == 2:
             try:
                 claims = jwt.decode(
@@ -145,11 +171,15 @@ class Authenticator:
                 )
             except jwt.PyJWTError:
                 raise Unauthenticated(protocol.AUTH_FAILED) from None
-            return self._identity(str(claims["sub"]), "jwt")
+            identity = self._identity(str(claims["sub"]), "jwt")
+            issued, expires = int(claims["iat"]), int(claims["exp"])
+            current = now if now is not None else time.time()
+            renew = current >= issued + (expires - issued) * RENEW_AFTER
+            return identity, (self.issue(identity, current) if renew else None)
         user = self._tokens.get(token_digest(token))
         if user is None:
             raise Unauthenticated(protocol.AUTH_FAILED)
-        return self._identity(user, "token")
+        return self._identity(user, "token"), None
 
     def from_basic(self, value: str) -> Identity:
         try:
@@ -161,6 +191,11 @@ class Authenticator:
             raise Unauthenticated(protocol.AUTH_FAILED)
         return self.login(username, password)
 
+    def _anonymous_basic(self, credentials: str) -> bool:
+        """True for Basic credentials that say "nobody": empty, or an empty user with an empty password."""
+        text = credentials.strip().rstrip("=")
+        return text in ("", "Og")  # "Og" is base64(":")
+
     def from_headers(self, headers: Mapping[str, Any], handshake: bool = False) -> tuple[Identity | None, str | None]:
         """The caller of a call from its headers, and a token to send back (after a Basic login)."""
         values = headers.get(protocol.AUTH_HEADER) or []
@@ -170,19 +205,27 @@ class Authenticator:
                 raise Unauthenticated(protocol.AUTH_FAILED)
             scheme, _, credentials = value.strip().partition(" ")
             if scheme.lower() == "basic":
+                if self._anonymous_basic(credentials):
+                    return self.anonymous(), None
                 identity = self.from_basic(credentials)
                 return identity, self.issue(identity)
-            if scheme.lower() == "bearer" and credentials.strip():
-                return self.verify(credentials.strip()), None
+            if scheme.lower() == "bearer":
+                if credentials.strip().lower() in _NO_TOKEN:
+                    return self.anonymous(), None
+                return self.verify_renewing(credentials.strip())
             raise Unauthenticated(protocol.AUTH_FAILED)
         legacy = headers.get(protocol.LEGACY_TOKEN_HEADER) or []
         if legacy and legacy[0]:
             token = legacy[0] if isinstance(legacy[0], str) else legacy[0].decode("utf-8", "replace")
             return self.verify(token), None
+        return self._nobody(handshake), None
+
+    def _nobody(self, handshake: bool) -> Identity | None:
+        """A call without credentials: the anonymous profile, or refused (a Handshake may still log in
+        through its payload, checked by HandshakeAuthHandler)."""
         if handshake:
-            # the legacy handshake sends its credentials in the stream, checked by HandshakeAuthHandler
-            return (self.anonymous() if self.anonymous_profile else None), None
-        return self.anonymous(), None
+            return self.anonymous() if self.anonymous_profile else None
+        return self.anonymous()
 
 
 class CallMiddleware(flight.ServerMiddleware):
@@ -250,6 +293,11 @@ class HandshakeAuthHandler(flight.ServerAuthHandler):
             password = basic.password.decode("utf-8") if isinstance(basic.password, bytes) else basic.password
         except Exception:  # noqa: BLE001 - not a BasicAuth message
             raise flight.FlightUnauthenticatedError(protocol.AUTH_FAILED) from None
+        if not username and not password:  # "nobody": the anonymous profile, if the project has one
+            if self.authenticator.anonymous_profile is None:
+                raise flight.FlightUnauthenticatedError(protocol.AUTH_REQUIRED)
+            outgoing.write(b"")
+            return
         try:
             identity = self.authenticator.login(username or "", password or "")
         except Unauthenticated:

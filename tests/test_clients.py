@@ -1,0 +1,414 @@
+"""Third-party Flight SQL clients against a real server, each used the way its users use it.
+
+Every client that installs here (pyproject's ``test`` extra, tests/js/package.json) connects
+anonymously where it can, with a password and with an API token; browses catalogs, schemas, tables and
+columns; runs a query whose answer is compared with the plain read of flight-share's own client;
+ingests under the profile's contracts where it can; and keeps one connection busy past ``token_ttl``.
+
+The project is the demo (``access`` profile: github_events_dataset frozen, reports_dataset open to new
+tables) plus two users: ``alice`` (password) and ``bot`` (API token), both of the ``access`` profile.
+
+The connection helpers (``adbc_connect``, ``gizmosql_connect``, ``sqlalchemy_engine``,
+``python_session``, ``node_session``) take a :class:`Login`, so tests of bound parameters and the
+current schema can be added per client the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import adbc_driver_flightsql.dbapi as adbc
+from adbc_driver_flightsql import DatabaseOptions
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pytest
+import sqlalchemy
+
+from client import connect, protocol
+from flight_server.domain.credentials import hash_password, hash_token
+from flight_server.testing.servers import REPO, ServerProcess, make_project
+from tests.test_js_reader import JS_DIR, node  # noqa: F401 - the fixture that installs the npm packages
+
+PROJECT = "dlt_example_project"
+EVENTS = "github_events_dataset"
+REPORTS = "reports_dataset"
+JWT_SECRET = "client-tests-signing-secret-0123456789-abcdef"
+PASSWORD = "alice-pw-Correct-Horse"
+TOKEN = "fst_client-tests-api-token-0123456789abcdefghij"
+TTL = 3  # seconds, for the server that long-lived connections use
+QUERY = f"SELECT id, payload__action FROM {EVENTS}.issues_event ORDER BY id"
+COUNT = f"SELECT count(*) AS n FROM {EVENTS}.push_event"
+FROZEN_TABLE_TEXT = (
+    "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is "
+    "violated. Trying to add table aggregated_issues but new tables are frozen."
+)
+
+
+@dataclass(frozen=True)
+class Login:
+    """How a client authenticates: nothing, a user name and password, or an API token."""
+
+    kind: str  # anonymous | password | token
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def as_json(self) -> dict[str, str]:
+        return {k: v for k, v in (("username", self.username), ("password", self.password),
+                                  ("token", self.token)) if v is not None}
+
+
+LOGINS = {
+    "anonymous": Login("anonymous"),
+    "password": Login("password", "alice", PASSWORD),
+    "token": Login("token", token=TOKEN),
+}
+ALL_LOGINS = list(LOGINS)
+
+
+def _project(folder: Path, base: Path, ttl: int | None) -> Path:
+    """A copy of the loaded demo project (duckdb files are locked per process) with users and a ttl."""
+    shutil.copytree(base.parent, folder)
+    project = folder / "dlt.yml"
+    text = project.read_text().rstrip("\n") + "\n"
+    assert text.endswith("  anonymous_profile: access\n")  # the demo's server block is last
+    text += '  jwt_secret: "{env.FLIGHT_SHARE_JWT_SECRET}"\n' + (f"  token_ttl: {ttl}\n" if ttl else "")
+    text += (f"users:\n  alice: {{profile: access, password_hash: \"{hash_password(PASSWORD, n=1 << 10)}\"}}\n"
+             f"  bot: {{profile: access, token_hash: \"{hash_token(TOKEN)}\"}}\n")
+    project.write_text(text)
+    return project
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("clients") / "base", events=300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Iterator[ServerProcess]:
+    """The demo with users, default token_ttl (1 h); clients ingest into it."""
+    project = _project(tmp_path_factory.mktemp("clients") / "main", demo, None)
+    with ServerProcess(project, env={"FLIGHT_SHARE_JWT_SECRET": JWT_SECRET}) as proc:
+        yield proc
+        assert proc.alive, proc.output()
+
+
+@pytest.fixture(scope="module")
+def ttl_server(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Iterator[ServerProcess]:
+    """The same with bearer tokens that expire after TTL seconds."""
+    project = _project(tmp_path_factory.mktemp("clients") / "ttl", demo, TTL)
+    with ServerProcess(project, env={"FLIGHT_SHARE_JWT_SECRET": JWT_SECRET}) as proc:
+        yield proc
+        assert proc.alive, proc.output()
+
+
+@dataclass
+class Expected:
+    """What flight-share's own client reads: the yardstick for every third-party client."""
+
+    tables: list[str]
+    columns: list[str]
+    rows: list[list[Any]]
+    count: int
+    datasets: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def expected(server: ServerProcess) -> Expected:
+    with connect(server.url) as catalog:
+        plain = catalog[EVENTS]["issues_event"].select("id", "payload__action").arrow().sort_by("id")
+        return Expected(
+            tables=sorted(catalog[EVENTS].tables), columns=catalog[EVENTS]["issues_event"].schema.names,
+            rows=[[r["id"], r["payload__action"]] for r in plain.to_pylist()],
+            count=catalog[EVENTS]["push_event"].row_count(), datasets=sorted(catalog.datasets))
+
+
+def _rows(table: pa.Table) -> list[list[Any]]:
+    return [list(r.values()) for r in table.to_pylist()]
+
+
+# --- connection helpers, one per client ------------------------------------------------------------
+
+def adbc_connect(server: ServerProcess, login: Login) -> adbc.Connection:
+    """ADBC's Flight SQL driver (Go): grpc:// URI; username/password, or the token as an authorization header."""
+    db_kwargs: dict[str, str] = {}
+    if login.username is not None:
+        db_kwargs.update(username=login.username, password=login.password or "")
+    if login.token is not None:
+        db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = protocol.BEARER_PREFIX + login.token
+    return adbc.connect(server.url, db_kwargs=db_kwargs, autocommit=True)
+
+
+def gizmosql_connect(server: ServerProcess, login: Login) -> Any:
+    """adbc-driver-gizmosql: grpc+tcp:// for plaintext; username/password, or the token as an authorization header."""
+    from adbc_driver_gizmosql import dbapi as gizmosql
+
+    db_kwargs = {}
+    if login.token is not None:
+        db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = protocol.BEARER_PREFIX + login.token
+    return gizmosql.connect(f"grpc+tcp://127.0.0.1:{server.port}", username=login.username, password=login.password,
+                            db_kwargs=db_kwargs or None)
+
+
+def sqlalchemy_url(server: ServerProcess, login: Login) -> str:
+    """sqlalchemy-adbc: ``adbc+flightsql://HOST:PORT?tls=false``; a password login as the driver's
+    username/password options, a token as the URL's password (sent as ``Bearer <token>``)."""
+    base = f"127.0.0.1:{server.port}?tls=false"
+    if login.token is not None:
+        return f"adbc+flightsql://token:{urllib.parse.quote(login.token, safe='')}@{base}"
+    if login.username is not None:
+        return (f"adbc+flightsql://{base}&username={urllib.parse.quote(login.username)}"
+                f"&password={urllib.parse.quote(login.password or '', safe='')}")
+    return f"adbc+flightsql://{base}"
+
+
+def sqlalchemy_engine(server: ServerProcess, login: Login) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(sqlalchemy_url(server, login))
+
+
+def python_session(client: str, action: str, server: ServerProcess, login: Login, **args: Any) -> dict[str, Any]:
+    """A session of flightsql-dbapi or altertable-flightsql in a fresh interpreter (tests/client_sessions.py)."""
+    payload = json.dumps({"port": server.port, "login": login.as_json(), **args})
+    result = subprocess.run([sys.executable, "-m", "tests.client_sessions", client, action, payload], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def node_session(node_bin: str, action: str, server: ServerProcess, login: Login, **args: Any) -> dict[str, Any]:
+    """A session of npm's @lakehouse-rs/flight-sql-client (tests/js/flight_sql_client.mjs)."""
+    payload = json.dumps({"login": login.as_json(), **args})
+    result = subprocess.run([node_bin, str(JS_DIR / "flight_sql_client.mjs"), str(server.port), action, payload],
+                            capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_browsed(answer: dict[str, Any], expected: Expected) -> None:
+    assert "error" not in answer, answer
+    assert answer["catalogs"] == [PROJECT]
+    assert sorted(answer["schemas"]) == expected.datasets
+    assert sorted(answer["tables"]) == expected.tables
+    assert answer["columns"] == expected.columns
+
+
+def _count(cur: Any) -> int:
+    cur.execute(COUNT)
+    return cur.fetchone()[0]
+
+
+def keep_busy(run: Any, seconds: float = 3 * TTL, every: float = 0.5) -> list[Any]:
+    """Call ``run()`` on one connection every ``every`` seconds until a call succeeded after ``seconds``."""
+    answers, started = [], time.monotonic()
+    while True:
+        answers.append(run())
+        if time.monotonic() - started >= seconds:
+            return answers
+        time.sleep(every)
+
+
+# --- ADBC Flight SQL driver (adbc-driver-flightsql), and pandas / polars over its connection -----------
+
+def _adbc_browse(conn: Any) -> dict[str, Any]:
+    objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+    schemas = {s["db_schema_name"]: s for s in objects[0]["catalog_db_schemas"]}
+    tables = {t["table_name"]: t for t in schemas[EVENTS]["db_schema_tables"]}
+    return {"catalogs": [c["catalog_name"] for c in objects], "schemas": list(schemas), "tables": list(tables),
+            "columns": [c["column_name"] for c in tables["issues_event"]["table_columns"]]}
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_adbc_driver_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
+    with adbc_connect(server, LOGINS[login]) as conn:
+        _assert_browsed(_adbc_browse(conn), expected)
+        assert conn.adbc_get_table_schema("issues_event", db_schema_filter=EVENTS).names == expected.columns
+        with conn.cursor() as cur:
+            cur.execute(QUERY)
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_pandas_and_polars_read_over_an_adbc_connection(server: ServerProcess, expected: Expected, login: str) -> None:
+    with adbc_connect(server, LOGINS[login]) as conn:
+        frame = pd.read_sql(QUERY, conn)
+        assert list(frame.columns) == ["id", "payload__action"]
+        assert frame.values.tolist() == expected.rows
+        polars_frame = pl.read_database(QUERY, connection=conn)
+        assert polars_frame.rows() == [tuple(r) for r in expected.rows]
+
+
+@pytest.mark.parametrize("login", ["password", "token"])
+def test_adbc_ingest_goes_through_the_contracts(server: ServerProcess, login: str) -> None:
+    data = pa.table({"payload__action": ["opened", "closed"], "n": [3, 4]})
+    with adbc_connect(server, LOGINS[login]) as conn, conn.cursor() as cur:
+        with pytest.raises(adbc.Error) as frozen:
+            cur.adbc_ingest("aggregated_issues", data, mode="create", db_schema_name=EVENTS)
+        assert FROZEN_TABLE_TEXT in str(frozen.value)
+        assert cur.adbc_ingest(f"adbc_{login}", data, mode="create", db_schema_name=REPORTS) == 2
+        cur.execute(f"SELECT payload__action, n FROM {REPORTS}.adbc_{login} ORDER BY n")
+        assert cur.fetchall() == [("opened", 3), ("closed", 4)]
+
+
+def test_adbc_connection_made_with_a_password_outlives_the_token_ttl(ttl_server: ServerProcess,
+                                                                   expected: Expected) -> None:
+    """The Go driver adopts a Bearer from any response's headers, so the server's renewal keeps it alive."""
+    with adbc_connect(ttl_server, LOGINS["password"]) as conn, conn.cursor() as cur:
+        counts = keep_busy(lambda: _count(cur))
+    assert len(counts) > 3 and set(counts) == {expected.count}
+
+
+# --- adbc-driver-gizmosql (the Go driver under GizmoSQL's name) -----------------------------------------
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_gizmosql_driver_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
+    with gizmosql_connect(server, LOGINS[login]) as conn:
+        _assert_browsed(_adbc_browse(conn), expected)
+        with conn.cursor() as cur:
+            cur.execute(QUERY)
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+
+
+def test_gizmosql_ingest_and_a_connection_past_the_token_ttl(server: ServerProcess, ttl_server: ServerProcess,
+                                                             expected: Expected) -> None:
+    data = pa.table({"payload__action": ["opened"], "n": [1]})
+    with gizmosql_connect(server, LOGINS["password"]) as conn, conn.cursor() as cur:
+        with pytest.raises(Exception) as frozen:
+            cur.adbc_ingest("aggregated_issues", data, mode="create", db_schema_name=EVENTS)
+        assert FROZEN_TABLE_TEXT in str(frozen.value)
+    with gizmosql_connect(ttl_server, LOGINS["password"]) as conn, conn.cursor() as cur:
+        counts = keep_busy(lambda: _count(cur))
+    assert len(counts) > 3 and set(counts) == {expected.count}
+
+
+# --- sqlalchemy-adbc (SQLAlchemy over the ADBC driver), and pandas read_sql through the engine ------------
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_sqlalchemy_adbc_reflects_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
+    engine = sqlalchemy_engine(server, LOGINS[login])
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        assert sorted(inspector.get_schema_names()) == expected.datasets
+        # inspector.get_table_names(schema=EVENTS) is [] today: sqlalchemy-adbc keeps table_type == "table"
+        # (lowercase) and the server answers Flight SQL's "TABLE" (transport/flight_sql.py TABLE_TYPE)
+        assert [c["name"] for c in inspector.get_columns("issues_event", schema=EVENTS)] == expected.columns
+        with engine.connect() as conn:
+            assert [list(r) for r in conn.execute(sqlalchemy.text(QUERY)).fetchall()] == expected.rows
+        assert pd.read_sql(QUERY, engine).values.tolist() == expected.rows
+    finally:
+        engine.dispose()
+
+
+def test_sqlalchemy_adbc_connection_past_the_token_ttl(ttl_server: ServerProcess, expected: Expected) -> None:
+    engine = sqlalchemy_engine(ttl_server, LOGINS["password"])
+    try:
+        with engine.connect() as conn:
+            counts = keep_busy(lambda: conn.execute(sqlalchemy.text(COUNT)).scalar())
+        assert len(counts) > 3 and set(counts) == {expected.count}
+    finally:
+        engine.dispose()
+
+
+# --- flightsql-dbapi (DB-API 2 on pyarrow.flight) ----------------------------------------------------------
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_flightsql_dbapi_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
+    """Anonymous: it sends ``authorization: Bearer None``, which the server takes as no credentials."""
+    browse = python_session("flightsql-dbapi", "browse", server, LOGINS[login], schema=EVENTS, table="issues_event")
+    _assert_browsed(browse, expected)
+    answer = python_session("flightsql-dbapi", "query", server, LOGINS[login], sql=QUERY)
+    assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
+
+
+def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
+    """flightsql-dbapi keeps the Bearer of its login for good (it never reads response headers): a password
+    connection ends when that token expires, with the server's authentication message. An API token,
+    which does not expire, keeps it working."""
+    args = {"sql": COUNT, "seconds": 3 * TTL, "every": 0.5}
+    token = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS["token"], **args)
+    assert "error" not in token and token["last_ok_after"] >= 3 * TTL and len(token["counts"]) > 3
+    password = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS["password"], **args)
+    assert password["error"] == "FlightUnauthenticatedError" and password["failed_after"] <= TTL + 3
+    assert protocol.server_message(password["message"]) == protocol.AUTH_FAILED
+    assert password["counts"] and PASSWORD not in password["message"] and "eyJ" not in password["message"]
+
+
+# --- altertable-flightsql (user + password only: a token goes in as the password) --------------------------
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_altertable_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
+    """Anonymous = empty user and password (the client insists on both)."""
+    browse = python_session("altertable-flightsql", "browse", server, LOGINS[login], schema=EVENTS, table="issues_event")
+    _assert_browsed(browse, expected)
+    answer = python_session("altertable-flightsql", "query", server, LOGINS[login], sql=QUERY)
+    assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
+
+
+def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> None:
+    data = {"payload__action": ["opened", "closed"], "n": [3, 4]}
+    frozen = python_session("altertable-flightsql", "ingest", server, LOGINS["token"], schema=EVENTS,
+                            table="aggregated_issues", data=data, mode="create")
+    assert FROZEN_TABLE_TEXT in frozen["message"] and TOKEN not in frozen["message"]
+    made = python_session("altertable-flightsql", "ingest", server, LOGINS["password"], schema=REPORTS,
+                          table="altertable_made", data=data, mode="create")
+    assert made == {"rows": None}
+    with connect(server.url) as catalog:
+        assert catalog[REPORTS]["altertable_made"].arrow().sort_by("n").column("n").to_pylist() == [3, 4]
+
+
+def test_altertable_connection_past_the_token_ttl(ttl_server: ServerProcess, expected: Expected) -> None:
+    """altertable adopts the Bearer of every response, so the server's renewal keeps a password login alive."""
+    answer = python_session("altertable-flightsql", "long_lived", ttl_server, LOGINS["password"], sql=COUNT,
+                            seconds=3 * TTL, every=0.5)
+    assert "error" not in answer, answer
+    assert answer["last_ok_after"] >= 3 * TTL and len(answer["counts"]) > 3
+    assert set(answer["counts"]) == {expected.count}
+
+
+# --- npm @lakehouse-rs/flight-sql-client (arrow-rs) ---------------------------------------------------------
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_node_flight_sql_client_browses_and_queries(node: str, server: ServerProcess,  # noqa: F811
+                                                    expected: Expected, login: str) -> None:
+    _assert_browsed(node_session(node, "browse", server, LOGINS[login], schema=EVENTS, table="issues_event"), expected)
+    answer = node_session(node, "query", server, LOGINS[login], sql=QUERY)
+    assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
+
+
+def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: ServerProcess) -> None:  # noqa: F811
+    """arrow-rs's client keeps the Bearer of its Handshake for good (it never reads later response headers): a
+    password connection ends when that token expires - the server answers UNAUTHENTICATED, which the npm
+    wrapper reports only as "failed to prepare statement" or "failed to execute prepared statement" (whichever
+    call met the expiry). An API token, which does not expire, keeps it working."""
+    args = {"sql": COUNT, "seconds": 3 * TTL, "every": 0.5}
+    token = node_session(node, "long_lived", ttl_server, LOGINS["token"], **args)
+    assert "error" not in token and token["last_ok_after"] >= 3 * TTL and len(token["counts"]) > 3
+    password = node_session(node, "long_lived", ttl_server, LOGINS["password"], **args)
+    assert password["message"] in ("failed to prepare statement", "failed to execute prepared statement")
+    assert password["failed_after"] <= TTL + 3
+    assert password["counts"]
+    time.sleep(0.3)
+    refused = [json.loads(line.split("flight_share.audit ", 1)[1]) for line in ttl_server.output().splitlines()
+               if "flight_share.audit " in line]
+    assert any(x["outcome"] == "UNAUTHENTICATED" and x["user"] is None for x in refused[-5:]), refused[-5:]
+
+
+# --- last: nothing secret reached a log ---------------------------------------------------------------------
+
+def test_no_password_token_or_bearer_in_the_server_logs(server: ServerProcess, ttl_server: ServerProcess) -> None:
+    """After every client above logged in every way: no password, API token, signing secret or JWT in a log."""
+    time.sleep(0.3)
+    for proc in (server, ttl_server):
+        log = proc.output()
+        assert "flight_share.audit" in log  # the logs are there to look at
+        for secret in (PASSWORD, TOKEN, JWT_SECRET, "eyJ"):
+            assert secret not in log
