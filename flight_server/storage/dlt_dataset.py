@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Callable, Iterator, Sequence
 
 import dlt
@@ -162,6 +163,10 @@ class DltDatasetStorage(Storage):
 
     def _fail(self, exc: Exception, what: str) -> Exception:
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        extension = re.search(r"install the required extension '(\w+)'", str(exc))
+        if extension:  # dlt reads files on a bucket through duckdb, which downloads its extensions on first use
+            detail = (f"dlt reads this destination through duckdb's '{extension.group(1)}' extension, which duckdb "
+                      "could not download here (no access to extensions.duckdb.org)")
         return Unavailable(f"{what} failed on destination '{self.destination_config.name}': {detail}",
                            dataset=self.dataset.name)
 
