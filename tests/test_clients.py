@@ -321,11 +321,14 @@ def test_sqlalchemy_adbc_connection_past_the_token_ttl(ttl_server: ServerProcess
 # --- flightsql-dbapi (DB-API 2 on pyarrow.flight) ----------------------------------------------------------
 
 @pytest.mark.parametrize("login", ALL_LOGINS)
-def test_flightsql_dbapi_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
-    """Anonymous: it sends ``authorization: Bearer None``, which the server takes as no credentials."""
-    browse = python_session("flightsql-dbapi", "browse", server, LOGINS[login], schema=EVENTS, table="issues_event")
+@pytest.mark.parametrize("client", ["flightsql-dbapi", "altertable-flightsql"])
+def test_python_dbapi_clients_browse_and_query(server: ServerProcess, expected: Expected, client: str,
+                                                login: str) -> None:
+    """Anonymous: flightsql-dbapi sends ``authorization: Bearer None``, altertable an empty user and password
+    (it insists on both); the server takes either as no credentials."""
+    browse = python_session(client, "browse", server, LOGINS[login], schema=EVENTS, table="issues_event")
     _assert_browsed(browse, expected)
-    answer = python_session("flightsql-dbapi", "query", server, LOGINS[login], sql=QUERY)
+    answer = python_session(client, "query", server, LOGINS[login], sql=QUERY)
     assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
 
 
@@ -343,15 +346,6 @@ def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
 
 
 # --- altertable-flightsql (user + password only: a token goes in as the password) --------------------------
-
-@pytest.mark.parametrize("login", ALL_LOGINS)
-def test_altertable_browses_and_queries(server: ServerProcess, expected: Expected, login: str) -> None:
-    """Anonymous = empty user and password (the client insists on both)."""
-    browse = python_session("altertable-flightsql", "browse", server, LOGINS[login], schema=EVENTS, table="issues_event")
-    _assert_browsed(browse, expected)
-    answer = python_session("altertable-flightsql", "query", server, LOGINS[login], sql=QUERY)
-    assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
-
 
 def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> None:
     data = {"payload__action": ["opened", "closed"], "n": [3, 4]}
