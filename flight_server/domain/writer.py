@@ -194,14 +194,35 @@ class Writer:
         # lock only if the stored schema is still the one it was checked against (see _load).
         storage.invalidate()
         dataset_config = self.catalog.project.datasets[command.dataset]
-        newest = storage.stored_schema()
-        table = uploads.table_name(newest.schema if newest else Schema(dataset_config.schema_name or command.dataset),
-                                   command.dataset, command.table)  # as dlt stores it
-        # a dataset with several dlt schemas: the save goes through the schema that holds the table
-        stored = storage.stored_schema(table)
+        # a dataset with several dlt schemas: the save goes through the schema that holds the table, its
+        # name as that schema's naming convention stores it; a new table through the newest schema
+        stored, table = None, ""
+        for candidate in storage.stored_schemas():
+            name = uploads.table_name(candidate.schema, command.dataset, command.table)
+            if name in candidate.schema.tables:
+                stored, table = candidate, name
+                break
+        if stored is None:
+            stored = storage.stored_schema()
+            table = uploads.table_name(stored.schema if stored else Schema(dataset_config.schema_name or command.dataset),
+                                       command.dataset, command.table)  # as dlt stores it
         schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
         spell_out_nullability(schema, table)
         exists = table in storage.table_names()
+        holders = [s.schema.name for s in storage.schemas_holding(table)]
+        if len(holders) > 1:
+            raise InvalidRequest(
+                f"table '{table}' of dataset '{command.dataset}' is loaded by several dlt schemas ({', '.join(holders)}): "
+                "a save goes through one schema and would lose what the others know of the table (a merge would "
+                "empty their columns); save into a table of your own; nothing was written",
+                dataset=command.dataset, table=table)
+        if stored is None or table not in stored.schema.tables:
+            physical = storage.physical_table(table)
+            if physical is not None:  # never let dlt create (or, on failure, drop) what is the owner's
+                raise InvalidRequest(
+                    f"a table '{physical}' already exists in dataset '{command.dataset}' but no dlt schema of the "
+                    f"dataset describes it (it was not loaded by dlt); save under another name; nothing was written",
+                    dataset=command.dataset, table=table)
         if must_exist is not None and not exists:
             raise NotFound(f"Table '{table}' not found in dataset '{command.dataset}'; {must_exist}",
                            dataset=command.dataset, table=table)

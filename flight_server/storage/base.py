@@ -222,8 +222,15 @@ class Storage(ABC):
                 dataset=self.dataset.name,
                 table=table,
             )
-        columns = stored.schema.get_table_columns(table)
+        columns = dict(stored.schema.get_table_columns(table))
+        for other in self.schemas_holding(table)[1:]:  # one table, loaded by several schemas: all its columns
+            for name, column in other.schema.get_table_columns(table).items():
+                columns.setdefault(name, column)
         return {n: c for n, c in columns.items() if is_complete_column(c)}
+
+    def schemas_holding(self, table: str) -> list[StoredSchema]:
+        """The stored schemas that describe ``table``, newest first (two pipelines may load one table)."""
+        return [s for s in self.stored_schemas() if table in s.schema.tables]
 
     def arrow_schema(self, table: str, columns: Sequence[str] | None = None) -> pa.Schema:
         """Arrow schema from the stored dlt schema; reads no table data."""
@@ -280,6 +287,11 @@ class Storage(ABC):
         fails half way - tables that existed keep (or get back) their rows, tables that did not exist
         are removed again (dlt creates a new table before it loads its rows, so a failed load left
         an empty table that the stored schema does not know). None: nothing to put back."""
+        return None
+
+    def physical_table(self, table: str) -> str | None:
+        """The name of a table already at the destination that a new ``table`` would be (e.g. one made
+        by hand or by dbt, which no dlt schema of the dataset describes); None: none, or unknown."""
         return None
 
     def clear_staging(self, tables: Sequence[str]) -> None:

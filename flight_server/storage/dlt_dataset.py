@@ -159,7 +159,12 @@ class DltDatasetStorage(Storage):
         stored = self.stored_schema(table) if table is not None else None
         if stored is None:
             return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name)
-        return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name, schema=stored.schema)
+        schema = stored.schema
+        if table is not None and len(self.schemas_holding(table)) > 1:  # the columns every schema knows of it
+            schema = schema.clone()
+            for name, column in self.table_columns(table).items():
+                schema.tables[table]["columns"].setdefault(name, column)
+        return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name, schema=schema)
 
     def _fail(self, exc: Exception, what: str) -> Exception:
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
@@ -174,7 +179,7 @@ class DltDatasetStorage(Storage):
         """Rows of ``sql`` with ``{table}`` as the qualified name of ``table`` (one dataset, one client)."""
 
         try:
-            with self._dataset().sql_client as client:
+            with self._dataset(table).sql_client as client:  # bound to the table's schema (its views, on files)
                 with client.execute_query(sql.format(table=client.make_qualified_table_name(table))) as cursor:
                     return list(cursor.fetchall())
         except Exception as exc:  # noqa: BLE001 - the driver's errors, in the user's terms

@@ -270,24 +270,39 @@ class DuckDBStorage(Storage):
             )
 
     def _existing(self, con: duckdb.DuckDBPyConnection, schema: str, tables: Sequence[str]) -> list[str]:
-        names = {r[0] for r in con.execute(
+        """The ones of ``tables`` that exist in ``schema``, compared as duckdb resolves names: without
+        regard to case (``"report"`` is the owner's ``Report``)."""
+        names = {r[0].lower() for r in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [schema]).fetchall()}
-        return [t for t in tables if t in names]
+        return [t for t in tables if t.lower() in names]
+
+    def physical_table(self, table: str) -> str | None:
+        with self.file.reading() as cursor:
+            row = cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = ? "
+                                 "AND lower(table_name) = lower(?)", [self.dataset.name, table]).fetchone()
+        return row[0] if row else None
+
+    def _table_oids(self, con: duckdb.DuckDBPyConnection) -> dict[int, str]:
+        return {oid: name for name, oid in con.execute(
+            "SELECT table_name, table_oid FROM duckdb_tables() WHERE schema_name = ?", [self.dataset.name]).fetchall()}
 
     def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:
         """A load changes the existing tables in one transaction (:data:`SQL_SAVE_SETTINGS`), but
-        dlt creates new tables before it, in a transaction of its own: a failed load drops them again
-        (only tables that did not exist before the load)."""
+        dlt creates new tables before it, in a transaction of its own: a failed load drops them again -
+        only tables that the load itself created (a table whose oid existed before is never dropped,
+        whatever its name's letter case)."""
         with self.file.writing() as con:  # re-entrant: the writer holds the write window already
             existing = set(self._existing(con, self.dataset.name, tables))
-        new = [t for t in tables if t not in existing]
+            before = set(self._table_oids(con))
+        new = {t.lower() for t in tables if t not in existing}
         if not new:
             return None
 
         def drop() -> None:
             with self.file.writing() as con:
-                for table in new:
-                    con.execute(f"DROP TABLE IF EXISTS {quote(self.dataset.name)}.{quote(table)}")
+                for oid, table in self._table_oids(con).items():
+                    if oid not in before and table.lower() in new:
+                        con.execute(f"DROP TABLE IF EXISTS {quote(self.dataset.name)}.{quote(table)}")
 
         return drop
 

@@ -280,6 +280,9 @@ class PostgresStorage(Storage):
         self.pool().give(con)
         return rows
 
+    def physical_table(self, table: str) -> str | None:
+        return next(iter(self._existing(self.dataset.name, [table])), None)
+
     def _existing(self, schema: str, tables: Sequence[str]) -> list[str]:
         names = {r[0] for r in self._execute(
             [f"SELECT table_name FROM information_schema.tables WHERE table_schema = {_literal(schema)}"],
