@@ -134,10 +134,98 @@ def test_statement_rules_are_explained(conn: flight_sql.Connection) -> None:
     assert "Traceback" not in text and ".py" not in text
 
 
-def test_prepared_statement_parameters_are_refused(conn: flight_sql.Connection) -> None:
-    with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="bound parameters are not supported"):
-        cur.execute(f"SELECT id FROM {EVENTS}.issues_event WHERE id = ?", parameters=("1",))
-        cur.fetchall()
+def test_bound_parameters_filter_like_literals(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT id FROM {EVENTS}.issues_event ORDER BY id LIMIT 3")
+        ids = [row[0] for row in cur.fetchall()]
+        cur.execute(f"SELECT id FROM {EVENTS}.issues_event WHERE id = ? OR id = ? ORDER BY id", parameters=(ids[0], ids[2]))
+        assert [row[0] for row in cur.fetchall()] == [ids[0], ids[2]]
+        cur.execute("SELECT $2 AS b, $1 AS a, $1 || $2 AS ab", parameters=("x", "y"))
+        assert cur.fetchall() == [("y", "x", "xy")]
+        cur.execute("SELECT ? + 1 AS n, ? AS missing", parameters=(41, None))
+        assert cur.fetchall() == [(42, None)]
+
+
+def test_an_injection_through_a_parameter_stays_a_value(conn: flight_sql.Connection) -> None:
+    hostile = f"x' OR '1'='1'; DROP TABLE {EVENTS}.issues_event; --"
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event WHERE payload__action = ?", parameters=(hostile,))
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT ? AS v", parameters=(hostile,))
+        assert cur.fetchone()[0] == hostile
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event")
+        assert cur.fetchone()[0] > 0
+
+
+def test_parameter_schema_and_dataframe_readers(conn: flight_sql.Connection) -> None:
+    import pandas as pd
+    import polars as pl
+
+    with conn.cursor() as cur:
+        schema = cur.adbc_prepare(f"SELECT id FROM {EVENTS}.issues_event WHERE id > ? AND payload__action = ?")
+        assert schema is not None and len(schema) == 2
+        assert cur.adbc_prepare("SELECT 1 AS one") in (None, pa.schema([]))
+    query = f"SELECT payload__action, count(*) AS n FROM {EVENTS}.issues_event WHERE payload__action = ? GROUP BY ALL"
+    # pandas 3.1 refuses params over any ADBC connection by itself ("'params' is not implemented for ADBC
+    # drivers"); polars passes them to the driver
+    frame = pl.read_database(query, conn, execute_options={"parameters": ["opened"]})
+    assert frame["payload__action"].to_list() == ["opened"] and frame["n"][0] > 0
+    plain = pd.read_sql(query.replace("?", "'opened'"), conn)
+    assert plain["n"].tolist() == frame["n"].to_list()
+
+
+def test_parameter_mistakes_are_explained(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur:
+        with pytest.raises(flight_sql.Error, match=r"the statement has 2 parameter\(s\); 1 value\(s\) were bound"):
+            cur.execute("SELECT ? AS a, ? AS b", parameters=(1,))
+        with pytest.raises(flight_sql.Error, match="parameter \\$name is not supported; write parameters as"):
+            cur.execute("SELECT $name AS a", parameters=(1,))
+        # executemany is an update in DB-API (DoPut CommandPreparedStatementUpdate): read-only except ingest
+        with pytest.raises(flight_sql.Error, match="CommandPreparedStatementUpdate is not supported: the server is "
+                                                   "read-only except bulk ingest"):
+            cur.executemany("SELECT ? AS a", [(1,), (2,)])
+        with pytest.raises(flight_sql.Error, match="only SELECT queries are allowed, got INSERT"):
+            cur.executemany(f"INSERT INTO {REPORTS}.t VALUES (?)", [(1,), (2,)])
+
+
+def _bind(client: flight.FlightClient, handle: bytes, values: pa.Table) -> bytes:
+    """DoPut(CommandPreparedStatementQuery) with ``values``: the new handle from DoPutPreparedStatementResult."""
+    descriptor = flight.FlightDescriptor.for_command(pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)))
+    writer, reader = client.do_put(descriptor, values.schema)
+    writer.write_table(values)
+    writer.done_writing()
+    answer = reader.read()
+    writer.close()
+    from flight_server._vendor.flight_messages import DoPutPreparedStatementResult
+
+    return DoPutPreparedStatementResult.FromString(answer.to_pybytes()).prepared_statement_handle
+
+
+def test_several_rows_of_values_concatenate_results_and_limits_hold(sql_server: ServerProcess) -> None:
+    from flight_server.domain.sql import MAX_PARAMETER_ROWS
+
+    create = pb.ActionCreatePreparedStatementRequest(query="SELECT ? * 10 AS n, ? AS s")
+    with _flight(sql_server) as client:
+        body = list(client.do_action(flight.Action("CreatePreparedStatement", pack(create))))[0].body.to_pybytes()
+        from google.protobuf import any_pb2
+
+        result = pb.ActionCreatePreparedStatementResult()
+        any_pb2.Any.FromString(body).Unpack(result)
+        assert pa.ipc.read_schema(pa.py_buffer(result.parameter_schema)).names == ["$1", "$2"]
+        handle = _bind(client, result.prepared_statement_handle, pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}))
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(
+            pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))))
+        table = client.do_get(info.endpoints[0].ticket).read_all()
+        assert table.to_pylist() == [{"n": 10, "s": "x"}, {"n": 20, "s": "y"}, {"n": 30, "s": "z"}]
+        too_many = pa.table({"a": list(range(MAX_PARAMETER_ROWS + 1)), "b": ["x"] * (MAX_PARAMETER_ROWS + 1)})
+        with pytest.raises(pa.ArrowInvalid, match=f"at most {MAX_PARAMETER_ROWS:,} executions per statement"):
+            _bind(client, result.prepared_statement_handle, too_many)
+        big = pa.table({"a": [1], "b": ["x" * (2 << 20)]})
+        with pytest.raises(pa.ArrowInvalid, match="bound values take more than 1,048,576 bytes"):
+            _bind(client, result.prepared_statement_handle, big)
+        unbound = pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=result.prepared_statement_handle))
+        with pytest.raises(pa.ArrowInvalid, match=r"has 2 parameter\(s\) and no values are bound"):
+            client.get_flight_info(flight.FlightDescriptor.for_command(unbound))
 
 
 # --- bulk ingest ---------------------------------------------------------------------------------

@@ -26,7 +26,10 @@ for both). ``schema`` names the dataset.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -37,12 +40,17 @@ from google.protobuf.message import Message
 from client import __version__
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server._vendor import flight_messages as fm
 from flight_server.domain.catalog import Catalog
-from flight_server.domain.errors import InvalidRequest, NotFound, Unsupported
+from flight_server.domain.errors import Cancelled, InvalidRequest, NotFound, Unsupported
 from flight_server.domain.sql import (
+    MAX_PARAMETER_BYTES,
+    MAX_QUERY_CHARS,
     SqlSandbox,
+    check_parameters,
     check_query,
-    has_parameters,
+    parameter_count,
+    parameter_schema,
     referenced_datasets,
 )
 from flight_server.domain.writer import Writer
@@ -201,20 +209,60 @@ def _like_match(pieces: list[_Piece], name: str) -> bool:
     return end >= pos and _piece_at(last, name, end)
 
 
-def encode_handle(query: str) -> bytes:
-    return _HANDLE_PREFIX + json.dumps({"query": query}).encode()
+@dataclass(frozen=True)
+class Statement:
+    """What a statement or prepared statement handle carries: the SQL and the values bound to it.
+
+    ``parameters`` is an Arrow IPC stream (one column per parameter, one row per execution), at most
+    :data:`MAX_PARAMETER_BYTES` long. Handles are not secret: whatever one carries is checked again on
+    every use, under the caller's profile, exactly like a statement sent in the clear.
+    """
+
+    query: str
+    parameters: bytes | None = None
+
+    def values(self) -> pa.Table | None:
+        """The bound values as a table, or None when nothing is bound."""
+        if self.parameters is None:
+            return None
+        try:
+            values = pa.ipc.open_stream(pa.py_buffer(self.parameters)).read_all()
+            values.validate(full=True)
+        except (pa.ArrowException, ValueError):
+            raise InvalidRequest("not a statement handle issued by this server (its bound values do not decode)") from None
+        return values
 
 
-def decode_handle(handle: bytes) -> str:
-    if not handle.startswith(_HANDLE_PREFIX):
+def encode_handle(statement: Statement) -> bytes:
+    body: dict[str, Any] = {"query": statement.query}
+    if statement.parameters is not None:
+        body["parameters"] = base64.b64encode(statement.parameters).decode()
+    return _HANDLE_PREFIX + json.dumps(body).encode()
+
+
+# a handle: the statement, and bound values in base64 (4/3 of their size)
+_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 4 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
+
+
+def decode_handle(handle: bytes) -> Statement:
+    if not handle.startswith(_HANDLE_PREFIX) or len(handle) > _MAX_HANDLE_BYTES:
         raise InvalidRequest("not a statement handle issued by this server")
     try:
-        query = json.loads(handle[len(_HANDLE_PREFIX):])["query"]
-    except (ValueError, KeyError, TypeError):
+        body = json.loads(handle[len(_HANDLE_PREFIX):])
+        query, parameters = body["query"], body.get("parameters")
+        if not isinstance(query, str) or not isinstance(parameters, (str, type(None))):
+            raise TypeError
+        raw = base64.b64decode(parameters, validate=True) if parameters is not None else None
+    except (ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidRequest("not a statement handle issued by this server") from None
-    if not isinstance(query, str):
-        raise InvalidRequest("not a statement handle issued by this server")
-    return query
+    return Statement(query, raw)
+
+
+def _ipc(values: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, values.schema) as writer:
+        writer.write_table(values)
+    return sink.getvalue().to_pybytes()
 
 
 _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
@@ -251,6 +299,9 @@ class FlightSqlSurface:
             ("get_flight_info", "CommandPreparedStatementQuery"): self._prepared_info,
             ("get_schema", "CommandPreparedStatementQuery"): self._prepared_schema,
             ("do_put", "CommandPreparedStatementQuery"): self._prepared_bind,
+            ("do_put", "CommandStatementUpdate"): self._read_only,
+            ("do_put", "CommandPreparedStatementUpdate"): self._read_only,
+            ("do_put", "CommandStatementSubstraitPlan"): self._read_only,
             ("do_get", "TicketStatementQuery"): self._statement_get,
             ("do_put", "CommandStatementIngest"): self._ingest,
             ("do_action", "CreatePreparedStatement"): self._create_prepared,
@@ -344,10 +395,12 @@ class FlightSqlSurface:
     def _table_types(self, call: Call, command: Any) -> pa.Table:
         return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES_SCHEMA)
 
-    # --- statements -------------------------------------------------------------------------------
-    def _prepare(self, call: Call, query: str) -> tuple[Storage, Any]:
-        """The storage a statement reads and the statement checked and qualified by the sandbox."""
+    # --- statements ---------------------------------------------------------------------------------
+    def _prepare(self, call: Call, statement: Statement) -> tuple[Storage, Any, pa.Table | None]:
+        """The storage a statement reads, the statement checked and qualified by the sandbox, and its
+        bound values (checked against its placeholders; None when it has none)."""
         profile = call.profile
+        query = statement.query
         datasets, unqualified = referenced_datasets(query)
         visible = self.catalog.visible(profile)
         if unqualified:
@@ -355,41 +408,54 @@ class FlightSqlSurface:
                 f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
-        if has_parameters(query):
-            # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
-            raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
         if len(datasets) > 1:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
+        count = parameter_count(query)
+        values = statement.values()
+        if values is not None:
+            values = check_parameters(values, count)
+        elif count:
+            raise InvalidRequest(f"the statement has {count} parameter(s) and no values are bound; bind them "
+                                 "(DoPut CommandPreparedStatementQuery) before executing")
         dataset = next(iter(datasets)) if datasets else visible[0]
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(query, dataset, columns, catalog=self.catalog_name)
+        return storage, check_query(query, dataset, columns, catalog=self.catalog_name), values
 
-    def _query_schema(self, call: Call, query: str) -> pa.Schema:
-        storage, checked = self._prepare(call, query)
-        return self.sql.schema(storage, checked, call.cancelled)
+    def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
+        storage, checked, values = self._prepare(call, statement)
+        return self.sql.schema(storage, checked, call.cancelled, values)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
         self._no_transaction(command)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(command.query)))
-        return self._info(self._query_schema(call, command.query), call.descriptor, ticket)
+        statement = Statement(command.query)
+        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(statement)))
+        return self._info(self._query_schema(call, statement), call.descriptor, ticket)
 
     def _statement_schema(self, call: Call, request: Request) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(call, request.message.query))
+        return flight.SchemaResult(self._query_schema(call, Statement(request.message.query)))
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
-        storage, checked = self._prepare(call, decode_handle(request.message.statement_handle))
-        return call.stream(self.sql.run(storage, checked, call.cancelled))
+        storage, checked, values = self._prepare(call, decode_handle(request.message.statement_handle))
+        return call.stream(self.sql.run(storage, checked, call.cancelled, values))
 
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         self._no_transaction(request.message)
-        schema = self._query_schema(call, request.message.query)
+        query = request.message.query
+        count = parameter_count(query)
+        if count:
+            # the result's schema before any value is bound: the parameters bound as NULLs
+            nulls = pa.table([pa.nulls(1)] * count, schema=parameter_schema(count))
+            schema = self._query_schema(call, Statement(query, _ipc(nulls)))
+        else:
+            schema = self._query_schema(call, Statement(query))
         result = pb.ActionCreatePreparedStatementResult(
-            prepared_statement_handle=encode_handle(request.message.query),
+            prepared_statement_handle=encode_handle(Statement(query)),
             dataset_schema=schema.serialize().to_pybytes(),
+            parameter_schema=parameter_schema(count).serialize().to_pybytes() if count else b"",
         )
         return iter([pack(result)])
 
@@ -406,7 +472,39 @@ class FlightSqlSurface:
         return flight.SchemaResult(self._query_schema(call, decode_handle(request.message.prepared_statement_handle)))
 
     def _prepared_bind(self, call: Call, request: Request) -> None:
-        raise Unsupported("bound parameters are not supported; put the values into the SQL text")
+        """DoPut(CommandPreparedStatementQuery): values to bind, one row per execution.
+
+        The server keeps no state: the answer (``DoPutPreparedStatementResult``, raw in the PutResult's
+        app_metadata) carries a new handle holding the statement and these values, which clients then
+        execute (GetFlightInfo / DoGet). Several rows execute the statement once per row; the results
+        of all rows, in row order, are one result (as Arrow's SQLite example server does).
+        """
+        statement = decode_handle(request.message.prepared_statement_handle)
+        batches, size = [], 0
+        while True:
+            try:
+                chunk = call.reader.read_chunk()
+            except StopIteration:
+                break
+            if chunk.data is None:
+                continue
+            size += chunk.data.nbytes
+            if size > MAX_PARAMETER_BYTES:
+                raise InvalidRequest(f"the bound values take more than {MAX_PARAMETER_BYTES:,} bytes; "
+                                     "bind fewer rows per execution")
+            batches.append(chunk.data)
+        if call.cancelled():
+            raise Cancelled("the upload of bound values was cancelled")
+        values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
+                                  parameter_count(statement.query))
+        bound = Statement(statement.query, _ipc(values))
+        result = fm.DoPutPreparedStatementResult(prepared_statement_handle=encode_handle(bound))
+        call.writer.write(pa.py_buffer(result.SerializeToString()))
+
+    @staticmethod
+    def _read_only(call: Call, request: Request) -> None:
+        raise Unsupported(f"{request.kind} is not supported: the server is read-only except bulk ingest "
+                          "(CommandStatementIngest, adbc_ingest); statements are SELECT queries")
 
     @staticmethod
     def _no_transaction(command: Any) -> None:
