@@ -228,6 +228,119 @@ def test_several_rows_of_values_concatenate_results_and_limits_hold(sql_server: 
             client.get_flight_info(flight.FlightDescriptor.for_command(unbound))
 
 
+# --- sessions: the current catalog and db_schema (issue 15) ----------------------------------------
+
+COOKIES = {"adbc.flight.sql.rpc.with_cookie_middleware": "true"}
+
+
+def test_current_db_schema_resolves_unqualified_names(sql_server: ServerProcess) -> None:
+    with flight_sql.connect(sql_server.url, db_kwargs={**DB_KWARGS, **COOKIES}, autocommit=True) as conn:
+        assert conn.adbc_current_catalog == PROJECT
+        with pytest.raises(flight_sql.Error, match="current schema not supported"):
+            conn.adbc_current_db_schema  # nothing set yet
+        conn.adbc_current_db_schema = EVENTS
+        assert conn.adbc_current_db_schema == EVENTS
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM issues_event")
+            unqualified = cur.fetchone()[0]
+            cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event")
+            assert cur.fetchone()[0] == unqualified > 0
+            cur.execute("SELECT count(*) FROM issues_event WHERE payload__action = ?", parameters=("opened",))
+            assert 0 < cur.fetchone()[0] <= unqualified
+        with pytest.raises(flight_sql.Error, match=f"Dataset 'secret_dataset' not found; datasets: {EVENTS}, {REPORTS}"):
+            conn.adbc_current_db_schema = "secret_dataset"
+        assert conn.adbc_current_db_schema == EVENTS  # a refused value changes nothing
+        with pytest.raises(flight_sql.Error, match=f"Catalog 'other' not found; the catalog is project {PROJECT}"):
+            conn.adbc_current_catalog = "other"
+        conn.adbc_current_catalog = PROJECT
+        conn.adbc_current_db_schema = REPORTS
+        with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="Table 'issues_event' not found in dataset 'reports_dataset'"):
+            cur.execute("SELECT count(*) FROM issues_event")
+    # another connection has its own session: nothing set there
+    with flight_sql.connect(sql_server.url, db_kwargs={**DB_KWARGS, **COOKIES}, autocommit=True) as other:
+        with pytest.raises(flight_sql.Error, match="current schema not supported"):
+            other.adbc_current_db_schema
+        assert "or set the current db_schema" in _error(other, "SELECT * FROM issues_event")
+
+
+class _Cookies(flight.ClientMiddlewareFactory):
+    """Keeps the Set-Cookie a server sends and sends it back (what ADBC's cookie middleware does)."""
+
+    def __init__(self) -> None:
+        self.cookie: str | None = None
+
+    def start_call(self, info: flight.CallInfo) -> flight.ClientMiddleware:
+        factory = self
+
+        class Middleware(flight.ClientMiddleware):
+            def sending_headers(self) -> dict[str, str]:
+                return {"cookie": factory.cookie} if factory.cookie else {}
+
+            def received_headers(self, headers: dict[str, list[str]]) -> None:
+                for value in headers.get("set-cookie", []):
+                    factory.cookie = value.split(";", 1)[0]
+
+        return Middleware()
+
+
+def _session_action(client: flight.FlightClient, name: str, body: bytes, options: flight.FlightCallOptions | None = None) -> bytes:
+    return list(client.do_action(flight.Action(name, body), options))[0].body.to_pybytes()
+
+
+def test_session_cookie_options_and_close_over_flight(sql_server: ServerProcess) -> None:
+    from flight_server._vendor import flight_messages as fm
+
+    cookies = _Cookies()
+    request = fm.SetSessionOptionsRequest()
+    request.session_options["schema"].string_value = EVENTS
+    request.session_options["time_zone"].string_value = "UTC"
+    with flight.connect(sql_server.url, middleware=[cookies]) as client:
+        result = fm.SetSessionOptionsResult.FromString(
+            _session_action(client, "SetSessionOptions", request.SerializeToString()))
+        assert {k: v.value for k, v in result.errors.items()} == {"time_zone": fm.SetSessionOptionsResult.INVALID_NAME}
+        assert cookies.cookie is not None and cookies.cookie.startswith("arrow_flight_session_id=")
+        got = fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert {k: v.string_value for k, v in got.session_options.items()} == {"catalog": PROJECT, "schema": EVENTS}
+        # a forged or foreign session id is no session
+        forged = flight.FlightCallOptions(headers=[(b"cookie", b"arrow_flight_session_id=forged")])
+        with flight.connect(sql_server.url) as stranger:
+            got = fm.GetSessionOptionsResult.FromString(_session_action(stranger, "GetSessionOptions", b"", forged))
+            assert set(got.session_options.keys()) == {"catalog"}
+        closed = fm.CloseSessionResult.FromString(_session_action(client, "CloseSession", b""))
+        assert closed.status == fm.CloseSessionResult.CLOSED
+        got = fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert set(got.session_options.keys()) == {"catalog"}
+
+
+def test_session_store_is_bounded_and_per_user() -> None:
+    import time
+
+    from flight_server.transport.session import SessionStore
+
+    store = SessionStore(capacity=3, idle_seconds=3600)
+    ids = [store.create("alice")[0] for _ in range(4)]
+    assert len(store) == 3 and store.get(ids[0], "alice") is None  # the least recently used went
+    store.get(ids[1], "alice")  # used: now the most recent
+    store.create("bob")
+    assert store.get(ids[1], "alice") is not None and store.get(ids[2], "alice") is None
+    assert store.get(ids[1], "bob") is None and not store.close(ids[1], "bob")  # another user's id is nothing
+    assert store.close(ids[1], "alice") and store.get(ids[1], "alice") is None
+    idle = SessionStore(capacity=3, idle_seconds=0.05)
+    session_id, _ = idle.create("alice")
+    time.sleep(0.1)
+    assert idle.get(session_id, "alice") is None and len(idle) == 0
+
+
+def test_autocommit_off_is_refused(conn: flight_sql.Connection) -> None:
+    import adbc_driver_manager
+
+    with pytest.raises(adbc_driver_manager.NotSupportedError, match="server does not report transaction support"):
+        conn.adbc_connection.set_autocommit(False)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchall() == [(1,)]
+
+
 # --- bulk ingest ---------------------------------------------------------------------------------
 
 def test_ingest_into_frozen_dataset_gets_the_contract_error(conn: flight_sql.Connection, sql_server) -> None:

@@ -56,15 +56,17 @@ from flight_server.domain.sql import (
 from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
-from flight_server.transport.decode import ACTION_BODIES, Request
+from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request
+from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of, set_cookie
 from flight_server.transport.upload import FlightUpload
 
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "flight-share"
 _HANDLE_PREFIX = b"flight-share/statement/v1:"
 
-# Flight.proto's CloseSessionResult{status: CLOSED}: sessions hold nothing here, so closing always succeeds
-_CLOSE_SESSION_CLOSED = b"\x08\x01"
+# the session options this server knows (the names ADBC's Flight SQL driver uses for the current catalog
+# and db_schema)
+SESSION_OPTIONS = ("catalog", "schema")
 
 Handler = Callable[[Call, Request], Any]
 
@@ -271,8 +273,10 @@ _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
 class FlightSqlSurface:
     """Handlers of Flight SQL requests, given the domain services they use."""
 
-    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer) -> None:
+    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer,
+                 sessions: SessionStore | None = None) -> None:
         self.catalog_name = catalog_name
+        self.sessions = sessions if sessions is not None else SessionStore()
         self.catalog = catalog
         self.sql = sql
         self.writer = writer
@@ -306,19 +310,83 @@ class FlightSqlSurface:
             ("do_put", "CommandStatementIngest"): self._ingest,
             ("do_action", "CreatePreparedStatement"): self._create_prepared,
             ("do_action", "ClosePreparedStatement"): self._close_prepared,
-            ("do_action", "CloseSession"): lambda _call, _request: iter([_CLOSE_SESSION_CLOSED]),
+            ("do_action", "SetSessionOptions"): self._set_session_options,
+            ("do_action", "GetSessionOptions"): self._get_session_options,
+            ("do_action", "CloseSession"): self._close_session,
         })
         return routes
 
     @staticmethod
     def unsupported_action(name: str) -> Unsupported:
         return Unsupported(f"Flight SQL action {name} is not supported by this server; "
-                           f"supported: {', '.join([*ACTION_BODIES, 'CloseSession'])}")
+                           f"supported: {', '.join([*ACTION_BODIES, *RAW_ACTION_BODIES])}")
 
     # --- who and what -----------------------------------------------------------------------------
     @staticmethod
     def _info(schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+
+    # --- sessions: the current catalog and db_schema -------------------------------------------------
+    def _session(self, call: Call) -> Session | None:
+        return self.sessions.get(cookie_of(call.context), call.identity.user)
+
+    def current_schema(self, call: Call) -> str | None:
+        """The dataset the caller's session set as its current db_schema (None: no session, or not set)."""
+        session = self._session(call)
+        return session.options.get("schema") if session is not None else None
+
+    def _set_session_options(self, call: Call, request: Request) -> Iterator[bytes]:
+        """SetSessionOptions: ``catalog`` (the project) and ``schema`` (a dataset the caller sees).
+
+        A value the server cannot take fails the call, saying why (nothing is set); an unknown
+        option name is reported per option, as Flight.proto has it (the others are set).
+        """
+        wanted: dict[str, str | None] = {}
+        result = fm.SetSessionOptionsResult()
+        for name, value in request.message.session_options.items():
+            if name not in SESSION_OPTIONS:
+                result.errors[name[:100]].value = fm.SetSessionOptionsResult.INVALID_NAME
+                continue
+            kind = value.WhichOneof("option_value")
+            if kind is None:
+                wanted[name] = None  # an empty value erases the option
+            elif kind != "string_value" or len(value.string_value) > MAX_OPTION_CHARS:
+                raise InvalidRequest(f"session option '{name}' takes a name (a string)")
+            else:
+                wanted[name] = self._checked_option(call, name, value.string_value)
+        if wanted:
+            session = self._session(call)
+            if session is None:
+                session_id, session = self.sessions.create(call.identity.user)
+                set_cookie(call.context, session_id)
+            for name, text in wanted.items():
+                if text is None:
+                    session.options.pop(name, None)
+                else:
+                    session.options[name] = text
+        return iter([result.SerializeToString()])
+
+    def _checked_option(self, call: Call, name: str, value: str) -> str:
+        if name == "catalog":
+            if value != self.catalog_name:
+                raise NotFound(f"Catalog '{value}' not found; the catalog is project {self.catalog_name}")
+            return value
+        visible = self.catalog.visible(call.profile)
+        if value not in visible:
+            raise NotFound(f"Dataset '{value}' not found; datasets: {', '.join(visible) or '(none)'}", dataset=value)
+        return value
+
+    def _get_session_options(self, call: Call, request: Request) -> Iterator[bytes]:
+        result = fm.GetSessionOptionsResult()
+        result.session_options["catalog"].string_value = self.catalog_name
+        schema = self.current_schema(call)
+        if schema is not None:
+            result.session_options["schema"].string_value = schema
+        return iter([result.SerializeToString()])
+
+    def _close_session(self, call: Call, request: Request) -> Iterator[bytes]:
+        self.sessions.close(cookie_of(call.context), call.identity.user)
+        return iter([fm.CloseSessionResult(status=fm.CloseSessionResult.CLOSED).SerializeToString()])
 
     # --- metadata commands ------------------------------------------------------------------------
     def _metadata_info(self, call: Call, request: Request) -> flight.FlightInfo:
@@ -403,11 +471,17 @@ class FlightSqlSurface:
         query = statement.query
         datasets, unqualified = referenced_datasets(query)
         visible = self.catalog.visible(profile)
-        if unqualified:
+        current = self.current_schema(call)
+        if current is not None and current not in visible:
+            current = None  # the dataset went away (or the profile lost it) since the option was set
+        if unqualified and current is None:
             raise InvalidRequest(
-                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
+                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}), "
+                f"or set the current db_schema (SetSessionOptions, with cookies); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
+        if unqualified:
+            datasets = datasets | {current}
         if len(datasets) > 1:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
@@ -419,7 +493,7 @@ class FlightSqlSurface:
         elif count:
             raise InvalidRequest(f"the statement has {count} parameter(s) and no values are bound; bind them "
                                  "(DoPut CommandPreparedStatementQuery) before executing")
-        dataset = next(iter(datasets)) if datasets else visible[0]
+        dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
         return storage, check_query(query, dataset, columns, catalog=self.catalog_name), values
@@ -532,6 +606,8 @@ class FlightSqlSurface:
             )
         if command.HasField("catalog") and command.catalog != self.catalog_name:
             raise NotFound(f"Catalog '{command.catalog}' not found; the catalog is project {self.catalog_name}")
+        # not the session's current db_schema: the dataset is named in the command (the dispatch evicts
+        # the cache of the dataset the command names)
         if not command.HasField("schema") or not command.schema:
             visible = self.catalog.visible(profile)
             raise InvalidRequest(

@@ -25,7 +25,7 @@ from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.transport import audit, decode
+from flight_server.transport import audit, decode, session
 from flight_server.transport.auth import Security
 from flight_server.transport.call import Call
 from flight_server.transport.decode import RPC_NAMES, Request
@@ -42,7 +42,8 @@ class FlightShareServer(flight.FlightServerBase):
         self.project = project
         self.security = Security.for_project(project, anonymous_profile=profile)
         kwargs.setdefault("auth_handler", self.security.auth_handler())
-        kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware()}
+        kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware(),
+                                session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
         self.sql = SqlSandbox.from_config(project.server)
@@ -53,7 +54,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.plain = PlainSurface(
             project.name, project.server.endpoint_rows, self.catalog, self.sql, self.writer, self.cache,
             self.security.tickets, LocationRing(project.server.locations), self.calls)
-        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer)
+        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore())
         self.routes: dict[tuple[str, str], Callable[[Call, Request], Any]] = {
             **self.plain.routes(), **self.flight_sql.routes()}
 
