@@ -341,6 +341,66 @@ def test_autocommit_off_is_refused(conn: flight_sql.Connection) -> None:
         assert cur.fetchall() == [(1,)]
 
 
+# --- type names, primary keys, one time-zone spelling (issue 15) --------------------------------------
+
+def test_get_objects_carries_sql_type_names(conn: flight_sql.Connection) -> None:
+    objects = conn.adbc_get_objects(depth="all", db_schema_filter=EVENTS, table_name_filter="issues_event")
+    table = objects.read_all().to_pylist()[0]["catalog_db_schemas"][0]["db_schema_tables"][0]
+    columns = {c["column_name"]: c for c in table["table_columns"]}
+    assert columns["id"]["xdbc_type_name"] == "VARCHAR"
+    assert columns["payload__issue__number"]["xdbc_type_name"] == "BIGINT"
+    assert columns["created_at"]["xdbc_type_name"] == "TIMESTAMP WITH TIME ZONE"
+    assert columns["public"]["xdbc_type_name"] == "BOOLEAN"
+    assert {c["xdbc_scope_schema"] for c in columns.values()} == {EVENTS}
+    # the Go driver fills xdbc_nullable from nothing a server sends (it appends null): nullability is the
+    # Arrow field's flag, which the table schema carries
+    schema = conn.adbc_get_table_schema("issues_event", db_schema_filter=EVENTS)
+    assert schema.field("created_at").metadata[b"ARROW:FLIGHT:SQL:TYPE_NAME"] == b"TIMESTAMP WITH TIME ZONE"
+    assert schema.field("id").metadata[b"ARROW:FLIGHT:SQL:TABLE_NAME"] == b"issues_event"
+
+
+def _fetch(client: flight.FlightClient, command: bytes) -> pa.Table:
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+    return client.do_get(info.endpoints[0].ticket).read_all()
+
+
+def test_primary_keys_and_xdbc_type_info(sql_server: ServerProcess) -> None:
+    from flight_server._vendor import flight_messages as fm
+    from flight_server.transport.flight_sql import PRIMARY_KEYS_SCHEMA, XDBC_TYPE_INFO_SCHEMA
+
+    data = pa.table({"code": ["a", "b"], "region": ["x", "y"], "n": [1, 2]})
+    with connect(sql_server.url) as catalog:
+        catalog[REPORTS].save(data, "keyed_counts", write_disposition="merge", primary_key=["code", "region"])
+    with _flight(sql_server) as client:
+        keys = _fetch(client, pack(fm.CommandGetPrimaryKeys(db_schema=REPORTS, table="keyed_counts")))
+        assert keys.schema.equals(PRIMARY_KEYS_SCHEMA)
+        assert [(r["db_schema_name"], r["column_name"], r["key_sequence"]) for r in keys.to_pylist()] == [
+            (REPORTS, "code", 1), (REPORTS, "region", 2)]
+        assert _fetch(client, pack(fm.CommandGetPrimaryKeys(db_schema=EVENTS, table="issues_event"))).num_rows == 0
+        types = _fetch(client, pack(fm.CommandGetXdbcTypeInfo()))
+        assert types.schema.equals(XDBC_TYPE_INFO_SCHEMA)
+        names = types.column("type_name").to_pylist()
+        assert {"VARCHAR", "BIGINT", "DOUBLE", "BOOLEAN", "DECIMAL", "TIMESTAMP WITH TIME ZONE", "JSON"} <= set(names)
+        timestamps = _fetch(client, pack(fm.CommandGetXdbcTypeInfo(data_type=93))).to_pylist()
+        assert [(t["type_name"], t["sql_data_type"], t["datetime_subcode"]) for t in timestamps] == [
+            ("TIMESTAMP", 9, 3), ("TIMESTAMP WITH TIME ZONE", 9, 3)]
+
+
+def test_sql_results_and_table_reads_share_one_time_zone_spelling(conn: flight_sql.Connection, sql_server) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT created_at FROM {EVENTS}.issues_event ORDER BY created_at LIMIT 5")
+        result = cur.fetch_arrow_table()
+        cur.execute("SELECT TIMESTAMPTZ '2026-01-02 03:04:05+00' AS t, now() AS n")
+        literal = cur.fetch_arrow_table()
+    with connect(sql_server.url) as catalog:
+        read = catalog[EVENTS]["issues_event"].select("created_at").arrow()
+    assert read.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert result.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert {f.type.tz for f in literal.schema} == {"UTC"}
+    both = pa.concat_tables([read, result])
+    assert both.num_rows == read.num_rows + 5
+
+
 # --- bulk ingest ---------------------------------------------------------------------------------
 
 def test_ingest_into_frozen_dataset_gets_the_contract_error(conn: flight_sql.Connection, sql_server) -> None:
@@ -396,11 +456,11 @@ def _flight(server: ServerProcess) -> flight.FlightClient:
 def test_unknown_command_is_unimplemented_with_its_name(sql_server: ServerProcess) -> None:
     from google.protobuf import any_pb2
 
-    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetPrimaryKeys", value=b"")
+    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetCrossReference", value=b"")
     with _flight(sql_server) as client:
         with pytest.raises(pa.ArrowException) as info:
             client.get_flight_info(flight.FlightDescriptor.for_command(unknown.SerializeToString()))
-        assert "Flight SQL CommandGetPrimaryKeys is not supported by this server on GetFlightInfo" in str(info.value)
+        assert "Flight SQL CommandGetCrossReference is not supported by this server on GetFlightInfo" in str(info.value)
         with pytest.raises(pa.ArrowException, match="Flight SQL action BeginTransaction is not supported"):
             list(client.do_action(flight.Action("BeginTransaction", b"")))
         with pytest.raises(pa.ArrowException, match="CreatePreparedStatement takes a ActionCreatePreparedStatementRequest"):

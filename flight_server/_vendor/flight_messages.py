@@ -5,7 +5,7 @@ Built at import from a descriptor written out below (field numbers and types as 
 .proto files), in a pool of their own: no generated code, no protobuf version pin.
 
 - ``DoPutPreparedStatementResult`` (FlightSql.proto): the answer to binding values to a prepared
-  statement, with the handle to use from then on;
+  statement, with the handle to use from then on; ``CommandGetXdbcTypeInfo``, ``CommandGetPrimaryKeys``;
 - the session options of Flight.proto: ``SessionOptionValue``, ``SetSessionOptionsRequest``/``Result``,
   ``GetSessionOptionsRequest``/``Result``, ``CloseSessionRequest``/``Result``. Their action bodies and
   results are the serialised messages themselves (not packed in ``Any``).
@@ -82,6 +82,16 @@ def _files() -> list[descriptor_pb2.FileDescriptorProto]:
         _field("prepared_statement_handle", 1, _F.TYPE_BYTES, oneof=0, proto3_optional=True)])
     put_result.oneof_decl.add(name="_prepared_statement_handle")
     sql.message_type.append(put_result)
+    type_info = descriptor_pb2.DescriptorProto(name="CommandGetXdbcTypeInfo", field=[
+        _field("data_type", 1, _F.TYPE_INT32, oneof=0, proto3_optional=True)])
+    type_info.oneof_decl.add(name="_data_type")
+    primary_keys = descriptor_pb2.DescriptorProto(name="CommandGetPrimaryKeys", field=[
+        _field("catalog", 1, _F.TYPE_STRING, oneof=0, proto3_optional=True),
+        _field("db_schema", 2, _F.TYPE_STRING, oneof=1, proto3_optional=True),
+        _field("table", 3, _F.TYPE_STRING)])
+    primary_keys.oneof_decl.add(name="_catalog")
+    primary_keys.oneof_decl.add(name="_db_schema")
+    sql.message_type.extend([type_info, primary_keys])
     return [flight, sql]
 
 
@@ -102,3 +112,5 @@ GetSessionOptionsResult = _cls("arrow.flight.protocol.GetSessionOptionsResult")
 CloseSessionRequest = _cls("arrow.flight.protocol.CloseSessionRequest")
 CloseSessionResult = _cls("arrow.flight.protocol.CloseSessionResult")
 DoPutPreparedStatementResult = _cls("arrow.flight.protocol.sql.DoPutPreparedStatementResult")
+CommandGetXdbcTypeInfo = _cls("arrow.flight.protocol.sql.CommandGetXdbcTypeInfo")
+CommandGetPrimaryKeys = _cls("arrow.flight.protocol.sql.CommandGetPrimaryKeys")

@@ -100,7 +100,7 @@ def unpack_any(data: bytes) -> any_pb2.Any | None:
 def _flight_sql(rpc: str, wrapped: any_pb2.Any) -> Request:
     """A Flight SQL message; an unknown one decodes to its name only (the dispatch says UNIMPLEMENTED)."""
     name = short_name(wrapped.type_url)
-    cls = getattr(pb, name, None) if wrapped.type_url.startswith(TYPE_URL_PREFIX + SQL_PACKAGE) else None
+    cls = (getattr(pb, name, None) or getattr(fm, name, None)) if wrapped.type_url.startswith(TYPE_URL_PREFIX + SQL_PACKAGE) else None
     if not (isinstance(cls, type) and issubclass(cls, Message)):
         return Request(rpc, name, None, flight_sql=True)
     message = cls()
