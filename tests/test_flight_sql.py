@@ -64,6 +64,7 @@ def test_get_info_names_the_server(conn: flight_sql.Connection) -> None:
     info = conn.adbc_get_info()
     assert info["vendor_name"] == "flight-share"
     assert info["vendor_arrow_version"] == pa.__version__
+    assert "(SQL dialect: duckdb " in info["vendor_version"]
     assert "Flight SQL" in info["driver_name"]
 
 
@@ -482,7 +483,7 @@ def test_statement_ticket_streams_and_handles_are_checked(sql_server: ServerProc
 def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerProcess) -> None:
     tables = pack(pb.CommandGetTables(db_schema_filter_pattern=EVENTS, table_name_filter_pattern="issues_event",
                                       include_schema=True))
-    info_cmd = pack(pb.CommandGetSqlInfo(info=[0, 4, 8, 531]))
+    info_cmd = pack(pb.CommandGetSqlInfo(info=[0, 3, 4, 8, 10, 500, 501, 502, 504, 531, 563, 574]))
     with _flight(sql_server) as client:
         info = client.get_flight_info(flight.FlightDescriptor.for_command(tables))
         rows = client.do_get(info.endpoints[0].ticket).read_all().to_pylist()
@@ -493,7 +494,8 @@ def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerPr
         table = client.do_get(info.endpoints[0].ticket).read_all()
     assert table.schema.equals(SQL_INFO_SCHEMA)
     assert dict(zip(table.column("info_name").to_pylist(), table.column("value").to_pylist())) == {
-        0: "flight-share", 4: True, 8: 0, 531: "project"}
+        0: "flight-share", 3: False, 4: True, 8: 0, 10: True, 500: False, 501: False, 502: False, 504: '"',
+        531: "project", 563: False, 574: False}
 
 
 # --- pieces --------------------------------------------------------------------------------------

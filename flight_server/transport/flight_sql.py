@@ -204,6 +204,17 @@ SQL_INFO_SCHEMA = pa.schema([
 ])
 
 
+def _server_version() -> str:
+    """This server's version and the SQL dialect statements are written in (duckdb's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        engine = f"duckdb {version('duckdb')}"
+    except PackageNotFoundError:  # pragma: no cover - duckdb is a server dependency
+        engine = "duckdb"
+    return f"{__version__} (SQL dialect: {engine})"
+
+
 def sql_info_table(values: dict[int, tuple[int, Any]]) -> pa.Table:
     """GetSqlInfo's answer: one row per info id, each value tagged with its union child."""
     codes: list[int] = []
@@ -503,25 +514,40 @@ class FlightSqlSurface:
     def _sql_info(self, call: Call, command: Any) -> pa.Table:
         infos: dict[int, tuple[int, Any]] = {
             0: (_STRING, SERVER_NAME),                 # FLIGHT_SQL_SERVER_NAME
-            1: (_STRING, __version__),                 # FLIGHT_SQL_SERVER_VERSION
+            1: (_STRING, _server_version()),           # FLIGHT_SQL_SERVER_VERSION (names the SQL dialect)
             2: (_STRING, pa.__version__),              # FLIGHT_SQL_SERVER_ARROW_VERSION
-            3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY (ingest writes)
+            # statements only read; bulk ingest (CommandStatementIngest) writes, so the server is not read-only
+            3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY
             4: (_BOOL, True),                          # FLIGHT_SQL_SERVER_SQL
             5: (_BOOL, False),                         # FLIGHT_SQL_SERVER_SUBSTRAIT
-            8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: none
-            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL
-            100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: none
+            8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: SQL_SUPPORTED_TRANSACTION_NONE
+            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL (no CancelQuery; cancel the call)
+            10: (_BOOL, True),                         # FLIGHT_SQL_SERVER_BULK_INGESTION
+            11: (_BOOL, False),                        # FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED
+            100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: handles never expire
             101: (_INT32, 0),                          # FLIGHT_SQL_SERVER_TRANSACTION_TIMEOUT: none
             500: (_BOOL, False),                       # SQL_DDL_CATALOG
             501: (_BOOL, False),                       # SQL_DDL_SCHEMA
             502: (_BOOL, False),                       # SQL_DDL_TABLE
+            503: (_INT32, 1),                          # SQL_IDENTIFIER_CASE: case-insensitive (duckdb)
             504: (_STRING, '"'),                       # SQL_IDENTIFIER_QUOTE_CHAR
+            505: (_INT32, 1),                          # SQL_QUOTED_IDENTIFIER_CASE: case-insensitive (duckdb)
             506: (_BOOL, True),                        # SQL_ALL_TABLES_ARE_SELECTABLE
+            507: (_INT32, 3),                          # SQL_NULL_ORDERING: SQL_NULLS_SORTED_AT_END (duckdb's default)
             513: (_STRING, "\\"),                      # SQL_SEARCH_STRING_ESCAPE
+            514: (_STRING, ""),                        # SQL_EXTRA_NAME_CHARACTERS
+            515: (_BOOL, True),                        # SQL_SUPPORTS_COLUMN_ALIASING
+            516: (_BOOL, True),                        # SQL_NULL_PLUS_NULL_IS_NULL
+            523: (_BOOL, True),                        # SQL_SUPPORTS_LIKE_ESCAPE_CLAUSE
             529: (_STRING, "dataset"),                 # SQL_SCHEMA_TERM
             531: (_STRING, "project"),                 # SQL_CATALOG_TERM
             532: (_BOOL, True),                        # SQL_CATALOG_AT_START
+            557: (_BIGINT, MAX_QUERY_CHARS),           # SQL_MAX_STATEMENT_LENGTH
+            562: (_INT32, 0),                          # SQL_DEFAULT_TRANSACTION_ISOLATION: SQL_TRANSACTION_NONE
             563: (_BOOL, False),                       # SQL_TRANSACTIONS_SUPPORTED
+            572: (_BOOL, False),                       # SQL_BATCH_UPDATES_SUPPORTED
+            573: (_BOOL, False),                       # SQL_SAVEPOINTS_SUPPORTED
+            574: (_BOOL, False),                       # SQL_NAMED_PARAMETERS_SUPPORTED ($name: refused; ? and $1 bind)
         }
         wanted = list(command.info) or list(infos)
         return sql_info_table({i: infos[i] for i in wanted if i in infos})
