@@ -402,6 +402,128 @@ def test_sql_results_and_table_reads_share_one_time_zone_spelling(conn: flight_s
     assert both.num_rows == read.num_rows + 5
 
 
+# --- errors: once, in SQL terms, on both surfaces (issue 15) ---------------------------------------
+
+SQL_MISTAKES = [
+    (f"SELECT * FORM {EVENTS}.issues_event", "syntax error near '{table}' at line 1, column {col} (after 'FORM')"),
+    (f"SELECT nope FROM {EVENTS}.issues_event", 'SQL error: Referenced column "nope" not found in FROM clause'),
+    ("SELECT CAST('abc' AS INTEGER) AS n", "SQL error: Could not convert string 'abc' to INT32"),
+    ("SELECT 2 *", "syntax error near '*' at line 1, column 10"),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), SQL_MISTAKES)
+def test_sql_errors_read_once_in_sql_terms(conn: flight_sql.Connection, sql_server: ServerProcess, sql: str,
+                                           expected: str) -> None:
+    adbc_text = _error(conn, sql)
+    adbc_expected = expected.format(table=EVENTS, col=35)
+    assert adbc_text.count(adbc_expected) == 1, adbc_text
+    plain_sql = sql.replace(f"{EVENTS}.", "")
+    with connect(sql_server.url) as catalog, pytest.raises(Exception) as info:
+        catalog[EVENTS].sql(plain_sql).arrow()
+    plain_text = str(info.value)
+    assert plain_text.startswith(expected.format(table="issues_event", col=26)), plain_text
+    for text in (adbc_text, plain_text):
+        for internal in ("Binder Error", "Conversion Error", "sqlglot", "<class", "Traceback", ".py"):
+            assert internal not in text, text
+
+
+# --- cancel stops the work (issue 15) ----------------------------------------------------------------
+
+# an eight-way cross join of a demo table with a filter on every row: minutes of CPU (table functions such as
+# range() are refused by the sandbox)
+HEAVY = ("SELECT count(*) AS n FROM " + ", ".join(f"{EVENTS}.push_event t{i}" for i in range(8))
+         + " WHERE hash(" + ", ".join(f"t{i}.id" for i in range(8)) + ") % 1000 = 7")
+
+
+def _cpu_seconds(server: ServerProcess) -> float:
+    """CPU time of the server process and its sandbox workers (the live ones)."""
+    import psutil
+
+    root = psutil.Process(server.proc.pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _busy(server: ServerProcess, seconds: float = 0.5) -> float:
+    """The server's CPU use over ``seconds``, in cores."""
+    import time
+
+    before = _cpu_seconds(server)
+    time.sleep(seconds)
+    return (_cpu_seconds(server) - before) / seconds
+
+
+def _time_to_idle(server: ServerProcess, limit: float = 10.0) -> float:
+    import time
+
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if _busy(server, 0.25) < 0.1:
+            return time.monotonic() - started
+    return limit
+
+
+@pytest.mark.parametrize("how", ["adbc_cancel", "client_killed"])
+def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> None:
+    """A heavy query, cancelled (ADBC's cancel, or a raw client killed during its DoGet): the server's
+    CPU is back to idle within about a second, not at server.sql_timeout (120 s)."""
+    import threading
+    import time
+
+    assert _time_to_idle(sql_server) < 10  # quiet before
+    errors: list[BaseException] = []
+    if how == "adbc_cancel":
+        conn = flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True)
+        cur = conn.cursor()
+
+        def run() -> None:
+            try:
+                cur.execute(HEAVY)
+                cur.fetchall()
+            except BaseException as exc:  # noqa: BLE001 - the cancellation, checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        time.sleep(2)
+        assert _busy(sql_server) > 0.5  # the query runs
+        cur.adbc_cancel()
+        thread.join(10)
+        assert not thread.is_alive() and errors
+        cur.close()
+        conn.close()
+    else:
+        import subprocess
+        import sys
+
+        # a raw Flight client in its own process, killed mid-query: its DoGet stream just goes away
+        script = ("import sys, pyarrow.flight as fl; c = fl.connect(sys.argv[1]); "
+                  "info = c.get_flight_info(fl.FlightDescriptor.for_command(bytes.fromhex(sys.argv[2]))); "
+                  "c.do_get(info.endpoints[0].ticket).read_all()")
+        command = pack(pb.CommandStatementQuery(query=HEAVY)).hex()
+        client = subprocess.Popen([sys.executable, "-c", script, sql_server.url, command],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(3)
+            assert client.poll() is None
+            assert _busy(sql_server) > 0.5  # the query runs
+        finally:
+            client.kill()
+            client.wait(10)
+    idle_after = _time_to_idle(sql_server)
+    assert idle_after < 3, f"server still busy {idle_after:.1f} s after the cancel"
+    with flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 AS one")  # and it serves the next query
+        assert cur.fetchall() == [(1,)]
+
+
 # --- bulk ingest ---------------------------------------------------------------------------------
 
 def test_ingest_into_frozen_dataset_gets_the_contract_error(conn: flight_sql.Connection, sql_server) -> None:

@@ -164,10 +164,25 @@ def syntax_error(exc: "sqlglot.errors.ParseError") -> str:
     if error.get("line"):
         where += f" at line {error['line']}, column {error.get('col', 0)}"
     description = str(error.get("description") or "")
+    before = str(error.get("start_context") or "").split()
+    if near and before and description.startswith("Invalid expression / Unexpected token"):
+        # the word before is often the mistake ("SELECT * FORM t": FORM reads as an alias, t is unexpected)
+        where += f" (after '{before[-1][-40:]}')"
     hint = next((text for prefix, text in _SYNTAX_HINTS if description.startswith(prefix)), None)
     if hint is None:
         hint = description if description and "<class" not in description and "sqlglot" not in description else ""
     return f"syntax error{where}" + (f": {hint}" if hint else "")
+
+
+# duckdb names the part of itself that failed ("Binder Error: ..."): the rest is the SQL-level reason
+_ENGINE_PREFIX = re.compile(r"^(?:Binder|Catalog|Conversion|Parser|Invalid Input|Out of Range|Type Mismatch|"
+                            r"Not implemented|Constraint|Dependency|Invalid Type|Serialization) Error: ")
+
+
+def engine_error_text(message: str) -> str:
+    """duckdb's error in SQL terms: its first line, without the name of the engine's component."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    return _ENGINE_PREFIX.sub("", first).rstrip("!")
 
 
 def _token_error(exc: "sqlglot.errors.TokenError") -> str:
@@ -750,7 +765,7 @@ class _Job:
         if kind == "refused":
             return InvalidRequest(message, dataset=dataset)
         if kind in ("sql", "source"):
-            return InvalidRequest(f"SQL error: {mask(message)[:500]}", dataset=dataset)
+            return InvalidRequest(f"SQL error: {engine_error_text(mask(message))[:500]}", dataset=dataset)
         log.error("SQL sandbox worker failed: %s", mask(message))
         return Unavailable("the SQL sandbox failed; see the server log", dataset=dataset)
 
