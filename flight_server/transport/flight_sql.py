@@ -13,11 +13,30 @@ How the project looks to a Flight SQL client:
 - db_schema = a dataset the caller's profile may see;
 - table     = a table of that dataset (table type ``TABLE``).
 
-Statements are read-only SELECTs through the same sandbox as the plain ``sql`` command. Every table
-is written ``dataset.table`` (or ``project.dataset.table``); one statement reads one dataset (datasets
-may live on different destinations, so there is no cross-dataset join). Statement and prepared
-statement handles carry the statement itself: the server keeps no per-statement state, and every
-DoGet runs the sandbox again under the caller's profile. Bound parameters are not supported.
+Statements are read-only SELECTs (duckdb's dialect) through the same sandbox as the plain ``sql``
+command. Every table is written ``dataset.table`` (or ``project.dataset.table``), or unqualified when the
+caller's session set a current ``schema``; one statement reads one dataset (datasets may live on
+different destinations, so there is no cross-dataset join). Statement and prepared statement handles
+carry the statement itself (:class:`Statement`): the server keeps no per-statement state, and every
+DoGet runs the sandbox again under the caller's profile.
+
+Bound parameters (``?``, ``$1``): ``CreatePreparedStatement`` answers the parameter schema (``$1``...,
+null-typed); ``DoPut(CommandPreparedStatementQuery)`` with a batch of values (one row per execution, at
+most :data:`~flight_server.domain.sql.MAX_PARAMETER_ROWS` rows and ``MAX_PARAMETER_BYTES`` of Arrow IPC)
+answers a ``DoPutPreparedStatementResult`` whose new handle carries the statement and the values;
+clients execute that handle (GetFlightInfo, DoGet). duckdb binds the values in the sandbox; several rows
+run the query once each and their results follow one another. Statement updates
+(``CommandStatementUpdate``, ``CommandPreparedStatementUpdate``) are refused: read-only except ingest.
+
+Sessions (:mod:`flight_server.transport.session`): ``SetSessionOptions`` / ``GetSessionOptions`` /
+``CloseSession`` with options ``catalog`` (the project) and ``schema`` (a dataset), keyed by Flight's
+``arrow_flight_session_id`` cookie and the caller's user, in a bounded map.
+
+Metadata: GetCatalogs, GetDbSchemas, GetTables (``include_schema``: fields carry FlightSql.proto's
+``ARROW:FLIGHT:SQL:*`` column metadata, type names in duckdb's SQL), GetTableTypes, GetPrimaryKeys
+(dlt's ``primary_key`` hints), GetXdbcTypeInfo, GetSqlInfo (what the server really does: no DDL, no
+transactions, ingest yes). Cancelling a call (ADBC's ``adbc_cancel``, a client gone mid-stream) ends the
+query's sandbox process at once.
 
 Bulk ingest (``CommandStatementIngest``) goes through ``Writer.put``: the same permissions, dlt
 contracts and error texts as the plain DoPut (the dispatch drops the cache and writes the audit line
