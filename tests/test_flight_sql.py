@@ -470,9 +470,10 @@ def _time_to_idle(server: ServerProcess, limit: float = 10.0) -> float:
     return limit
 
 
-@pytest.mark.parametrize("how", ["adbc_cancel", "client_killed"])
+@pytest.mark.parametrize("how", ["adbc_cancel", "client_killed", "cancel_flight_info"])
 def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> None:
-    """A heavy query, cancelled (ADBC's cancel, or a raw client killed during its DoGet): the server's
+    """A heavy query, cancelled (ADBC's cancel, a raw client killed during its DoGet, the CancelFlightInfo
+    action from another connection): the server's
     CPU is back to idle within about a second, not at server.sql_timeout (120 s)."""
     import threading
     import time
@@ -499,6 +500,32 @@ def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> No
         assert not thread.is_alive() and errors
         cur.close()
         conn.close()
+    elif how == "cancel_flight_info":
+        from flight_server._vendor import flight_messages as fm
+
+        client = _flight(sql_server)
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(pack(pb.CommandStatementQuery(query=HEAVY))))
+
+        def run() -> None:
+            try:
+                client.do_get(info.endpoints[0].ticket).read_all()
+            except BaseException as exc:  # noqa: BLE001 - the cancellation, checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        time.sleep(2)
+        assert _busy(sql_server) > 0.5
+        request = fm.CancelFlightInfoRequest()
+        request.info.endpoint.add().ticket.ticket = info.endpoints[0].ticket.ticket
+        with _flight(sql_server) as other:
+            answer = fm.CancelFlightInfoResult.FromString(
+                _session_action(other, "CancelFlightInfo", request.SerializeToString()))
+        assert answer.status == fm.CANCEL_STATUS_CANCELLED
+        thread.join(10)
+        assert not thread.is_alive() and isinstance(errors[0], flight.FlightCancelledError), errors
+        assert "the query was cancelled by its caller" in str(errors[0])
+        client.close()
     else:
         import subprocess
         import sys

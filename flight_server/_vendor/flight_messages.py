@@ -7,8 +7,9 @@ Built at import from a descriptor written out below (field numbers and types as 
 - ``DoPutPreparedStatementResult`` (FlightSql.proto): the answer to binding values to a prepared
   statement, with the handle to use from then on; ``CommandGetXdbcTypeInfo``, ``CommandGetPrimaryKeys``;
 - the session options of Flight.proto: ``SessionOptionValue``, ``SetSessionOptionsRequest``/``Result``,
-  ``GetSessionOptionsRequest``/``Result``, ``CloseSessionRequest``/``Result``. Their action bodies and
-  results are the serialised messages themselves (not packed in ``Any``).
+  ``GetSessionOptionsRequest``/``Result``, ``CloseSessionRequest``/``Result``, and
+  ``CancelFlightInfoRequest``/``Result`` (of its FlightInfo only the endpoints' tickets). Their action
+  bodies and results are the serialised messages themselves (not packed in ``Any``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def _files() -> list[descriptor_pb2.FileDescriptorProto]:
         status.value.add(name=name, number=number)
     close_result.enum_type.append(status)
     flight.message_type.extend([value, set_request, set_result, get_request, get_result, close_request, close_result])
+    # CancelFlightInfo: only the parts read here (a FlightInfo's endpoints' tickets); other fields are skipped
+    ticket = descriptor_pb2.DescriptorProto(name="Ticket", field=[_field("ticket", 1, _F.TYPE_BYTES)])
+    endpoint = descriptor_pb2.DescriptorProto(name="FlightEndpoint", field=[
+        _field("ticket", 1, _F.TYPE_MESSAGE, p + "Ticket")])
+    info = descriptor_pb2.DescriptorProto(name="FlightInfo", field=[
+        _field("endpoint", 3, _F.TYPE_MESSAGE, p + "FlightEndpoint", repeated=True)])
+    cancel_request = descriptor_pb2.DescriptorProto(name="CancelFlightInfoRequest", field=[
+        _field("info", 1, _F.TYPE_MESSAGE, p + "FlightInfo")])
+    cancel_status = descriptor_pb2.EnumDescriptorProto(name="CancelStatus")
+    for number, name in enumerate(("CANCEL_STATUS_UNSPECIFIED", "CANCEL_STATUS_CANCELLED", "CANCEL_STATUS_CANCELLING",
+                                   "CANCEL_STATUS_NOT_CANCELLABLE")):
+        cancel_status.value.add(name=name, number=number)
+    cancel_result = descriptor_pb2.DescriptorProto(name="CancelFlightInfoResult", field=[
+        _field("status", 1, _F.TYPE_ENUM, p + "CancelStatus")])
+    flight.enum_type.append(cancel_status)
+    flight.message_type.extend([ticket, endpoint, info, cancel_request, cancel_result])
 
     sql = descriptor_pb2.FileDescriptorProto(name="flight_share_FlightSql_extra.proto",
                                              package="arrow.flight.protocol.sql", syntax="proto3")
@@ -111,6 +128,10 @@ GetSessionOptionsRequest = _cls("arrow.flight.protocol.GetSessionOptionsRequest"
 GetSessionOptionsResult = _cls("arrow.flight.protocol.GetSessionOptionsResult")
 CloseSessionRequest = _cls("arrow.flight.protocol.CloseSessionRequest")
 CloseSessionResult = _cls("arrow.flight.protocol.CloseSessionResult")
+CancelFlightInfoRequest = _cls("arrow.flight.protocol.CancelFlightInfoRequest")
+CancelFlightInfoResult = _cls("arrow.flight.protocol.CancelFlightInfoResult")
+CANCEL_STATUS_CANCELLED = 1
+CANCEL_STATUS_NOT_CANCELLABLE = 3
 DoPutPreparedStatementResult = _cls("arrow.flight.protocol.sql.DoPutPreparedStatementResult")
 CommandGetXdbcTypeInfo = _cls("arrow.flight.protocol.sql.CommandGetXdbcTypeInfo")
 CommandGetPrimaryKeys = _cls("arrow.flight.protocol.sql.CommandGetPrimaryKeys")

@@ -42,6 +42,7 @@ RAW_ACTION_BODIES: dict[str, type[Message]] = {
     "SetSessionOptions": fm.SetSessionOptionsRequest,
     "GetSessionOptions": fm.GetSessionOptionsRequest,
     "CloseSession": fm.CloseSessionRequest,
+    "CancelFlightInfo": fm.CancelFlightInfoRequest,
 }
 # what a client reads in messages: the gRPC method names
 RPC_NAMES = {"get_flight_info": "GetFlightInfo", "get_schema": "GetSchema", "do_get": "DoGet",

@@ -35,7 +35,8 @@ Sessions (:mod:`flight_server.transport.session`): ``SetSessionOptions`` / ``Get
 Metadata: GetCatalogs, GetDbSchemas, GetTables (``include_schema``: fields carry FlightSql.proto's
 ``ARROW:FLIGHT:SQL:*`` column metadata, type names in duckdb's SQL), GetTableTypes, GetPrimaryKeys
 (dlt's ``primary_key`` hints), GetXdbcTypeInfo, GetSqlInfo (what the server really does: no DDL, no
-transactions, ingest yes). Cancelling a call (ADBC's ``adbc_cancel``, a client gone mid-stream) ends the
+transactions, ingest yes). Cancelling a call (ADBC's ``adbc_cancel``, a client gone mid-stream) or
+the ``CancelFlightInfo`` action (the caller's running DoGets of the FlightInfo's tickets) ends the
 query's sandbox process at once.
 
 Bulk ingest (``CommandStatementIngest``) goes through ``Writer.put``: the same permissions, dlt
@@ -48,13 +49,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from client import __version__
 from client.protocol import WriteCommand
@@ -75,7 +77,7 @@ from flight_server.domain.sql import (
 from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
-from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request
+from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
 from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of, set_cookie
 from flight_server.transport.upload import FlightUpload
 
@@ -405,6 +407,9 @@ class FlightSqlSurface:
                  sessions: SessionStore | None = None) -> None:
         self.catalog_name = catalog_name
         self.sessions = sessions if sessions is not None else SessionStore()
+        # (user, statement handle) -> a stop flag per DoGet of it now running (CancelFlightInfo sets them)
+        self._running: dict[tuple[str, bytes], set[threading.Event]] = {}
+        self._running_lock = threading.Lock()
         self.catalog = catalog
         self.sql = sql
         self.writer = writer
@@ -443,6 +448,7 @@ class FlightSqlSurface:
             ("do_action", "SetSessionOptions"): self._set_session_options,
             ("do_action", "GetSessionOptions"): self._get_session_options,
             ("do_action", "CloseSession"): self._close_session,
+            ("do_action", "CancelFlightInfo"): self._cancel_flight_info,
         })
         return routes
 
@@ -540,7 +546,7 @@ class FlightSqlSurface:
             4: (_BOOL, True),                          # FLIGHT_SQL_SERVER_SQL
             5: (_BOOL, False),                         # FLIGHT_SQL_SERVER_SUBSTRAIT
             8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: SQL_SUPPORTED_TRANSACTION_NONE
-            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL (no CancelQuery; cancel the call)
+            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL: no CancelQuery (CancelFlightInfo, yes)
             10: (_BOOL, True),                         # FLIGHT_SQL_SERVER_BULK_INGESTION
             11: (_BOOL, False),                        # FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED
             100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: handles never expire
@@ -679,8 +685,53 @@ class FlightSqlSurface:
         return flight.SchemaResult(self._query_schema(call, Statement(request.message.query)))
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
-        storage, checked, values = self._prepare(call, decode_handle(request.message.statement_handle))
-        return call.stream(self.sql.run(storage, checked, call.cancelled, values))
+        handle = request.message.statement_handle
+        storage, checked, values = self._prepare(call, decode_handle(handle))
+        # registered while it runs, so CancelFlightInfo (from any connection of the same user) can stop it
+        key, stop = (call.identity.user, handle), threading.Event()
+        with self._running_lock:
+            self._running.setdefault(key, set()).add(stop)
+        try:
+            reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values)
+        except BaseException:
+            self._unregister(key, stop)
+            raise
+        return call.stream(pa.RecordBatchReader.from_batches(reader.schema, self._until_done(reader, key, stop)))
+
+    def _until_done(self, reader: pa.RecordBatchReader, key: tuple[str, bytes], stop: threading.Event) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        finally:
+            self._unregister(key, stop)
+
+    def _unregister(self, key: tuple[str, bytes], stop: threading.Event) -> None:
+        with self._running_lock:
+            running = self._running.get(key)
+            if running is not None:
+                running.discard(stop)
+                if not running:
+                    del self._running[key]
+
+    def _cancel_flight_info(self, call: Call, request: Request) -> Iterator[bytes]:
+        """CancelFlightInfo: stop the caller's running DoGets of the FlightInfo's statement tickets.
+
+        The answer is CANCELLED whether a query was running or had finished (nothing is kept about
+        statements that do not run); only the caller's own queries are touched.
+        """
+        for endpoint in request.message.info.endpoint:
+            wrapped = unpack_any(endpoint.ticket.ticket)
+            if wrapped is None or short_name(wrapped.type_url) != pb.TicketStatementQuery.DESCRIPTOR.name:
+                continue
+            ticket = pb.TicketStatementQuery()
+            try:
+                ticket.ParseFromString(wrapped.value)
+            except DecodeError:
+                raise InvalidRequest("CancelFlightInfo: a ticket does not decode") from None
+            with self._running_lock:
+                running = list(self._running.get((call.identity.user, ticket.statement_handle), ()))
+            for stop in running:
+                stop.set()
+        return iter([fm.CancelFlightInfoResult(status=fm.CANCEL_STATUS_CANCELLED).SerializeToString()])
 
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         self._no_transaction(request.message)
