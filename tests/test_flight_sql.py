@@ -145,6 +145,12 @@ def test_bound_parameters_filter_like_literals(conn: flight_sql.Connection) -> N
         assert cur.fetchall() == [("y", "x", "xy")]
         cur.execute("SELECT ? + 1 AS n, ? AS missing", parameters=(41, None))
         assert cur.fetchall() == [(42, None)]
+        cur.execute(f"SELECT max(created_at) FROM {EVENTS}.issues_event")
+        (newest,) = cur.fetchone()
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event WHERE created_at <= ?", parameters=(newest,))
+        assert cur.fetchone()[0] > 0
+        cur.execute("SELECT ? AS text, ? AS data, ? * 2 AS x", parameters=("é 🙂 ' \" ;", b"\x00\xff", 1.25))
+        assert cur.fetchall() == [("é 🙂 ' \" ;", b"\x00\xff", 2.5)]
 
 
 def test_an_injection_through_a_parameter_stays_a_value(conn: flight_sql.Connection) -> None:

@@ -372,8 +372,9 @@ def encode_handle(statement: Statement) -> bytes:
     return _HANDLE_PREFIX + json.dumps(body).encode()
 
 
-# a handle: the statement, and bound values in base64 (4/3 of their size)
-_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 4 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
+# a handle: the statement in JSON (a character escaped as \uXXXX takes up to 12 bytes), and bound values in
+# base64 (4/3 of their size, plus IPC framing)
+_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 12 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
 
 
 def decode_handle(handle: bytes) -> Statement:
