@@ -268,6 +268,11 @@ def test_current_db_schema_resolves_unqualified_names(sql_server: ServerProcess)
         with pytest.raises(flight_sql.Error, match="current schema not supported"):
             other.adbc_current_db_schema
         assert "or set the current db_schema" in _error(other, "SELECT * FROM issues_event")
+    # a client that keeps no cookies is told so, instead of an option silently forgotten
+    with flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True) as cookieless:
+        with pytest.raises(flight_sql.Error, match="session options need Flight's session cookie, and this call "
+                                                   "came without one: keep cookies"):
+            cookieless.adbc_current_db_schema = EVENTS
 
 
 class _Cookies(flight.ClientMiddlewareFactory):
@@ -302,6 +307,11 @@ def test_session_cookie_options_and_close_over_flight(sql_server: ServerProcess)
     request.session_options["schema"].string_value = EVENTS
     request.session_options["time_zone"].string_value = "UTC"
     with flight.connect(sql_server.url, middleware=[cookies]) as client:
+        with flight.connect(sql_server.url) as cookieless, pytest.raises(pa.ArrowInvalid, match="without one"):
+            _session_action(cookieless, "SetSessionOptions", request.SerializeToString())
+        # the first call hands out the cookie; options set from then on are remembered
+        fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert cookies.cookie is not None and cookies.cookie.startswith("arrow_flight_session_id=")
         result = fm.SetSessionOptionsResult.FromString(
             _session_action(client, "SetSessionOptions", request.SerializeToString()))
         assert {k: v.value for k, v in result.errors.items()} == {"time_zone": fm.SetSessionOptionsResult.INVALID_NAME}
@@ -322,20 +332,26 @@ def test_session_cookie_options_and_close_over_flight(sql_server: ServerProcess)
 def test_session_store_is_bounded_and_per_user() -> None:
     import time
 
-    from flight_server.transport.session import SessionStore
+    from flight_server.transport.session import SessionStore, issued_here, new_session_id
 
     store = SessionStore(capacity=3, idle_seconds=3600)
-    ids = [store.create("alice")[0] for _ in range(4)]
+    ids = [new_session_id() for _ in range(5)]
+    for session_id in ids[:4]:
+        assert store.get_or_create(session_id, "alice") is not None
     assert len(store) == 3 and store.get(ids[0], "alice") is None  # the least recently used went
     store.get(ids[1], "alice")  # used: now the most recent
-    store.create("bob")
+    store.get_or_create(ids[4], "bob")
     assert store.get(ids[1], "alice") is not None and store.get(ids[2], "alice") is None
-    assert store.get(ids[1], "bob") is None and not store.close(ids[1], "bob")  # another user's id is nothing
+    # another user's id is nothing to bob: not readable, not taken over, not closable
+    assert store.get(ids[1], "bob") is None and store.get_or_create(ids[1], "bob") is None
+    assert not store.close(ids[1], "bob")
     assert store.close(ids[1], "alice") and store.get(ids[1], "alice") is None
     idle = SessionStore(capacity=3, idle_seconds=0.05)
-    session_id, _ = idle.create("alice")
+    idle.get_or_create(ids[0], "alice")
     time.sleep(0.1)
-    assert idle.get(session_id, "alice") is None and len(idle) == 0
+    assert idle.get(ids[0], "alice") is None and len(idle) == 0
+    # only ids this server signed count
+    assert issued_here(ids[0]) and not issued_here("forged") and not issued_here(ids[0][:-1] + ("1" if ids[0].endswith("0") else "0"))
 
 
 def test_autocommit_off_is_refused(conn: flight_sql.Connection) -> None:

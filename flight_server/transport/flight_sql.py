@@ -78,7 +78,7 @@ from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
-from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of, set_cookie
+from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of
 from flight_server.transport.upload import FlightUpload
 
 TABLE_TYPE = "TABLE"
@@ -492,10 +492,15 @@ class FlightSqlSurface:
             else:
                 wanted[name] = self._checked_option(call, name, value.string_value)
         if wanted:
-            session = self._session(call)
+            session_id = cookie_of(call.context)
+            if session_id is None:
+                raise InvalidRequest(
+                    "session options need Flight's session cookie, and this call came without one: keep cookies "
+                    "(ADBC: db_kwargs {\"adbc.flight.sql.rpc.with_cookie_middleware\": \"true\"}) or write "
+                    "tables as dataset.table")
+            session = self.sessions.get_or_create(session_id, call.identity.user)
             if session is None:
-                session_id, session = self.sessions.create(call.identity.user)
-                set_cookie(call.context, session_id)
+                raise InvalidRequest("this session cookie belongs to another user's session; reconnect")
             for name, text in wanted.items():
                 if text is None:
                     session.options.pop(name, None)

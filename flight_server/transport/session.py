@@ -1,17 +1,22 @@
 """Flight sessions: the ``arrow_flight_session_id`` cookie and what a session remembers (its options).
 
-A client that keeps cookies (ADBC: database option ``adbc.flight.sql.rpc.with_cookie_middleware=true``;
-arrow-go's and Arrow C++'s cookie middleware) gets a session the first time it sets an option
-(``SetSessionOptions``): the answer carries ``Set-Cookie: arrow_flight_session_id=<random id>`` and
-the client sends the cookie on every call after. The server keeps, per session id, the options and
-the user who set them, in one bounded map: at most :data:`MAX_SESSIONS` sessions (the least recently
-used go first), each forgotten after :data:`SESSION_IDLE_SECONDS` without a call. A session id
-presented by another user is no session at all. A client without cookies simply has no session:
-its statements name their datasets.
+Every call that comes without a valid session cookie gets one in its answer's headers (``Set-Cookie:
+arrow_flight_session_id=<random id>.<signature>``; signed with a key of this process, so only ids this
+server issued count). A client that keeps cookies (ADBC: database option
+``adbc.flight.sql.rpc.with_cookie_middleware=true``; arrow-go's and Arrow C++'s cookie middleware)
+sends it back from its second call on - ADBC's first call is GetSqlInfo, at connect. ``SetSessionOptions``
+then makes the session under that id for the caller's user; one that comes without the cookie is
+refused, saying why (the client keeps no cookies: an option it set would silently be forgotten).
+
+The server keeps, per session id, the options and the user who set them, in one bounded map: at most
+:data:`MAX_SESSIONS` sessions (the least recently used go first), each forgotten after
+:data:`SESSION_IDLE_SECONDS` without a call. A session id presented by another user is no session.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -63,15 +68,21 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
             return session
 
-    def create(self, user: str) -> tuple[str, Session]:
-        """A new session for ``user`` (the least recently used one goes when the map is full)."""
-        session_id = secrets.token_urlsafe(24)
-        session = Session(user)
+    def get_or_create(self, session_id: str, user: str) -> Session | None:
+        """The caller's session with this id, made if there is none (the least recently used one goes when
+        the map is full); None when the id is another user's."""
+        session = self.get(session_id, user)
+        if session is not None:
+            return session
         with self._lock:
-            self._sessions[session_id] = session
+            existing = self._sessions.get(session_id)
+            if existing is not None and existing.user != user:
+                return None
+            session = self._sessions[session_id] = Session(user)
+            self._sessions.move_to_end(session_id)
             while len(self._sessions) > self.capacity:
                 self._sessions.popitem(last=False)
-        return session_id, session
+        return session
 
     def close(self, session_id: str | None, user: str) -> bool:
         """Forget the caller's session; False when there was none."""
@@ -87,38 +98,55 @@ class SessionStore:
             return len(self._sessions)
 
 
+_KEY = secrets.token_bytes(32)  # signs the session ids this process issues
+
+
+def _signature(token: str) -> str:
+    return hmac.new(_KEY, token.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_session_id() -> str:
+    """A fresh session id: random, signed by this process."""
+    token = secrets.token_urlsafe(18)
+    return f"{token}.{_signature(token)}"
+
+
+def issued_here(session_id: str) -> bool:
+    """Whether this process issued ``session_id`` (a forged or foreign id is no session id)."""
+    token, _, signature = session_id.partition(".")
+    return bool(token) and hmac.compare_digest(signature, _signature(token))
+
+
 def session_id_of(headers: dict[str, list[Any]]) -> str | None:
-    """The ``arrow_flight_session_id`` cookie among a call's headers, if any."""
+    """The ``arrow_flight_session_id`` cookie among a call's headers, if this server issued it."""
     for value in headers.get("cookie", []):
         text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
         try:
             cookie = SimpleCookie(text)
         except CookieError:
             continue
-        if COOKIE in cookie:
-            return cookie[COOKIE].value[:100]
+        if COOKIE in cookie and issued_here(cookie[COOKIE].value[:100]):
+            return cookie[COOKIE].value
     return None
 
 
 class SessionMiddleware(flight.ServerMiddleware):
-    """Holds the session cookie a call came with."""
+    """The session cookie a call came with, or the one its answer hands out."""
 
     def __init__(self, session_id: str | None) -> None:
         self.session_id = session_id
+        self.issued = None if session_id else new_session_id()
+
+    def sending_headers(self) -> dict[str, str]:
+        return {"set-cookie": f"{COOKIE}={self.issued}"} if self.issued else {}
 
 
 class SessionMiddlewareFactory(flight.ServerMiddlewareFactory):
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> SessionMiddleware | None:
-        session_id = session_id_of(headers)
-        return SessionMiddleware(session_id) if session_id else None
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> SessionMiddleware:
+        return SessionMiddleware(session_id_of(headers))
 
 
 def cookie_of(context: flight.ServerCallContext) -> str | None:
-    """The session id the current call came with."""
+    """The (valid) session id the current call came with."""
     middleware = context.get_middleware(MIDDLEWARE_KEY)
     return getattr(middleware, "session_id", None)
-
-
-def set_cookie(context: flight.ServerCallContext, session_id: str) -> None:
-    """Tell the client its session id (sent with the answer's headers)."""
-    context.add_header("set-cookie", f"{COOKIE}={session_id}")
