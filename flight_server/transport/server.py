@@ -68,6 +68,8 @@ class FlightShareServer(flight.FlightServerBase):
             if request.dataset is not None or request.table is not None:
                 audit.annotate(context, request.dataset, request.table)
             self._count(request.rpc)
+            if request.flight_sql:
+                session.hand_out(context)  # Flight SQL answers carry a session cookie when the call had none
             handler = self.routes.get((request.rpc, request.kind))
             if handler is None:
                 raise self._unsupported(request)

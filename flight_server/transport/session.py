@@ -1,10 +1,11 @@
 """Flight sessions: the ``arrow_flight_session_id`` cookie and what a session remembers (its options).
 
-Every call that comes without a valid session cookie gets one in its answer's headers (``Set-Cookie:
+Every Flight SQL call that comes without a valid session cookie gets one in its answer's headers (``Set-Cookie:
 arrow_flight_session_id=<random id>.<signature>``; signed with a key of this process, so only ids this
 server issued count). A client that keeps cookies (ADBC: database option
 ``adbc.flight.sql.rpc.with_cookie_middleware=true``; arrow-go's and Arrow C++'s cookie middleware)
-sends it back from its second call on - ADBC's first call is GetSqlInfo, at connect. ``SetSessionOptions``
+sends it back from its second call on - ADBC's first call is GetSqlInfo, at connect. (The plain
+surface's answers carry no header of ours.) ``SetSessionOptions``
 then makes the session under that id for the caller's user; one that comes without the cookie is
 refused, saying why (the client keeps no cookies: an option it set would silently be forgotten).
 
@@ -131,19 +132,22 @@ def session_id_of(headers: dict[str, list[Any]]) -> str | None:
 
 
 class SessionMiddleware(flight.ServerMiddleware):
-    """The session cookie a call came with, or the one its answer hands out."""
+    """The session cookie a call came with."""
 
-    def __init__(self, session_id: str | None) -> None:
+    def __init__(self, session_id: str) -> None:
         self.session_id = session_id
-        self.issued = None if session_id else new_session_id()
-
-    def sending_headers(self) -> dict[str, str]:
-        return {"set-cookie": f"{COOKIE}={self.issued}"} if self.issued else {}
 
 
 class SessionMiddlewareFactory(flight.ServerMiddlewareFactory):
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> SessionMiddleware:
-        return SessionMiddleware(session_id_of(headers))
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> SessionMiddleware | None:
+        session_id = session_id_of(headers)
+        return SessionMiddleware(session_id) if session_id else None
+
+
+def hand_out(context: flight.ServerCallContext) -> None:
+    """Give a call that came without a session cookie one in its answer's headers."""
+    if cookie_of(context) is None:
+        context.add_header("set-cookie", f"{COOKIE}={new_session_id()}")
 
 
 def cookie_of(context: flight.ServerCallContext) -> str | None:
