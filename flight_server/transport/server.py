@@ -6,8 +6,9 @@ once (:mod:`flight_server.transport.decode`), the dataset and table noted on the
 (:mod:`flight_server.transport.audit`), the call counted for ``health``, the handler looked up by
 ``(rpc, kind)`` in one table - flight-share's own commands (:mod:`~flight_server.transport.plain`)
 and Flight SQL's (:mod:`~flight_server.transport.flight_sql`) side by side - and whatever it raises
-mapped once (:mod:`flight_server.transport.status`). After a save, on either surface, the hot-table
-cache of the dataset is dropped whatever the outcome. The handlers ask the domain (catalog, SQL
+mapped once (:mod:`flight_server.transport.status`). A Flight SQL call that came without a session
+cookie gets one with its answer (:mod:`flight_server.transport.session`). After a save, on either surface,
+the hot-table cache of the dataset is dropped whatever the outcome. The handlers ask the domain (catalog, SQL
 sandbox, writer, cache); the domain knows nothing of Flight.
 """
 
