@@ -65,10 +65,10 @@ def test_every_rpc_goes_through_the_one_table(unit: InProcessServer) -> None:
 
 def test_what_no_handler_takes_says_what_is_taken_instead(unit: InProcessServer) -> None:
     client = _client(unit)
-    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetXdbcTypeInfo", value=b"")
+    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetCrossReference", value=b"")
     with pytest.raises(pa.ArrowNotImplementedError) as err:  # UNIMPLEMENTED
         client.get_flight_info(flight.FlightDescriptor.for_command(unknown.SerializeToString()))
-    assert "CommandGetXdbcTypeInfo is not supported" in str(err.value) and "CommandStatementQuery" in str(err.value)
+    assert "CommandGetCrossReference is not supported" in str(err.value) and "CommandStatementQuery" in str(err.value)
     # a known Flight SQL message on an RPC where it means nothing
     ingest = flight.FlightDescriptor.for_command(pack(pb.CommandStatementIngest(table="t", schema="shop")))
     with pytest.raises(pa.ArrowNotImplementedError, match="CommandStatementIngest is not supported by this server on GetFlightInfo"):

@@ -64,6 +64,7 @@ def test_get_info_names_the_server(conn: flight_sql.Connection) -> None:
     info = conn.adbc_get_info()
     assert info["vendor_name"] == "flight-share"
     assert info["vendor_arrow_version"] == pa.__version__
+    assert "(SQL dialect: duckdb " in info["vendor_version"]
     assert "Flight SQL" in info["driver_name"]
 
 
@@ -134,10 +135,442 @@ def test_statement_rules_are_explained(conn: flight_sql.Connection) -> None:
     assert "Traceback" not in text and ".py" not in text
 
 
-def test_prepared_statement_parameters_are_refused(conn: flight_sql.Connection) -> None:
-    with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="bound parameters are not supported"):
-        cur.execute(f"SELECT id FROM {EVENTS}.issues_event WHERE id = ?", parameters=("1",))
-        cur.fetchall()
+def test_bound_parameters_filter_like_literals(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT id FROM {EVENTS}.issues_event ORDER BY id LIMIT 3")
+        ids = [row[0] for row in cur.fetchall()]
+        cur.execute(f"SELECT id FROM {EVENTS}.issues_event WHERE id = ? OR id = ? ORDER BY id", parameters=(ids[0], ids[2]))
+        assert [row[0] for row in cur.fetchall()] == [ids[0], ids[2]]
+        cur.execute("SELECT $2 AS b, $1 AS a, $1 || $2 AS ab", parameters=("x", "y"))
+        assert cur.fetchall() == [("y", "x", "xy")]
+        cur.execute("SELECT ? + 1 AS n, ? AS missing", parameters=(41, None))
+        assert cur.fetchall() == [(42, None)]
+        cur.execute(f"SELECT max(created_at) FROM {EVENTS}.issues_event")
+        (newest,) = cur.fetchone()
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event WHERE created_at <= ?", parameters=(newest,))
+        assert cur.fetchone()[0] > 0
+        cur.execute("SELECT ? AS text, ? AS data, ? * 2 AS x", parameters=("é 🙂 ' \" ;", b"\x00\xff", 1.25))
+        assert cur.fetchall() == [("é 🙂 ' \" ;", b"\x00\xff", 2.5)]
+
+
+def test_an_injection_through_a_parameter_stays_a_value(conn: flight_sql.Connection) -> None:
+    hostile = f"x' OR '1'='1'; DROP TABLE {EVENTS}.issues_event; --"
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event WHERE payload__action = ?", parameters=(hostile,))
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT ? AS v", parameters=(hostile,))
+        assert cur.fetchone()[0] == hostile
+        cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event")
+        assert cur.fetchone()[0] > 0
+
+
+def test_parameter_schema_and_dataframe_readers(conn: flight_sql.Connection) -> None:
+    import pandas as pd
+    import polars as pl
+
+    with conn.cursor() as cur:
+        schema = cur.adbc_prepare(f"SELECT id FROM {EVENTS}.issues_event WHERE id > ? AND payload__action = ?")
+        assert schema is not None and len(schema) == 2
+        assert cur.adbc_prepare("SELECT 1 AS one") in (None, pa.schema([]))
+    query = f"SELECT payload__action, count(*) AS n FROM {EVENTS}.issues_event WHERE payload__action = ? GROUP BY ALL"
+    # pandas 3.1 refuses params over any ADBC connection by itself ("'params' is not implemented for ADBC
+    # drivers"); polars passes them to the driver
+    frame = pl.read_database(query, conn, execute_options={"parameters": ["opened"]})
+    assert frame["payload__action"].to_list() == ["opened"] and frame["n"][0] > 0
+    plain = pd.read_sql(query.replace("?", "'opened'"), conn)
+    assert plain["n"].tolist() == frame["n"].to_list()
+
+
+def test_parameter_mistakes_are_explained(conn: flight_sql.Connection) -> None:
+    with conn.cursor() as cur:
+        with pytest.raises(flight_sql.Error, match=r"the statement has 2 parameter\(s\); 1 value\(s\) were bound"):
+            cur.execute("SELECT ? AS a, ? AS b", parameters=(1,))
+        with pytest.raises(flight_sql.Error, match="parameter \\$name is not supported; write parameters as"):
+            cur.execute("SELECT $name AS a", parameters=(1,))
+        # executemany is an update in DB-API (DoPut CommandPreparedStatementUpdate): read-only except ingest
+        with pytest.raises(flight_sql.Error, match="CommandPreparedStatementUpdate is not supported: the server is "
+                                                   "read-only except bulk ingest"):
+            cur.executemany("SELECT ? AS a", [(1,), (2,)])
+        with pytest.raises(flight_sql.Error, match="only SELECT queries are allowed, got INSERT"):
+            cur.executemany(f"INSERT INTO {REPORTS}.t VALUES (?)", [(1,), (2,)])
+
+
+def _bind(client: flight.FlightClient, handle: bytes, values: pa.Table) -> bytes:
+    """DoPut(CommandPreparedStatementQuery) with ``values``: the new handle from DoPutPreparedStatementResult."""
+    descriptor = flight.FlightDescriptor.for_command(pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)))
+    writer, reader = client.do_put(descriptor, values.schema)
+    writer.write_table(values)
+    writer.done_writing()
+    answer = reader.read()
+    writer.close()
+    from flight_server._vendor.flight_messages import DoPutPreparedStatementResult
+
+    return DoPutPreparedStatementResult.FromString(answer.to_pybytes()).prepared_statement_handle
+
+
+def test_several_rows_of_values_concatenate_results_and_limits_hold(sql_server: ServerProcess) -> None:
+    from flight_server.domain.sql import MAX_PARAMETER_ROWS
+
+    create = pb.ActionCreatePreparedStatementRequest(query="SELECT ? * 10 AS n, ? AS s")
+    with _flight(sql_server) as client:
+        body = list(client.do_action(flight.Action("CreatePreparedStatement", pack(create))))[0].body.to_pybytes()
+        from google.protobuf import any_pb2
+
+        result = pb.ActionCreatePreparedStatementResult()
+        any_pb2.Any.FromString(body).Unpack(result)
+        assert pa.ipc.read_schema(pa.py_buffer(result.parameter_schema)).names == ["$1", "$2"]
+        handle = _bind(client, result.prepared_statement_handle, pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}))
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(
+            pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))))
+        table = client.do_get(info.endpoints[0].ticket).read_all()
+        assert table.to_pylist() == [{"n": 10, "s": "x"}, {"n": 20, "s": "y"}, {"n": 30, "s": "z"}]
+        too_many = pa.table({"a": list(range(MAX_PARAMETER_ROWS + 1)), "b": ["x"] * (MAX_PARAMETER_ROWS + 1)})
+        with pytest.raises(pa.ArrowInvalid, match=f"at most {MAX_PARAMETER_ROWS:,} executions per statement"):
+            _bind(client, result.prepared_statement_handle, too_many)
+        big = pa.table({"a": [1], "b": ["x" * (2 << 20)]})
+        with pytest.raises(pa.ArrowInvalid, match="bound values take more than 1,048,576 bytes"):
+            _bind(client, result.prepared_statement_handle, big)
+        unbound = pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=result.prepared_statement_handle))
+        with pytest.raises(pa.ArrowInvalid, match=r"has 2 parameter\(s\) and no values are bound"):
+            client.get_flight_info(flight.FlightDescriptor.for_command(unbound))
+
+
+# --- sessions: the current catalog and db_schema (issue 15) ----------------------------------------
+
+COOKIES = {"adbc.flight.sql.rpc.with_cookie_middleware": "true"}
+
+
+def test_current_db_schema_resolves_unqualified_names(sql_server: ServerProcess) -> None:
+    with flight_sql.connect(sql_server.url, db_kwargs={**DB_KWARGS, **COOKIES}, autocommit=True) as conn:
+        assert conn.adbc_current_catalog == PROJECT
+        with pytest.raises(flight_sql.Error, match="current schema not supported"):
+            conn.adbc_current_db_schema  # nothing set yet
+        conn.adbc_current_db_schema = EVENTS
+        assert conn.adbc_current_db_schema == EVENTS
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM issues_event")
+            unqualified = cur.fetchone()[0]
+            cur.execute(f"SELECT count(*) FROM {EVENTS}.issues_event")
+            assert cur.fetchone()[0] == unqualified > 0
+            cur.execute("SELECT count(*) FROM issues_event WHERE payload__action = ?", parameters=("opened",))
+            assert 0 < cur.fetchone()[0] <= unqualified
+        with pytest.raises(flight_sql.Error, match=f"Dataset 'secret_dataset' not found; datasets: {EVENTS}, {REPORTS}"):
+            conn.adbc_current_db_schema = "secret_dataset"
+        assert conn.adbc_current_db_schema == EVENTS  # a refused value changes nothing
+        with pytest.raises(flight_sql.Error, match=f"Catalog 'other' not found; the catalog is project {PROJECT}"):
+            conn.adbc_current_catalog = "other"
+        conn.adbc_current_catalog = PROJECT
+        conn.adbc_current_db_schema = REPORTS
+        with conn.cursor() as cur, pytest.raises(flight_sql.Error, match="Table 'issues_event' not found in dataset 'reports_dataset'"):
+            cur.execute("SELECT count(*) FROM issues_event")
+    # another connection has its own session: nothing set there
+    with flight_sql.connect(sql_server.url, db_kwargs={**DB_KWARGS, **COOKIES}, autocommit=True) as other:
+        with pytest.raises(flight_sql.Error, match="current schema not supported"):
+            other.adbc_current_db_schema
+        assert "or set the current db_schema" in _error(other, "SELECT * FROM issues_event")
+    # a client that keeps no cookies is told so, instead of an option silently forgotten
+    with flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True) as cookieless:
+        with pytest.raises(flight_sql.Error, match="session options need Flight's session cookie, and this call "
+                                                   "came without one: keep cookies"):
+            cookieless.adbc_current_db_schema = EVENTS
+
+
+class _Cookies(flight.ClientMiddlewareFactory):
+    """Keeps the Set-Cookie a server sends and sends it back (what ADBC's cookie middleware does)."""
+
+    def __init__(self) -> None:
+        self.cookie: str | None = None
+
+    def start_call(self, info: flight.CallInfo) -> flight.ClientMiddleware:
+        factory = self
+
+        class Middleware(flight.ClientMiddleware):
+            def sending_headers(self) -> dict[str, str]:
+                return {"cookie": factory.cookie} if factory.cookie else {}
+
+            def received_headers(self, headers: dict[str, list[str]]) -> None:
+                for value in headers.get("set-cookie", []):
+                    factory.cookie = value.split(";", 1)[0]
+
+        return Middleware()
+
+
+def _session_action(client: flight.FlightClient, name: str, body: bytes, options: flight.FlightCallOptions | None = None) -> bytes:
+    return list(client.do_action(flight.Action(name, body), options))[0].body.to_pybytes()
+
+
+def test_session_cookie_options_and_close_over_flight(sql_server: ServerProcess) -> None:
+    from flight_server._vendor import flight_messages as fm
+
+    cookies = _Cookies()
+    request = fm.SetSessionOptionsRequest()
+    request.session_options["schema"].string_value = EVENTS
+    request.session_options["time_zone"].string_value = "UTC"
+    with flight.connect(sql_server.url, middleware=[cookies]) as client:
+        with flight.connect(sql_server.url) as cookieless, pytest.raises(pa.ArrowInvalid, match="without one"):
+            _session_action(cookieless, "SetSessionOptions", request.SerializeToString())
+        # the first call hands out the cookie; options set from then on are remembered
+        fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert cookies.cookie is not None and cookies.cookie.startswith("arrow_flight_session_id=")
+        result = fm.SetSessionOptionsResult.FromString(
+            _session_action(client, "SetSessionOptions", request.SerializeToString()))
+        assert {k: v.value for k, v in result.errors.items()} == {"time_zone": fm.SetSessionOptionsResult.INVALID_NAME}
+        assert cookies.cookie is not None and cookies.cookie.startswith("arrow_flight_session_id=")
+        got = fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert {k: v.string_value for k, v in got.session_options.items()} == {"catalog": PROJECT, "schema": EVENTS}
+        # a forged or foreign session id is no session
+        forged = flight.FlightCallOptions(headers=[(b"cookie", b"arrow_flight_session_id=forged")])
+        with flight.connect(sql_server.url) as stranger:
+            got = fm.GetSessionOptionsResult.FromString(_session_action(stranger, "GetSessionOptions", b"", forged))
+            assert set(got.session_options.keys()) == {"catalog"}
+        closed = fm.CloseSessionResult.FromString(_session_action(client, "CloseSession", b""))
+        assert closed.status == fm.CloseSessionResult.CLOSED
+        got = fm.GetSessionOptionsResult.FromString(_session_action(client, "GetSessionOptions", b""))
+        assert set(got.session_options.keys()) == {"catalog"}
+
+
+def test_session_store_is_bounded_and_per_user() -> None:
+    import time
+
+    from flight_server.transport.session import SessionStore, issued_here, new_session_id
+
+    store = SessionStore(capacity=3, idle_seconds=3600)
+    ids = [new_session_id() for _ in range(5)]
+    for session_id in ids[:4]:
+        assert store.get_or_create(session_id, "alice") is not None
+    assert len(store) == 3 and store.get(ids[0], "alice") is None  # the least recently used went
+    store.get(ids[1], "alice")  # used: now the most recent
+    store.get_or_create(ids[4], "bob")
+    assert store.get(ids[1], "alice") is not None and store.get(ids[2], "alice") is None
+    # another user's id is nothing to bob: not readable, not taken over, not closable
+    assert store.get(ids[1], "bob") is None and store.get_or_create(ids[1], "bob") is None
+    assert not store.close(ids[1], "bob")
+    assert store.close(ids[1], "alice") and store.get(ids[1], "alice") is None
+    idle = SessionStore(capacity=3, idle_seconds=0.05)
+    idle.get_or_create(ids[0], "alice")
+    time.sleep(0.1)
+    assert idle.get(ids[0], "alice") is None and len(idle) == 0
+    # only ids this server signed count
+    assert issued_here(ids[0]) and not issued_here("forged") and not issued_here(ids[0][:-1] + ("1" if ids[0].endswith("0") else "0"))
+
+
+def test_autocommit_off_is_refused(conn: flight_sql.Connection) -> None:
+    import adbc_driver_manager
+
+    with pytest.raises(adbc_driver_manager.NotSupportedError, match="server does not report transaction support"):
+        conn.adbc_connection.set_autocommit(False)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchall() == [(1,)]
+
+
+# --- type names, primary keys, one time-zone spelling (issue 15) --------------------------------------
+
+def test_get_objects_carries_sql_type_names(conn: flight_sql.Connection) -> None:
+    objects = conn.adbc_get_objects(depth="all", db_schema_filter=EVENTS, table_name_filter="issues_event")
+    table = objects.read_all().to_pylist()[0]["catalog_db_schemas"][0]["db_schema_tables"][0]
+    columns = {c["column_name"]: c for c in table["table_columns"]}
+    assert columns["id"]["xdbc_type_name"] == "VARCHAR"
+    assert columns["payload__issue__number"]["xdbc_type_name"] == "BIGINT"
+    assert columns["created_at"]["xdbc_type_name"] == "TIMESTAMP WITH TIME ZONE"
+    assert columns["public"]["xdbc_type_name"] == "BOOLEAN"
+    assert {c["xdbc_scope_schema"] for c in columns.values()} == {EVENTS}
+    # the Go driver fills xdbc_nullable from nothing a server sends (it appends null): nullability is the
+    # Arrow field's flag, which the table schema carries
+    schema = conn.adbc_get_table_schema("issues_event", db_schema_filter=EVENTS)
+    assert schema.field("created_at").metadata[b"ARROW:FLIGHT:SQL:TYPE_NAME"] == b"TIMESTAMP WITH TIME ZONE"
+    assert schema.field("id").metadata[b"ARROW:FLIGHT:SQL:TABLE_NAME"] == b"issues_event"
+
+
+def _fetch(client: flight.FlightClient, command: bytes) -> pa.Table:
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+    return client.do_get(info.endpoints[0].ticket).read_all()
+
+
+def test_primary_keys_and_xdbc_type_info(sql_server: ServerProcess) -> None:
+    from flight_server._vendor import flight_messages as fm
+    from flight_server.transport.flight_sql import PRIMARY_KEYS_SCHEMA, XDBC_TYPE_INFO_SCHEMA
+
+    data = pa.table({"code": ["a", "b"], "region": ["x", "y"], "n": [1, 2]})
+    with connect(sql_server.url) as catalog:
+        catalog[REPORTS].save(data, "keyed_counts", write_disposition="merge", primary_key=["code", "region"])
+    with _flight(sql_server) as client:
+        keys = _fetch(client, pack(fm.CommandGetPrimaryKeys(db_schema=REPORTS, table="keyed_counts")))
+        assert keys.schema.equals(PRIMARY_KEYS_SCHEMA)
+        assert [(r["db_schema_name"], r["column_name"], r["key_sequence"]) for r in keys.to_pylist()] == [
+            (REPORTS, "code", 1), (REPORTS, "region", 2)]
+        assert _fetch(client, pack(fm.CommandGetPrimaryKeys(db_schema=EVENTS, table="issues_event"))).num_rows == 0
+        types = _fetch(client, pack(fm.CommandGetXdbcTypeInfo()))
+        assert types.schema.equals(XDBC_TYPE_INFO_SCHEMA)
+        names = types.column("type_name").to_pylist()
+        assert {"VARCHAR", "BIGINT", "DOUBLE", "BOOLEAN", "DECIMAL", "TIMESTAMP WITH TIME ZONE", "JSON"} <= set(names)
+        timestamps = _fetch(client, pack(fm.CommandGetXdbcTypeInfo(data_type=93))).to_pylist()
+        assert [(t["type_name"], t["sql_data_type"], t["datetime_subcode"]) for t in timestamps] == [
+            ("TIMESTAMP", 9, 3), ("TIMESTAMP WITH TIME ZONE", 9, 3)]
+
+
+def test_sql_results_and_table_reads_share_one_time_zone_spelling(conn: flight_sql.Connection, sql_server) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT created_at FROM {EVENTS}.issues_event ORDER BY created_at LIMIT 5")
+        result = cur.fetch_arrow_table()
+        cur.execute("SELECT TIMESTAMPTZ '2026-01-02 03:04:05+00' AS t, now() AS n")
+        literal = cur.fetch_arrow_table()
+    with connect(sql_server.url) as catalog:
+        read = catalog[EVENTS]["issues_event"].select("created_at").arrow()
+    assert read.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert result.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert {f.type.tz for f in literal.schema} == {"UTC"}
+    both = pa.concat_tables([read, result])
+    assert both.num_rows == read.num_rows + 5
+
+
+# --- errors: once, in SQL terms, on both surfaces (issue 15) ---------------------------------------
+
+SQL_MISTAKES = [
+    (f"SELECT * FORM {EVENTS}.issues_event", "syntax error near '{table}' at line 1, column {col} (after 'FORM')"),
+    (f"SELECT nope FROM {EVENTS}.issues_event", 'SQL error: Referenced column "nope" not found in FROM clause'),
+    ("SELECT CAST('abc' AS INTEGER) AS n", "SQL error: Could not convert string 'abc' to INT32"),
+    ("SELECT 2 *", "syntax error near '*' at line 1, column 10"),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), SQL_MISTAKES)
+def test_sql_errors_read_once_in_sql_terms(conn: flight_sql.Connection, sql_server: ServerProcess, sql: str,
+                                           expected: str) -> None:
+    adbc_text = _error(conn, sql)
+    adbc_expected = expected.format(table=EVENTS, col=35)
+    assert adbc_text.count(adbc_expected) == 1, adbc_text
+    plain_sql = sql.replace(f"{EVENTS}.", "")
+    with connect(sql_server.url) as catalog, pytest.raises(Exception) as info:
+        catalog[EVENTS].sql(plain_sql).arrow()
+    plain_text = str(info.value)
+    assert plain_text.startswith(expected.format(table="issues_event", col=26)), plain_text
+    for text in (adbc_text, plain_text):
+        for internal in ("Binder Error", "Conversion Error", "sqlglot", "<class", "Traceback", ".py"):
+            assert internal not in text, text
+
+
+# --- cancel stops the work (issue 15) ----------------------------------------------------------------
+
+# an eight-way cross join of a demo table with a filter on every row: minutes of CPU (table functions such as
+# range() are refused by the sandbox)
+HEAVY = ("SELECT count(*) AS n FROM " + ", ".join(f"{EVENTS}.push_event t{i}" for i in range(8))
+         + " WHERE hash(" + ", ".join(f"t{i}.id" for i in range(8)) + ") % 1000 = 7")
+
+
+def _cpu_seconds(server: ServerProcess) -> float:
+    """CPU time of the server process and its sandbox workers (the live ones)."""
+    import psutil
+
+    root = psutil.Process(server.proc.pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _busy(server: ServerProcess, seconds: float = 0.5) -> float:
+    """The server's CPU use over ``seconds``, in cores."""
+    import time
+
+    before = _cpu_seconds(server)
+    time.sleep(seconds)
+    return (_cpu_seconds(server) - before) / seconds
+
+
+def _time_to_idle(server: ServerProcess, limit: float = 10.0) -> float:
+    import time
+
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if _busy(server, 0.25) < 0.1:
+            return time.monotonic() - started
+    return limit
+
+
+@pytest.mark.parametrize("how", ["adbc_cancel", "client_killed", "cancel_flight_info"])
+def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> None:
+    """A heavy query, cancelled (ADBC's cancel, a raw client killed during its DoGet, the CancelFlightInfo
+    action from another connection): the server's
+    CPU is back to idle within about a second, not at server.sql_timeout (120 s)."""
+    import threading
+    import time
+
+    assert _time_to_idle(sql_server) < 10  # quiet before
+    errors: list[BaseException] = []
+    if how == "adbc_cancel":
+        conn = flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True)
+        cur = conn.cursor()
+
+        def run() -> None:
+            try:
+                cur.execute(HEAVY)
+                cur.fetchall()
+            except BaseException as exc:  # noqa: BLE001 - the cancellation, checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        time.sleep(2)
+        assert _busy(sql_server) > 0.5  # the query runs
+        cur.adbc_cancel()
+        thread.join(10)
+        assert not thread.is_alive() and errors
+        cur.close()
+        conn.close()
+    elif how == "cancel_flight_info":
+        from flight_server._vendor import flight_messages as fm
+
+        client = _flight(sql_server)
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(pack(pb.CommandStatementQuery(query=HEAVY))))
+
+        def run() -> None:
+            try:
+                client.do_get(info.endpoints[0].ticket).read_all()
+            except BaseException as exc:  # noqa: BLE001 - the cancellation, checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        time.sleep(2)
+        assert _busy(sql_server) > 0.5
+        request = fm.CancelFlightInfoRequest()
+        request.info.endpoint.add().ticket.ticket = info.endpoints[0].ticket.ticket
+        with _flight(sql_server) as other:
+            answer = fm.CancelFlightInfoResult.FromString(
+                _session_action(other, "CancelFlightInfo", request.SerializeToString()))
+        assert answer.status == fm.CANCEL_STATUS_CANCELLED
+        thread.join(10)
+        assert not thread.is_alive() and isinstance(errors[0], flight.FlightCancelledError), errors
+        assert "the query was cancelled by its caller" in str(errors[0])
+        client.close()
+    else:
+        import subprocess
+        import sys
+
+        # a raw Flight client in its own process, killed mid-query: its DoGet stream just goes away
+        script = ("import sys, pyarrow.flight as fl; c = fl.connect(sys.argv[1]); "
+                  "info = c.get_flight_info(fl.FlightDescriptor.for_command(bytes.fromhex(sys.argv[2]))); "
+                  "c.do_get(info.endpoints[0].ticket).read_all()")
+        command = pack(pb.CommandStatementQuery(query=HEAVY)).hex()
+        client = subprocess.Popen([sys.executable, "-c", script, sql_server.url, command],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(3)
+            assert client.poll() is None
+            assert _busy(sql_server) > 0.5  # the query runs
+        finally:
+            client.kill()
+            client.wait(10)
+    idle_after = _time_to_idle(sql_server)
+    assert idle_after < 3, f"server still busy {idle_after:.1f} s after the cancel"
+    with flight_sql.connect(sql_server.url, db_kwargs=DB_KWARGS, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 AS one")  # and it serves the next query
+        assert cur.fetchall() == [(1,)]
 
 
 # --- bulk ingest ---------------------------------------------------------------------------------
@@ -195,11 +628,11 @@ def _flight(server: ServerProcess) -> flight.FlightClient:
 def test_unknown_command_is_unimplemented_with_its_name(sql_server: ServerProcess) -> None:
     from google.protobuf import any_pb2
 
-    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetPrimaryKeys", value=b"")
+    unknown = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetCrossReference", value=b"")
     with _flight(sql_server) as client:
         with pytest.raises(pa.ArrowException) as info:
             client.get_flight_info(flight.FlightDescriptor.for_command(unknown.SerializeToString()))
-        assert "Flight SQL CommandGetPrimaryKeys is not supported by this server on GetFlightInfo" in str(info.value)
+        assert "Flight SQL CommandGetCrossReference is not supported by this server on GetFlightInfo" in str(info.value)
         with pytest.raises(pa.ArrowException, match="Flight SQL action BeginTransaction is not supported"):
             list(client.do_action(flight.Action("BeginTransaction", b"")))
         with pytest.raises(pa.ArrowException, match="CreatePreparedStatement takes a ActionCreatePreparedStatementRequest"):
@@ -221,7 +654,7 @@ def test_statement_ticket_streams_and_handles_are_checked(sql_server: ServerProc
 def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerProcess) -> None:
     tables = pack(pb.CommandGetTables(db_schema_filter_pattern=EVENTS, table_name_filter_pattern="issues_event",
                                       include_schema=True))
-    info_cmd = pack(pb.CommandGetSqlInfo(info=[0, 4, 8, 531]))
+    info_cmd = pack(pb.CommandGetSqlInfo(info=[0, 3, 4, 8, 10, 500, 501, 502, 504, 531, 563, 574]))
     with _flight(sql_server) as client:
         info = client.get_flight_info(flight.FlightDescriptor.for_command(tables))
         rows = client.do_get(info.endpoints[0].ticket).read_all().to_pylist()
@@ -232,7 +665,8 @@ def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerPr
         table = client.do_get(info.endpoints[0].ticket).read_all()
     assert table.schema.equals(SQL_INFO_SCHEMA)
     assert dict(zip(table.column("info_name").to_pylist(), table.column("value").to_pylist())) == {
-        0: "flight-share", 4: True, 8: 0, 531: "project"}
+        0: "flight-share", 3: False, 4: True, 8: 0, 10: True, 500: False, 501: False, 502: False, 504: '"',
+        531: "project", 563: False, 574: False}
 
 
 # --- pieces --------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_sql_command_and_flight_sql_statement_on_the_wire(pb, stub) -> None:
 # --- errors --------------------------------------------------------------------------------------
 
 def test_status_codes_and_messages(pb, stub) -> None:
-    unknown_fsql = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetXdbcTypeInfo",
+    unknown_fsql = any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandGetCrossReference",
                                value=b"").SerializeToString()
     cases = [
         (lambda: stub.GetFlightInfo(_path(pb, "nope", "t")), grpc.StatusCode.NOT_FOUND,
@@ -192,7 +192,7 @@ def test_status_codes_and_messages(pb, stub) -> None:
          grpc.StatusCode.INVALID_ARGUMENT, "only SELECT queries are allowed"),
         (lambda: stub.DoAction(pb.Action(type="nope")), grpc.StatusCode.UNIMPLEMENTED, "action 'nope' is not supported"),
         (lambda: stub.GetFlightInfo(_cmd(pb, unknown_fsql)), grpc.StatusCode.UNIMPLEMENTED,
-         "Flight SQL CommandGetXdbcTypeInfo is not supported by this server on GetFlightInfo"),
+         "Flight SQL CommandGetCrossReference is not supported by this server on GetFlightInfo"),
         (lambda: stub.DoExchange(iter([pb.FlightData(flight_descriptor=_path(pb, EVENTS, "push_event"))])),
          grpc.StatusCode.UNIMPLEMENTED, ""),
         (lambda: stub.PollFlightInfo(_path(pb, EVENTS, "push_event")), grpc.StatusCode.UNIMPLEMENTED, ""),

@@ -164,10 +164,25 @@ def syntax_error(exc: "sqlglot.errors.ParseError") -> str:
     if error.get("line"):
         where += f" at line {error['line']}, column {error.get('col', 0)}"
     description = str(error.get("description") or "")
+    before = str(error.get("start_context") or "").split()
+    if near and before and description.startswith("Invalid expression / Unexpected token"):
+        # the word before is often the mistake ("SELECT * FORM t": FORM reads as an alias, t is unexpected)
+        where += f" (after '{before[-1][-40:]}')"
     hint = next((text for prefix, text in _SYNTAX_HINTS if description.startswith(prefix)), None)
     if hint is None:
         hint = description if description and "<class" not in description and "sqlglot" not in description else ""
     return f"syntax error{where}" + (f": {hint}" if hint else "")
+
+
+# duckdb names the part of itself that failed ("Binder Error: ..."): the rest is the SQL-level reason
+_ENGINE_PREFIX = re.compile(r"^(?:Binder|Catalog|Conversion|Parser|Invalid Input|Out of Range|Type Mismatch|"
+                            r"Not implemented|Constraint|Dependency|Invalid Type|Serialization) Error: ")
+
+
+def engine_error_text(message: str) -> str:
+    """duckdb's error in SQL terms: its first line, without the name of the engine's component."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    return _ENGINE_PREFIX.sub("", first).rstrip("!")
 
 
 def _token_error(exc: "sqlglot.errors.TokenError") -> str:
@@ -236,10 +251,50 @@ def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], li
         return _referenced_datasets(sql, dialect)
 
 
-def has_parameters(sql: str, dialect: str = "duckdb") -> bool:
-    """Whether a statement has bound-parameter placeholders (``?``, ``$1``)."""
+#: bound values a prepared statement may carry (they travel inside its handle): rows and Arrow IPC bytes
+MAX_PARAMETER_ROWS = 1_000
+MAX_PARAMETER_BYTES = 1 << 20
+_NUMBERED = re.compile(r"^\$(\d+)$")
+
+
+def parameter_count(sql: str, dialect: str = "duckdb") -> int:
+    """How many values a statement binds: its ``?`` placeholders, or the highest ``$n``.
+
+    Named parameters (``$name``) and a mix of ``?`` and ``$n`` are refused (values bind by position).
+    """
     with _analysing(None):
-        return _parse_one(sql, dialect, None).find(exp.Placeholder, exp.Parameter) is not None
+        tree = _parse_one(sql, dialect, None)
+    marks = [node.sql(dialect) for node in tree.find_all(exp.Placeholder, exp.Parameter)]
+    numbered = [int(m.group(1)) for m in map(_NUMBERED.match, marks) if m]
+    anonymous = sum(1 for mark in marks if mark == "?")
+    if len(numbered) + anonymous != len(marks):
+        named = next(mark for mark in marks if mark != "?" and not _NUMBERED.match(mark))
+        raise InvalidRequest(f"parameter {named[:40]} is not supported; write parameters as ? or $1, $2, ...")
+    if numbered and anonymous:
+        raise InvalidRequest("write parameters either all as ? or all as $1, $2, ..., not both")
+    return max(numbered) if numbered else anonymous
+
+
+def check_parameters(values: pa.Table, count: int) -> pa.Table:
+    """Bound values for a statement with ``count`` parameters: one column per parameter, one row per execution."""
+    if values.num_columns != count:
+        raise InvalidRequest(f"the statement has {count} parameter(s); {values.num_columns} value(s) were bound")
+    if values.num_rows == 0:
+        raise InvalidRequest("no values were bound: bind one row of values per execution")
+    if values.num_rows > MAX_PARAMETER_ROWS:
+        raise InvalidRequest(f"{values.num_rows:,} rows of values were bound; at most {MAX_PARAMETER_ROWS:,} "
+                             "executions per statement")
+    if values.nbytes > MAX_PARAMETER_BYTES:
+        raise InvalidRequest(f"the bound values take {values.nbytes:,} bytes; at most {MAX_PARAMETER_BYTES:,} allowed")
+    for field in values.schema:
+        if pa.types.is_dictionary(field.type) or isinstance(field.type, pa.ExtensionType):
+            raise InvalidRequest(f"parameter {field.name!r} has type {field.type}; bind plain values")
+    return values
+
+
+def parameter_schema(count: int) -> pa.Schema:
+    """The parameters of a statement as Flight SQL describes them: ``$1``... of unknown (null) type."""
+    return pa.schema([pa.field(f"${i}", pa.null()) for i in range(1, count + 1)])
 
 
 def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
@@ -594,8 +649,9 @@ class _Job:
     """One query on one worker: its deadline, its caller's cancellation, the table data it asks for."""
 
     def __init__(self, sandbox: "SqlSandbox", storage: "Storage", query: CheckedQuery, op: str,
-                 cancelled: Callable[[], bool] | None) -> None:
+                 cancelled: Callable[[], bool] | None, parameters: pa.Table | None = None) -> None:
         self.sandbox, self.storage, self.query, self.op = sandbox, storage, query, op
+        self.parameters = parameters
         self.cancelled = cancelled
         self.deadline = time.monotonic() + sandbox.timeout
         self.lock = threading.Lock()
@@ -620,6 +676,11 @@ class _Job:
         request = {"op": self.op, "sql": self.query.sql, "dataset": self.query.dataset,
                    "tables": [[t, s] for (t, _), s in zip(self.tables, schemas)],
                    "max_rows": self.sandbox.max_rows, "batch_rows": self.sandbox.batch_rows}
+        if self.parameters is not None:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, self.parameters.schema) as writer:
+                writer.write_table(self.parameters)
+            request["parameters"] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
         r, w = pipe()
         try:
             send_frame(self.worker.sock, request, [w])
@@ -704,7 +765,7 @@ class _Job:
         if kind == "refused":
             return InvalidRequest(message, dataset=dataset)
         if kind in ("sql", "source"):
-            return InvalidRequest(f"SQL error: {mask(message)[:500]}", dataset=dataset)
+            return InvalidRequest(f"SQL error: {engine_error_text(mask(message))[:500]}", dataset=dataset)
         log.error("SQL sandbox worker failed: %s", mask(message))
         return Unavailable("the SQL sandbox failed; see the server log", dataset=dataset)
 
@@ -806,9 +867,13 @@ class SqlSandbox:
         # a query using no column (count(*)) still needs rows: stream the first column only
         return names or storage.arrow_schema(table).names[:1]
 
-    def schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None = None) -> pa.Schema:
-        """The result schema, from binding the query in a worker (no table data is read)."""
-        job = _Job(self, storage, query, "schema", cancelled)
+    def schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
+               parameters: pa.Table | None = None) -> pa.Schema:
+        """The result schema, from binding the query in a worker (no table data is read).
+
+        ``parameters``: bound values (:func:`check_parameters`); the first row is bound.
+        """
+        job = _Job(self, storage, query, "schema", cancelled, parameters)
         clean = False
         try:
             schema = job.reader.schema
@@ -820,13 +885,14 @@ class SqlSandbox:
             job.finish(clean)
 
     def run(self, storage: "Storage", query: CheckedQuery,
-            cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+            cancelled: Callable[[], bool] | None = None, parameters: pa.Table | None = None) -> pa.RecordBatchReader:
         """A streaming reader of the result; the limits hold while it binds, runs and is read.
 
         ``cancelled``: the caller's ``context.is_cancelled``; polled only while the caller waits for
-        the worker (so never after its call ended).
+        the worker (so never after its call ended). ``parameters``: bound values, one row per
+        execution (:func:`check_parameters`); the results of all rows, in row order, make one result.
         """
-        job = _Job(self, storage, query, "run", cancelled)
+        job = _Job(self, storage, query, "run", cancelled, parameters)
         try:
             # the first batch (or the error of a query that fails to bind) before the stream starts:
             # an error then leaves as the call's status, not in the middle of a stream

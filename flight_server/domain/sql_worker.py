@@ -11,8 +11,10 @@ Protocol, over one Unix stream socket inherited from the server (frames: 4-byte 
 + JSON, file descriptors passed with ``SCM_RIGHTS``):
 
 - worker -> server ``{"ready": pid}`` once, when the worker can take queries;
-- server -> worker ``{"op": "schema" | "run", "sql", "dataset", "tables": [[name, schema]], ...}``
-  with the write end of a fresh pipe for the result;
+- server -> worker ``{"op": "schema" | "run", "sql", "dataset", "tables": [[name, schema]], "parameters", ...}``
+  with the write end of a fresh pipe for the result; ``parameters`` (optional) is an Arrow IPC stream
+  (base64) of bound values, one row per execution: duckdb binds them (they never become SQL text), and
+  a ``run`` streams the results of every row one after the other (a ``schema`` binds the first row);
 - worker -> server ``{"open": i}`` with the write end of a fresh pipe, each time duckdb starts
   scanning table ``i``: the server streams that table's Arrow data (already projected to the
   columns the query uses) into it as an Arrow IPC stream. Nothing is materialised on either side.
@@ -145,6 +147,7 @@ class Worker:
 
     def _connect(self) -> Any:
         con = self.duckdb.connect(":memory:", config=self.config)
+        con.execute("SET TimeZone = 'UTC'")  # results say tz=UTC, as table reads do (not duckdb's Etc/UTC)
         con.execute("SET enable_external_access = false")  # no files, no network, no ATTACH, no INSTALL
         con.execute("SET lock_configuration = true")  # nothing above can be SET back by a query
         return con
@@ -212,23 +215,29 @@ class Worker:
                 source = f"__flight_share_source_{i}"
                 con.register(source, self._source(i, table_schema))
                 con.execute(f"CREATE VIEW {quote(request['dataset'])}.{quote(table)} AS SELECT * FROM {source}")
-            rel = con.sql(request["sql"])
-            if rel is None:  # a statement, not a query (only reachable if the allow-list were bypassed)
-                raise _Refused("only SELECT queries are allowed")
+            bindings = self._bindings(request.get("parameters"))
             if request["op"] == "schema":
-                schema = rel.limit(0).to_arrow_table().schema
+                schema = self._relation(con, request["sql"], bindings[0]).limit(0).to_arrow_table().schema
                 writer = pa.ipc.new_stream(out, schema)
             else:
-                reader = rel.to_arrow_reader(int(request["batch_rows"]))
-                schema = reader.schema
-                writer = pa.ipc.new_stream(out, schema)
                 rows, max_rows = 0, int(request["max_rows"])
-                for batch in reader:
-                    rows += batch.num_rows
-                    if rows > max_rows:
-                        raise _Refused(f"query result exceeds the limit of {max_rows:,} rows (server.sql_max_rows); "
-                                       "aggregate or add a LIMIT", "rows")
-                    writer.write_batch(batch)
+                for values in bindings:  # one execution per row of bound values, results one after the other
+                    reader = self._relation(con, request["sql"], values).to_arrow_reader(int(request["batch_rows"]))
+                    if writer is None:
+                        schema = reader.schema
+                        writer = pa.ipc.new_stream(out, schema)
+                    for batch in reader:
+                        rows += batch.num_rows
+                        if rows > max_rows:
+                            raise _Refused(f"query result exceeds the limit of {max_rows:,} rows (server.sql_max_rows); "
+                                           "aggregate or add a LIMIT", "rows")
+                        if not batch.schema.equals(schema):
+                            try:
+                                batch = batch.cast(schema)
+                            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                                raise _Refused("the rows of bound values give results of different types; "
+                                               "bind values of one type per parameter") from None
+                        writer.write_batch(batch)
             writer.write_batch(_empty(pa, schema), custom_metadata={MARK: END})
         except BaseException as exc:  # noqa: BLE001 - every failure is reported in the stream
             kind, message = self.classify(exc)
@@ -250,6 +259,21 @@ class Worker:
                 out.close()
             except BaseException:  # noqa: BLE001 - the server stopped listening
                 pass
+
+    def _bindings(self, parameters: str | None) -> list[list[Any] | None]:
+        """The rows of bound values (each a list, in placeholder order); ``[None]``: nothing bound."""
+        if not parameters:
+            return [None]
+        table = self.pa.ipc.open_stream(self.pa.py_buffer(base64.b64decode(parameters))).read_all()
+        columns = [column.to_pylist() for column in table.columns]
+        return [list(row) for row in zip(*columns)] or [None]
+
+    @staticmethod
+    def _relation(con: Any, sql: str, values: list[Any] | None) -> Any:
+        rel = con.sql(sql) if values is None else con.sql(sql, params=values)
+        if rel is None:  # a statement, not a query (only reachable if the allow-list were bypassed)
+            raise _Refused("only SELECT queries are allowed")
+        return rel
 
     def classify(self, exc: BaseException) -> tuple[str, str]:
         duckdb = self.duckdb

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from client import protocol
 from client.protocol import ReadCommand, SqlCommand, WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server._vendor import flight_messages as fm
 from flight_server.domain.errors import InvalidRequest
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
@@ -35,6 +36,13 @@ FLIGHT_SQL_ACTIONS = frozenset({
 ACTION_BODIES: dict[str, type[Message]] = {
     "CreatePreparedStatement": pb.ActionCreatePreparedStatementRequest,
     "ClosePreparedStatement": pb.ActionClosePreparedStatementRequest,
+}
+# Flight's session actions: their bodies are the serialised messages themselves (not packed in Any)
+RAW_ACTION_BODIES: dict[str, type[Message]] = {
+    "SetSessionOptions": fm.SetSessionOptionsRequest,
+    "GetSessionOptions": fm.GetSessionOptionsRequest,
+    "CloseSession": fm.CloseSessionRequest,
+    "CancelFlightInfo": fm.CancelFlightInfoRequest,
 }
 # what a client reads in messages: the gRPC method names
 RPC_NAMES = {"get_flight_info": "GetFlightInfo", "get_schema": "GetSchema", "do_get": "DoGet",
@@ -93,7 +101,7 @@ def unpack_any(data: bytes) -> any_pb2.Any | None:
 def _flight_sql(rpc: str, wrapped: any_pb2.Any) -> Request:
     """A Flight SQL message; an unknown one decodes to its name only (the dispatch says UNIMPLEMENTED)."""
     name = short_name(wrapped.type_url)
-    cls = getattr(pb, name, None) if wrapped.type_url.startswith(TYPE_URL_PREFIX + SQL_PACKAGE) else None
+    cls = (getattr(pb, name, None) or getattr(fm, name, None)) if wrapped.type_url.startswith(TYPE_URL_PREFIX + SQL_PACKAGE) else None
     if not (isinstance(cls, type) and issubclass(cls, Message)):
         return Request(rpc, name, None, flight_sql=True)
     message = cls()
@@ -130,6 +138,12 @@ def action(act: flight.Action) -> Request:
     body = act.body.to_pybytes() if act.body is not None else b""
     if act.type not in FLIGHT_SQL_ACTIONS:
         return Request("do_action", act.type, body)
+    raw = RAW_ACTION_BODIES.get(act.type)
+    if raw is not None:
+        try:
+            return Request("do_action", act.type, raw.FromString(body), flight_sql=True)
+        except DecodeError:
+            raise InvalidRequest(f"Flight action {act.type} takes a {raw.DESCRIPTOR.name}") from None
     expected = ACTION_BODIES.get(act.type)
     if expected is None:
         return Request("do_action", act.type, None, flight_sql=True)

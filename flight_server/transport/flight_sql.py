@@ -13,11 +13,31 @@ How the project looks to a Flight SQL client:
 - db_schema = a dataset the caller's profile may see;
 - table     = a table of that dataset (table type ``TABLE``).
 
-Statements are read-only SELECTs through the same sandbox as the plain ``sql`` command. Every table
-is written ``dataset.table`` (or ``project.dataset.table``); one statement reads one dataset (datasets
-may live on different destinations, so there is no cross-dataset join). Statement and prepared
-statement handles carry the statement itself: the server keeps no per-statement state, and every
-DoGet runs the sandbox again under the caller's profile. Bound parameters are not supported.
+Statements are read-only SELECTs (duckdb's dialect) through the same sandbox as the plain ``sql``
+command. Every table is written ``dataset.table`` (or ``project.dataset.table``), or unqualified when the
+caller's session set a current ``schema``; one statement reads one dataset (datasets may live on
+different destinations, so there is no cross-dataset join). Statement and prepared statement handles
+carry the statement itself (:class:`Statement`): the server keeps no per-statement state, and every
+DoGet runs the sandbox again under the caller's profile.
+
+Bound parameters (``?``, ``$1``): ``CreatePreparedStatement`` answers the parameter schema (``$1``...,
+null-typed); ``DoPut(CommandPreparedStatementQuery)`` with a batch of values (one row per execution, at
+most :data:`~flight_server.domain.sql.MAX_PARAMETER_ROWS` rows and ``MAX_PARAMETER_BYTES`` of Arrow IPC)
+answers a ``DoPutPreparedStatementResult`` whose new handle carries the statement and the values;
+clients execute that handle (GetFlightInfo, DoGet). duckdb binds the values in the sandbox; several rows
+run the query once each and their results follow one another. Statement updates
+(``CommandStatementUpdate``, ``CommandPreparedStatementUpdate``) are refused: read-only except ingest.
+
+Sessions (:mod:`flight_server.transport.session`): ``SetSessionOptions`` / ``GetSessionOptions`` /
+``CloseSession`` with options ``catalog`` (the project) and ``schema`` (a dataset), keyed by Flight's
+``arrow_flight_session_id`` cookie and the caller's user, in a bounded map.
+
+Metadata: GetCatalogs, GetDbSchemas, GetTables (``include_schema``: fields carry FlightSql.proto's
+``ARROW:FLIGHT:SQL:*`` column metadata, type names in duckdb's SQL), GetTableTypes, GetPrimaryKeys
+(dlt's ``primary_key`` hints), GetXdbcTypeInfo, GetSqlInfo (what the server really does: no DDL, no
+transactions, ingest yes). Cancelling a call (ADBC's ``adbc_cancel``, a client gone mid-stream) or
+the ``CancelFlightInfo`` action (the caller's running DoGets of the FlightInfo's tickets) ends the
+query's sandbox process at once.
 
 Bulk ingest (``CommandStatementIngest``) goes through ``Writer.put``: the same permissions, dlt
 contracts and error texts as the plain DoPut (the dispatch drops the cache and writes the audit line
@@ -26,37 +46,48 @@ for both). ``schema`` names the dataset.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from client import __version__
 from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server._vendor import flight_messages as fm
 from flight_server.domain.catalog import Catalog
-from flight_server.domain.errors import InvalidRequest, NotFound, Unsupported
+from flight_server.domain.errors import Cancelled, InvalidRequest, NotFound, Unsupported
 from flight_server.domain.sql import (
+    MAX_PARAMETER_BYTES,
+    MAX_QUERY_CHARS,
     SqlSandbox,
+    check_parameters,
     check_query,
-    has_parameters,
+    parameter_count,
+    parameter_schema,
     referenced_datasets,
 )
 from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
-from flight_server.transport.decode import ACTION_BODIES, Request
+from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
+from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of
 from flight_server.transport.upload import FlightUpload
 
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "flight-share"
 _HANDLE_PREFIX = b"flight-share/statement/v1:"
 
-# Flight.proto's CloseSessionResult{status: CLOSED}: sessions hold nothing here, so closing always succeeds
-_CLOSE_SESSION_CLOSED = b"\x08\x01"
+# the session options this server knows (the names ADBC's Flight SQL driver uses for the current catalog
+# and db_schema)
+SESSION_OPTIONS = ("catalog", "schema")
 
 Handler = Callable[[Call, Request], Any]
 
@@ -78,6 +109,104 @@ TABLES_SCHEMA = pa.schema([
 ])
 TABLES_SCHEMA_WITH_SCHEMA = TABLES_SCHEMA.append(pa.field("table_schema", pa.binary(), nullable=False))
 TABLE_TYPES_SCHEMA = pa.schema([pa.field("table_type", pa.utf8(), nullable=False)])
+PRIMARY_KEYS_SCHEMA = pa.schema([
+    pa.field("catalog_name", pa.utf8()), pa.field("db_schema_name", pa.utf8()),
+    pa.field("table_name", pa.utf8(), nullable=False), pa.field("column_name", pa.utf8(), nullable=False),
+    pa.field("key_name", pa.utf8()), pa.field("key_sequence", pa.int32(), nullable=False),
+])
+XDBC_TYPE_INFO_SCHEMA = pa.schema([
+    pa.field("type_name", pa.utf8(), nullable=False), pa.field("data_type", pa.int32(), nullable=False),
+    pa.field("column_size", pa.int32()), pa.field("literal_prefix", pa.utf8()), pa.field("literal_suffix", pa.utf8()),
+    pa.field("create_params", pa.list_(pa.field("item", pa.utf8(), nullable=False))),
+    pa.field("nullable", pa.int32(), nullable=False), pa.field("case_sensitive", pa.bool_(), nullable=False),
+    pa.field("searchable", pa.int32(), nullable=False), pa.field("unsigned_attribute", pa.bool_()),
+    pa.field("fixed_prec_scale", pa.bool_(), nullable=False), pa.field("auto_increment", pa.bool_()),
+    pa.field("local_type_name", pa.utf8()), pa.field("minimum_scale", pa.int32()), pa.field("maximum_scale", pa.int32()),
+    pa.field("sql_data_type", pa.int32(), nullable=False), pa.field("datetime_subcode", pa.int32()),
+    pa.field("num_prec_radix", pa.int32()), pa.field("interval_precision", pa.int32()),
+])
+
+# FlightSql.proto's column metadata keys (on the fields of GetTables' table_schema)
+COLUMN_METADATA = "ARROW:FLIGHT:SQL:"
+
+# The SQL types a column can have here (duckdb's names: statements are duckdb SQL): GetXdbcTypeInfo's rows.
+# (name, XdbcDataType, column_size, literal (prefix, suffix), unsigned, XdbcDatetimeSubcode); date/time types
+# have sql_data_type XDBC_DATETIME (9) and a subcode, the others their data_type.
+_XDBC_TYPES: tuple[tuple[str, int, int | None, tuple[str, str] | None, bool | None, int | None], ...] = (
+    ("BOOLEAN", -7, 1, None, None, None),
+    ("TINYINT", -6, 3, None, False, None),
+    ("BIGINT", -5, 19, None, False, None),
+    ("UBIGINT", -5, 20, None, True, None),
+    ("BLOB", -3, None, ("'", "'::BLOB"), None, None),
+    ("JSON", -1, None, ("'", "'::JSON"), None, None),
+    ("DECIMAL", 3, 38, None, False, None),
+    ("INTEGER", 4, 10, None, False, None),
+    ("UINTEGER", 4, 10, None, True, None),
+    ("SMALLINT", 5, 5, None, False, None),
+    ("FLOAT", 7, 7, None, False, None),
+    ("DOUBLE", 8, 15, None, False, None),
+    ("VARCHAR", 12, None, ("'", "'"), None, None),
+    ("DATE", 91, 10, ("DATE '", "'"), None, 1),
+    ("TIME", 92, 15, ("TIME '", "'"), None, 2),
+    ("TIMESTAMP", 93, 26, ("TIMESTAMP '", "'"), None, 3),
+    ("TIMESTAMP WITH TIME ZONE", 93, 32, ("TIMESTAMPTZ '", "'"), None, 3),
+)
+
+
+def xdbc_type_info(data_type: int | None = None) -> pa.Table:
+    """GetXdbcTypeInfo's answer: every type, or those of one XDBC data type."""
+    rows = []
+    for name, xdbc, size, literal, unsigned, subcode in _XDBC_TYPES:
+        if data_type is not None and xdbc != data_type:
+            continue
+        numeric = unsigned is not None
+        rows.append({
+            "type_name": name, "data_type": xdbc, "column_size": size,
+            "literal_prefix": literal[0] if literal else None, "literal_suffix": literal[1] if literal else None,
+            "create_params": ["precision", "scale"] if name == "DECIMAL" else None,
+            "nullable": 1, "case_sensitive": name in ("VARCHAR", "JSON"), "searchable": 3,  # XDBC_SEARCHABLE_FULL
+            "unsigned_attribute": unsigned, "fixed_prec_scale": False, "auto_increment": False if numeric else None,
+            "local_type_name": name, "minimum_scale": 0 if name == "DECIMAL" else None,
+            "maximum_scale": 38 if name == "DECIMAL" else None, "sql_data_type": 9 if subcode else xdbc,
+            "datetime_subcode": subcode, "num_prec_radix": 10 if numeric else None, "interval_precision": None,
+        })
+    return pa.Table.from_pylist(rows, schema=XDBC_TYPE_INFO_SCHEMA)
+
+
+def sql_type_name(arrow_type: pa.DataType, dlt_type: str | None = None) -> str:
+    """The SQL (duckdb) name of a column's type, as statements see it."""
+    if dlt_type == "json":
+        return "JSON"
+    t = arrow_type
+    for test, name in ((pa.types.is_boolean, "BOOLEAN"), (pa.types.is_int8, "TINYINT"), (pa.types.is_int16, "SMALLINT"),
+                       (pa.types.is_int32, "INTEGER"), (pa.types.is_int64, "BIGINT"), (pa.types.is_uint8, "UTINYINT"),
+                       (pa.types.is_uint16, "USMALLINT"), (pa.types.is_uint32, "UINTEGER"), (pa.types.is_uint64, "UBIGINT"),
+                       (pa.types.is_float32, "FLOAT"), (pa.types.is_float64, "DOUBLE"), (pa.types.is_date, "DATE"),
+                       (pa.types.is_time, "TIME")):
+        if test(t):
+            return name
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "VARCHAR"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return "BLOB"
+    if pa.types.is_decimal(t):
+        return f"DECIMAL({t.precision},{t.scale})"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP WITH TIME ZONE" if t.tz else "TIMESTAMP"
+    return str(t).upper()
+
+
+def column_metadata(field: pa.Field, catalog: str, dataset: str, table: str, hints: dict[str, Any]) -> pa.Field:
+    """A table column as Flight SQL describes it: FlightSql.proto's column metadata keys on its field."""
+    meta = {"CATALOG_NAME": catalog, "SCHEMA_NAME": dataset, "TABLE_NAME": table,
+            "TYPE_NAME": sql_type_name(field.type, hints.get("data_type")),
+            "IS_AUTO_INCREMENT": "0", "IS_READ_ONLY": "1", "IS_SEARCHABLE": "1",
+            "IS_CASE_SENSITIVE": "1" if pa.types.is_string(field.type) or pa.types.is_large_string(field.type) else "0"}
+    if pa.types.is_decimal(field.type):
+        meta["PRECISION"], meta["SCALE"] = str(field.type.precision), str(field.type.scale)
+    elif hints.get("precision") is not None:
+        meta["PRECISION"] = str(hints["precision"])
+    return field.with_metadata({**(field.metadata or {}), **{(COLUMN_METADATA + k).encode(): v.encode() for k, v in meta.items()}})
 
 # GetSqlInfo's value: a dense union whose children are not nullable. pa.UnionArray.from_dense makes
 # nullable children (and the Go driver's cast then fails), so the array is built from buffers.
@@ -94,6 +223,17 @@ SQL_INFO_SCHEMA = pa.schema([
     pa.field("info_name", pa.uint32(), nullable=False),
     pa.field("value", pa.dense_union(_SQL_INFO_CHILDREN, type_codes=list(range(6))), nullable=False),
 ])
+
+
+def _server_version() -> str:
+    """This server's version and the SQL dialect statements are written in (duckdb's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        engine = f"duckdb {version('duckdb')}"
+    except PackageNotFoundError:  # pragma: no cover - duckdb is a server dependency
+        engine = "duckdb"
+    return f"{__version__} (SQL dialect: {engine})"
 
 
 def sql_info_table(values: dict[int, tuple[int, Any]]) -> pa.Table:
@@ -201,20 +341,61 @@ def _like_match(pieces: list[_Piece], name: str) -> bool:
     return end >= pos and _piece_at(last, name, end)
 
 
-def encode_handle(query: str) -> bytes:
-    return _HANDLE_PREFIX + json.dumps({"query": query}).encode()
+@dataclass(frozen=True)
+class Statement:
+    """What a statement or prepared statement handle carries: the SQL and the values bound to it.
+
+    ``parameters`` is an Arrow IPC stream (one column per parameter, one row per execution), at most
+    :data:`MAX_PARAMETER_BYTES` long. Handles are not secret: whatever one carries is checked again on
+    every use, under the caller's profile, exactly like a statement sent in the clear.
+    """
+
+    query: str
+    parameters: bytes | None = None
+
+    def values(self) -> pa.Table | None:
+        """The bound values as a table, or None when nothing is bound."""
+        if self.parameters is None:
+            return None
+        try:
+            values = pa.ipc.open_stream(pa.py_buffer(self.parameters)).read_all()
+            values.validate(full=True)
+        except (pa.ArrowException, ValueError):
+            raise InvalidRequest("not a statement handle issued by this server (its bound values do not decode)") from None
+        return values
 
 
-def decode_handle(handle: bytes) -> str:
-    if not handle.startswith(_HANDLE_PREFIX):
+def encode_handle(statement: Statement) -> bytes:
+    body: dict[str, Any] = {"query": statement.query}
+    if statement.parameters is not None:
+        body["parameters"] = base64.b64encode(statement.parameters).decode()
+    return _HANDLE_PREFIX + json.dumps(body).encode()
+
+
+# a handle: the statement in JSON (a character escaped as \uXXXX takes up to 12 bytes), and bound values in
+# base64 (4/3 of their size, plus IPC framing)
+_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 12 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
+
+
+def decode_handle(handle: bytes) -> Statement:
+    if not handle.startswith(_HANDLE_PREFIX) or len(handle) > _MAX_HANDLE_BYTES:
         raise InvalidRequest("not a statement handle issued by this server")
     try:
-        query = json.loads(handle[len(_HANDLE_PREFIX):])["query"]
-    except (ValueError, KeyError, TypeError):
+        body = json.loads(handle[len(_HANDLE_PREFIX):])
+        query, parameters = body["query"], body.get("parameters")
+        if not isinstance(query, str) or not isinstance(parameters, (str, type(None))):
+            raise TypeError
+        raw = base64.b64decode(parameters, validate=True) if parameters is not None else None
+    except (ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidRequest("not a statement handle issued by this server") from None
-    if not isinstance(query, str):
-        raise InvalidRequest("not a statement handle issued by this server")
-    return query
+    return Statement(query, raw)
+
+
+def _ipc(values: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, values.schema) as writer:
+        writer.write_table(values)
+    return sink.getvalue().to_pybytes()
 
 
 _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
@@ -223,8 +404,13 @@ _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
 class FlightSqlSurface:
     """Handlers of Flight SQL requests, given the domain services they use."""
 
-    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer) -> None:
+    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer,
+                 sessions: SessionStore | None = None) -> None:
         self.catalog_name = catalog_name
+        self.sessions = sessions if sessions is not None else SessionStore()
+        # (user, statement handle) -> a stop flag per DoGet of it now running (CancelFlightInfo sets them)
+        self._running: dict[tuple[str, bytes], set[threading.Event]] = {}
+        self._running_lock = threading.Lock()
         self.catalog = catalog
         self.sql = sql
         self.writer = writer
@@ -235,6 +421,8 @@ class FlightSqlSurface:
             pb.CommandGetTables: (lambda c: TABLES_SCHEMA_WITH_SCHEMA if c.include_schema else TABLES_SCHEMA,
                                   self._tables),
             pb.CommandGetTableTypes: (lambda _c: TABLE_TYPES_SCHEMA, self._table_types),
+            fm.CommandGetPrimaryKeys: (lambda _c: PRIMARY_KEYS_SCHEMA, self._primary_keys),
+            fm.CommandGetXdbcTypeInfo: (lambda _c: XDBC_TYPE_INFO_SCHEMA, self._xdbc_type_info),
         }
 
     def routes(self) -> dict[tuple[str, str], Handler]:
@@ -251,23 +439,96 @@ class FlightSqlSurface:
             ("get_flight_info", "CommandPreparedStatementQuery"): self._prepared_info,
             ("get_schema", "CommandPreparedStatementQuery"): self._prepared_schema,
             ("do_put", "CommandPreparedStatementQuery"): self._prepared_bind,
+            ("do_put", "CommandStatementUpdate"): self._read_only,
+            ("do_put", "CommandPreparedStatementUpdate"): self._read_only,
+            ("do_put", "CommandStatementSubstraitPlan"): self._read_only,
             ("do_get", "TicketStatementQuery"): self._statement_get,
             ("do_put", "CommandStatementIngest"): self._ingest,
             ("do_action", "CreatePreparedStatement"): self._create_prepared,
             ("do_action", "ClosePreparedStatement"): self._close_prepared,
-            ("do_action", "CloseSession"): lambda _call, _request: iter([_CLOSE_SESSION_CLOSED]),
+            ("do_action", "SetSessionOptions"): self._set_session_options,
+            ("do_action", "GetSessionOptions"): self._get_session_options,
+            ("do_action", "CloseSession"): self._close_session,
+            ("do_action", "CancelFlightInfo"): self._cancel_flight_info,
         })
         return routes
 
     @staticmethod
     def unsupported_action(name: str) -> Unsupported:
         return Unsupported(f"Flight SQL action {name} is not supported by this server; "
-                           f"supported: {', '.join([*ACTION_BODIES, 'CloseSession'])}")
+                           f"supported: {', '.join([*ACTION_BODIES, *RAW_ACTION_BODIES])}")
 
     # --- who and what -----------------------------------------------------------------------------
     @staticmethod
     def _info(schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+
+    # --- sessions: the current catalog and db_schema -------------------------------------------------
+    def _session(self, call: Call) -> Session | None:
+        return self.sessions.get(cookie_of(call.context), call.identity.user)
+
+    def current_schema(self, call: Call) -> str | None:
+        """The dataset the caller's session set as its current db_schema (None: no session, or not set)."""
+        session = self._session(call)
+        return session.options.get("schema") if session is not None else None
+
+    def _set_session_options(self, call: Call, request: Request) -> Iterator[bytes]:
+        """SetSessionOptions: ``catalog`` (the project) and ``schema`` (a dataset the caller sees).
+
+        A value the server cannot take fails the call, saying why (nothing is set); an unknown
+        option name is reported per option, as Flight.proto has it (the others are set).
+        """
+        wanted: dict[str, str | None] = {}
+        result = fm.SetSessionOptionsResult()
+        for name, value in request.message.session_options.items():
+            if name not in SESSION_OPTIONS:
+                result.errors[name[:100]].value = fm.SetSessionOptionsResult.INVALID_NAME
+                continue
+            kind = value.WhichOneof("option_value")
+            if kind is None:
+                wanted[name] = None  # an empty value erases the option
+            elif kind != "string_value" or len(value.string_value) > MAX_OPTION_CHARS:
+                raise InvalidRequest(f"session option '{name}' takes a name (a string)")
+            else:
+                wanted[name] = self._checked_option(call, name, value.string_value)
+        if wanted:
+            session_id = cookie_of(call.context)
+            if session_id is None:
+                raise InvalidRequest(
+                    "session options need Flight's session cookie, and this call came without one: keep cookies "
+                    "(ADBC: db_kwargs {\"adbc.flight.sql.rpc.with_cookie_middleware\": \"true\"}) or write "
+                    "tables as dataset.table")
+            session = self.sessions.get_or_create(session_id, call.identity.user)
+            if session is None:
+                raise InvalidRequest("this session cookie belongs to another user's session; reconnect")
+            for name, text in wanted.items():
+                if text is None:
+                    session.options.pop(name, None)
+                else:
+                    session.options[name] = text
+        return iter([result.SerializeToString()])
+
+    def _checked_option(self, call: Call, name: str, value: str) -> str:
+        if name == "catalog":
+            if value != self.catalog_name:
+                raise NotFound(f"Catalog '{value}' not found; the catalog is project {self.catalog_name}")
+            return value
+        visible = self.catalog.visible(call.profile)
+        if value not in visible:
+            raise NotFound(f"Dataset '{value}' not found; datasets: {', '.join(visible) or '(none)'}", dataset=value)
+        return value
+
+    def _get_session_options(self, call: Call, request: Request) -> Iterator[bytes]:
+        result = fm.GetSessionOptionsResult()
+        result.session_options["catalog"].string_value = self.catalog_name
+        schema = self.current_schema(call)
+        if schema is not None:
+            result.session_options["schema"].string_value = schema
+        return iter([result.SerializeToString()])
+
+    def _close_session(self, call: Call, request: Request) -> Iterator[bytes]:
+        self.sessions.close(cookie_of(call.context), call.identity.user)
+        return iter([fm.CloseSessionResult(status=fm.CloseSessionResult.CLOSED).SerializeToString()])
 
     # --- metadata commands ------------------------------------------------------------------------
     def _metadata_info(self, call: Call, request: Request) -> flight.FlightInfo:
@@ -284,25 +545,40 @@ class FlightSqlSurface:
     def _sql_info(self, call: Call, command: Any) -> pa.Table:
         infos: dict[int, tuple[int, Any]] = {
             0: (_STRING, SERVER_NAME),                 # FLIGHT_SQL_SERVER_NAME
-            1: (_STRING, __version__),                 # FLIGHT_SQL_SERVER_VERSION
+            1: (_STRING, _server_version()),           # FLIGHT_SQL_SERVER_VERSION (names the SQL dialect)
             2: (_STRING, pa.__version__),              # FLIGHT_SQL_SERVER_ARROW_VERSION
-            3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY (ingest writes)
+            # statements only read; bulk ingest (CommandStatementIngest) writes, so the server is not read-only
+            3: (_BOOL, False),                         # FLIGHT_SQL_SERVER_READ_ONLY
             4: (_BOOL, True),                          # FLIGHT_SQL_SERVER_SQL
             5: (_BOOL, False),                         # FLIGHT_SQL_SERVER_SUBSTRAIT
-            8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: none
-            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL
-            100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: none
+            8: (_INT32, 0),                            # FLIGHT_SQL_SERVER_TRANSACTION: SQL_SUPPORTED_TRANSACTION_NONE
+            9: (_BOOL, False),                         # FLIGHT_SQL_SERVER_CANCEL: no CancelQuery (CancelFlightInfo, yes)
+            10: (_BOOL, True),                         # FLIGHT_SQL_SERVER_BULK_INGESTION
+            11: (_BOOL, False),                        # FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED
+            100: (_INT32, 0),                          # FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: handles never expire
             101: (_INT32, 0),                          # FLIGHT_SQL_SERVER_TRANSACTION_TIMEOUT: none
             500: (_BOOL, False),                       # SQL_DDL_CATALOG
             501: (_BOOL, False),                       # SQL_DDL_SCHEMA
             502: (_BOOL, False),                       # SQL_DDL_TABLE
+            503: (_INT32, 1),                          # SQL_IDENTIFIER_CASE: case-insensitive (duckdb)
             504: (_STRING, '"'),                       # SQL_IDENTIFIER_QUOTE_CHAR
+            505: (_INT32, 1),                          # SQL_QUOTED_IDENTIFIER_CASE: case-insensitive (duckdb)
             506: (_BOOL, True),                        # SQL_ALL_TABLES_ARE_SELECTABLE
+            507: (_INT32, 3),                          # SQL_NULL_ORDERING: SQL_NULLS_SORTED_AT_END (duckdb's default)
             513: (_STRING, "\\"),                      # SQL_SEARCH_STRING_ESCAPE
+            514: (_STRING, ""),                        # SQL_EXTRA_NAME_CHARACTERS
+            515: (_BOOL, True),                        # SQL_SUPPORTS_COLUMN_ALIASING
+            516: (_BOOL, True),                        # SQL_NULL_PLUS_NULL_IS_NULL
+            523: (_BOOL, True),                        # SQL_SUPPORTS_LIKE_ESCAPE_CLAUSE
             529: (_STRING, "dataset"),                 # SQL_SCHEMA_TERM
             531: (_STRING, "project"),                 # SQL_CATALOG_TERM
             532: (_BOOL, True),                        # SQL_CATALOG_AT_START
+            557: (_BIGINT, MAX_QUERY_CHARS),           # SQL_MAX_STATEMENT_LENGTH
+            562: (_INT32, 0),                          # SQL_DEFAULT_TRANSACTION_ISOLATION: SQL_TRANSACTION_NONE
             563: (_BOOL, False),                       # SQL_TRANSACTIONS_SUPPORTED
+            572: (_BOOL, False),                       # SQL_BATCH_UPDATES_SUPPORTED
+            573: (_BOOL, False),                       # SQL_SAVEPOINTS_SUPPORTED
+            574: (_BOOL, False),                       # SQL_NAMED_PARAMETERS_SUPPORTED ($name: refused; ? and $1 bind)
         }
         wanted = list(command.info) or list(infos)
         return sql_info_table({i: infos[i] for i in wanted if i in infos})
@@ -337,59 +613,146 @@ class FlightSqlSurface:
                     row = {"catalog_name": self.catalog_name, "db_schema_name": dataset,
                            "table_name": table, "table_type": TABLE_TYPE}
                     if command.include_schema:
-                        row["table_schema"] = storage.arrow_schema(table).serialize().to_pybytes()
+                        hints = storage.table_columns(table)
+                        fields = [column_metadata(f, self.catalog_name, dataset, table, hints.get(f.name, {}))
+                                  for f in storage.arrow_schema(table)]
+                        row["table_schema"] = pa.schema(fields).serialize().to_pybytes()
                     rows.append(row)
         return pa.Table.from_pylist(rows, schema=schema)
+
+    def _primary_keys(self, call: Call, command: Any) -> pa.Table:
+        """GetPrimaryKeys: the columns dlt stores with the ``primary_key`` hint, in column order."""
+        catalog = command.catalog if command.HasField("catalog") else None
+        rows = []
+        for dataset in self._datasets(call, catalog, None):
+            if command.HasField("db_schema") and dataset != command.db_schema:
+                continue
+            storage = self.catalog.storage(dataset)
+            if command.table not in storage.table_names():
+                continue
+            keys = [name for name, hints in storage.table_columns(command.table).items() if hints.get("primary_key")]
+            rows += [{"catalog_name": self.catalog_name, "db_schema_name": dataset, "table_name": command.table,
+                      "column_name": name, "key_name": None, "key_sequence": i} for i, name in enumerate(keys, 1)]
+        return pa.Table.from_pylist(rows, schema=PRIMARY_KEYS_SCHEMA)
+
+    def _xdbc_type_info(self, call: Call, command: Any) -> pa.Table:
+        return xdbc_type_info(command.data_type if command.HasField("data_type") else None)
 
     def _table_types(self, call: Call, command: Any) -> pa.Table:
         return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES_SCHEMA)
 
-    # --- statements -------------------------------------------------------------------------------
-    def _prepare(self, call: Call, query: str) -> tuple[Storage, Any]:
-        """The storage a statement reads and the statement checked and qualified by the sandbox."""
+    # --- statements ---------------------------------------------------------------------------------
+    def _prepare(self, call: Call, statement: Statement) -> tuple[Storage, Any, pa.Table | None]:
+        """The storage a statement reads, the statement checked and qualified by the sandbox, and its
+        bound values (checked against its placeholders; None when it has none)."""
         profile = call.profile
+        query = statement.query
         datasets, unqualified = referenced_datasets(query)
         visible = self.catalog.visible(profile)
-        if unqualified:
+        current = self.current_schema(call)
+        if current is not None and current not in visible:
+            current = None  # the dataset went away (or the profile lost it) since the option was set
+        if unqualified and current is None:
             raise InvalidRequest(
-                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}); "
+                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}), "
+                f"or set the current db_schema (SetSessionOptions, with cookies); "
                 f"datasets: {', '.join(visible) or '(none)'}"
             )
-        if has_parameters(query):
-            # not UNIMPLEMENTED: drivers read that answer to CreatePreparedStatement as "no prepared statements"
-            raise InvalidRequest("bound parameters are not supported; put the values into the SQL text")
+        if unqualified:
+            datasets = datasets | {current}
         if len(datasets) > 1:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
-        dataset = next(iter(datasets)) if datasets else visible[0]
+        count = parameter_count(query)
+        values = statement.values()
+        if values is not None:
+            values = check_parameters(values, count)
+        elif count:
+            raise InvalidRequest(f"the statement has {count} parameter(s) and no values are bound; bind them "
+                                 "(DoPut CommandPreparedStatementQuery) before executing")
+        dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(query, dataset, columns, catalog=self.catalog_name)
+        return storage, check_query(query, dataset, columns, catalog=self.catalog_name), values
 
-    def _query_schema(self, call: Call, query: str) -> pa.Schema:
-        storage, checked = self._prepare(call, query)
-        return self.sql.schema(storage, checked, call.cancelled)
+    def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
+        storage, checked, values = self._prepare(call, statement)
+        return self.sql.schema(storage, checked, call.cancelled, values)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
         self._no_transaction(command)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(command.query)))
-        return self._info(self._query_schema(call, command.query), call.descriptor, ticket)
+        statement = Statement(command.query)
+        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(statement)))
+        return self._info(self._query_schema(call, statement), call.descriptor, ticket)
 
     def _statement_schema(self, call: Call, request: Request) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(call, request.message.query))
+        return flight.SchemaResult(self._query_schema(call, Statement(request.message.query)))
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
-        storage, checked = self._prepare(call, decode_handle(request.message.statement_handle))
-        return call.stream(self.sql.run(storage, checked, call.cancelled))
+        handle = request.message.statement_handle
+        storage, checked, values = self._prepare(call, decode_handle(handle))
+        # registered while it runs, so CancelFlightInfo (from any connection of the same user) can stop it
+        key, stop = (call.identity.user, handle), threading.Event()
+        with self._running_lock:
+            self._running.setdefault(key, set()).add(stop)
+        try:
+            reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values)
+        except BaseException:
+            self._unregister(key, stop)
+            raise
+        return call.stream(pa.RecordBatchReader.from_batches(reader.schema, self._until_done(reader, key, stop)))
+
+    def _until_done(self, reader: pa.RecordBatchReader, key: tuple[str, bytes], stop: threading.Event) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        finally:
+            self._unregister(key, stop)
+
+    def _unregister(self, key: tuple[str, bytes], stop: threading.Event) -> None:
+        with self._running_lock:
+            running = self._running.get(key)
+            if running is not None:
+                running.discard(stop)
+                if not running:
+                    del self._running[key]
+
+    def _cancel_flight_info(self, call: Call, request: Request) -> Iterator[bytes]:
+        """CancelFlightInfo: stop the caller's running DoGets of the FlightInfo's statement tickets.
+
+        The answer is CANCELLED whether a query was running or had finished (nothing is kept about
+        statements that do not run); only the caller's own queries are touched.
+        """
+        for endpoint in request.message.info.endpoint:
+            wrapped = unpack_any(endpoint.ticket.ticket)
+            if wrapped is None or short_name(wrapped.type_url) != pb.TicketStatementQuery.DESCRIPTOR.name:
+                continue
+            ticket = pb.TicketStatementQuery()
+            try:
+                ticket.ParseFromString(wrapped.value)
+            except DecodeError:
+                raise InvalidRequest("CancelFlightInfo: a ticket does not decode") from None
+            with self._running_lock:
+                running = list(self._running.get((call.identity.user, ticket.statement_handle), ()))
+            for stop in running:
+                stop.set()
+        return iter([fm.CancelFlightInfoResult(status=fm.CANCEL_STATUS_CANCELLED).SerializeToString()])
 
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         self._no_transaction(request.message)
-        schema = self._query_schema(call, request.message.query)
+        query = request.message.query
+        count = parameter_count(query)
+        if count:
+            # the result's schema before any value is bound: the parameters bound as NULLs
+            nulls = pa.table([pa.nulls(1)] * count, schema=parameter_schema(count))
+            schema = self._query_schema(call, Statement(query, _ipc(nulls)))
+        else:
+            schema = self._query_schema(call, Statement(query))
         result = pb.ActionCreatePreparedStatementResult(
-            prepared_statement_handle=encode_handle(request.message.query),
+            prepared_statement_handle=encode_handle(Statement(query)),
             dataset_schema=schema.serialize().to_pybytes(),
+            parameter_schema=parameter_schema(count).serialize().to_pybytes() if count else b"",
         )
         return iter([pack(result)])
 
@@ -406,7 +769,39 @@ class FlightSqlSurface:
         return flight.SchemaResult(self._query_schema(call, decode_handle(request.message.prepared_statement_handle)))
 
     def _prepared_bind(self, call: Call, request: Request) -> None:
-        raise Unsupported("bound parameters are not supported; put the values into the SQL text")
+        """DoPut(CommandPreparedStatementQuery): values to bind, one row per execution.
+
+        The server keeps no state: the answer (``DoPutPreparedStatementResult``, raw in the PutResult's
+        app_metadata) carries a new handle holding the statement and these values, which clients then
+        execute (GetFlightInfo / DoGet). Several rows execute the statement once per row; the results
+        of all rows, in row order, are one result (as Arrow's SQLite example server does).
+        """
+        statement = decode_handle(request.message.prepared_statement_handle)
+        batches, size = [], 0
+        while True:
+            try:
+                chunk = call.reader.read_chunk()
+            except StopIteration:
+                break
+            if chunk.data is None:
+                continue
+            size += chunk.data.nbytes
+            if size > MAX_PARAMETER_BYTES:
+                raise InvalidRequest(f"the bound values take more than {MAX_PARAMETER_BYTES:,} bytes; "
+                                     "bind fewer rows per execution")
+            batches.append(chunk.data)
+        if call.cancelled():
+            raise Cancelled("the upload of bound values was cancelled")
+        values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
+                                  parameter_count(statement.query))
+        bound = Statement(statement.query, _ipc(values))
+        result = fm.DoPutPreparedStatementResult(prepared_statement_handle=encode_handle(bound))
+        call.writer.write(pa.py_buffer(result.SerializeToString()))
+
+    @staticmethod
+    def _read_only(call: Call, request: Request) -> None:
+        raise Unsupported(f"{request.kind} is not supported: the server is read-only except bulk ingest "
+                          "(CommandStatementIngest, adbc_ingest); statements are SELECT queries")
 
     @staticmethod
     def _no_transaction(command: Any) -> None:
@@ -434,6 +829,8 @@ class FlightSqlSurface:
             )
         if command.HasField("catalog") and command.catalog != self.catalog_name:
             raise NotFound(f"Catalog '{command.catalog}' not found; the catalog is project {self.catalog_name}")
+        # not the session's current db_schema: the dataset is named in the command (the dispatch evicts
+        # the cache of the dataset the command names)
         if not command.HasField("schema") or not command.schema:
             visible = self.catalog.visible(profile)
             raise InvalidRequest(

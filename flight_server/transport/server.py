@@ -6,8 +6,9 @@ once (:mod:`flight_server.transport.decode`), the dataset and table noted on the
 (:mod:`flight_server.transport.audit`), the call counted for ``health``, the handler looked up by
 ``(rpc, kind)`` in one table - flight-share's own commands (:mod:`~flight_server.transport.plain`)
 and Flight SQL's (:mod:`~flight_server.transport.flight_sql`) side by side - and whatever it raises
-mapped once (:mod:`flight_server.transport.status`). After a save, on either surface, the hot-table
-cache of the dataset is dropped whatever the outcome. The handlers ask the domain (catalog, SQL
+mapped once (:mod:`flight_server.transport.status`). A Flight SQL call that came without a session
+cookie gets one with its answer (:mod:`flight_server.transport.session`). After a save, on either surface,
+the hot-table cache of the dataset is dropped whatever the outcome. The handlers ask the domain (catalog, SQL
 sandbox, writer, cache); the domain knows nothing of Flight.
 """
 
@@ -25,7 +26,7 @@ from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.transport import audit, decode
+from flight_server.transport import audit, decode, session
 from flight_server.transport.auth import Security
 from flight_server.transport.call import Call
 from flight_server.transport.decode import RPC_NAMES, Request
@@ -42,7 +43,8 @@ class FlightShareServer(flight.FlightServerBase):
         self.project = project
         self.security = Security.for_project(project, anonymous_profile=profile)
         kwargs.setdefault("auth_handler", self.security.auth_handler())
-        kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware()}
+        kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware(),
+                                session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
         self.sql = SqlSandbox.from_config(project.server)
@@ -53,7 +55,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.plain = PlainSurface(
             project.name, project.server.endpoint_rows, self.catalog, self.sql, self.writer, self.cache,
             self.security.tickets, LocationRing(project.server.locations), self.calls)
-        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer)
+        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore())
         self.routes: dict[tuple[str, str], Callable[[Call, Request], Any]] = {
             **self.plain.routes(), **self.flight_sql.routes()}
 
@@ -67,6 +69,8 @@ class FlightShareServer(flight.FlightServerBase):
             if request.dataset is not None or request.table is not None:
                 audit.annotate(context, request.dataset, request.table)
             self._count(request.rpc)
+            if request.flight_sql:
+                session.hand_out(context)  # Flight SQL answers carry a session cookie when the call had none
             handler = self.routes.get((request.rpc, request.kind))
             if handler is None:
                 raise self._unsupported(request)

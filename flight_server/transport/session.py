@@ -1,0 +1,156 @@
+"""Flight sessions: the ``arrow_flight_session_id`` cookie and what a session remembers (its options).
+
+Every Flight SQL call that comes without a valid session cookie gets one in its answer's headers (``Set-Cookie:
+arrow_flight_session_id=<random id>.<signature>``; signed with a key of this process, so only ids this
+server issued count). A client that keeps cookies (ADBC: database option
+``adbc.flight.sql.rpc.with_cookie_middleware=true``; arrow-go's and Arrow C++'s cookie middleware)
+sends it back from its second call on - ADBC's first call is GetSqlInfo, at connect. (The plain
+surface's answers carry no header of ours.) ``SetSessionOptions``
+then makes the session under that id for the caller's user; one that comes without the cookie is
+refused, saying why (the client keeps no cookies: an option it set would silently be forgotten).
+
+The server keeps, per session id, the options and the user who set them, in one bounded map: at most
+:data:`MAX_SESSIONS` sessions (the least recently used go first), each forgotten after
+:data:`SESSION_IDLE_SECONDS` without a call. A session id presented by another user is no session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+import pyarrow.flight as flight
+
+COOKIE = "arrow_flight_session_id"
+MIDDLEWARE_KEY = "flight-share-session"
+MAX_SESSIONS = 10_000
+SESSION_IDLE_SECONDS = 8 * 3600
+# what one session may hold: option names are few and known, values are names
+MAX_OPTION_CHARS = 1_000
+
+
+@dataclass
+class Session:
+    """One client session: whose it is and the options it set (``catalog``, ``schema``)."""
+
+    user: str
+    options: dict[str, str] = field(default_factory=dict)
+    used: float = field(default_factory=time.monotonic)
+
+
+class SessionStore:
+    """Session id -> :class:`Session`, bounded in number (LRU) and in idle time."""
+
+    def __init__(self, capacity: int = MAX_SESSIONS, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
+        self.capacity, self.idle_seconds = capacity, idle_seconds
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str | None, user: str) -> Session | None:
+        """The caller's live session with this id, or None (unknown, expired, or another user's)."""
+        if not session_id:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.user != user:
+                return None
+            if now - session.used > self.idle_seconds:
+                del self._sessions[session_id]
+                return None
+            session.used = now
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def get_or_create(self, session_id: str, user: str) -> Session | None:
+        """The caller's session with this id, made if there is none (the least recently used one goes when
+        the map is full); None when the id is another user's."""
+        session = self.get(session_id, user)
+        if session is not None:
+            return session
+        with self._lock:
+            existing = self._sessions.get(session_id)
+            if existing is not None and existing.user != user:
+                return None
+            session = self._sessions[session_id] = Session(user)
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > self.capacity:
+                self._sessions.popitem(last=False)
+        return session
+
+    def close(self, session_id: str | None, user: str) -> bool:
+        """Forget the caller's session; False when there was none."""
+        with self._lock:
+            session = self._sessions.get(session_id or "")
+            if session is None or session.user != user:
+                return False
+            del self._sessions[session_id]  # type: ignore[arg-type]
+            return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+_KEY = secrets.token_bytes(32)  # signs the session ids this process issues
+
+
+def _signature(token: str) -> str:
+    return hmac.new(_KEY, token.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_session_id() -> str:
+    """A fresh session id: random, signed by this process."""
+    token = secrets.token_urlsafe(18)
+    return f"{token}.{_signature(token)}"
+
+
+def issued_here(session_id: str) -> bool:
+    """Whether this process issued ``session_id`` (a forged or foreign id is no session id)."""
+    token, _, signature = session_id.partition(".")
+    return bool(token) and hmac.compare_digest(signature, _signature(token))
+
+
+def session_id_of(headers: dict[str, list[Any]]) -> str | None:
+    """The ``arrow_flight_session_id`` cookie among a call's headers, if this server issued it."""
+    for value in headers.get("cookie", []):
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        try:
+            cookie = SimpleCookie(text)
+        except CookieError:
+            continue
+        if COOKIE in cookie and issued_here(cookie[COOKIE].value[:100]):
+            return cookie[COOKIE].value
+    return None
+
+
+class SessionMiddleware(flight.ServerMiddleware):
+    """The session cookie a call came with."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+
+
+class SessionMiddlewareFactory(flight.ServerMiddlewareFactory):
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> SessionMiddleware | None:
+        session_id = session_id_of(headers)
+        return SessionMiddleware(session_id) if session_id else None
+
+
+def hand_out(context: flight.ServerCallContext) -> None:
+    """Give a call that came without a session cookie one in its answer's headers."""
+    if cookie_of(context) is None:
+        context.add_header("set-cookie", f"{COOKIE}={new_session_id()}")
+
+
+def cookie_of(context: flight.ServerCallContext) -> str | None:
+    """The (valid) session id the current call came with."""
+    middleware = context.get_middleware(MIDDLEWARE_KEY)
+    return getattr(middleware, "session_id", None)
