@@ -277,6 +277,8 @@ class DuckDBStorage(Storage):
         return [t for t in tables if t.lower() in names]
 
     def physical_table(self, table: str) -> str | None:
+        if not self.file.exists() and self.file.write_connection is None:
+            return None  # no file yet: no table (and reading must not create it)
         with self.file.reading() as cursor:
             row = cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = ? "
                                  "AND lower(table_name) = lower(?)", [self.dataset.name, table]).fetchone()
