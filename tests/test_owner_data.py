@@ -23,7 +23,7 @@ import dlt
 import pyarrow as pa
 import pytest
 
-from client import PipelineStepFailed, connect
+from client import InvalidRequestError, PipelineStepFailed, connect
 from flight_server.testing.servers import ServerProcess, cli, environment
 
 KINDS = ["duckdb", "sqlite", "delta_local", "delta_s3", "filesystem_delta", "postgres"]
@@ -223,6 +223,12 @@ def test_rows_read_back_save_back_under_freeze(owner: tuple[Owner, ServerProcess
         after = catalog[DATASET].customers.arrow()
         assert _without_dlt(after.to_pylist()) == _without_dlt(before.to_pylist())
         assert after.schema.equals(before.schema)
+        # a JSON column takes JSON text: anything else is refused before any destination sees it
+        broken = before.slice(0, 1).set_column(before.schema.get_field_index("profile"), "profile",
+                                               pa.array(["not json {"], before.schema.field("profile").type))
+        with pytest.raises(InvalidRequestError, match=r"column 'profile' .* is not JSON"):
+            dataset.save(broken, table_name="customers")
+        assert _without_dlt(catalog[DATASET].customers.arrow().to_pylist()) == _without_dlt(before.to_pylist())
         # freeze still means freeze: a new column is refused with dlt's text
         with pytest.raises(PipelineStepFailed, match="Trying to add column extra to table customers"):
             dataset.save(pa.table({"cid": [1], "extra": [1]}), table_name="customers")
@@ -262,3 +268,20 @@ def test_the_owners_pipelines_keep_their_schema_and_evolve_from_a_fresh_folder(o
         assert {r["cid"]: r.get("region") for r in customers_read.to_pylist()}[100] == "north"
         assert _sorted(catalog[DATASET].customers.arrow().to_pylist()) == data.read("customers", "crm")
         assert 50 in catalog[DATASET].orders.arrow().column("id").to_pylist()
+
+
+def test_a_broken_load_record_on_delta_is_left_out_of_the_history(tmp_path: Path) -> None:
+    """dlt keeps a Delta dataset's load history as one JSON file per load: a file that is not one of dlt's
+    records (truncated, garbage) is left out, and the history and the tables stay readable."""
+    data = make_owner("delta_local", None, tmp_path / "lake-owner")  # type: ignore[arg-type]
+    for version in (1, 2):
+        data.run("crm_pipeline", customers(version), tmp_path / "pipelines", name="customers", primary_key="cid",
+                 write_disposition="merge", columns=CUSTOMER_COLUMNS)
+    loads = data.root / "lake" / DATASET / "_dlt_loads"
+    (loads / "crm__9999999999.1.jsonl").write_text('{"load_id": "17')  # a half-written record
+    (loads / "junk.jsonl").write_text("not json at all\n")
+    with ServerProcess(data.project) as server, connect(server.url) as catalog:
+        dataset = catalog[DATASET]
+        assert dataset.loads().arrow().num_rows == 2
+        assert dataset.sql("SELECT count(*) AS n FROM _dlt_loads").arrow().column("n")[0].as_py() == 2
+        assert dataset.customers.arrow().num_rows == 5

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.libs.pyarrow import (
@@ -119,6 +120,8 @@ class UploadShape:
     keep: tuple[int, ...] | None = None
     # column -> Arrow timestamp unit whose values may not fit a microsecond timestamp
     coarse_timestamps: dict[str, str] = field(default_factory=dict)
+    # stored JSON columns that arrive as text: each value must be JSON (checked before dlt sees it)
+    json_text: frozenset[str] = frozenset()
 
     def conform(self, batch: Any, table: str, dataset: str) -> Any:
         """One batch (or table) in :attr:`schema`; a value that does not fit refuses the upload."""
@@ -129,6 +132,8 @@ class UploadShape:
             unit = self.coarse_timestamps.get(f.name)
             if unit is not None:
                 _check_timestamp_range(arrays[i], unit, f.name, table, dataset)
+            if f.name in self.json_text:
+                _check_json_text(arrays[i], f.name, table, dataset)
             if not f.nullable and arrays[i].null_count:
                 raise InvalidRequest(
                     f"column '{f.name}' of table '{table}' is stored as NOT NULL; the upload has "
@@ -177,6 +182,7 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
     casts: dict[str, pa.DataType] = {}
     hints: dict[str, Any] = {}
     coarse: dict[str, str] = {}
+    json_columns: set[str] = set()
     for position, f in enumerate(incoming):
         if not f.name.strip():
             raise InvalidRequest(
@@ -225,6 +231,8 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             nullable = kept.get("nullable", True)
             # a JSON column reads as its JSON text (Arrow has no JSON type): that text goes back as JSON
             json_text = kept.get("data_type") == "json" and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+            if json_text:
+                json_columns.add(name)
             if _dlt_type(f.type) == kept.get("data_type") or json_text:
                 # Arrow says less than the stored schema (``timestamp[us]`` has precision 6 where the
                 # stored column has none; a key's NOT NULL): dlt lets resource hints override what it
@@ -256,7 +264,7 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
     target_schema = pa.schema(fields, incoming.metadata)
     stored_types = {n: str(stored[n].get("data_type")) for n in casts}
     return UploadShape(target_schema, casts, stored_types, hints,
-                       None if len(keep) == len(incoming) else tuple(keep), coarse)
+                       None if len(keep) == len(incoming) else tuple(keep), coarse, frozenset(json_columns))
 
 
 def _too_many_columns(dataset: str, table: str, count: int, what: str) -> InvalidRequest:
@@ -289,6 +297,26 @@ def _year(micros: int) -> str:
 
 def _dlt_type(dtype: pa.DataType) -> str | None:
     return get_column_type_from_py_arrow(dtype).get("data_type")
+
+
+def _check_json_text(values: Any, column: str, table: str, dataset: str) -> None:
+    """Every value of a text column going into a stored JSON column is JSON: destinations differ (duckdb and
+    PostgreSQL refuse text that is none at the load, Delta and SQLite would store it, PostgreSQL turns ``''``
+    into NULL), so it is checked here, for all alike. duckdb's ``json_valid`` runs over the Arrow column
+    (vectorized; an in-memory connection with no file or network access)."""
+    con = duckdb.connect()
+    try:
+        con.execute("SET enable_external_access = false")
+        con.register("upload_values", pa.table({"v": values}))
+        bad = con.execute("SELECT v FROM upload_values WHERE v IS NOT NULL AND NOT json_valid(v) LIMIT 1").fetchone()
+    finally:
+        con.close()
+    if bad is not None:
+        position = pc.index(values, bad[0]).as_py()
+        raise InvalidRequest(
+            f"column '{column}' of table '{table}' is stored as json; the upload's text value at row {position} "
+            f"('{_shown(bad[0])}') is not JSON (a JSON column takes JSON text, e.g. '{{\"a\": 1}}' or '\"text\"'); "
+            "nothing was written", dataset=dataset, table=table, column_name=column)
 
 
 def conformed(batches: Iterator[Any], upload: UploadShape, table: str, dataset: str) -> Iterator[Any]:

@@ -17,6 +17,7 @@ per referenced table over its Arrow dataset; external access is switched off bef
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -41,6 +42,8 @@ from flight_server.storage.base import (
 )
 from flight_server.storage.lifetime import isolated, owning_reader
 
+log = logging.getLogger(__name__)
+
 # a LIMIT up to this many rows is read with ``Dataset.head`` (stops after enough batches); larger
 # limits stream through duckdb instead of materialising
 HEAD_LIMIT_ROWS = 1_000_000
@@ -59,6 +62,33 @@ def mask_url(url: str) -> str:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     text = f"{parsed.scheme}://{netloc}{parsed.path}"
     return text if text.endswith("/") else text + "/"
+
+
+def _load_records(schema: pa.Schema, bodies: list[bytes], dataset: str) -> pa.Table:
+    """dlt's load records (JSON, one per file) as rows of ``schema``; unreadable ones are logged and left out."""
+    import io
+
+    import pyarrow.json as pajson
+
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+
+    def parse(text: bytes) -> pa.Table:
+        return pajson.read_json(io.BytesIO(text), parse_options=options).select(schema.names).cast(schema)
+
+    texts = [b.strip() for b in bodies if b.strip()]
+    if not texts:
+        return schema.empty_table()
+    try:
+        return parse(b"\n".join(texts))  # all at once: the usual case
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError):
+        pass
+    tables = []
+    for text in texts:  # one by one, to leave out only what is broken
+        try:
+            tables.append(parse(text))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError):
+            log.warning("a load record of dataset %s is not one of dlt's records; left out of its load history", dataset)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _reader_of(con: duckdb.DuckDBPyConnection, sql: str, batch_rows: int, *owners: Any) -> pa.RecordBatchReader:
@@ -87,6 +117,8 @@ class DeltaStorage(Storage):
         # (table, version) -> DeltaTable at that version, for tickets planned against an older version
         self._versions: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
         self._row_bytes: dict[tuple[str, int, tuple[str, ...]], float | None] = {}  # see row_bytes
+        # the load history's files read so far, and their records (see _load_history)
+        self._loads_seen: tuple[frozenset[str], pa.Table] = (frozenset(), pa.table({}))
 
     # --- dlt --------------------------------------------------------------------------------
     def dlt_destination(self) -> Any:
@@ -269,27 +301,39 @@ class DeltaStorage(Storage):
     serves_load_history = True
 
     def _load_history(self) -> pa.Table:
-        import io
-
-        import pyarrow.json as pajson
-
+        """The load records, one row per file of ``_dlt_loads/``. Files are immutable (one per load), so the
+        parsed records are kept and a request reads only files it has not seen (one listing per request);
+        a file that is not one of dlt's records is left out (and logged) rather than failing the read."""
         schema = self.arrow_schema(LOADS_TABLE)
 
-        def read() -> list[bytes]:
+        def listing() -> list[str]:
+            # the folder's listing itself (dlt's list_table_files costs ~1 s per 20,000 files)
             client = self._client
-            files = sorted(client.list_table_files(LOADS_TABLE))
-            return [body for body in client.fs_client.cat(files).values()] if files else []
+            folder = client.get_table_dir(LOADS_TABLE)
+            if not client.fs_client.exists(folder):
+                return []
+            return sorted(p for p in client.fs_client.ls(folder, detail=False) if not p.rstrip("/").endswith("/init"))
+
+        def fetch(paths: list[str]) -> dict[str, bytes]:
+            return dict(self._client.fs_client.cat(paths)) if paths else {}
 
         try:
-            bodies = isolated(read)
+            files = isolated(listing)
+            with self._lock:
+                known, table = self._loads_seen if self._loads_seen[1].schema.equals(schema) else (frozenset(), None)
+            if known == frozenset(files) and table is not None:
+                return table
+            fresh = [f for f in files if f not in known] if known <= set(files) else files
+            bodies = isolated(fetch, fresh)
         except Exception as exc:  # noqa: BLE001 - the bucket's errors, in the user's terms
             raise Unavailable(f"reading the load history of dataset '{self.dataset.name}' failed: "
                               f"{type(exc).__name__}", dataset=self.dataset.name, table=LOADS_TABLE) from None
-        text = b"\n".join(body.strip() for body in bodies if body.strip())
-        if not text:
-            return schema.empty_table()
-        options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-        return pajson.read_json(io.BytesIO(text), parse_options=options).select(schema.names).cast(schema)
+        parts = [table] if table is not None and known <= set(files) else []
+        parts.append(_load_records(schema, [bodies[f] for f in fresh if f in bodies], self.dataset.name))
+        table = pa.concat_tables(parts)
+        with self._lock:
+            self._loads_seen = (frozenset(files), table)
+        return table
 
     # --- reading ----------------------------------------------------------------------------
     def row_count(self, table: str) -> int:
