@@ -164,19 +164,25 @@ def load_with_dlt(project: Path, data_file: Path, kinds: list[str], env: dict[st
 
 
 class Roapi:
-    """roapi serving tables over Flight SQL on free loopback ports (its HTTP and Postgres ports bound too)."""
+    """roapi serving tables over Flight SQL on a free loopback port (its HTTP and Postgres ports bound too).
 
-    def __init__(self, tables: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    ``tables``: (name, uri, format, in memory). A config file, because the command line's ``-t`` takes
+    no ``use_memory_table`` (``-t t=file.parquet,use_memory_table=false`` fails to parse in 0.12.7)."""
+
+    def __init__(self, tables: list[tuple[str, str, str, bool]], folder: Path, env: dict[str, str] | None = None) -> None:
         binary = shutil.which("roapi", path=str(Path(sys.executable).parent)) or shutil.which("roapi")
         if binary is None:
             raise SystemExit("roapi not found: install the bench extra (make bench)")
         self.port = free_port()
-        args = [binary, "-a", f"127.0.0.1:{free_port()}", "-p", f"127.0.0.1:{free_port()}",
-                "--addr-flight-sql", f"127.0.0.1:{self.port}"]
-        for table in tables:
-            args += ["-t", table]
-        self.log = log
-        self.proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        config = folder / "roapi.yml"
+        config.write_text(
+            f"addr:\n  http: 127.0.0.1:{free_port()}\n  postgres: 127.0.0.1:{free_port()}\n"
+            f"  flight_sql: 127.0.0.1:{self.port}\ntables:\n"
+            + "".join(f"  - name: {name}\n    uri: {json.dumps(uri)}\n    option:\n      format: {fmt}\n"
+                      f"      use_memory_table: {'true' if memory else 'false'}\n" for name, uri, fmt, memory in tables))
+        self.log = folder / "roapi.log"
+        self.proc = subprocess.Popen([binary, "-c", str(config)], stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         self.url = f"grpc://127.0.0.1:{self.port}"
 
     def wait_ready(self, connect: Callable[[], Any], timeout: float = 300) -> Any:
@@ -289,8 +295,10 @@ def bench_destination(kind: str, targets: dict[str, Callable[[str], pa.Table]], 
                              "times_ms": [round(x * 1e3, 2) for x in t]}
         fs = entry["flight_share"]["best_ms"]
         entry["ratio_vs_roapi"] = round(fs / entry["roapi_parquet"]["best_ms"], 2)
+        entry["ratio_vs_roapi_files"] = round(fs / entry["roapi_parquet_files"]["best_ms"], 2)
         if "roapi_delta" in entry:
             entry["ratio_vs_roapi_delta"] = round(fs / entry["roapi_delta"]["best_ms"], 2)
+            entry["ratio_vs_roapi_delta_files"] = round(fs / entry["roapi_delta_files"]["best_ms"], 2)
         entry["overhead_vs_engine_pct"] = round((fs / entry["engine"]["best_ms"] - 1) * 100, 1)
         out["queries"][query] = entry
     return out
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=5_000_000, help="rows in t (default 5,000,000; 50,000,000 for scale)")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; best-of-N is reported (default 5)")
     parser.add_argument("--destinations", default="duckdb,delta,postgres",
-                        help="comma-separated, from duckdb, delta, postgres (default: all three)")
+                        help="comma-separated, from duckdb, delta, postgres, delta_s3 (default: the first three)")
     parser.add_argument("--s3", action="store_true", help="also a Delta table on the S3 test server (moto)")
     parser.add_argument("--no-check-scan", dest="check_scan", action="store_false",
                         help="check SELECT * by row count only (saves memory at 50M rows)")
@@ -354,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.destinations.split(",") if k.strip()]
     for k in kinds:
-        if k not in ("duckdb", "delta", "postgres"):
+        if k not in DESTINATIONS:
             parser.error(f"unknown destination {k!r}")
-    if args.s3:
+    if args.s3 and "delta_s3" not in kinds:
         kinds.append("delta_s3")
 
     import adbc_driver_flightsql.dbapi as flight_sql
@@ -396,9 +404,19 @@ def main(argv: list[str] | None = None) -> int:
         data_file.unlink()
         print(f"loaded with dlt in {time.perf_counter() - t0:.1f} s: {results['dlt_load_s']}", flush=True)
 
-        delta_uri = folder / "_data" / "lake" / dataset_of("delta") / TABLE
-        roapi_tables = [f"t={parquet_file}"] + ([f"d={delta_uri},format=delta"] if "delta" in kinds else [])
-        roapi = Roapi(roapi_tables, folder / "roapi.log")
+        # roapi: the parquet file and dlt's Delta tables, each loaded into memory (roapi's default: the
+        # peer of the issue) and read from the files per query (use_memory_table: false)
+        roapi_tables = [("t", str(parquet_file), "parquet", True), ("t_files", str(parquet_file), "parquet", False)]
+        if "delta" in kinds:
+            delta_uri = str(folder / "_data" / "lake" / dataset_of("delta") / TABLE)
+            roapi_tables += [("d", delta_uri, "delta", True), ("d_files", delta_uri, "delta", False)]
+        roapi_env: dict[str, str] = {}
+        if s3 is not None:  # roapi's object store reads the S3 test server through the AWS_* variables
+            s3_uri = f"s3://{s3.bucket}/lake/{dataset_of('delta_s3')}/{TABLE}"
+            roapi_tables += [("s", s3_uri, "delta", True), ("s_files", s3_uri, "delta", False)]
+            roapi_env = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                         "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": s3.region, "AWS_ALLOW_HTTP": "true"}
+        roapi = Roapi(roapi_tables, folder, env=roapi_env)
         services.append(roapi)
         t0 = time.perf_counter()
         roapi_conn = roapi.wait_ready(lambda: flight_sql.connect(roapi.url, autocommit=True))
@@ -409,12 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         run_fs, run_roapi = flight_sql_runner(fs_conn), flight_sql_runner(roapi_conn)
         for kind in kinds:
             run_engine, engine_table, close_engine = engine_for(kind, folder, pg, s3)
-            targets = {"flight_share": run_fs, "roapi_parquet": run_roapi}
-            sql = {"flight_share": {q: s.format(t=f"{dataset_of(kind)}.{TABLE}") for q, (s, _) in QUERIES.items()},
-                   "roapi_parquet": {q: s.format(t="t") for q, (s, _) in QUERIES.items()}}
-            if kind == "delta":
-                targets["roapi_delta"] = run_roapi
-                sql["roapi_delta"] = {q: s.format(t="d") for q, (s, _) in QUERIES.items()}
+            roapi_names = {"roapi_parquet": "t", "roapi_parquet_files": "t_files"}
+            if kind in ("delta", "delta_s3"):  # roapi over the very Delta table dlt wrote
+                prefix = "d" if kind == "delta" else "s"
+                roapi_names.update(roapi_delta=prefix, roapi_delta_files=f"{prefix}_files")
+            targets = {"flight_share": run_fs, **{name: run_roapi for name in roapi_names}}
+            sql = {"flight_share": {q: s.format(t=f"{dataset_of(kind)}.{TABLE}") for q, (s, _) in QUERIES.items()}}
+            for name, table_name in roapi_names.items():
+                sql[name] = {q: s.format(t=table_name) for q, (s, _) in QUERIES.items()}
             targets["engine"] = run_engine
             sql["engine"] = {q: s.format(t=engine_table) for q, (s, _) in QUERIES.items()}
             load_before = load_average()
@@ -447,19 +467,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_of(kind: str, entry: dict[str, Any]) -> str:
-    has_delta = "roapi_delta" in next(iter(entry["queries"].values()))
-    head = (f"\n{kind} (load average {entry['load_average_before']} -> {entry['load_average_after']})\n"
-            f"{'query':10} {'rows':>10} {'flight-share ms':>16} {'roapi ms':>9} {'ratio':>7}"
-            + (f" {'roapi delta ms':>15} {'ratio':>7}" if has_delta else "")
-            + f" {'engine ms':>10} {'overhead':>9}")
-    lines = [head]
+    first = next(iter(entry["queries"].values()))
+    peers = [t for t in ("roapi_parquet", "roapi_parquet_files", "roapi_delta", "roapi_delta_files") if t in first]
+    short = {"roapi_parquet": "roapi", "roapi_parquet_files": "roapi files", "roapi_delta": "roapi delta",
+             "roapi_delta_files": "roapi delta files"}
+    lines = [f"\n{kind} (load average {entry['load_average_before']} -> {entry['load_average_after']}; best ms)",
+             f"{'query':9} {'rows':>10} {'flight-share':>12}" + "".join(f" {short[p]:>17} {'ratio':>6}" for p in peers)
+             + f" {'engine':>8} {'overhead':>9}"]
     for query, e in entry["queries"].items():
-        line = (f"{query:10} {e['rows']['flight_share']:>10,} {e['flight_share']['best_ms']:>16.1f} "
-                f"{e['roapi_parquet']['best_ms']:>9.1f} {e['ratio_vs_roapi']:>6.2f}x")
-        if has_delta:
-            line += f" {e['roapi_delta']['best_ms']:>15.1f} {e['ratio_vs_roapi_delta']:>6.2f}x"
-        line += f" {e['engine']['best_ms']:>10.1f} {e['overhead_vs_engine_pct']:>8.0f}%"
-        lines.append(line)
+        fs = e["flight_share"]["best_ms"]
+        lines.append(f"{query:9} {e['rows']['flight_share']:>10,} {fs:>12.1f}"
+                     + "".join(f" {e[p]['best_ms']:>17.1f} {fs / e[p]['best_ms']:>5.1f}x" for p in peers)
+                     + f" {e['engine']['best_ms']:>8.1f} {e['overhead_vs_engine_pct']:>8.0f}%")
     return "\n".join(lines)
 
 
