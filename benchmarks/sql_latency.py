@@ -359,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="check SELECT * by row count only (saves memory at 50M rows)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS.relative_to(REPO)})")
     parser.add_argument("--workdir", type=Path, help="keep the project, data and logs here (default: a temp folder, removed)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the tables of benchmarks/SQL.md from a results file and exit (no run)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     kinds = [k.strip() for k in args.destinations.split(",") if k.strip()]
     for k in kinds:
         if k not in DESTINATIONS:
@@ -480,6 +485,31 @@ def summary_of(kind: str, entry: dict[str, Any]) -> str:
                      + "".join(f" {e[p]['best_ms']:>17.1f} {fs / e[p]['best_ms']:>5.1f}x" for p in peers)
                      + f" {e['engine']['best_ms']:>8.1f} {e['overhead_vs_engine_pct']:>8.0f}%")
     return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The per-destination tables of SQL.md, from a results file (figures never typed by hand)."""
+    out = [f"{results['rows']:,} rows, best of {results['repeat']}, {results['date']}; "
+           f"load average at the start {results['load_average_start']}, at the end {results.get('load_average_end')}"]
+    for kind, entry in results["destinations"].items():
+        first = next(iter(entry["queries"].values()))
+        delta = "roapi_delta" in first
+        out += ["", f"### {kind} (load average {entry['load_average_before']} → {entry['load_average_after']})", "",
+                "| query | rows | flight-share ms | roapi ms | ratio | roapi files ms | ratio"
+                + (" | roapi Delta ms | ratio | roapi Delta files ms | ratio" if delta else "")
+                + " | engine ms | overhead |",
+                "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|--:|" if delta else "") + "--:|--:|"]
+        for query, e in entry["queries"].items():
+            fs = e["flight_share"]["best_ms"]
+            row = (f"| {query} | {e['rows']['flight_share']:,} | {fs:.1f} "
+                   f"| {e['roapi_parquet']['best_ms']:.1f} | {e['ratio_vs_roapi']:.2f}× "
+                   f"| {e['roapi_parquet_files']['best_ms']:.1f} | {e['ratio_vs_roapi_files']:.2f}× ")
+            if delta:
+                row += (f"| {e['roapi_delta']['best_ms']:.1f} | {e['ratio_vs_roapi_delta']:.2f}× "
+                        f"| {e['roapi_delta_files']['best_ms']:.1f} | {e['ratio_vs_roapi_delta_files']:.2f}× ")
+            row += f"| {e['engine']['best_ms']:.1f} | {e['overhead_vs_engine_pct']:+.0f} % |"
+            out.append(row)
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
