@@ -259,47 +259,81 @@ def same_answer(query: str, answer: pa.Table, reference: pa.Table) -> str | None
 
 def bench_destination(kind: str, targets: dict[str, Callable[[str], pa.Table]], sql: dict[str, dict[str, str]],
                       repeat: int, check_scan: bool) -> dict[str, Any]:
-    """The checking round, then ``repeat`` interleaved rounds; ``sql[target][query]`` is the statement."""
+    """The checking round, then ``repeat`` interleaved rounds; ``sql[target][query]`` is the statement.
+
+    A statement that fails in the checking round is a finding, not a crash: it is recorded (and counts as a
+    different answer), and that target is not timed on that query."""
     names = list(targets)
     mismatches: list[str] = []
+    errors: dict[str, dict[str, str]] = {q: {} for q in QUERIES}
     rows: dict[str, dict[str, int]] = {q: {} for q in QUERIES}
+
+    def attempt(target: str, query: str) -> pa.Table | None:
+        try:
+            return targets[target](sql[target][query])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors[query][target] = f"{type(exc).__name__}: {exc}"[:400]
+            mismatches.append(f"{kind} {query}: {target} failed: {errors[query][target]}")
+            return None
+
     for query in QUERIES:  # untimed: warms every target and checks the answers against the engine's
-        if query == "scan" and not check_scan:
-            for target in names:
-                rows[query][target] = targets[target](sql[target][query]).num_rows
-            continue
-        answers = {target: targets[target](sql[target][query]) for target in names}
-        for target, answer in answers.items():
+        answers: dict[str, pa.Table] = {}
+        for target in names:
+            answer = attempt(target, query)
+            if answer is None:
+                continue
             rows[query][target] = answer.num_rows
-            problem = same_answer(query, answer, answers["engine"])
+            if query == "scan" and not check_scan:
+                continue  # row counts only (memory at 50M rows)
+            answers[target] = answer
+        if query == "scan" and not check_scan:
+            counts = set(rows[query].values())
+            if len(counts) > 1:
+                mismatches.append(f"{kind} {query}: row counts differ {rows[query]}")
+            continue
+        reference = answers.get("engine")
+        for target, answer in answers.items():
+            problem = "no answer from the engine to compare with" if reference is None else same_answer(query, answer, reference)
             if problem:
                 mismatches.append(f"{kind} {query}: {target} {problem}")
-        del answers
+        del answers, reference
     times: dict[str, dict[str, list[float]]] = {q: {t: [] for t in names} for q in QUERIES}
     for round_ in range(repeat):
         order = names[round_ % len(names):] + names[:round_ % len(names)]
         for query in QUERIES:
             for target in order:
+                if target in errors[query]:
+                    continue
                 started = time.perf_counter()
-                result = targets[target](sql[target][query])
+                result = attempt(target, query)
+                if result is None:
+                    continue
                 times[query][target].append(time.perf_counter() - started)
                 if result.num_rows != rows[query][target]:
                     mismatches.append(f"{kind} {query}: {target} returned {result.num_rows:,} rows, then {rows[query][target]:,}")
                 del result
+
+    def ratio(a: float | None, b: float | None, pct: bool = False) -> float | None:
+        if a is None or b is None:
+            return None
+        return round((a / b - 1) * 100, 1) if pct else round(a / b, 2)
+
     out: dict[str, Any] = {"mismatches": mismatches, "queries": {}}
     for query in QUERIES:
         entry: dict[str, Any] = {"sql": sql["flight_share"][query], "rows": rows[query]}
+        if errors[query]:
+            entry["errors"] = errors[query]
         for target in names:
             t = times[query][target]
-            entry[target] = {"best_ms": round(min(t) * 1e3, 2), "median_ms": round(statistics.median(t) * 1e3, 2),
-                             "times_ms": [round(x * 1e3, 2) for x in t]}
+            entry[target] = ({"best_ms": round(min(t) * 1e3, 2), "median_ms": round(statistics.median(t) * 1e3, 2),
+                              "times_ms": [round(x * 1e3, 2) for x in t]} if t else {"best_ms": None, "failed": True})
         fs = entry["flight_share"]["best_ms"]
-        entry["ratio_vs_roapi"] = round(fs / entry["roapi_parquet"]["best_ms"], 2)
-        entry["ratio_vs_roapi_files"] = round(fs / entry["roapi_parquet_files"]["best_ms"], 2)
+        entry["ratio_vs_roapi"] = ratio(fs, entry["roapi_parquet"]["best_ms"])
+        entry["ratio_vs_roapi_files"] = ratio(fs, entry["roapi_parquet_files"]["best_ms"])
         if "roapi_delta" in entry:
-            entry["ratio_vs_roapi_delta"] = round(fs / entry["roapi_delta"]["best_ms"], 2)
-            entry["ratio_vs_roapi_delta_files"] = round(fs / entry["roapi_delta_files"]["best_ms"], 2)
-        entry["overhead_vs_engine_pct"] = round((fs / entry["engine"]["best_ms"] - 1) * 100, 1)
+            entry["ratio_vs_roapi_delta"] = ratio(fs, entry["roapi_delta"]["best_ms"])
+            entry["ratio_vs_roapi_delta_files"] = ratio(fs, entry["roapi_delta_files"]["best_ms"])
+        entry["overhead_vs_engine_pct"] = ratio(fs, entry["engine"]["best_ms"], pct=True)
         out["queries"][query] = entry
     return out
 
@@ -471,6 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if mismatches else 0
 
 
+def _ms(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.1f}"
+
+
+def _x(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None else f"{a / b:.2f}×"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.0f} %"
+
+
 def summary_of(kind: str, entry: dict[str, Any]) -> str:
     first = next(iter(entry["queries"].values()))
     peers = [t for t in ("roapi_parquet", "roapi_parquet_files", "roapi_delta", "roapi_delta_files") if t in first]
@@ -481,9 +527,9 @@ def summary_of(kind: str, entry: dict[str, Any]) -> str:
              + f" {'engine':>8} {'overhead':>9}"]
     for query, e in entry["queries"].items():
         fs = e["flight_share"]["best_ms"]
-        lines.append(f"{query:9} {e['rows']['flight_share']:>10,} {fs:>12.1f}"
-                     + "".join(f" {e[p]['best_ms']:>17.1f} {fs / e[p]['best_ms']:>5.1f}x" for p in peers)
-                     + f" {e['engine']['best_ms']:>8.1f} {e['overhead_vs_engine_pct']:>8.0f}%")
+        lines.append(f"{query:9} {e['rows'].get('flight_share', -1):>10,} {_ms(fs):>12}"
+                     + "".join(f" {_ms(e[p]['best_ms']):>17} {_x(fs, e[p]['best_ms']):>6}" for p in peers)
+                     + f" {_ms(e['engine']['best_ms']):>8} {_pct(e['overhead_vs_engine_pct']):>9}")
     return "\n".join(lines)
 
 
@@ -501,13 +547,13 @@ def markdown(results: dict[str, Any]) -> str:
                 "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|--:|" if delta else "") + "--:|--:|"]
         for query, e in entry["queries"].items():
             fs = e["flight_share"]["best_ms"]
-            row = (f"| {query} | {e['rows']['flight_share']:,} | {fs:.1f} "
-                   f"| {e['roapi_parquet']['best_ms']:.1f} | {e['ratio_vs_roapi']:.2f}× "
-                   f"| {e['roapi_parquet_files']['best_ms']:.1f} | {e['ratio_vs_roapi_files']:.2f}× ")
+            row = (f"| {query} | {e['rows'].get('flight_share', -1):,} | {_ms(fs)} "
+                   f"| {_ms(e['roapi_parquet']['best_ms'])} | {_x(fs, e['roapi_parquet']['best_ms'])} "
+                   f"| {_ms(e['roapi_parquet_files']['best_ms'])} | {_x(fs, e['roapi_parquet_files']['best_ms'])} ")
             if delta:
-                row += (f"| {e['roapi_delta']['best_ms']:.1f} | {e['ratio_vs_roapi_delta']:.2f}× "
-                        f"| {e['roapi_delta_files']['best_ms']:.1f} | {e['ratio_vs_roapi_delta_files']:.2f}× ")
-            row += f"| {e['engine']['best_ms']:.1f} | {e['overhead_vs_engine_pct']:+.0f} % |"
+                row += (f"| {_ms(e['roapi_delta']['best_ms'])} | {_x(fs, e['roapi_delta']['best_ms'])} "
+                        f"| {_ms(e['roapi_delta_files']['best_ms'])} | {_x(fs, e['roapi_delta_files']['best_ms'])} ")
+            row += f"| {_ms(e['engine']['best_ms'])} | {_pct(e['overhead_vs_engine_pct'])} |"
             out.append(row)
     return "\n".join(out)
 
