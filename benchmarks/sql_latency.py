@@ -13,9 +13,10 @@ One run, one process tree, on loopback only:
    The same rows are also written as one parquet file (pyarrow defaults) for roapi.
 2. **Servers.** ``flight-share serve`` (``ServerProcess``) over the project, server settings at their
    defaults except ``sql_max_rows`` (raised above ``--rows`` so ``SELECT *`` is not refused); roapi
-   (``roapi==0.12.7``, the ``bench`` extra) over the parquet file (table ``t``) and over the local Delta
-   table that dlt wrote (table ``d``, ``format=delta``). roapi loads its tables into memory at start
-   (its default), so it answers from memory.
+   (``roapi==0.12.7``, the ``bench`` extra; one process, a config file) over the parquet file and over the
+   Delta tables that dlt wrote (local; S3 with ``--s3``), each table twice: loaded into memory at start
+   (roapi's default: ``t``, ``d``, ``s``) and read from the files per query (``use_memory_table: false``:
+   ``t_files``, ``d_files``, ``s_files``).
 3. **Clients.** flight-share and roapi through the same client: the ADBC Flight SQL driver
    (``adbc_driver_flightsql.dbapi``, one connection per server, a fresh cursor per statement,
    ``execute`` + ``fetch_arrow_table``). The engines directly, in this process: duckdb over the same
@@ -25,7 +26,7 @@ One run, one process tree, on loopback only:
 4. **Timing.** Per destination: one untimed round that also checks the answers, then ``--repeat`` rounds;
    each round runs every query once on every target, the targets' order rotating each round. The figure
    is the best time (noise on shared cores only ever slows a run); the median is in the JSON. Reported per
-   query: ms flight-share, ms roapi (parquet), ratio flight-share / roapi, ms engine, overhead
+   query: ms flight-share, ms per roapi table, ratio flight-share / roapi, ms engine, overhead
    flight-share / engine - 1. ``SELECT 1`` is the per-statement fixed cost (no data); the LIMIT 10 query
    is the fixed cost of a statement that names the table.
 5. **Same answers.** In the checking round every target's result is cast to one schema, sorted where the
@@ -33,10 +34,10 @@ One run, one process tree, on loopback only:
    tolerance of 1e-9; ``LIMIT 10`` without ORDER BY: 10 rows each, any 10). Any difference: exit status 1.
 
 Results: ``benchmarks/results/sql_latency.json`` (``--output``). Figures and the exact command:
-``benchmarks/SQL.md``. 5M rows take about five minutes here (most of it dlt's loads and PostgreSQL's
-COPY); ``--rows 50000000`` needs ~10x the time and ~8 GB of free memory (roapi holds the table in memory,
-the checking round holds three copies of ``SELECT *``) — ``--no-check-scan`` skips the full-table
-comparison.
+``benchmarks/SQL.md``. 5M rows took about three minutes here (dlt's loads 19 s); ``--rows 50000000 --repeat 3
+--no-check-scan`` took 16 minutes (loads 105 s, PostgreSQL's section 6 minutes) and wants ~8 GB of free memory
+(roapi holds two copies of the table; ``--no-check-scan`` compares ``SELECT *`` by row count instead of
+holding every target's full answer).
 """
 
 from __future__ import annotations
