@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install install-test demo test lock
+.PHONY: install install-test bench demo test lock
 
 # the bootstrap: a virtual environment with uv in it (uv then manages everything else from the lock)
 $(UV):
@@ -35,6 +35,10 @@ install-test: $(UV)
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; \
 	fi
 	$(UV) sync --locked --extra test --extra cli
+
+# the benchmarks' environment: the test extra plus the peers they compare against (roapi); see benchmarks/README.md
+bench: install-test
+	$(UV) sync --locked --extra test --extra cli --extra bench
 
 demo: install
 	$(PY) -m flight_server.cli demo --project $(PROJECT) --events $(EVENTS)
