@@ -70,6 +70,7 @@ from flight_server.domain.errors import (
     Unavailable,
 )
 from flight_server.domain.masking import mask
+from flight_server.domain.pushdown import NOTHING, Pushdown, pushdown
 from flight_server.domain.sql_worker import END, MARK, pipe, recv_frame, send_frame
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class CheckedQuery:
     dataset: str
     # table -> columns the query uses (None: all of them)
     tables: Mapping[str, frozenset[str] | None]
+    # filters and row limits the storage adapter may apply while streaming a table (domain/pushdown.py)
+    pushdown: Pushdown = NOTHING
 
 
 # Parsing runs in the server process (the allow-list decides what reaches a worker at all). Its time is
@@ -364,7 +367,11 @@ def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | No
         table.set("db", exp.to_identifier(dataset, quoted=True))
         table.set("this", exp.to_identifier(name, quoted=True))
     used = {t.name for t in tree.find_all(exp.Table) if t.args.get("db") is not None}
-    return CheckedQuery(tree.sql(dialect), dataset, _used_columns(tree, dataset, used, tables, dialect))
+    try:
+        pushed = pushdown(tree, tables)
+    except Exception:  # noqa: BLE001 - only an optimisation: any doubt, the adapter streams everything
+        pushed = NOTHING
+    return CheckedQuery(tree.sql(dialect), dataset, _used_columns(tree, dataset, used, tables, dialect), pushed)
 
 
 def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
@@ -775,7 +782,9 @@ class _Job:
         reader = None
         try:
             table, _ = self.tables[index]
-            reader = self.storage.reader(table, self.columns[index], None)
+            pushed = self.query.pushdown
+            reader = self.storage.reader(table, self.columns[index], pushed.limits.get(table),
+                                         where=pushed.filters.get(table))
             with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)

@@ -25,6 +25,7 @@ from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound
 from flight_server.domain.identifiers import quote
+from flight_server.domain.pushdown import Predicate
 from flight_server.storage.lifetime import isolated
 
 
@@ -310,8 +311,12 @@ class Storage(ABC):
 
     @abstractmethod
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
-        """A streaming Arrow reader over a table, or over one of its :meth:`partitions`."""
+               partition: dict[str, Any] | None = None,
+               where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
+        """A streaming Arrow reader over a table, or over one of its :meth:`partitions`.
+
+        ``where``: a SQL query's filters the adapter may apply to skip data (domain/pushdown.py): it
+        applies those it can apply exactly and streams a superset of the matching rows."""
 
     def row_bytes(self, table: str, columns: Sequence[str] | None, sample_rows: int) -> float | None:
         """Arrow bytes per row of a projection, from its first ``sample_rows`` rows (None: no rows)."""

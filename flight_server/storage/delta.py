@@ -31,6 +31,7 @@ import pyarrow.dataset as pads
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
 from flight_server.domain.identifiers import quote
+from flight_server.domain.pushdown import Predicate, applicable, arrow_filter
 from flight_server.storage.base import (
     LOADS_TABLE,
     SHARED_SCHEMA_TTL,
@@ -477,24 +478,30 @@ class DeltaStorage(Storage):
         return pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+               partition: dict[str, Any] | None = None,
+               where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         if table == LOADS_TABLE:
             loads = self._load_history().select(self.arrow_schema(table, columns).names)
             return (loads if limit is None else loads.slice(0, int(limit))).to_reader()
         schema = self.arrow_schema(table, columns)
         dataset = self._partition_dataset(table, partition) if partition else self.arrow_dataset(table)
-        if limit is not None and int(limit) > HEAD_LIMIT_ROWS:
+        # a SQL query's filters: pyarrow skips files and row groups by their statistics
+        kept, complete = applicable(where, self.arrow_schema(table)) if where else ([], True)
+        condition = arrow_filter(kept)
+        if not complete:
+            limit = None  # a row limit holds only over the query's full filter
+        if limit is not None and int(limit) > HEAD_LIMIT_ROWS and condition is None:
             con = self._sql_connection({table: dataset})
             select = ", ".join(quote(c) for c in schema.names)
             reader = _reader_of(
                 con, f"SELECT {select} FROM {quote(self.dataset.name)}.{quote(table)} LIMIT {int(limit)}",
                 self.batch_rows, dataset,
             )
-        elif limit is not None:
-            head = dataset.head(int(limit), columns=schema.names, batch_size=self.batch_rows)
+        elif limit is not None and int(limit) <= HEAD_LIMIT_ROWS:
+            head = dataset.head(int(limit), columns=schema.names, filter=condition, batch_size=self.batch_rows)
             reader = head.to_reader(max_chunksize=self.batch_rows)
-        else:
-            reader = dataset.scanner(columns=schema.names, batch_size=self.batch_rows).to_reader()
+        else:  # the whole table, or a big limit over a filter (the sandbox stops reading at its limit)
+            reader = dataset.scanner(columns=schema.names, filter=condition, batch_size=self.batch_rows).to_reader()
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     def _sql_connection(self, datasets: dict[str, pads.Dataset]) -> duckdb.DuckDBPyConnection:

@@ -26,6 +26,7 @@ from dlt.common.destination import Destination
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.masking import mask
+from flight_server.domain.pushdown import Predicate
 from flight_server.storage.base import (
     LOADS_TABLE,
     SHARED_SCHEMA_TTL,
@@ -239,9 +240,12 @@ class DltDatasetStorage(Storage):
         return int(n)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+               partition: dict[str, Any] | None = None,
+               where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         if self.is_delta(table):
-            return self._delta_storage().reader(table, columns, limit, partition)
+            return self._delta_storage().reader(table, columns, limit, partition, where)
+        if where:
+            limit = None  # filters are not applied here (the sandbox applies the query): no row limit either
         if partition:
             raise InvalidRequest("tables on this destination are read as one endpoint", dataset=self.dataset.name)
         schema = self.arrow_schema(table, columns)

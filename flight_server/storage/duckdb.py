@@ -22,6 +22,7 @@ import pyarrow as pa
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
+from flight_server.domain.pushdown import Predicate, applicable, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
@@ -365,13 +366,21 @@ class DuckDBStorage(Storage):
         return parts
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+               partition: dict[str, Any] | None = None,
+               where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
-        where = None
+        conditions = []
         if partition:
             start, stop = int_range(partition, "rowid")
-            where = f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else "")
-        sql = select_sql(self.dataset.name, table, [quote(c) for c in schema.names], where, limit)
+            conditions.append(f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else ""))
+        if where:  # a SQL query's filters: duckdb skips row groups by their zone maps
+            kept, complete = applicable(where, self.arrow_schema(table))
+            if kept:
+                conditions.append(where_sql(kept, quote))
+            if not complete:
+                limit = None  # a row limit holds only over the query's full filter
+        sql = select_sql(self.dataset.name, table, [quote(c) for c in schema.names],
+                         " AND ".join(conditions) or None, limit)
         cursor = self.file.acquire_read()
         try:
             # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that

@@ -30,6 +30,7 @@ import pyarrow as pa
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import quote
+from flight_server.domain.pushdown import Predicate, applicable, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
@@ -339,15 +340,22 @@ class PostgresStorage(Storage):
         return parts
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
+               partition: dict[str, Any] | None = None,
+               where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
-        where = None
+        conditions = []
         if partition:
             start, stop = int_range(partition, "pages")
-            where = f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else "")
+            conditions.append(f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else ""))
+        if where:  # a SQL query's filters run in the warehouse: only matching rows leave it
+            kept, complete = applicable(where, self.arrow_schema(table))
+            if kept:
+                conditions.append(where_sql(kept, quote))
+            if not complete:
+                limit = None  # a row limit holds only over the query's full filter
         types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
         columns_sql = [_column_sql(c, types.get(c)) for c in schema.names]
-        reader = self._stream(select_sql(self.dataset.name, table, columns_sql, where, limit))
+        reader = self._stream(select_sql(self.dataset.name, table, columns_sql, " AND ".join(conditions) or None, limit))
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     def close(self) -> None:
