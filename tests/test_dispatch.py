@@ -171,3 +171,21 @@ def test_the_load_history_is_readable_and_read_only(unit: InProcessServer) -> No
     assert joined.arrow().column("n")[0].as_py() == 5
     with pytest.raises(InvalidRequestError, match="reserved for dlt"):
         ds.save(pa.table({"load_id": ["x"]}), table_name="_dlt_loads")
+
+
+@pytest.mark.parametrize("values, match", [
+    (pa.table({"a": pa.array([2**40], pa.timestamp("s"))}), r"parameter \$1 .* cannot be bound: date value out of range"),
+    (pa.table({"a": pa.array([0], pa.timestamp("ns", tz="Mars/Phobos"))}), "unknown time zone"),
+    (pa.table({"a": pa.array([10**40], pa.decimal256(41, 0))}), r"decimal256\(41, 0\), which cannot be bound"),
+    (pa.table({"a": pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64()))}), "map<string, int64>"),
+    (pa.table({"a": pa.array([[{"x": "y"}]], pa.list_(pa.struct([("x", pa.dictionary(pa.int8(), pa.string()))])))}),
+     r"dictionary<values=string, indices=int8.*inside"),
+])
+def test_bound_values_that_would_not_arrive_as_sent_are_refused_in_plain_words(values: pa.Table, match: str) -> None:
+    """A value Python cannot hold (a year beyond 9999, an unknown zone) or a type duckdb would change (a map into
+    pairs, a 41-digit decimal into a double) is refused when it is bound, never a sandbox failure to retry."""
+    from flight_server.domain.errors import InvalidRequest
+    from flight_server.domain.sql import check_parameters
+
+    with pytest.raises(InvalidRequest, match=match):
+        check_parameters(values, 1)

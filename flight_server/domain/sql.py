@@ -289,10 +289,37 @@ def check_parameters(values: pa.Table, count: int) -> pa.Table:
                              "executions per statement")
     if values.nbytes > MAX_PARAMETER_BYTES:
         raise InvalidRequest(f"the bound values take {values.nbytes:,} bytes; at most {MAX_PARAMETER_BYTES:,} allowed")
-    for field in values.schema:
-        if pa.types.is_dictionary(field.type) or isinstance(field.type, pa.ExtensionType):
-            raise InvalidRequest(f"parameter {field.name!r} has type {field.type}; bind plain values")
+    for position, field in enumerate(values.schema, 1):
+        odd = _unbindable(field.type)
+        if odd is not None:
+            raise InvalidRequest(f"parameter ${position} ({field.name!r}) has type {field.type}"
+                                 f"{'' if odd == field.type else f' ({odd} inside)'}, which cannot be bound as it is; "
+                                 "bind numbers, strings, booleans, binary, decimals of up to 38 digits, dates, times, "
+                                 "timestamps, or lists/structs of them")
+        try:  # the worker binds them as Python values: a value Python cannot hold is refused here, in plain words
+            values.column(position - 1).to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException, LookupError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, LookupError):  # zoneinfo's: the timestamp's time zone is not one it knows
+                why = f"unknown time zone {why}"
+            raise InvalidRequest(f"parameter ${position} ({field.name!r}, {field.type}) has a value that cannot be "
+                                 f"bound: {why}") from None
     return values
+
+
+def _unbindable(dtype: pa.DataType) -> pa.DataType | None:
+    """The (nested) type duckdb would not get back as sent (a map turns into pairs, a 40-digit decimal into
+    a double), or that cannot be bound at all; None: fine."""
+    if (pa.types.is_dictionary(dtype) or isinstance(dtype, pa.ExtensionType) or pa.types.is_map(dtype)
+            or pa.types.is_union(dtype) or pa.types.is_run_end_encoded(dtype)
+            or (pa.types.is_decimal(dtype) and dtype.precision > 38)):
+        return dtype
+    if pa.types.is_nested(dtype):
+        for i in range(dtype.num_fields):
+            inner = _unbindable(dtype.field(i).type)
+            if inner is not None:
+                return inner
+    return None
 
 
 def parameter_schema(count: int) -> pa.Schema:
