@@ -208,6 +208,37 @@ def _bind(client: flight.FlightClient, handle: bytes, values: pa.Table) -> bytes
     return DoPutPreparedStatementResult.FromString(answer.to_pybytes()).prepared_statement_handle
 
 
+def test_bound_values_only_come_back_in_handles_the_server_sealed(sql_server: ServerProcess) -> None:
+    """Handles carry their bound values; only values the server checked and wrote are decoded again - a
+    forged handle could carry a compressed stream that inflates to gigabytes in the server."""
+    import base64
+    import json
+
+    create = pb.ActionCreatePreparedStatementRequest(query="SELECT ? AS n")
+    with _flight(sql_server) as client:
+        body = list(client.do_action(flight.Action("CreatePreparedStatement", pack(create))))[0].body.to_pybytes()
+        from google.protobuf import any_pb2
+
+        result = pb.ActionCreatePreparedStatementResult()
+        any_pb2.Any.FromString(body).Unpack(result)
+        handle = _bind(client, result.prepared_statement_handle, pa.table({"a": [7]}))
+        prefix, _, payload = handle.partition(b":")
+        fields = json.loads(payload)
+        sink = pa.BufferOutputStream()
+        other = pa.table({"a": [8]})
+        with pa.ipc.new_stream(sink, other.schema) as writer:
+            writer.write_table(other)
+        forged = [dict(fields, parameters=base64.b64encode(sink.getvalue().to_pybytes()).decode()),  # other values
+                  {k: v for k, v in fields.items() if k != "seal"}]  # no seal
+        for body in forged:
+            command = pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=prefix + b":" + json.dumps(body).encode()))
+            with pytest.raises(pa.ArrowInvalid, match="not a statement handle issued by this server"):
+                client.get_flight_info(flight.FlightDescriptor.for_command(command))
+        genuine = client.get_flight_info(flight.FlightDescriptor.for_command(
+            pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))))
+        assert client.do_get(genuine.endpoints[0].ticket).read_all().to_pylist() == [{"n": 7}]
+
+
 def test_several_rows_of_values_concatenate_results_and_limits_hold(sql_server: ServerProcess) -> None:
     from flight_server.domain.sql import MAX_PARAMETER_ROWS
 
@@ -541,6 +572,13 @@ def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> No
         request = fm.CancelFlightInfoRequest()
         request.info.endpoint.add().ticket.ticket = info.endpoints[0].ticket.ticket
         with _flight(sql_server) as other:
+            # another caller's FlightInfo for the same SQL names another run: cancelling it stops nothing here
+            theirs = other.get_flight_info(flight.FlightDescriptor.for_command(pack(pb.CommandStatementQuery(query=HEAVY))))
+            decoy = fm.CancelFlightInfoRequest()
+            decoy.info.endpoint.add().ticket.ticket = theirs.endpoints[0].ticket.ticket
+            _session_action(other, "CancelFlightInfo", decoy.SerializeToString())
+            time.sleep(1)
+            assert thread.is_alive() and not errors and _busy(sql_server) > 0.5
             answer = fm.CancelFlightInfoResult.FromString(
                 _session_action(other, "CancelFlightInfo", request.SerializeToString()))
         assert answer.status == fm.CANCEL_STATUS_CANCELLED

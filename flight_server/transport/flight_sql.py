@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -79,6 +81,7 @@ from flight_server.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
 from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of
+from flight_server.transport.tickets import TicketSigner
 from flight_server.transport.upload import FlightUpload
 
 TABLE_TYPE = "TABLE"
@@ -346,12 +349,15 @@ class Statement:
     """What a statement or prepared statement handle carries: the SQL and the values bound to it.
 
     ``parameters`` is an Arrow IPC stream (one column per parameter, one row per execution), at most
-    :data:`MAX_PARAMETER_BYTES` long. Handles are not secret: whatever one carries is checked again on
-    every use, under the caller's profile, exactly like a statement sent in the clear.
+    :data:`MAX_PARAMETER_BYTES` long, sealed by the server (:func:`encode_handle`). Handles are not secret:
+    the statement is checked again on every use, under the caller's profile, exactly like one sent in the clear.
     """
 
     query: str
     parameters: bytes | None = None
+    # a random id in the tickets GetFlightInfo hands out: CancelFlightInfo stops a running DoGet only for
+    # the one who holds its ticket (the same SQL from another caller of the same user is another run)
+    run: str | None = None
 
     def values(self) -> pa.Table | None:
         """The bound values as a table, or None when nothing is bound."""
@@ -365,11 +371,23 @@ class Statement:
         return values
 
 
-def encode_handle(statement: Statement) -> bytes:
+_SEAL_PURPOSE = b"statement handle values"
+
+
+def encode_handle(statement: Statement, signer: TicketSigner) -> bytes:
+    """A handle for the statement; bound values are sealed (only values this server checked and wrote
+    are ever decoded again: a forged handle could carry a compressed stream that inflates to gigabytes)."""
     body: dict[str, Any] = {"query": statement.query}
+    if statement.run is not None:
+        body["run"] = statement.run
     if statement.parameters is not None:
         body["parameters"] = base64.b64encode(statement.parameters).decode()
+        body["seal"] = base64.b64encode(signer.seal(_SEAL_PURPOSE, _sealed(statement))).decode()
     return _HANDLE_PREFIX + json.dumps(body).encode()
+
+
+def _sealed(statement: Statement) -> bytes:
+    return statement.query.encode("utf-8", "surrogatepass") + b"\0" + (statement.parameters or b"")
 
 
 # a handle: the statement in JSON (a character escaped as \uXXXX takes up to 12 bytes), and bound values in
@@ -377,18 +395,28 @@ def encode_handle(statement: Statement) -> bytes:
 _MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 12 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
 
 
-def decode_handle(handle: bytes) -> Statement:
+def decode_handle(handle: bytes, signer: TicketSigner) -> Statement:
     if not handle.startswith(_HANDLE_PREFIX) or len(handle) > _MAX_HANDLE_BYTES:
         raise InvalidRequest("not a statement handle issued by this server")
     try:
         body = json.loads(handle[len(_HANDLE_PREFIX):])
-        query, parameters = body["query"], body.get("parameters")
-        if not isinstance(query, str) or not isinstance(parameters, (str, type(None))):
+        query, parameters, seal, run = body["query"], body.get("parameters"), body.get("seal"), body.get("run")
+        if not isinstance(query, str) or not isinstance(parameters, (str, type(None))) \
+                or not (run is None or (isinstance(run, str) and len(run) <= 64)):
             raise TypeError
         raw = base64.b64decode(parameters, validate=True) if parameters is not None else None
+        sealed = base64.b64decode(seal, validate=True) if isinstance(seal, str) else b""
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidRequest("not a statement handle issued by this server") from None
-    return Statement(query, raw)
+    statement = Statement(query, raw, run)
+    if raw is not None and not signer.opens(_SEAL_PURPOSE, _sealed(statement), sealed):
+        raise InvalidRequest("not a statement handle issued by this server (its bound values are not sealed by it)")
+    return statement
+
+
+def _a_run_of(statement: Statement) -> Statement:
+    """The statement with a fresh run id, for the ticket of one GetFlightInfo."""
+    return dataclasses.replace(statement, run=secrets.token_urlsafe(12))
 
 
 def _ipc(values: pa.Table) -> bytes:
@@ -405,8 +433,9 @@ class FlightSqlSurface:
     """Handlers of Flight SQL requests, given the domain services they use."""
 
     def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer,
-                 sessions: SessionStore | None = None) -> None:
+                 sessions: SessionStore | None = None, signer: TicketSigner | None = None) -> None:
         self.catalog_name = catalog_name
+        self.signer = signer if signer is not None else TicketSigner(secrets.token_bytes(32), 3600)
         self.sessions = sessions if sessions is not None else SessionStore()
         # (user, statement handle) -> a stop flag per DoGet of it now running (CancelFlightInfo sets them)
         self._running: dict[tuple[str, bytes], set[threading.Event]] = {}
@@ -424,6 +453,12 @@ class FlightSqlSurface:
             fm.CommandGetPrimaryKeys: (lambda _c: PRIMARY_KEYS_SCHEMA, self._primary_keys),
             fm.CommandGetXdbcTypeInfo: (lambda _c: XDBC_TYPE_INFO_SCHEMA, self._xdbc_type_info),
         }
+
+    def _encode(self, statement: Statement) -> bytes:
+        return encode_handle(statement, self.signer)
+
+    def _decode(self, handle: bytes) -> Statement:
+        return decode_handle(handle, self.signer)
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """(RPC, message name) -> handler, for the server's one dispatch table."""
@@ -684,7 +719,7 @@ class FlightSqlSurface:
         command = request.message
         self._no_transaction(command)
         statement = Statement(command.query)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=encode_handle(statement)))
+        ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(_a_run_of(statement))))
         return self._info(self._query_schema(call, statement), call.descriptor, ticket)
 
     def _statement_schema(self, call: Call, request: Request) -> flight.SchemaResult:
@@ -692,7 +727,7 @@ class FlightSqlSurface:
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
         handle = request.message.statement_handle
-        storage, checked, values = self._prepare(call, decode_handle(handle))
+        storage, checked, values = self._prepare(call, self._decode(handle))
         # registered while it runs, so CancelFlightInfo (from any connection of the same user) can stop it
         key, stop = (call.identity.user, handle), threading.Event()
         with self._running_lock:
@@ -750,23 +785,23 @@ class FlightSqlSurface:
         else:
             schema = self._query_schema(call, Statement(query))
         result = pb.ActionCreatePreparedStatementResult(
-            prepared_statement_handle=encode_handle(Statement(query)),
+            prepared_statement_handle=self._encode(Statement(query)),
             dataset_schema=schema.serialize().to_pybytes(),
             parameter_schema=parameter_schema(count).serialize().to_pybytes() if count else b"",
         )
         return iter([pack(result)])
 
     def _close_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
-        decode_handle(request.message.prepared_statement_handle)  # stateless: nothing to free
+        self._decode(request.message.prepared_statement_handle)  # stateless: nothing to free
         return iter([])
 
     def _prepared_info(self, call: Call, request: Request) -> flight.FlightInfo:
-        handle = request.message.prepared_statement_handle
-        ticket = pack(pb.TicketStatementQuery(statement_handle=handle))
-        return self._info(self._query_schema(call, decode_handle(handle)), call.descriptor, ticket)
+        statement = self._decode(request.message.prepared_statement_handle)
+        ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(_a_run_of(statement))))
+        return self._info(self._query_schema(call, statement), call.descriptor, ticket)
 
     def _prepared_schema(self, call: Call, request: Request) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(call, decode_handle(request.message.prepared_statement_handle)))
+        return flight.SchemaResult(self._query_schema(call, self._decode(request.message.prepared_statement_handle)))
 
     def _prepared_bind(self, call: Call, request: Request) -> None:
         """DoPut(CommandPreparedStatementQuery): values to bind, one row per execution.
@@ -776,7 +811,7 @@ class FlightSqlSurface:
         execute (GetFlightInfo / DoGet). Several rows execute the statement once per row; the results
         of all rows, in row order, are one result (as Arrow's SQLite example server does).
         """
-        statement = decode_handle(request.message.prepared_statement_handle)
+        statement = self._decode(request.message.prepared_statement_handle)
         batches, size = [], 0
         while True:
             try:
@@ -795,7 +830,7 @@ class FlightSqlSurface:
         values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
                                   parameter_count(statement.query))
         bound = Statement(statement.query, _ipc(values))
-        result = fm.DoPutPreparedStatementResult(prepared_statement_handle=encode_handle(bound))
+        result = fm.DoPutPreparedStatementResult(prepared_statement_handle=self._encode(bound))
         call.writer.write(pa.py_buffer(result.SerializeToString()))
 
     @staticmethod

@@ -55,7 +55,8 @@ class FlightShareServer(flight.FlightServerBase):
         self.plain = PlainSurface(
             project.name, project.server.endpoint_rows, self.catalog, self.sql, self.writer, self.cache,
             self.security.tickets, LocationRing(project.server.locations), self.calls)
-        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore())
+        self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore(),
+                                           self.security.tickets)
         self.routes: dict[tuple[str, str], Callable[[Call, Request], Any]] = {
             **self.plain.routes(), **self.flight_sql.routes()}
 

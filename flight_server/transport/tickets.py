@@ -43,6 +43,14 @@ class TicketSigner:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
+    def seal(self, purpose: bytes, data: bytes) -> bytes:
+        """A MAC of ``data`` for one ``purpose`` (e.g. the bound values in a statement handle): only this
+        server (and its replicas, which share the signing secret) can make one that :meth:`opens`."""
+        return self._mac(b"seal:" + purpose + b"\0" + data)
+
+    def opens(self, purpose: bytes, data: bytes, seal: bytes) -> bool:
+        return hmac.compare_digest(seal, self.seal(purpose, data))
+
     def sign(self, command: bytes, user: str, now: float | None = None) -> tuple[bytes, float]:
         """A ticket for ``command`` usable by ``user``, and its expiry (unix seconds)."""
         expires = int((now if now is not None else time.time()) + self.ttl)
