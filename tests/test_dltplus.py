@@ -297,6 +297,14 @@ def test_one_broken_dataset_never_takes_the_catalog_down(tmp_path: Path, duckdb2
             catalog["damaged"]
         assert "broken.duckdb" in str(err.value) and "internal" not in str(err.value).lower()
         assert catalog.healthy.events.arrow().num_rows == 5  # still healthy after the failures
+        # Flight SQL browsing (BI tools, get_objects) lists the healthy datasets' tables too
+        import adbc_driver_flightsql.dbapi as flight_sql
+
+        with flight_sql.connect(server.url, autocommit=True) as conn:
+            objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+            tables = {(s["db_schema_name"], t["table_name"]) for c in objects for s in c["catalog_db_schemas"]
+                      for t in (s["db_schema_tables"] or [])}
+            assert ("healthy", "events") in tables and {schema for schema, _ in tables} == {"healthy"}
         assert server.alive
 
 

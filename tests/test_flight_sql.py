@@ -381,6 +381,14 @@ def test_session_store_is_bounded_and_per_user() -> None:
     idle.get_or_create(ids[0], "alice")
     time.sleep(0.1)
     assert idle.get(ids[0], "alice") is None and len(idle) == 0
+    # one user's many sessions push out that user's own oldest, never another user's
+    fair = SessionStore(capacity=100, idle_seconds=3600, per_user=2)
+    fair.get_or_create(ids[0], "bob")
+    flood = [new_session_id() for _ in range(50)]
+    for session_id in flood:
+        fair.get_or_create(session_id, "(anonymous)")
+    assert fair.get(ids[0], "bob") is not None and len(fair) == 3
+    assert fair.get(flood[-1], "(anonymous)") is not None and fair.get(flood[0], "(anonymous)") is None
     # only ids this server signed count
     assert issued_here(ids[0]) and not issued_here("forged") and not issued_here(ids[0][:-1] + ("1" if ids[0].endswith("0") else "0"))
 

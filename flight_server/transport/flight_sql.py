@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 from dataclasses import dataclass
@@ -65,7 +67,7 @@ from client.protocol import WriteCommand
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server._vendor import flight_messages as fm
 from flight_server.domain.catalog import Catalog
-from flight_server.domain.errors import Cancelled, InvalidRequest, NotFound, Unsupported
+from flight_server.domain.errors import Cancelled, InvalidRequest, NotFound, Unavailable, Unsupported
 from flight_server.domain.sql import (
     MAX_PARAMETER_BYTES,
     MAX_QUERY_CHARS,
@@ -83,6 +85,8 @@ from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Req
 from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of
 from flight_server.transport.tickets import TicketSigner
 from flight_server.transport.upload import FlightUpload
+
+log = logging.getLogger("flight_share.server")
 
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "flight-share"
@@ -414,6 +418,18 @@ def decode_handle(handle: bytes, signer: TicketSigner) -> Statement:
     return statement
 
 
+@contextlib.contextmanager
+def _unless_one_of_many(dataset: str, count: int) -> Iterator[None]:
+    """Browsing several datasets: one whose destination is unreachable is left out (and logged), as the
+    catalog does, so the healthy ones stay browsable; asked for alone, its error is the answer."""
+    try:
+        yield
+    except Unavailable:
+        if count <= 1:
+            raise
+        log.warning("dataset %s left out of a Flight SQL listing: its destination is unavailable", dataset)
+
+
 def _a_run_of(statement: Statement) -> Statement:
     """The statement with a fresh run id, for the ticket of one GetFlightInfo."""
     return dataclasses.replace(statement, run=secrets.token_urlsafe(12))
@@ -642,32 +658,37 @@ class FlightSqlSurface:
         schema = TABLES_SCHEMA_WITH_SCHEMA if command.include_schema else TABLES_SCHEMA
         rows = []
         if not command.table_types or TABLE_TYPE in command.table_types:
-            for dataset in self._datasets(call, catalog, pattern):
-                storage = self.catalog.storage(dataset)
-                for table in sorted(t for t in storage.table_names() if matches(t)):
-                    row = {"catalog_name": self.catalog_name, "db_schema_name": dataset,
-                           "table_name": table, "table_type": TABLE_TYPE}
-                    if command.include_schema:
-                        hints = storage.table_columns(table)
-                        fields = [column_metadata(f, self.catalog_name, dataset, table, hints.get(f.name, {}))
-                                  for f in storage.arrow_schema(table)]
-                        row["table_schema"] = pa.schema(fields).serialize().to_pybytes()
-                    rows.append(row)
+            datasets = self._datasets(call, catalog, pattern)
+            for dataset in datasets:
+                with _unless_one_of_many(dataset, len(datasets)):
+                    storage = self.catalog.storage(dataset)
+                    found = []
+                    for table in sorted(t for t in storage.table_names() if matches(t)):
+                        row = {"catalog_name": self.catalog_name, "db_schema_name": dataset,
+                               "table_name": table, "table_type": TABLE_TYPE}
+                        if command.include_schema:
+                            hints = storage.table_columns(table)
+                            fields = [column_metadata(f, self.catalog_name, dataset, table, hints.get(f.name, {}))
+                                      for f in storage.arrow_schema(table)]
+                            row["table_schema"] = pa.schema(fields).serialize().to_pybytes()
+                        found.append(row)
+                    rows += found
         return pa.Table.from_pylist(rows, schema=schema)
 
     def _primary_keys(self, call: Call, command: Any) -> pa.Table:
         """GetPrimaryKeys: the columns dlt stores with the ``primary_key`` hint, in column order."""
         catalog = command.catalog if command.HasField("catalog") else None
         rows = []
-        for dataset in self._datasets(call, catalog, None):
-            if command.HasField("db_schema") and dataset != command.db_schema:
-                continue
-            storage = self.catalog.storage(dataset)
-            if command.table not in storage.table_names():
-                continue
-            keys = [name for name, hints in storage.table_columns(command.table).items() if hints.get("primary_key")]
-            rows += [{"catalog_name": self.catalog_name, "db_schema_name": dataset, "table_name": command.table,
-                      "column_name": name, "key_name": None, "key_sequence": i} for i, name in enumerate(keys, 1)]
+        datasets = [d for d in self._datasets(call, catalog, None)
+                    if not command.HasField("db_schema") or d == command.db_schema]
+        for dataset in datasets:
+            with _unless_one_of_many(dataset, len(datasets)):
+                storage = self.catalog.storage(dataset)
+                if command.table not in storage.table_names():
+                    continue
+                keys = [name for name, hints in storage.table_columns(command.table).items() if hints.get("primary_key")]
+                rows += [{"catalog_name": self.catalog_name, "db_schema_name": dataset, "table_name": command.table,
+                          "column_name": name, "key_name": None, "key_sequence": i} for i, name in enumerate(keys, 1)]
         return pa.Table.from_pylist(rows, schema=PRIMARY_KEYS_SCHEMA)
 
     def _xdbc_type_info(self, call: Call, command: Any) -> pa.Table:

@@ -10,8 +10,9 @@ then makes the session under that id for the caller's user; one that comes witho
 refused, saying why (the client keeps no cookies: an option it set would silently be forgotten).
 
 The server keeps, per session id, the options and the user who set them, in one bounded map: at most
-:data:`MAX_SESSIONS` sessions (the least recently used go first), each forgotten after
-:data:`SESSION_IDLE_SECONDS` without a call. A session id presented by another user is no session.
+:data:`MAX_SESSIONS` sessions (the least recently used go first), at most :data:`MAX_SESSIONS_PER_USER` of
+one user (a user's new session pushes out that user's own least recently used, never another user's:
+all anonymous callers are one user), each forgotten after :data:`SESSION_IDLE_SECONDS` without a call. A session id presented by another user is no session.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import pyarrow.flight as flight
 COOKIE = "arrow_flight_session_id"
 MIDDLEWARE_KEY = "flight-share-session"
 MAX_SESSIONS = 10_000
+# sessions one user (all anonymous callers are one user) keeps at once: more push out that user's oldest
+MAX_SESSIONS_PER_USER = 64
 SESSION_IDLE_SECONDS = 8 * 3600
 # what one session may hold: option names are few and known, values are names
 MAX_OPTION_CHARS = 1_000
@@ -48,10 +51,23 @@ class Session:
 class SessionStore:
     """Session id -> :class:`Session`, bounded in number (LRU) and in idle time."""
 
-    def __init__(self, capacity: int = MAX_SESSIONS, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
-        self.capacity, self.idle_seconds = capacity, idle_seconds
+    def __init__(self, capacity: int = MAX_SESSIONS, idle_seconds: float = SESSION_IDLE_SECONDS,
+                 per_user: int = MAX_SESSIONS_PER_USER) -> None:
+        self.capacity, self.idle_seconds, self.per_user = capacity, idle_seconds, per_user
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # user -> that user's session ids, least recently used first: a user's new session beyond
+        # per_user pushes out that user's own oldest, never another user's
+        self._by_user: dict[str, OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
+
+    def _forget(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            ids = self._by_user.get(session.user)
+            if ids is not None:
+                ids.pop(session_id, None)
+                if not ids:
+                    del self._by_user[session.user]
 
     def get(self, session_id: str | None, user: str) -> Session | None:
         """The caller's live session with this id, or None (unknown, expired, or another user's)."""
@@ -63,10 +79,11 @@ class SessionStore:
             if session is None or session.user != user:
                 return None
             if now - session.used > self.idle_seconds:
-                del self._sessions[session_id]
+                self._forget(session_id)
                 return None
             session.used = now
             self._sessions.move_to_end(session_id)
+            self._by_user[user].move_to_end(session_id)
             return session
 
     def get_or_create(self, session_id: str, user: str) -> Session | None:
@@ -81,8 +98,12 @@ class SessionStore:
                 return None
             session = self._sessions[session_id] = Session(user)
             self._sessions.move_to_end(session_id)
+            ids = self._by_user.setdefault(user, OrderedDict())
+            ids[session_id] = None
+            while len(ids) > self.per_user:
+                self._forget(next(iter(ids)))
             while len(self._sessions) > self.capacity:
-                self._sessions.popitem(last=False)
+                self._forget(next(iter(self._sessions)))
         return session
 
     def close(self, session_id: str | None, user: str) -> bool:
@@ -91,7 +112,7 @@ class SessionStore:
             session = self._sessions.get(session_id or "")
             if session is None or session.user != user:
                 return False
-            del self._sessions[session_id]  # type: ignore[arg-type]
+            self._forget(session_id)  # type: ignore[arg-type]
             return True
 
     def __len__(self) -> int:
