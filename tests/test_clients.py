@@ -48,6 +48,22 @@ TOKEN = "fst_client-tests-api-token-0123456789abcdefghij"
 TTL = 3  # seconds, for the server that long-lived connections use
 QUERY = f"SELECT id, payload__action FROM {EVENTS}.issues_event ORDER BY id"
 COUNT = f"SELECT count(*) AS n FROM {EVENTS}.push_event"
+# ADBC's cookie middleware: Flight sessions (SetSessionOptions, the current schema) ride on a cookie
+COOKIES = {"adbc.flight.sql.rpc.with_cookie_middleware": "true"}
+# bound parameters: ? (or $1) placeholders; the values compared with the plain read filtered alike
+PARAM_QUERY = f"SELECT id, payload__action FROM {EVENTS}.issues_event WHERE payload__action = ? ORDER BY id"
+UNQUALIFIED = "SELECT id, payload__action FROM issues_event ORDER BY id"
+UNQUALIFIED_PARAM = "SELECT id, payload__action FROM issues_event WHERE payload__action = ? ORDER BY id"
+HOSTILE = f"opened' OR '1'='1'; DROP TABLE {EVENTS}.issues_event; --"
+# what the server answers ...
+NO_COOKIE_TEXT = ("session options need Flight's session cookie, and this call came without one: keep cookies "
+                  "(ADBC: db_kwargs {\"adbc.flight.sql.rpc.with_cookie_middleware\": \"true\"}) or write tables as "
+                  "dataset.table")
+UNQUALIFIED_TEXT = ("qualify every table with its dataset, as dataset.table (unqualified: issues_event), or set the "
+                    f"current db_schema (SetSessionOptions, with cookies); datasets: {EVENTS}, {REPORTS}")
+UNBOUND_TEXT = "the statement has 1 parameter(s) and no values are bound"
+READ_ONLY_TEXT = ("CommandPreparedStatementUpdate is not supported: the server is read-only except bulk ingest "
+                  "(CommandStatementIngest, adbc_ingest); statements are SELECT queries")
 FROZEN_TABLE_TEXT = (
     "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is "
     "violated. Trying to add table aggregated_issues but new tables are frozen."
@@ -139,9 +155,10 @@ def _rows(table: pa.Table) -> list[list[Any]]:
 
 # --- connection helpers, one per client ------------------------------------------------------------
 
-def adbc_connect(server: ServerProcess, login: Login) -> adbc.Connection:
-    """ADBC's Flight SQL driver (Go): grpc:// URI; username/password, or the token as an authorization header."""
-    db_kwargs: dict[str, str] = {}
+def adbc_connect(server: ServerProcess, login: Login, cookies: bool = False) -> adbc.Connection:
+    """ADBC's Flight SQL driver (Go): grpc:// URI; username/password, or the token as an authorization header;
+    ``cookies`` turns on the driver's cookie middleware, which session options (the current schema) need."""
+    db_kwargs: dict[str, str] = dict(COOKIES) if cookies else {}
     if login.username is not None:
         db_kwargs.update(username=login.username, password=login.password or "")
     if login.token is not None:
@@ -149,15 +166,16 @@ def adbc_connect(server: ServerProcess, login: Login) -> adbc.Connection:
     return adbc.connect(server.url, db_kwargs=db_kwargs, autocommit=True)
 
 
-def gizmosql_connect(server: ServerProcess, login: Login) -> Any:
-    """adbc-driver-gizmosql: grpc+tcp:// for plaintext; username/password, or the token as an authorization header."""
+def gizmosql_connect(server: ServerProcess, login: Login, cookies: bool = False, **options: Any) -> Any:
+    """adbc-driver-gizmosql: grpc+tcp:// for plaintext; username/password, or the token as an authorization header;
+    ``options`` go to ``gizmosql.connect`` (``db_schema=``: the current schema, applied at connect time)."""
     from adbc_driver_gizmosql import dbapi as gizmosql
 
-    db_kwargs = {}
+    db_kwargs = dict(COOKIES) if cookies else {}
     if login.token is not None:
         db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = protocol.BEARER_PREFIX + login.token
     return gizmosql.connect(f"grpc+tcp://127.0.0.1:{server.port}", username=login.username, password=login.password,
-                            db_kwargs=db_kwargs or None)
+                            db_kwargs=db_kwargs or None, **options)
 
 
 def sqlalchemy_url(server: ServerProcess, login: Login) -> str:
@@ -172,8 +190,8 @@ def sqlalchemy_url(server: ServerProcess, login: Login) -> str:
     return f"adbc+flightsql://{base}"
 
 
-def sqlalchemy_engine(server: ServerProcess, login: Login) -> sqlalchemy.Engine:
-    return sqlalchemy.create_engine(sqlalchemy_url(server, login))
+def sqlalchemy_engine(server: ServerProcess, login: Login, **engine_args: Any) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(sqlalchemy_url(server, login), **engine_args)
 
 
 def python_session(client: str, action: str, server: ServerProcess, login: Login, **args: Any) -> dict[str, Any]:
@@ -245,6 +263,74 @@ def test_pandas_and_polars_read_over_an_adbc_connection(server: ServerProcess, e
         assert frame.values.tolist() == expected.rows
         polars_frame = pl.read_database(QUERY, connection=conn)
         assert polars_frame.rows() == [tuple(r) for r in expected.rows]
+
+
+def _opened(expected: Expected) -> list[list[Any]]:
+    """The plain read's rows whose action is "opened": what PARAM_QUERY bound to "opened" answers."""
+    rows = [r for r in expected.rows if r[1] == "opened"]
+    assert 0 < len(rows) < len(expected.rows)
+    return rows
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_adbc_driver_binds_parameters(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``cursor.execute(sql, params)``: the driver prepares, binds the values by DoPut and executes the handle
+    the server answers; a hostile value stays a value. ``executemany`` is an update in DB-API (DoPut
+    CommandPreparedStatementUpdate): refused, the server is read-only except ingest."""
+    with adbc_connect(server, LOGINS[login]) as conn, conn.cursor() as cur:
+        cur.execute(PARAM_QUERY, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY.replace("?", "$1"), parameters=["opened"])
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY, (HOSTILE,))
+        assert cur.fetchall() == []
+        cur.execute("SELECT ? AS v", (HOSTILE,))
+        assert cur.fetchall() == [(HOSTILE,)]
+        with pytest.raises(adbc.NotSupportedError) as refused:
+            cur.executemany(PARAM_QUERY, [("opened",), ("closed",)])
+        assert str(refused.value).startswith(f"NOT_IMPLEMENTED: [FlightSQL] {READ_ONLY_TEXT}")
+        cur.execute(QUERY)  # all still there
+        assert _rows(cur.fetch_arrow_table()) == expected.rows
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_adbc_driver_current_db_schema_with_cookies(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``conn.adbc_current_db_schema = dataset`` (SetSessionOptions) with the driver's cookie middleware on:
+    unqualified names resolve there, with parameters too. Without cookies the driver is told to keep them."""
+    with adbc_connect(server, LOGINS[login], cookies=True) as conn:
+        with conn.cursor() as cur:
+            with pytest.raises(adbc.ProgrammingError, match=r"^INVALID_ARGUMENT: \[FlightSQL\] qualify every table"):
+                cur.execute(UNQUALIFIED)
+        conn.adbc_current_db_schema = EVENTS
+        assert conn.adbc_current_db_schema == EVENTS
+        with conn.cursor() as cur:
+            cur.execute(UNQUALIFIED)
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+            cur.execute(UNQUALIFIED_PARAM, ("opened",))
+            assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+            cur.execute(QUERY)  # qualified names keep working
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+    with adbc_connect(server, LOGINS[login]) as cookieless:
+        with pytest.raises(adbc.ProgrammingError) as refused:
+            cookieless.adbc_current_db_schema = EVENTS
+        assert str(refused.value).startswith(f"INVALID_ARGUMENT: [FlightSQL] {NO_COOKIE_TEXT}")
+
+
+def test_polars_binds_parameters_pandas_refuses_them_over_adbc(server: ServerProcess, expected: Expected) -> None:
+    """polars ``read_database(..., execute_options={"parameters": [...]})`` hands the values to the driver;
+    pandas 3.1 refuses ``params`` over an ADBC connection by itself (no call reaches the server), so pandas
+    users put the values into the SQL text, or go through SQLAlchemy (below). Both read unqualified names
+    once the connection's current schema is set."""
+    with adbc_connect(server, LOGINS["password"], cookies=True) as conn:
+        frame = pl.read_database(PARAM_QUERY, conn, execute_options={"parameters": ["opened"]})
+        assert frame.rows() == [tuple(r) for r in _opened(expected)]
+        with pytest.raises(NotImplementedError, match=r"^'params' is not implemented for ADBC drivers$"):
+            pd.read_sql(PARAM_QUERY, conn, params=["opened"])
+        conn.adbc_current_db_schema = EVENTS
+        assert pl.read_database(UNQUALIFIED, conn).rows() == [tuple(r) for r in expected.rows]
+        assert pd.read_sql(UNQUALIFIED, conn).values.tolist() == expected.rows
+        frame = pl.read_database(UNQUALIFIED_PARAM, conn, execute_options={"parameters": ["opened"]})
+        assert frame.rows() == [tuple(r) for r in _opened(expected)]
 
 
 @pytest.mark.parametrize("login", ["password", "token"])
