@@ -376,6 +376,29 @@ def test_gizmosql_ingest_and_a_connection_past_the_token_ttl(server: ServerProce
     assert len(counts) > 3 and set(counts) == {expected.count}
 
 
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_gizmosql_driver_binds_parameters_and_takes_db_schema(server: ServerProcess, expected: Expected,
+                                                              login: str) -> None:
+    """``cursor.execute(sql, params)`` binds; ``gizmosql.connect(..., db_schema=dataset)`` sets the current
+    schema at connect time (SetSessionOptions) - with the cookie middleware on (``db_kwargs``), which the
+    GizmoSQL driver leaves off by default: without it the connect itself fails with the server's text."""
+    with gizmosql_connect(server, LOGINS[login]) as conn, conn.cursor() as cur:
+        cur.execute(PARAM_QUERY, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY, (HOSTILE,))
+        assert cur.fetchall() == []
+    with gizmosql_connect(server, LOGINS[login], cookies=True, db_schema=EVENTS) as conn, conn.cursor() as cur:
+        assert conn.adbc_current_db_schema == EVENTS
+        cur.execute(UNQUALIFIED)
+        assert _rows(cur.fetch_arrow_table()) == expected.rows
+        cur.execute(UNQUALIFIED_PARAM, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+    with pytest.raises(Exception) as refused:
+        gizmosql_connect(server, LOGINS[login], db_schema=EVENTS)
+    assert type(refused.value).__name__ == "ProgrammingError"
+    assert str(refused.value).startswith(f"INVALID_ARGUMENT: [FlightSQL] {NO_COOKIE_TEXT}")
+
+
 # --- sqlalchemy-adbc (SQLAlchemy over the ADBC driver), and pandas read_sql through the engine ------------
 
 @pytest.mark.parametrize("login", ALL_LOGINS)
@@ -390,6 +413,56 @@ def test_sqlalchemy_adbc_reflects_and_queries(server: ServerProcess, expected: E
         with engine.connect() as conn:
             assert [list(r) for r in conn.execute(sqlalchemy.text(QUERY)).fetchall()] == expected.rows
         assert pd.read_sql(QUERY, engine).values.tolist() == expected.rows
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_sqlalchemy_adbc_binds_parameters(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``text()`` with ``:name`` parameters (the dialect sends them as ``?``), and pandas ``read_sql`` with
+    ``params=`` through the engine (pandas refuses them over a bare ADBC connection, not over SQLAlchemy)."""
+    named = PARAM_QUERY.replace("?", ":action")
+    engine = sqlalchemy_engine(server, LOGINS[login])
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(named), {"action": "opened"}).fetchall()
+            assert [list(r) for r in rows] == _opened(expected)
+            assert conn.execute(sqlalchemy.text(named), {"action": HOSTILE}).fetchall() == []
+        frame = pd.read_sql(sqlalchemy.text(named), engine, params={"action": "opened"})
+        assert frame.values.tolist() == _opened(expected)
+        assert pd.read_sql(PARAM_QUERY, engine, params=("opened",)).values.tolist() == _opened(expected)
+    finally:
+        engine.dispose()
+
+
+def test_sqlalchemy_adbc_current_schema_through_connect_args(server: ServerProcess, expected: Expected) -> None:
+    """The dialect passes the URL's query to the driver as database options: the cookie middleware goes there,
+    but the current schema is a connection option (``adbc.connection.db_schema``), which the driver refuses
+    among database options - it goes in ``connect_args={"conn_kwargs": ...}``, applied to every pooled
+    connection. ``pd.read_sql_table(table, engine, schema=...)`` still cannot reflect the table: the
+    dialect keeps tables of type ``table`` (lowercase), the server answers Flight SQL's ``TABLE``."""
+    login = LOGINS["password"]
+    cookies = "&adbc.flight.sql.rpc.with_cookie_middleware=true"
+    in_url = sqlalchemy.create_engine(sqlalchemy_url(server, login) + cookies + f"&adbc.connection.db_schema={EVENTS}")
+    try:
+        with pytest.raises(sqlalchemy.exc.ProgrammingError) as refused:
+            in_url.connect()
+        assert ("INVALID_ARGUMENT: [Flight SQL] [Flight SQL] Unknown database option 'adbc.connection.db_schema'"
+                in str(refused.value))
+    finally:
+        in_url.dispose()
+    engine = sqlalchemy.create_engine(sqlalchemy_url(server, login) + cookies,
+                                      connect_args={"conn_kwargs": {"adbc.connection.db_schema": EVENTS}})
+    try:
+        with engine.connect() as conn:
+            assert [list(r) for r in conn.execute(sqlalchemy.text(UNQUALIFIED)).fetchall()] == expected.rows
+            rows = conn.execute(sqlalchemy.text(UNQUALIFIED_PARAM.replace("?", ":a")), {"a": "opened"}).fetchall()
+            assert [list(r) for r in rows] == _opened(expected)
+        assert pd.read_sql(UNQUALIFIED, engine).values.tolist() == expected.rows
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError) as unreflected:
+            pd.read_sql_table("issues_event", engine, schema=EVENTS)
+        assert str(unreflected.value) == (f"Could not reflect: requested table(s) not available in {engine!r} "
+                                          f"schema '{EVENTS}': (issues_event)")
     finally:
         engine.dispose()
 
