@@ -504,6 +504,31 @@ def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
     assert password["counts"] and PASSWORD not in password["message"] and "eyJ" not in password["message"]
 
 
+def _server_error(answer: dict[str, Any]) -> str:
+    """The server's text of a pyarrow client's error answer (pyarrow appends "Detail: ..." and debug context)."""
+    assert set(answer) == {"error", "message"}, answer
+    assert answer["error"] == "ArrowInvalid", answer
+    return protocol.server_message(answer["message"])
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_flightsql_dbapi_parameters_fail_and_it_has_no_current_schema(server: ServerProcess, login: str) -> None:
+    """flightsql-dbapi's ``cursor.execute(sql, params)`` prepares, sends the values (DoPut, as dense unions) and
+    then executes its *first* handle: it does not read DoPutPreparedStatementResult, where this stateless
+    server returns the handle that carries the values - so the server finds nothing bound. ``executemany``
+    does the same per row. It has no session API (no SetSessionOptions, no cookies): tables are written
+    dataset.table, and an unqualified name gets the server's explanation."""
+    answer = python_session("flightsql-dbapi", "query_with", server, LOGINS[login], sql=PARAM_QUERY, params=["opened"])
+    assert _server_error(answer) == UNBOUND_TEXT + "; bind them (DoPut CommandPreparedStatementQuery) before executing"
+    many = python_session("flightsql-dbapi", "executemany", server, LOGINS[login], sql=PARAM_QUERY,
+                          rows=[["opened"], ["closed"]])
+    assert _server_error(many).startswith(UNBOUND_TEXT)
+    schema = python_session("flightsql-dbapi", "set_schema", server, LOGINS[login], schema=EVENTS, sql=UNQUALIFIED)
+    assert schema == {"error": "NotImplementedError", "message": "no session or current-schema API: []"}
+    unqualified = python_session("flightsql-dbapi", "query", server, LOGINS[login], sql=UNQUALIFIED)
+    assert _server_error(unqualified) == UNQUALIFIED_TEXT
+
+
 # --- altertable-flightsql (user + password only: a token goes in as the password) --------------------------
 
 def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> None:
@@ -516,6 +541,24 @@ def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> 
     assert made == {"rows": None}
     with connect(server.url) as catalog:
         assert catalog[REPORTS]["altertable_made"].arrow().sort_by("n").column("n").to_pylist() == [3, 4]
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_altertable_parameters_and_current_schema_fail(server: ServerProcess, login: str) -> None:
+    """altertable's ``prepare(sql).query(parameters=[...] or {...})`` asks GetFlightInfo of the unbound handle
+    *before* it sends the values (and never reads the DoPut's answer): the server refuses a statement whose
+    parameters are not bound. ``Client(..., schema=)`` and ``client.set_schema()`` send SetSessionOptions,
+    but the client keeps no cookies (its only middleware carries the Bearer), so the server refuses them
+    rather than forget the option: tables are written dataset.table."""
+    for params in (["opened"], {"$1": "opened"}):
+        answer = python_session("altertable-flightsql", "query_with", server, LOGINS[login],
+                                sql=PARAM_QUERY.replace("?", "$1"), params=params)
+        assert _server_error(answer).startswith(UNBOUND_TEXT)
+    for action in ("set_schema", "connect_with_schema"):
+        answer = python_session("altertable-flightsql", action, server, LOGINS[login], schema=EVENTS, sql=UNQUALIFIED)
+        assert _server_error(answer) == NO_COOKIE_TEXT
+    unqualified = python_session("altertable-flightsql", "query", server, LOGINS[login], sql=UNQUALIFIED)
+    assert _server_error(unqualified) == UNQUALIFIED_TEXT
 
 
 def test_altertable_connection_past_the_token_ttl(ttl_server: ServerProcess, expected: Expected) -> None:
