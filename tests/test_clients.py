@@ -580,6 +580,31 @@ def test_node_flight_sql_client_browses_and_queries(node: str, server: ServerPro
     assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
 
 
+def _last_audit(server: ServerProcess, n: int) -> list[dict[str, Any]]:
+    time.sleep(0.3)
+    return [json.loads(line.split("flight_share.audit ", 1)[1]) for line in server.output().splitlines()
+            if "flight_share.audit " in line][-n:]
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_node_flight_sql_client_has_no_parameters_nor_current_schema(node: str, server: ServerProcess,  # noqa: F811
+                                                                     login: str) -> None:
+    """The npm client offers ``query(sql)``, ``getCatalogs``, ``getDbSchemas`` and ``getTables`` only: no
+    parameter binding, no prepared statement, no session option (and no cookies). ``query`` prepares and
+    executes: a statement with a placeholder is prepared, then its execution is refused (nothing bound) -
+    the wrapper says only "failed to execute prepared statement"; an unqualified name is refused at
+    prepare ("failed to prepare statement"). The server's INVALID_ARGUMENT is in its audit log."""
+    api = node_session(node, "api", server, LOGINS[login])
+    assert api == {"methods": ["constructor", "getCatalogs", "getDbSchemas", "getTables", "query"]}
+    answer = node_session(node, "query", server, LOGINS[login], sql=PARAM_QUERY)
+    assert answer == {"error": "GenericFailure", "message": "failed to execute prepared statement"}
+    audit = _last_audit(server, 2)
+    assert [(a["rpc"], a["outcome"]) for a in audit] == [("do_action", "ok"), ("get_flight_info", "INVALID_ARGUMENT")]
+    answer = node_session(node, "query", server, LOGINS[login], sql=UNQUALIFIED)
+    assert answer == {"error": "GenericFailure", "message": "failed to prepare statement"}
+    assert [(a["rpc"], a["outcome"]) for a in _last_audit(server, 1)] == [("do_action", "INVALID_ARGUMENT")]
+
+
 def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: ServerProcess) -> None:  # noqa: F811
     """arrow-rs's client keeps the Bearer of its Handshake for good (it never reads later response headers): a
     password connection ends when that token expires - the server answers UNAUTHENTICATED, which the npm
