@@ -45,6 +45,14 @@ class Session:
     def ingest(self, schema: str, table: str, data: pa.Table, mode: str) -> int | None:
         raise NotImplementedError
 
+    def query_with(self, sql: str, params: list[Any]) -> pa.Table:
+        """``sql`` with ``params`` bound, through the client's parameter API."""
+        raise NotImplementedError
+
+    def set_schema(self, schema: str) -> None:
+        """Make ``schema`` the current db_schema, through the client's session API."""
+        raise NotImplementedError
+
 
 class FlightSqlDbapi(Session):
     """flightsql-dbapi: ``flightsql.connect(FlightSQLClient(host, port, user/password or token, insecure=True))``."""
@@ -71,24 +79,43 @@ class FlightSqlDbapi(Session):
         return [c["name"] for c in self.conn.flightsql_get_columns(table, schema)]
 
     def query(self, sql: str) -> pa.Table:
+        return self.query_with(sql, [])
+
+    def query_with(self, sql: str, params: list[Any]) -> pa.Table:
+        # with params: CreatePreparedStatement, DoPut(values), then GetFlightInfo of the *first* handle (the
+        # DoPutPreparedStatementResult's handle, where this server carries the values, is not read)
         cursor = self.conn.cursor()
-        cursor.execute(sql)
+        cursor.execute(sql, params or None)
         names = [d[0] for d in cursor.description]
         rows = cursor.fetchall()
         return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}) if rows else pa.table(
             {n: [] for n in names})
+
+    def executemany(self, sql: str, rows: list[list[Any]]) -> None:
+        self.conn.cursor().executemany(sql, rows)
+
+    def set_schema(self, schema: str) -> None:
+        # flightsql-dbapi has no session API (nor cookies): what the client offers for it, listed
+        from flightsql import FlightSQLClient
+        from flightsql.dbapi import Connection
+
+        words = ("session", "cookie", "current", "set_schema", "set_catalog")
+        offered = [name for cls in (FlightSQLClient, Connection) for name in dir(cls)
+                   if any(word in name.lower() for word in words)]
+        raise NotImplementedError(f"no session or current-schema API: {offered}")
 
 
 class Altertable(Session):
     """altertable-flightsql: ``Client(username, password, host=, port=, tls=False)`` (no token option: an
     API token goes in as the password)."""
 
-    def __init__(self, port: int, login: dict[str, str]) -> None:
+    def __init__(self, port: int, login: dict[str, str], schema: str | None = None) -> None:
         from altertable_flightsql import Client
 
         username = login.get("username", "bot" if "token" in login else "")
         password = login.get("password", login.get("token", ""))
-        self.client = Client(username, password, host=HOST, port=port, tls=False)
+        # schema=: the current schema, set (SetSessionOptions) while connecting
+        self.client = Client(username, password, host=HOST, port=port, tls=False, schema=schema)
 
     def catalogs(self) -> list[str]:
         return self.client.get_catalogs().read_all().column("catalog_name").to_pylist()
@@ -105,6 +132,15 @@ class Altertable(Session):
 
     def query(self, sql: str) -> pa.Table:
         return self.client.query(sql).read_all()
+
+    def query_with(self, sql: str, params: list[Any] | dict[str, Any]) -> pa.Table:
+        # prepare(sql).query(parameters=...): GetFlightInfo of the unbound handle first, then DoPut(values)
+        # (its answer unread), then DoGet of the first FlightInfo's ticket
+        with self.client.prepare(sql) as statement:
+            return statement.query(parameters=params).read_all()
+
+    def set_schema(self, schema: str) -> None:
+        self.client.set_schema(schema)  # SetSessionOptions {"schema": ...}; the client keeps no cookies
 
     def ingest(self, schema: str, table: str, data: pa.Table, mode: str) -> int | None:
         from altertable_flightsql.client import IngestTableMode
@@ -126,7 +162,8 @@ def _jsonable(table: pa.Table) -> dict[str, Any]:
 
 
 def run(client: str, action: str, args: dict[str, Any]) -> Any:
-    """One action of one client: ``browse``, ``query``, ``ingest`` or ``long_lived``."""
+    """One action of one client: ``browse``, ``query``, ``query_with`` (sql, params), ``executemany`` (sql, rows),
+    ``set_schema`` (schema, sql), ``connect_with_schema`` (altertable: schema, sql), ``ingest`` or ``long_lived``."""
     session = CLIENTS[client](args["port"], args.get("login") or {})
     if action == "browse":
         schema, table = args["schema"], args["table"]
@@ -134,6 +171,15 @@ def run(client: str, action: str, args: dict[str, Any]) -> Any:
                 "columns": session.columns(schema, table)}
     if action == "query":
         return _jsonable(session.query(args["sql"]))
+    if action == "query_with":
+        return _jsonable(session.query_with(args["sql"], args["params"]))
+    if action == "executemany":
+        return {"done": session.executemany(args["sql"], args["rows"])}
+    if action == "set_schema":  # set the current schema, then run sql (unqualified names)
+        session.set_schema(args["schema"])
+        return _jsonable(session.query(args["sql"]))
+    if action == "connect_with_schema":  # altertable: Client(..., schema=) sets it while connecting
+        return _jsonable(Altertable(args["port"], args.get("login") or {}, schema=args["schema"]).query(args["sql"]))
     if action == "ingest":
         data = pa.Table.from_pydict(args["data"])
         return {"rows": session.ingest(args["schema"], args["table"], data, args["mode"])}

@@ -48,6 +48,22 @@ TOKEN = "fst_client-tests-api-token-0123456789abcdefghij"
 TTL = 3  # seconds, for the server that long-lived connections use
 QUERY = f"SELECT id, payload__action FROM {EVENTS}.issues_event ORDER BY id"
 COUNT = f"SELECT count(*) AS n FROM {EVENTS}.push_event"
+# ADBC's cookie middleware: Flight sessions (SetSessionOptions, the current schema) ride on a cookie
+COOKIES = {"adbc.flight.sql.rpc.with_cookie_middleware": "true"}
+# bound parameters: ? (or $1) placeholders; the values compared with the plain read filtered alike
+PARAM_QUERY = f"SELECT id, payload__action FROM {EVENTS}.issues_event WHERE payload__action = ? ORDER BY id"
+UNQUALIFIED = "SELECT id, payload__action FROM issues_event ORDER BY id"
+UNQUALIFIED_PARAM = "SELECT id, payload__action FROM issues_event WHERE payload__action = ? ORDER BY id"
+HOSTILE = f"opened' OR '1'='1'; DROP TABLE {EVENTS}.issues_event; --"
+# what the server answers ...
+NO_COOKIE_TEXT = ("session options need Flight's session cookie, and this call came without one: keep cookies "
+                  "(ADBC: db_kwargs {\"adbc.flight.sql.rpc.with_cookie_middleware\": \"true\"}) or write tables as "
+                  "dataset.table")
+UNQUALIFIED_TEXT = ("qualify every table with its dataset, as dataset.table (unqualified: issues_event), or set the "
+                    f"current db_schema (SetSessionOptions, with cookies); datasets: {EVENTS}, {REPORTS}")
+UNBOUND_TEXT = "the statement has 1 parameter(s) and no values are bound"
+READ_ONLY_TEXT = ("CommandPreparedStatementUpdate is not supported: the server is read-only except bulk ingest "
+                  "(CommandStatementIngest, adbc_ingest); statements are SELECT queries")
 FROZEN_TABLE_TEXT = (
     "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is "
     "violated. Trying to add table aggregated_issues but new tables are frozen."
@@ -139,9 +155,10 @@ def _rows(table: pa.Table) -> list[list[Any]]:
 
 # --- connection helpers, one per client ------------------------------------------------------------
 
-def adbc_connect(server: ServerProcess, login: Login) -> adbc.Connection:
-    """ADBC's Flight SQL driver (Go): grpc:// URI; username/password, or the token as an authorization header."""
-    db_kwargs: dict[str, str] = {}
+def adbc_connect(server: ServerProcess, login: Login, cookies: bool = False) -> adbc.Connection:
+    """ADBC's Flight SQL driver (Go): grpc:// URI; username/password, or the token as an authorization header;
+    ``cookies`` turns on the driver's cookie middleware, which session options (the current schema) need."""
+    db_kwargs: dict[str, str] = dict(COOKIES) if cookies else {}
     if login.username is not None:
         db_kwargs.update(username=login.username, password=login.password or "")
     if login.token is not None:
@@ -149,15 +166,16 @@ def adbc_connect(server: ServerProcess, login: Login) -> adbc.Connection:
     return adbc.connect(server.url, db_kwargs=db_kwargs, autocommit=True)
 
 
-def gizmosql_connect(server: ServerProcess, login: Login) -> Any:
-    """adbc-driver-gizmosql: grpc+tcp:// for plaintext; username/password, or the token as an authorization header."""
+def gizmosql_connect(server: ServerProcess, login: Login, cookies: bool = False, **options: Any) -> Any:
+    """adbc-driver-gizmosql: grpc+tcp:// for plaintext; username/password, or the token as an authorization header;
+    ``options`` go to ``gizmosql.connect`` (``db_schema=``: the current schema, applied at connect time)."""
     from adbc_driver_gizmosql import dbapi as gizmosql
 
-    db_kwargs = {}
+    db_kwargs = dict(COOKIES) if cookies else {}
     if login.token is not None:
         db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = protocol.BEARER_PREFIX + login.token
     return gizmosql.connect(f"grpc+tcp://127.0.0.1:{server.port}", username=login.username, password=login.password,
-                            db_kwargs=db_kwargs or None)
+                            db_kwargs=db_kwargs or None, **options)
 
 
 def sqlalchemy_url(server: ServerProcess, login: Login) -> str:
@@ -172,8 +190,8 @@ def sqlalchemy_url(server: ServerProcess, login: Login) -> str:
     return f"adbc+flightsql://{base}"
 
 
-def sqlalchemy_engine(server: ServerProcess, login: Login) -> sqlalchemy.Engine:
-    return sqlalchemy.create_engine(sqlalchemy_url(server, login))
+def sqlalchemy_engine(server: ServerProcess, login: Login, **engine_args: Any) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(sqlalchemy_url(server, login), **engine_args)
 
 
 def python_session(client: str, action: str, server: ServerProcess, login: Login, **args: Any) -> dict[str, Any]:
@@ -247,6 +265,74 @@ def test_pandas_and_polars_read_over_an_adbc_connection(server: ServerProcess, e
         assert polars_frame.rows() == [tuple(r) for r in expected.rows]
 
 
+def _opened(expected: Expected) -> list[list[Any]]:
+    """The plain read's rows whose action is "opened": what PARAM_QUERY bound to "opened" answers."""
+    rows = [r for r in expected.rows if r[1] == "opened"]
+    assert 0 < len(rows) < len(expected.rows)
+    return rows
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_adbc_driver_binds_parameters(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``cursor.execute(sql, params)``: the driver prepares, binds the values by DoPut and executes the handle
+    the server answers; a hostile value stays a value. ``executemany`` is an update in DB-API (DoPut
+    CommandPreparedStatementUpdate): refused, the server is read-only except ingest."""
+    with adbc_connect(server, LOGINS[login]) as conn, conn.cursor() as cur:
+        cur.execute(PARAM_QUERY, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY.replace("?", "$1"), parameters=["opened"])
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY, (HOSTILE,))
+        assert cur.fetchall() == []
+        cur.execute("SELECT ? AS v", (HOSTILE,))
+        assert cur.fetchall() == [(HOSTILE,)]
+        with pytest.raises(adbc.NotSupportedError) as refused:
+            cur.executemany(PARAM_QUERY, [("opened",), ("closed",)])
+        assert str(refused.value).startswith(f"NOT_IMPLEMENTED: [FlightSQL] {READ_ONLY_TEXT}")
+        cur.execute(QUERY)  # all still there
+        assert _rows(cur.fetch_arrow_table()) == expected.rows
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_adbc_driver_current_db_schema_with_cookies(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``conn.adbc_current_db_schema = dataset`` (SetSessionOptions) with the driver's cookie middleware on:
+    unqualified names resolve there, with parameters too. Without cookies the driver is told to keep them."""
+    with adbc_connect(server, LOGINS[login], cookies=True) as conn:
+        with conn.cursor() as cur:
+            with pytest.raises(adbc.ProgrammingError, match=r"^INVALID_ARGUMENT: \[FlightSQL\] qualify every table"):
+                cur.execute(UNQUALIFIED)
+        conn.adbc_current_db_schema = EVENTS
+        assert conn.adbc_current_db_schema == EVENTS
+        with conn.cursor() as cur:
+            cur.execute(UNQUALIFIED)
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+            cur.execute(UNQUALIFIED_PARAM, ("opened",))
+            assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+            cur.execute(QUERY)  # qualified names keep working
+            assert _rows(cur.fetch_arrow_table()) == expected.rows
+    with adbc_connect(server, LOGINS[login]) as cookieless:
+        with pytest.raises(adbc.ProgrammingError) as refused:
+            cookieless.adbc_current_db_schema = EVENTS
+        assert str(refused.value).startswith(f"INVALID_ARGUMENT: [FlightSQL] {NO_COOKIE_TEXT}")
+
+
+def test_polars_binds_parameters_pandas_refuses_them_over_adbc(server: ServerProcess, expected: Expected) -> None:
+    """polars ``read_database(..., execute_options={"parameters": [...]})`` hands the values to the driver;
+    pandas 3.1 refuses ``params`` over an ADBC connection by itself (no call reaches the server), so pandas
+    users put the values into the SQL text, or go through SQLAlchemy (below). Both read unqualified names
+    once the connection's current schema is set."""
+    with adbc_connect(server, LOGINS["password"], cookies=True) as conn:
+        frame = pl.read_database(PARAM_QUERY, conn, execute_options={"parameters": ["opened"]})
+        assert frame.rows() == [tuple(r) for r in _opened(expected)]
+        with pytest.raises(NotImplementedError, match=r"^'params' is not implemented for ADBC drivers$"):
+            pd.read_sql(PARAM_QUERY, conn, params=["opened"])
+        conn.adbc_current_db_schema = EVENTS
+        assert pl.read_database(UNQUALIFIED, conn).rows() == [tuple(r) for r in expected.rows]
+        assert pd.read_sql(UNQUALIFIED, conn).values.tolist() == expected.rows
+        frame = pl.read_database(UNQUALIFIED_PARAM, conn, execute_options={"parameters": ["opened"]})
+        assert frame.rows() == [tuple(r) for r in _opened(expected)]
+
+
 @pytest.mark.parametrize("login", ["password", "token"])
 def test_adbc_ingest_goes_through_the_contracts(server: ServerProcess, login: str) -> None:
     data = pa.table({"payload__action": ["opened", "closed"], "n": [3, 4]})
@@ -290,6 +376,29 @@ def test_gizmosql_ingest_and_a_connection_past_the_token_ttl(server: ServerProce
     assert len(counts) > 3 and set(counts) == {expected.count}
 
 
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_gizmosql_driver_binds_parameters_and_takes_db_schema(server: ServerProcess, expected: Expected,
+                                                              login: str) -> None:
+    """``cursor.execute(sql, params)`` binds; ``gizmosql.connect(..., db_schema=dataset)`` sets the current
+    schema at connect time (SetSessionOptions) - with the cookie middleware on (``db_kwargs``), which the
+    GizmoSQL driver leaves off by default: without it the connect itself fails with the server's text."""
+    with gizmosql_connect(server, LOGINS[login]) as conn, conn.cursor() as cur:
+        cur.execute(PARAM_QUERY, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+        cur.execute(PARAM_QUERY, (HOSTILE,))
+        assert cur.fetchall() == []
+    with gizmosql_connect(server, LOGINS[login], cookies=True, db_schema=EVENTS) as conn, conn.cursor() as cur:
+        assert conn.adbc_current_db_schema == EVENTS
+        cur.execute(UNQUALIFIED)
+        assert _rows(cur.fetch_arrow_table()) == expected.rows
+        cur.execute(UNQUALIFIED_PARAM, ("opened",))
+        assert _rows(cur.fetch_arrow_table()) == _opened(expected)
+    with pytest.raises(Exception) as refused:
+        gizmosql_connect(server, LOGINS[login], db_schema=EVENTS)
+    assert type(refused.value).__name__ == "ProgrammingError"
+    assert str(refused.value).startswith(f"INVALID_ARGUMENT: [FlightSQL] {NO_COOKIE_TEXT}")
+
+
 # --- sqlalchemy-adbc (SQLAlchemy over the ADBC driver), and pandas read_sql through the engine ------------
 
 @pytest.mark.parametrize("login", ALL_LOGINS)
@@ -304,6 +413,56 @@ def test_sqlalchemy_adbc_reflects_and_queries(server: ServerProcess, expected: E
         with engine.connect() as conn:
             assert [list(r) for r in conn.execute(sqlalchemy.text(QUERY)).fetchall()] == expected.rows
         assert pd.read_sql(QUERY, engine).values.tolist() == expected.rows
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_sqlalchemy_adbc_binds_parameters(server: ServerProcess, expected: Expected, login: str) -> None:
+    """``text()`` with ``:name`` parameters (the dialect sends them as ``?``), and pandas ``read_sql`` with
+    ``params=`` through the engine (pandas refuses them over a bare ADBC connection, not over SQLAlchemy)."""
+    named = PARAM_QUERY.replace("?", ":action")
+    engine = sqlalchemy_engine(server, LOGINS[login])
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(named), {"action": "opened"}).fetchall()
+            assert [list(r) for r in rows] == _opened(expected)
+            assert conn.execute(sqlalchemy.text(named), {"action": HOSTILE}).fetchall() == []
+        frame = pd.read_sql(sqlalchemy.text(named), engine, params={"action": "opened"})
+        assert frame.values.tolist() == _opened(expected)
+        assert pd.read_sql(PARAM_QUERY, engine, params=("opened",)).values.tolist() == _opened(expected)
+    finally:
+        engine.dispose()
+
+
+def test_sqlalchemy_adbc_current_schema_through_connect_args(server: ServerProcess, expected: Expected) -> None:
+    """The dialect passes the URL's query to the driver as database options: the cookie middleware goes there,
+    but the current schema is a connection option (``adbc.connection.db_schema``), which the driver refuses
+    among database options - it goes in ``connect_args={"conn_kwargs": ...}``, applied to every pooled
+    connection. ``pd.read_sql_table(table, engine, schema=...)`` still cannot reflect the table: the
+    dialect keeps tables of type ``table`` (lowercase), the server answers Flight SQL's ``TABLE``."""
+    login = LOGINS["password"]
+    cookies = "&adbc.flight.sql.rpc.with_cookie_middleware=true"
+    in_url = sqlalchemy.create_engine(sqlalchemy_url(server, login) + cookies + f"&adbc.connection.db_schema={EVENTS}")
+    try:
+        with pytest.raises(sqlalchemy.exc.ProgrammingError) as refused:
+            in_url.connect()
+        assert ("INVALID_ARGUMENT: [Flight SQL] [Flight SQL] Unknown database option 'adbc.connection.db_schema'"
+                in str(refused.value))
+    finally:
+        in_url.dispose()
+    engine = sqlalchemy.create_engine(sqlalchemy_url(server, login) + cookies,
+                                      connect_args={"conn_kwargs": {"adbc.connection.db_schema": EVENTS}})
+    try:
+        with engine.connect() as conn:
+            assert [list(r) for r in conn.execute(sqlalchemy.text(UNQUALIFIED)).fetchall()] == expected.rows
+            rows = conn.execute(sqlalchemy.text(UNQUALIFIED_PARAM.replace("?", ":a")), {"a": "opened"}).fetchall()
+            assert [list(r) for r in rows] == _opened(expected)
+        assert pd.read_sql(UNQUALIFIED, engine).values.tolist() == expected.rows
+        with pytest.raises(sqlalchemy.exc.InvalidRequestError) as unreflected:
+            pd.read_sql_table("issues_event", engine, schema=EVENTS)
+        assert str(unreflected.value) == (f"Could not reflect: requested table(s) not available in {engine!r} "
+                                          f"schema '{EVENTS}': (issues_event)")
     finally:
         engine.dispose()
 
@@ -345,6 +504,33 @@ def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
     assert password["counts"] and PASSWORD not in password["message"] and "eyJ" not in password["message"]
 
 
+def _server_error(answer: dict[str, Any]) -> str:
+    """The server's text of a pyarrow client's error answer (pyarrow appends "Detail: ..." and debug context)."""
+    assert set(answer) == {"error", "message"}, answer
+    assert answer["error"] == "ArrowInvalid", answer
+    return protocol.server_message(answer["message"])
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_flightsql_dbapi_parameters_fail_and_it_has_no_current_schema(server: ServerProcess, login: str) -> None:
+    """flightsql-dbapi's ``cursor.execute(sql, params)`` prepares, sends the values (DoPut, as dense unions) and
+    then executes its *first* handle: it does not read DoPutPreparedStatementResult, where this stateless
+    server returns the handle that carries the values - so the server finds nothing bound. ``executemany``
+    does the same per row. It has no session API (no SetSessionOptions, no cookies): tables are written
+    dataset.table, and an unqualified name gets the server's explanation."""
+    answer = python_session("flightsql-dbapi", "query_with", server, LOGINS[login], sql=PARAM_QUERY, params=["opened"])
+    assert _server_error(answer) == (UNBOUND_TEXT + "; bind them (DoPut CommandPreparedStatementQuery), then execute "
+                                     "the handle that DoPut answers (DoPutPreparedStatementResult): this server keeps "
+                                     "no statement state")
+    many = python_session("flightsql-dbapi", "executemany", server, LOGINS[login], sql=PARAM_QUERY,
+                          rows=[["opened"], ["closed"]])
+    assert _server_error(many).startswith(UNBOUND_TEXT)
+    schema = python_session("flightsql-dbapi", "set_schema", server, LOGINS[login], schema=EVENTS, sql=UNQUALIFIED)
+    assert schema == {"error": "NotImplementedError", "message": "no session or current-schema API: []"}
+    unqualified = python_session("flightsql-dbapi", "query", server, LOGINS[login], sql=UNQUALIFIED)
+    assert _server_error(unqualified) == UNQUALIFIED_TEXT
+
+
 # --- altertable-flightsql (user + password only: a token goes in as the password) --------------------------
 
 def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> None:
@@ -357,6 +543,24 @@ def test_altertable_ingest_goes_through_the_contracts(server: ServerProcess) -> 
     assert made == {"rows": None}
     with connect(server.url) as catalog:
         assert catalog[REPORTS]["altertable_made"].arrow().sort_by("n").column("n").to_pylist() == [3, 4]
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_altertable_parameters_and_current_schema_fail(server: ServerProcess, login: str) -> None:
+    """altertable's ``prepare(sql).query(parameters=[...] or {...})`` asks GetFlightInfo of the unbound handle
+    *before* it sends the values (and never reads the DoPut's answer): the server refuses a statement whose
+    parameters are not bound. ``Client(..., schema=)`` and ``client.set_schema()`` send SetSessionOptions,
+    but the client keeps no cookies (its only middleware carries the Bearer), so the server refuses them
+    rather than forget the option: tables are written dataset.table."""
+    for params in (["opened"], {"$1": "opened"}):
+        answer = python_session("altertable-flightsql", "query_with", server, LOGINS[login],
+                                sql=PARAM_QUERY.replace("?", "$1"), params=params)
+        assert _server_error(answer).startswith(UNBOUND_TEXT)
+    for action in ("set_schema", "connect_with_schema"):
+        answer = python_session("altertable-flightsql", action, server, LOGINS[login], schema=EVENTS, sql=UNQUALIFIED)
+        assert _server_error(answer) == NO_COOKIE_TEXT
+    unqualified = python_session("altertable-flightsql", "query", server, LOGINS[login], sql=UNQUALIFIED)
+    assert _server_error(unqualified) == UNQUALIFIED_TEXT
 
 
 def test_altertable_connection_past_the_token_ttl(ttl_server: ServerProcess, expected: Expected) -> None:
@@ -376,6 +580,39 @@ def test_node_flight_sql_client_browses_and_queries(node: str, server: ServerPro
     _assert_browsed(node_session(node, "browse", server, LOGINS[login], schema=EVENTS, table="issues_event"), expected)
     answer = node_session(node, "query", server, LOGINS[login], sql=QUERY)
     assert answer == {"columns": ["id", "payload__action"], "rows": expected.rows}
+
+
+def _audit(server: ServerProcess) -> list[dict[str, Any]]:
+    time.sleep(0.3)
+    return [json.loads(line.split("flight_share.audit ", 1)[1]) for line in server.output().splitlines()
+            if "flight_share.audit " in line]
+
+
+def _refusals_during(server: ServerProcess, run: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """``run()``'s answer, and the calls the server refused while it ran (rpc, outcome)."""
+    before = len(_audit(server))
+    answer = run()
+    return answer, [(a["rpc"], a["outcome"]) for a in _audit(server)[before:] if a["outcome"] != "ok"]
+
+
+@pytest.mark.parametrize("login", ALL_LOGINS)
+def test_node_flight_sql_client_has_no_parameters_nor_current_schema(node: str, server: ServerProcess,  # noqa: F811
+                                                                     login: str) -> None:
+    """The npm client offers ``query(sql)``, ``getCatalogs``, ``getDbSchemas`` and ``getTables`` only: no
+    parameter binding, no prepared statement, no session option (and no cookies). ``query`` prepares and
+    executes: a statement with a placeholder is prepared, then its execution is refused (nothing bound) -
+    the wrapper says only "failed to execute prepared statement"; an unqualified name is refused at
+    prepare ("failed to prepare statement"). The server's INVALID_ARGUMENT is in its audit log."""
+    api = node_session(node, "api", server, LOGINS[login])
+    assert api == {"methods": ["constructor", "getCatalogs", "getDbSchemas", "getTables", "query"]}
+    answer, refused = _refusals_during(server, lambda: node_session(node, "query", server, LOGINS[login],
+                                                                    sql=PARAM_QUERY))
+    assert answer == {"error": "GenericFailure", "message": "failed to execute prepared statement"}
+    assert refused == [("get_flight_info", "INVALID_ARGUMENT")]  # the prepare went through; executing did not
+    answer, refused = _refusals_during(server, lambda: node_session(node, "query", server, LOGINS[login],
+                                                                    sql=UNQUALIFIED))
+    assert answer == {"error": "GenericFailure", "message": "failed to prepare statement"}
+    assert refused == [("do_action", "INVALID_ARGUMENT")]  # CreatePreparedStatement
 
 
 def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: ServerProcess) -> None:  # noqa: F811

@@ -725,8 +725,11 @@ class FlightSqlSurface:
         if values is not None:
             values = check_parameters(values, count)
         elif count:
+            # the values travel in the handle the DoPut answers: clients that execute the handle they bound to
+            # (flightsql-dbapi), or ask for the FlightInfo before binding (altertable-flightsql), end here
             raise InvalidRequest(f"the statement has {count} parameter(s) and no values are bound; bind them "
-                                 "(DoPut CommandPreparedStatementQuery) before executing")
+                                 "(DoPut CommandPreparedStatementQuery), then execute the handle that DoPut answers "
+                                 "(DoPutPreparedStatementResult): this server keeps no statement state")
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}

@@ -5,7 +5,7 @@
 //   node flight_sql_client.mjs PORT ACTION '{"login": {...}, ...}'
 //
 // login: {} (anonymous), {"username", "password"} or {"token"}. Actions: browse (schema, table),
-// query (sql), long_lived (sql, seconds, every: a query every `every` s until one succeeded after `seconds`). Prints one JSON answer; an error is
+// query (sql), api (the client's methods), long_lived (sql, seconds, every: a query every `every` s until one succeeded after `seconds`). Prints one JSON answer; an error is
 // {"error": ..., "message": ...} with the text the client's user sees.
 import { createFlightSqlClient } from "@lakehouse-rs/flight-sql-client";
 import { tableFromIPC } from "apache-arrow";
@@ -50,6 +50,8 @@ async function main() {
     };
   }
   if (action === "query") return rows(await client.query(args.sql));
+  // what the client offers: its methods (no parameters, prepared statements or session options among them)
+  if (action === "api") return { methods: Object.getOwnPropertyNames(Object.getPrototypeOf(client)).sort() };
   if (action === "long_lived") { // one connection, a query every `every` seconds until one ran after `seconds`
     const counts = [];
     const started = Date.now();
