@@ -309,11 +309,11 @@ def check_parameters(values: pa.Table, count: int) -> pa.Table:
 
 def _unbindable(dtype: pa.DataType) -> pa.DataType | None:
     """The (nested) type duckdb would not get back as sent (a map turns into pairs, a 40-digit decimal into
-    a double), or that cannot be bound at all; None: fine."""
+    a double), or that cannot be bound at all; None: fine. A union's members are checked like any child."""
     if (pa.types.is_dictionary(dtype) or isinstance(dtype, pa.ExtensionType) or pa.types.is_map(dtype)
-            or pa.types.is_union(dtype) or pa.types.is_run_end_encoded(dtype)
-            or (pa.types.is_decimal(dtype) and dtype.precision > 38)):
+            or pa.types.is_run_end_encoded(dtype) or (pa.types.is_decimal(dtype) and dtype.precision > 38)):
         return dtype
+    # a union binds as its values (flightsql-dbapi sends every parameter as a dense union of scalar types)
     if pa.types.is_nested(dtype):
         for i in range(dtype.num_fields):
             inner = _unbindable(dtype.field(i).type)

@@ -82,7 +82,7 @@ from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
-from flight_server.transport.session import MAX_OPTION_CHARS, Session, SessionStore, cookie_of
+from flight_server.transport.session import LastBound, MAX_OPTION_CHARS, Session, SessionStore, cookie_of
 from flight_server.transport.tickets import TicketSigner
 from flight_server.transport.upload import FlightUpload
 
@@ -452,6 +452,7 @@ class FlightSqlSurface:
                  sessions: SessionStore | None = None, signer: TicketSigner | None = None) -> None:
         self.catalog_name = catalog_name
         self.signer = signer if signer is not None else TicketSigner(secrets.token_bytes(32), 3600)
+        self._bound = LastBound()
         self.sessions = sessions if sessions is not None else SessionStore()
         # (user, statement handle) -> a stop flag per DoGet of it now running (CancelFlightInfo sets them)
         self._running: dict[tuple[str, bytes], set[threading.Event]] = {}
@@ -819,13 +820,23 @@ class FlightSqlSurface:
         self._decode(request.message.prepared_statement_handle)  # stateless: nothing to free
         return iter([])
 
+    def _with_last_bound(self, call: Call, handle: bytes) -> Statement:
+        """The prepared statement of a handle; one without values takes those last bound to this very handle
+        on this connection (clients that execute the handle they bound to, not the one the bind answered)."""
+        statement = self._decode(handle)
+        if statement.parameters is None:
+            values = self._bound.recall(call.identity.user, call.context.peer(), handle)
+            if values is not None:
+                statement = dataclasses.replace(statement, parameters=values)
+        return statement
+
     def _prepared_info(self, call: Call, request: Request) -> flight.FlightInfo:
-        statement = self._decode(request.message.prepared_statement_handle)
+        statement = self._with_last_bound(call, request.message.prepared_statement_handle)
         ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(_a_run_of(statement))))
         return self._info(self._query_schema(call, statement), call.descriptor, ticket)
 
     def _prepared_schema(self, call: Call, request: Request) -> flight.SchemaResult:
-        return flight.SchemaResult(self._query_schema(call, self._decode(request.message.prepared_statement_handle)))
+        return flight.SchemaResult(self._query_schema(call, self._with_last_bound(call, request.message.prepared_statement_handle)))
 
     def _prepared_bind(self, call: Call, request: Request) -> None:
         """DoPut(CommandPreparedStatementQuery): values to bind, one row per execution.
@@ -854,6 +865,8 @@ class FlightSqlSurface:
         values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
                                   parameter_count(statement.query))
         bound = Statement(statement.query, _ipc(values))
+        self._bound.remember(call.identity.user, call.context.peer(), request.message.prepared_statement_handle,
+                             bound.parameters or b"")
         result = fm.DoPutPreparedStatementResult(prepared_statement_handle=self._encode(bound))
         call.writer.write(pa.py_buffer(result.SerializeToString()))
 

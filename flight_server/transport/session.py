@@ -175,3 +175,42 @@ def cookie_of(context: flight.ServerCallContext) -> str | None:
     """The (valid) session id the current call came with."""
     middleware = context.get_middleware(MIDDLEWARE_KEY)
     return getattr(middleware, "session_id", None)
+
+
+# clients that bind values and then execute the handle they bound to, not the one the bind answered
+# (flightsql-dbapi, altertable-flightsql): the values they bound last are remembered, per user, connection
+# and handle, for a short while - bounded like the sessions
+MAX_BOUND = 1_000
+MAX_BOUND_PER_USER = 64
+BOUND_SECONDS = 300.0
+
+
+class LastBound:
+    """(user, peer, handle) -> the values last bound to that prepared statement handle on that connection."""
+
+    def __init__(self, capacity: int = MAX_BOUND, per_user: int = MAX_BOUND_PER_USER,
+                 seconds: float = BOUND_SECONDS) -> None:
+        self.capacity, self.per_user, self.seconds = capacity, per_user, seconds
+        self._values: OrderedDict[tuple[str, str, bytes], tuple[bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, user: str, peer: str, handle: bytes, values: bytes) -> None:
+        key = (user, peer, handle)
+        with self._lock:
+            self._values[key] = (values, time.monotonic())
+            self._values.move_to_end(key)
+            mine = [k for k in self._values if k[0] == user]
+            for old in mine[:-self.per_user]:
+                del self._values[old]
+            while len(self._values) > self.capacity:
+                self._values.popitem(last=False)
+
+    def recall(self, user: str, peer: str, handle: bytes) -> bytes | None:
+        with self._lock:
+            found = self._values.get((user, peer, handle))
+            if found is None:
+                return None
+            if time.monotonic() - found[1] > self.seconds:
+                del self._values[(user, peer, handle)]
+                return None
+            return found[0]
