@@ -262,8 +262,13 @@ def test_several_rows_of_values_concatenate_results_and_limits_hold(sql_server: 
         with pytest.raises(pa.ArrowInvalid, match="bound values take more than 1,048,576 bytes"):
             _bind(client, result.prepared_statement_handle, big)
         unbound = pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=result.prepared_statement_handle))
-        with pytest.raises(pa.ArrowInvalid, match=r"has 2 parameter\(s\) and no values are bound"):
-            client.get_flight_info(flight.FlightDescriptor.for_command(unbound))
+        # on the connection that bound them, the handle itself takes the values last bound to it (clients that
+        # execute the handle they bound to); on any other connection it has none
+        same = client.get_flight_info(flight.FlightDescriptor.for_command(unbound))
+        assert client.do_get(same.endpoints[0].ticket).read_all().num_rows == 3
+        with _flight(sql_server) as other:
+            with pytest.raises(pa.ArrowInvalid, match=r"has 2 parameter\(s\) and no values are bound"):
+                other.get_flight_info(flight.FlightDescriptor.for_command(unbound))
 
 
 # --- sessions: the current catalog and db_schema (issue 15) ----------------------------------------

@@ -244,7 +244,15 @@ def _names_cte_in_scope(table: exp.Table, cache: dict[int, dict[str, int]]) -> b
     return False
 
 
-def referenced_datasets(sql: str, dialect: str = "duckdb") -> tuple[set[str], list[str]]:
+def parse_statement(sql: str, dialect: str = "duckdb") -> exp.Expression:
+    """The one statement of ``sql``, parsed once per request: :func:`referenced_datasets`,
+    :func:`parameter_count` and :func:`check_query` take the tree too (parsing is the costly part of
+    analysing a long statement, and runs in the server process)."""
+    with _analysing(None):
+        return _parse_one(sql, dialect, None)
+
+
+def referenced_datasets(sql: "str | exp.Expression", dialect: str = "duckdb") -> tuple[set[str], list[str]]:
     """The schema (dataset) qualifiers a query's table references name, and its unqualified table names.
 
     CTE names are not table references. Nothing is checked here beyond parsing: the query still goes
@@ -260,13 +268,16 @@ MAX_PARAMETER_BYTES = 1 << 20
 _NUMBERED = re.compile(r"^\$(\d+)$")
 
 
-def parameter_count(sql: str, dialect: str = "duckdb") -> int:
+def parameter_count(sql: "str | exp.Expression", dialect: str = "duckdb") -> int:
     """How many values a statement binds: its ``?`` placeholders, or the highest ``$n``.
 
     Named parameters (``$name``) and a mix of ``?`` and ``$n`` are refused (values bind by position).
     """
-    with _analysing(None):
-        tree = _parse_one(sql, dialect, None)
+    if isinstance(sql, exp.Expression):
+        tree = sql
+    else:
+        with _analysing(None):
+            tree = _parse_one(sql, dialect, None)
     marks = [node.sql(dialect) for node in tree.find_all(exp.Placeholder, exp.Parameter)]
     numbered = [int(m.group(1)) for m in map(_NUMBERED.match, marks) if m]
     anonymous = sum(1 for mark in marks if mark == "?")
@@ -327,8 +338,8 @@ def parameter_schema(count: int) -> pa.Schema:
     return pa.schema([pa.field(f"${i}", pa.null()) for i in range(1, count + 1)])
 
 
-def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
-    tree = _parse_one(sql, dialect, None)
+def _referenced_datasets(sql: "str | exp.Expression", dialect: str) -> tuple[set[str], list[str]]:
+    tree = sql if isinstance(sql, exp.Expression) else _parse_one(sql, dialect, None)
     datasets: set[str] = set()
     unqualified: list[str] = []
     try:
@@ -344,10 +355,11 @@ def _referenced_datasets(sql: str, dialect: str) -> tuple[set[str], list[str]]:
     return datasets, unqualified
 
 
-def check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str = "duckdb",
-                catalog: str | None = None) -> CheckedQuery:
+def check_query(sql: "str | exp.Expression", dataset: str, tables: Mapping[str, Iterable[str] | None],
+                dialect: str = "duckdb", catalog: str | None = None) -> CheckedQuery:
     """Check a query against the allow-list; ``tables`` maps each table of the dataset to its columns.
 
+    ``sql``: the text, or its tree from :func:`parse_statement` (which this rewrites: pass it last).
     ``catalog``: a catalog qualifier the caller may write (``catalog.dataset.table``); any other is refused.
     """
     with _analysing(dataset):
@@ -357,10 +369,10 @@ def check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | Non
             raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
 
 
-def _check_query(sql: str, dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str,
+def _check_query(sql: "str | exp.Expression", dataset: str, tables: Mapping[str, Iterable[str] | None], dialect: str,
                  catalog: str | None) -> CheckedQuery:
     allowed = set(tables)
-    tree = _parse_one(sql, dialect, dataset)
+    tree = sql if isinstance(sql, exp.Expression) else _parse_one(sql, dialect, dataset)
     if not isinstance(tree, _QUERY_TYPES):
         raise InvalidRequest(
             f"only SELECT queries are allowed, got {tree.key.upper()}", dataset=dataset

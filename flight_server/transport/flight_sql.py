@@ -76,6 +76,7 @@ from flight_server.domain.sql import (
     check_query,
     parameter_count,
     parameter_schema,
+    parse_statement,
     referenced_datasets,
 )
 from flight_server.domain.writer import Writer
@@ -704,7 +705,8 @@ class FlightSqlSurface:
         bound values (checked against its placeholders; None when it has none)."""
         profile = call.profile
         query = statement.query
-        datasets, unqualified = referenced_datasets(query)
+        tree = parse_statement(query)  # once: the datasets, the placeholders and the check all read this tree
+        datasets, unqualified = referenced_datasets(tree)
         visible = self.catalog.visible(profile)
         current = self.current_schema(call)
         if current is not None and current not in visible:
@@ -721,7 +723,7 @@ class FlightSqlSurface:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
-        count = parameter_count(query)
+        count = parameter_count(tree)
         values = statement.values()
         if values is not None:
             values = check_parameters(values, count)
@@ -734,7 +736,7 @@ class FlightSqlSurface:
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(query, dataset, columns, catalog=self.catalog_name), values
+        return storage, check_query(tree, dataset, columns, catalog=self.catalog_name), values
 
     def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
         storage, checked, values = self._prepare(call, statement)
