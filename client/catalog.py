@@ -110,6 +110,20 @@ class Table(Relation):
         """The first n rows as pandas."""
         return self.limit(n).df()
 
+    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> "Query":
+        """Rows that match, as dlt's ``Relation.where``: ``where("id", "gt", 10)`` (operators eq, ne, gt, lt,
+        gte, lte, in, not_in; ``eq``/``ne`` with None mean IS [NOT] NULL) or a SQL condition,
+        ``where("id > 10")``. The server pushes plain filters to the destination."""
+        return self._query().where(column_or_expr, operator, value)
+
+    def order_by(self, column_name: str, direction: str = "asc") -> "Query":
+        """Rows in this order, as dlt's ``Relation.order_by``."""
+        return self._query().order_by(column_name, direction)
+
+    def _query(self) -> "Query":
+        return Query.of(self._connection, self._command.dataset, self.name, tuple(self._command.columns or ()),
+                        limit=self._command.limit)
+
     def row_count(self) -> int:
         """Rows in the table, as the destination reports them."""
         return self._connection.flight_info(self._command).total_records
@@ -124,6 +138,100 @@ class Table(Relation):
         rows = "".join(f"<tr><td>{html.escape(f.name)}</td><td>{html.escape(str(f.type))}</td></tr>" for f in self.schema)
         return (f"<b>Table {html.escape(self._command.dataset)}.{html.escape(self.name)}</b>"
                 f"<table><tr><th>column</th><th>type</th></tr>{rows}</table>")
+
+
+_OPERATORS = {"eq": "=", "ne": "<>", "gt": ">", "lt": "<", "gte": ">=", "lte": "<="}
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: Any) -> str:
+    """A value as SQL text (duckdb's dialect, which the server's sandbox speaks)."""
+    import datetime
+    import decimal
+    import math
+
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot filter on {value!r}: use a SQL condition, e.g. where(\"isnan(col)\")")
+        return repr(value)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, datetime.datetime):
+        return f"TIMESTAMP{'TZ' if value.tzinfo else ''} '{value.isoformat()}'"
+    if isinstance(value, datetime.date):
+        return f"DATE '{value.isoformat()}'"
+    raise TypeError(f"cannot filter on a {type(value).__name__}: use a number, string, bool, date or datetime")
+
+
+@dataclass(frozen=True)
+class Query(Relation):
+    """A table filtered and ordered (the shape of dlt's ``Relation.where`` / ``order_by``): one SELECT run by the
+    server's SQL sandbox, which pushes plain filters and the limit down to the destination."""
+
+    _table: str = ""
+    _columns: tuple[str, ...] = ()
+    _conditions: tuple[str, ...] = ()
+    _order: tuple[str, ...] = ()
+    _limit: int | None = None
+
+    @classmethod
+    def of(cls, connection: Connection, dataset: str, table: str, columns: tuple[str, ...] = (),
+           conditions: tuple[str, ...] = (), order: tuple[str, ...] = (), limit: int | None = None) -> "Query":
+        sql = f"SELECT {', '.join(map(_identifier, columns)) or '*'} FROM {_identifier(table)}"
+        if conditions:
+            sql += " WHERE " + " AND ".join(f"({c})" for c in conditions)
+        if order:
+            sql += " ORDER BY " + ", ".join(order)
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return cls(connection, SqlCommand(dataset, sql), table, columns, conditions, order, limit)
+
+    def _with(self, **changes: Any) -> "Query":
+        fields = {"columns": self._columns, "conditions": self._conditions, "order": self._order, "limit": self._limit}
+        fields.update(changes)
+        return Query.of(self._connection, self._command.dataset, self._table, **fields)
+
+    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> "Query":
+        if operator is None and value is None:
+            return self._with(conditions=(*self._conditions, column_or_expr))
+        if operator in ("in", "not_in"):
+            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+            condition = f"{_identifier(column_or_expr)} {'NOT IN' if operator == 'not_in' else 'IN'} " \
+                        f"({', '.join(map(_literal, values))})"
+        elif operator in _OPERATORS:
+            if value is None and operator in ("eq", "ne"):
+                condition = f"{_identifier(column_or_expr)} IS {'NOT ' if operator == 'ne' else ''}NULL"
+            else:
+                condition = f"{_identifier(column_or_expr)} {_OPERATORS[operator]} {_literal(value)}"
+        else:
+            raise ValueError(f"operator {operator!r} is not one of {', '.join([*_OPERATORS, 'in', 'not_in'])}")
+        return self._with(conditions=(*self._conditions, condition))
+
+    def order_by(self, column_name: str, direction: str = "asc") -> "Query":
+        if direction.lower() not in ("asc", "desc"):
+            raise ValueError(f"direction must be 'asc' or 'desc', got {direction!r}")
+        return self._with(order=(*self._order, f"{_identifier(column_name)} {direction.upper()}"))
+
+    def select(self, *columns: str) -> "Query":
+        return self._with(columns=tuple(columns))
+
+    def limit(self, n: int) -> "Query":
+        return self._with(limit=int(n))
+
+    def head(self, n: int = 5) -> "pandas.DataFrame":
+        return self.limit(n).df()
+
+    def __repr__(self) -> str:
+        return f"<Query {self._command.dataset}: {self._command.query}>"
 
 
 class Dataset:

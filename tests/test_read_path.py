@@ -269,3 +269,27 @@ def test_the_cache_budget_holds_while_a_table_loads(demo_project, tmp_path) -> N
         # reads after the first few hold steady: no fill per read (before the fix each read grew it by >100 MB)
         assert rss[-1] - rss[3] < 80 << 20, [r >> 20 for r in rss]
         assert proc.alive
+
+
+def test_where_and_order_by_read_like_dlts_relation(catalog: Catalog) -> None:
+    """``Table.where`` / ``order_by`` (the shape of dlt's Relation): one SELECT through the sandbox, its plain
+    filters and limit pushed to the destination; the answer is the table's rows, filtered and sorted."""
+    import pyarrow.compute as pc
+
+    table = catalog.github_events_dataset.issues_event
+    everything = table.select("id", "payload__action").arrow()
+    opened = everything.filter(pc.equal(everything["payload__action"], "opened"))
+    query = table.select("id", "payload__action").where("payload__action", "eq", "opened").order_by("id", "desc")
+    assert query.arrow().to_pylist() == opened.sort_by([("id", "descending")]).to_pylist()
+    assert query.limit(3).arrow().to_pylist() == opened.sort_by([("id", "descending")]).slice(0, 3).to_pylist()
+    assert len(query.head(2)) == 2
+    some = everything.column("id").to_pylist()[:3]
+    picked = table.where("id", "in", some).select("id").order_by("id").arrow().column("id").to_pylist()
+    assert picked == sorted(some)
+    raw = table.where("payload__action = 'opened' AND id IS NOT NULL").select("id").arrow()
+    assert raw.num_rows == opened.num_rows
+    assert table.where("payload__action", "eq", None).arrow().num_rows == everything["payload__action"].null_count
+    hostile = "x' OR '1'='1"
+    assert table.where("payload__action", "eq", hostile).arrow().num_rows == 0  # a value stays a value
+    with pytest.raises(ValueError, match="operator 'like' is not one of"):
+        table.where("id", "like", "a%")
