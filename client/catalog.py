@@ -153,6 +153,10 @@ def _literal(value: Any) -> str:
     import decimal
     import math
 
+    if value is None:
+        return "NULL"
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # a numpy scalar: its Python value
+        value = value.item()
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
     if isinstance(value, int):
@@ -162,6 +166,8 @@ def _literal(value: Any) -> str:
             raise ValueError(f"cannot filter on {value!r}: use a SQL condition, e.g. where(\"isnan(col)\")")
         return repr(value)
     if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise ValueError(f"cannot filter on {value!r}: use a SQL condition")
         return str(value)
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
@@ -204,9 +210,12 @@ class Query(Relation):
         if operator is None and value is None:
             return self._with(conditions=(*self._conditions, column_or_expr))
         if operator in ("in", "not_in"):
-            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
-            condition = f"{_identifier(column_or_expr)} {'NOT IN' if operator == 'not_in' else 'IN'} " \
-                        f"({', '.join(map(_literal, values))})"
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset, range)) else [value]
+            if not values:  # IN () is no SQL: nothing is in an empty list
+                condition = "FALSE" if operator == "in" else "TRUE"
+            else:
+                condition = f"{_identifier(column_or_expr)} {'NOT IN' if operator == 'not_in' else 'IN'} " \
+                            f"({', '.join(map(_literal, values))})"
         elif operator in _OPERATORS:
             if value is None and operator in ("eq", "ne"):
                 condition = f"{_identifier(column_or_expr)} IS {'NOT ' if operator == 'ne' else ''}NULL"

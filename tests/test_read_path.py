@@ -293,3 +293,10 @@ def test_where_and_order_by_read_like_dlts_relation(catalog: Catalog) -> None:
     assert table.where("payload__action", "eq", hostile).arrow().num_rows == 0  # a value stays a value
     with pytest.raises(ValueError, match="operator 'like' is not one of"):
         table.where("id", "like", "a%")
+    # found by review: an empty list, None in a list, numpy scalars
+    import numpy as np
+
+    assert table.where("id", "in", []).arrow().num_rows == 0
+    assert table.where("id", "not_in", []).arrow().num_rows == everything.num_rows
+    assert table.where("id", "in", [some[0], None]).select("id").arrow().column("id").to_pylist() == [some[0]]
+    assert table.where("id", "eq", np.int64(some[0])).arrow().num_rows == 1

@@ -52,11 +52,16 @@ NOTHING = Pushdown()
 
 def pushdown(tree: exp.Expression, tables: Mapping[str, Iterable[str] | None]) -> Pushdown:
     """The filters and limit of a checked query (its tables already qualified); :data:`NOTHING` when unsure."""
-    if not isinstance(tree, exp.Select) or tree.args.get("joins") or tree.args.get("with") or tree.args.get("laterals"):
+    if (not isinstance(tree, exp.Select) or tree.args.get("joins") or tree.args.get("laterals")
+            or tree.args.get("with") or tree.args.get("with_")):  # (sqlglot 29 keeps WITH under "with_")
         return NOTHING
     references = list(tree.find_all(exp.Table))
-    if len(references) != 1 or tree.find(exp.Subquery, exp.Union, exp.Except, exp.Intersect, exp.TableSample) is not None:
-        return NOTHING
+    if len(references) != 1 or tree.find(exp.Subquery, exp.Union, exp.Except, exp.Intersect, exp.TableSample,
+                                         exp.With, exp.Pivot) is not None:
+        return NOTHING  # (an UNPIVOT's WHERE filters its output columns, not the table's)
+    alias = references[0].args.get("alias")
+    if alias is not None and alias.columns:
+        return NOTHING  # t AS x(a, b) renames the table's columns by position
     table = references[0].name
     known = {c.lower(): c for c in (tables.get(table) or ())}
     if not known:
@@ -119,6 +124,8 @@ def _predicate(node: exp.Expression, known: Mapping[str, str]) -> Predicate | No
             return Predicate(right, FLIPPED[op], (value,))
         return None
     if isinstance(node, exp.Between):
+        if node.args.get("symmetric"):
+            return None
         column, low, high = _column(node.this, known), _value(node.args["low"]), _value(node.args["high"])
         if column and low is not _NO_VALUE and high is not _NO_VALUE:
             return Predicate(column, "between", (low, high))
@@ -151,12 +158,18 @@ def _limit(tree: exp.Select) -> int | None:
         return None
     if tree.find(exp.AggFunc, exp.Window) is not None:
         return None
-    # only plain columns and literals: a set-returning call (unnest...) makes more or fewer rows than it reads
+    # only plain columns and literals: a set-returning call (unnest..., also inside * REPLACE (...)) makes more
+    # or fewer rows than it reads
     for projection in tree.expressions:
         inner = projection.this if isinstance(projection, exp.Alias) else projection
-        if not isinstance(inner, (exp.Column, exp.Star, exp.Literal)):
+        if not isinstance(inner, (exp.Column, exp.Star, exp.Literal)) or inner.find(exp.Func) is not None:
             return None
-    rows = _value(limit.expression) if isinstance(limit, exp.Limit) else _NO_VALUE
+        star = inner if isinstance(inner, exp.Star) else inner.this if isinstance(inner.this, exp.Star) else None
+        if star is not None and star.args.get("replace"):
+            return None
+    if not isinstance(limit, exp.Limit) or limit.args.get("limit_options"):
+        return None  # LIMIT 10 PERCENT, WITH TIES, FETCH ...: not a row count
+    rows = _value(limit.expression)
     offset_node = tree.args.get("offset")
     offset = _value(offset_node.expression) if offset_node is not None else 0
     if not isinstance(rows, int) or not isinstance(offset, int) or isinstance(rows, bool) or rows < 0 or offset < 0:
@@ -184,12 +197,33 @@ def usable(predicate: Predicate, dtype: pa.DataType) -> bool:
     return False
 
 
-def applicable(predicates: Iterable[Predicate] | None, schema: pa.Schema) -> tuple[list[Predicate], bool]:
+def dlt_types(columns: Mapping[str, Any]) -> dict[str, Any]:
+    """Column -> stored dlt data type, from a table's stored columns."""
+    return {name: column.get("data_type") for name, column in columns.items()}
+
+
+def applicable(predicates: Iterable[Predicate] | None, schema: pa.Schema, dlt_types: Mapping[str, Any],
+               floats: bool = True) -> tuple[list[Predicate], bool]:
     """The predicates an adapter applies for a table of ``schema``, and whether that is all of them (only
-    then may it also apply the query's row limit)."""
+    then may it also apply the query's row limit). ``dlt_types``: each column's stored dlt type - strings are
+    compared only in ``text`` columns (a ``json`` column reads as text but the engine compares JSON).
+    ``floats``: False where the adapter cannot apply float comparisons exactly (Delta: an infinity in a file
+    turns its statistics into nulls, and pyarrow would skip the file)."""
     given = list(predicates or ())
     names = set(schema.names)
-    kept = [p for p in given if p.column in names and usable(p, schema.field(p.column).type)]
+
+    def fits(p: Predicate) -> bool:
+        if p.column not in names:
+            return False
+        dtype = schema.field(p.column).type
+        if pa.types.is_floating(dtype) and not floats and p.op not in ("is_null", "not_null"):
+            return False
+        if (pa.types.is_string(dtype) or pa.types.is_large_string(dtype)) and dlt_types.get(p.column) != "text" \
+                and p.op not in ("is_null", "not_null"):
+            return False
+        return usable(p, dtype)
+
+    kept = [p for p in given if fits(p)]
     return kept, len(kept) == len(given)
 
 

@@ -31,7 +31,7 @@ import pyarrow.dataset as pads
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
 from flight_server.domain.identifiers import quote
-from flight_server.domain.pushdown import Predicate, applicable, arrow_filter
+from flight_server.domain.pushdown import Predicate, applicable, arrow_filter, dlt_types
 from flight_server.storage.base import (
     LOADS_TABLE,
     SHARED_SCHEMA_TTL,
@@ -482,11 +482,14 @@ class DeltaStorage(Storage):
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         if table == LOADS_TABLE:
             loads = self._load_history().select(self.arrow_schema(table, columns).names)
+            if where:
+                limit = None  # the load history is small: no filter here, so no row limit either
             return (loads if limit is None else loads.slice(0, int(limit))).to_reader()
         schema = self.arrow_schema(table, columns)
         dataset = self._partition_dataset(table, partition) if partition else self.arrow_dataset(table)
         # a SQL query's filters: pyarrow skips files and row groups by their statistics
-        kept, complete = applicable(where, self.arrow_schema(table)) if where else ([], True)
+        kept, complete = (applicable(where, self.arrow_schema(table), dlt_types(self.table_columns(table)), floats=False)
+                          if where else ([], True))
         condition = arrow_filter(kept)
         if not complete:
             limit = None  # a row limit holds only over the query's full filter

@@ -22,7 +22,7 @@ import pyarrow as pa
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
-from flight_server.domain.pushdown import Predicate, applicable, where_sql
+from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
@@ -374,7 +374,7 @@ class DuckDBStorage(Storage):
             start, stop = int_range(partition, "rowid")
             conditions.append(f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else ""))
         if where:  # a SQL query's filters: duckdb skips row groups by their zone maps
-            kept, complete = applicable(where, self.arrow_schema(table))
+            kept, complete = applicable(where, self.arrow_schema(table), _dlt_types(self.table_columns(table)))
             if kept:
                 conditions.append(where_sql(kept, quote))
             if not complete:

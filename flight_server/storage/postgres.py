@@ -30,7 +30,7 @@ import pyarrow as pa
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import quote
-from flight_server.domain.pushdown import Predicate, applicable, where_sql
+from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
@@ -348,7 +348,7 @@ class PostgresStorage(Storage):
             start, stop = int_range(partition, "pages")
             conditions.append(f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else ""))
         if where:  # a SQL query's filters run in the warehouse: only matching rows leave it
-            kept, complete = applicable(where, self.arrow_schema(table))
+            kept, complete = applicable(where, self.arrow_schema(table), _dlt_types(self.table_columns(table)))
             if kept:
                 conditions.append(where_sql(kept, quote))
             if not complete:
