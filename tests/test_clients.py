@@ -110,22 +110,23 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("clients") / "base", events=300)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Iterator[ServerProcess]:
-    """The demo with users, default token_ttl (1 h); clients ingest into it."""
-    project = _project(tmp_path_factory.mktemp("clients") / "main", demo, None)
+def _serve(tmp_path_factory: pytest.TempPathFactory, demo: Path, name: str, ttl: int | None) -> Iterator[ServerProcess]:
+    project = _project(tmp_path_factory.mktemp("clients") / name, demo, ttl)
     with ServerProcess(project, env={"FLIGHT_SHARE_JWT_SECRET": JWT_SECRET}) as proc:
         yield proc
         assert proc.alive, proc.output()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Iterator[ServerProcess]:
+    """The demo with users, default token_ttl (1 h); clients ingest into it."""
+    yield from _serve(tmp_path_factory, demo, "main", None)
 
 
 @pytest.fixture(scope="module")
 def ttl_server(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Iterator[ServerProcess]:
     """The same with bearer tokens that expire after TTL seconds."""
-    project = _project(tmp_path_factory.mktemp("clients") / "ttl", demo, TTL)
-    with ServerProcess(project, env={"FLIGHT_SHARE_JWT_SECRET": JWT_SECRET}) as proc:
-        yield proc
-        assert proc.alive, proc.output()
+    yield from _serve(tmp_path_factory, demo, "ttl", TTL)
 
 
 @dataclass
