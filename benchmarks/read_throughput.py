@@ -301,7 +301,6 @@ def timed_read(client: flight.FlightClient, target: Target, materialise: bool, s
 def in_process_storage(project_file: Path, repeat: int) -> dict[str, Any]:
     """Drain DuckDBStorage.reader in this process: the flight-share read path without Flight."""
     from flight_server.domain.config import load_project
-    from flight_server.storage import duckdb as duckdb_storage
     from flight_server.storage import open_storage
 
     project = load_project(project_file)
@@ -319,11 +318,8 @@ def in_process_storage(project_file: Path, repeat: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
             firsts.append(first or 0.0)
     finally:
-        # release the file: the server process is about to open it (duckdb locks it per process)
+        # the file is released with the last reader (FileHandle): the server process opens it next
         storage.close()
-        con = duckdb_storage._connections.pop(storage.path, None)
-        if con is not None:
-            con.close()
     # GB/s are set by run() from the streamed table's Arrow size, like every other row
     return {"best_seconds": min(times), "first_batch_ms": min(firsts) * 1e3, "duckdb_batch_nbytes": nbytes}
 

@@ -62,7 +62,6 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from flight_server.testing.servers import ServerProcess, stop_process  # noqa: E402

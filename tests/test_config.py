@@ -70,6 +70,10 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("      ds: {contract: freeze}", "      nope: {contract: freeze}", "profiles.access.datasets.nope", "dataset 'nope' is not defined"),
         ("project: {name: p}", "project: {name: p}\nserver: {port: 99999}", "server.port", "port number"),
         ("project: {name: p}", "project: {name: p}\nformat_version: 7", "format_version", "upgrade flight-share"),
+        ("project: {name: p}", "project: {name: p}\nserver: {memory_limit: lots}", "server.memory_limit", "like '8GB'"),
+        ("project: {name: p}", "project: {name: p}\nserver: {memory_limit: 1MiB}", "server.memory_limit", "at least 64MiB"),
+        ("project: {name: p}", "project: {name: p}\nserver: {memory_limit: 1GB, cache_bytes: 2000000000}",
+         "server.memory_limit", "larger than server.cache_bytes"),
     ],
 )
 def test_errors_name_file_key_and_what_is_allowed(tmp_path: Path, old: str, new: str, key: str, words: str) -> None:
@@ -79,6 +83,14 @@ def test_errors_name_file_key_and_what_is_allowed(tmp_path: Path, old: str, new:
         load_project(path)
     assert err.value.key == key
     assert str(path) in str(err.value) and words in str(err.value)
+
+
+def test_memory_limit_reads_sizes_and_bytes(tmp_path: Path) -> None:
+    for given, expected in (("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5GiB", 3 << 29), (4_000_000_000, 4_000_000_000)):
+        path = write(tmp_path, BASE.replace("project: {name: p}", f"project: {{name: p}}\nserver: {{memory_limit: {given}}}"))
+        server = load_project(path).server
+        assert server.memory_limit == expected and server.cache_bytes == min(1 << 30, expected // 4)
+    assert load_project(write(tmp_path, BASE)).server.memory_limit is None  # serve: half the machine's memory
 
 
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:

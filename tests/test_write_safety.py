@@ -62,22 +62,28 @@ def ingest(url: str, table: str, data: pa.Table, mode: str, dataset: str = EVENT
         return cur.adbc_ingest(table, data, mode=mode, db_schema_name=dataset)
 
 
-def raw_put(url: str, dataset: str, table: str, data: pa.Table, disposition: str = "append") -> None:
-    """A DoPut with a JSON write command (any table name, also ones the client library refuses)."""
+def _options(compression: str | None) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(write_options=pa.ipc.IpcWriteOptions(compression=compression))
+
+
+def raw_put(url: str, dataset: str, table: str, data: pa.Table, disposition: str = "append",
+            compression: str | None = None) -> None:
+    """A DoPut with a JSON write command (any table name, also ones the client library refuses), its
+    buffers optionally compressed (``"zstd"`` / ``"lz4"``) as any Arrow IPC writer may send them."""
     from client import protocol
 
     body = json.dumps({"v": protocol.PROTOCOL_VERSION, "op": "write", "dataset": dataset, "table": table,
                        "write_disposition": disposition}).encode()
     client = flight.connect(url)
     try:
-        writer, _ = client.do_put(flight.FlightDescriptor.for_command(body), data.schema)
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(body), data.schema, options=_options(compression))
         writer.write_table(data)
         writer.close()
     finally:
         client.close()
 
 
-def raw_ingest(url: str, dataset: str, table: str, data: pa.Table) -> None:
+def raw_ingest(url: str, dataset: str, table: str, data: pa.Table, compression: str | None = None) -> None:
     """A Flight SQL CommandStatementIngest (create_append) sent as is: names a driver would refuse or cut."""
     from flight_server._vendor import FlightSql_pb2 as pb
     from flight_server.transport.flight_sql import pack
@@ -88,7 +94,8 @@ def raw_ingest(url: str, dataset: str, table: str, data: pa.Table) -> None:
             if_not_exist=options.TABLE_NOT_EXIST_OPTION_CREATE, if_exists=options.TABLE_EXISTS_OPTION_APPEND))
     client = flight.connect(url)
     try:
-        writer, _ = client.do_put(flight.FlightDescriptor.for_command(pack(command)), data.schema)
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(pack(command)), data.schema,
+                                  options=_options(compression))
         writer.write_table(data)
         writer.close()
     finally:
@@ -369,6 +376,35 @@ def test_a_dictionary_encoded_upload_is_counted_at_its_decoded_size(loaded_proje
         with pytest.raises(pa.ArrowInvalid, match="column 'v'.*run_end_encoded"):
             raw_put(ws.url, "open_dataset", "coded", pa.table({"v": ree}))
         assert connect(ws.url).open_dataset.coded.row_count() == 3
+        assert ws.pipelines_left() == [] and ws.proc.alive
+    finally:
+        ws.proc.stop()
+
+
+def test_a_compressed_upload_is_held_to_the_server_memory_limit(loaded_project: Path, tmp_path: Path) -> None:
+    """A zstd-compressed batch of a few kilobytes that decodes to 1.2 GB of zeros: pyarrow inflates it
+    before any handler sees it, so the process's Arrow pool is what refuses it (server.memory_limit),
+    before the memory is taken. Both upload surfaces (DoPut save, Flight SQL ingest) get a clear
+    INVALID_ARGUMENT, nothing is stored, the server's memory stays put and it keeps serving."""
+    ws = WriteServer(loaded_project, tmp_path / "project", "{profile: access, memory_limit: 512MiB, cache_bytes: 0}")
+    try:
+        raw_put(ws.url, "open_dataset", "packed", pa.table({"k": [1, 2, 3]}), compression="zstd")  # small ones are fine
+        assert connect(ws.url).open_dataset.packed.arrow().column("k").to_pylist() == [1, 2, 3]
+        rss = _rss_bytes(ws.proc.proc.pid)
+        bomb = pa.table({"k": pa.array(np.zeros(150_000_000, np.int64))})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, bomb.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(bomb)
+        assert sink.getvalue().size < 1 << 20  # what travels: under a megabyte
+        message = r"needs more memory than the server allows \(512 MiB, server.memory_limit\)"
+        with pytest.raises(pa.ArrowInvalid, match=message):
+            raw_put(ws.url, "open_dataset", "packed", bomb, compression="zstd")
+        with pytest.raises(pa.ArrowInvalid, match=message):
+            raw_ingest(ws.url, "open_dataset", "packed", bomb, compression="zstd")
+        assert _rss_bytes(ws.proc.proc.pid) - rss < 100 << 20
+        assert connect(ws.url).open_dataset.packed.row_count() == 3
+        raw_put(ws.url, "open_dataset", "packed", pa.table({"k": [4]}), compression="lz4")  # and it still saves
+        assert connect(ws.url).open_dataset.packed.row_count() == 4
         assert ws.pipelines_left() == [] and ws.proc.alive
     finally:
         ws.proc.stop()

@@ -82,10 +82,12 @@ def _logging(project) -> None:
 def serve(project_path: str, host: str | None, port: int | None, profile: str | None,
           tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None, health_port: int | None) -> None:
     """Serve the project's datasets over Arrow Flight."""
-    from flight_server.transport import tls
-    from flight_server.transport.server import FlightShareServer
+    from flight_server.transport import memory, tls
 
     project = _project(project_path)
+    memory.enforce(project.server.memory_limit or memory.default_limit())  # re-executes this command once
+    from flight_server.transport.server import FlightShareServer
+
     _logging(project)
     for warning in project.warnings:
         logging.getLogger("flight_share.config").warning("%s", warning)

@@ -143,6 +143,9 @@ class ServerConfig:
     sql_max_rows: int = 10_000_000
     sql_timeout: float = 120.0  # seconds
     sql_memory_limit: str = "2GB"
+    # ceiling on the Arrow memory of the whole server process (bytes; None: half the machine's memory),
+    # enforced by Arrow's own pool: see flight_server/transport/memory.py
+    memory_limit: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -330,6 +333,26 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
 LOCATION_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls")
 
 
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}  # duckdb's meaning of each unit
+
+
+def size_bytes(size: str) -> int:
+    """``'512MB'`` / ``'2GiB'`` (duckdb's spelling of sizes) -> bytes; ValueError when it is not one."""
+    m = _SIZE.match(size.strip())
+    if not m:
+        raise ValueError(f"not a size: {size!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _size_bytes(text: str) -> int | None:
+    try:
+        return size_bytes(text)
+    except ValueError:
+        return None
+
+
 def _non_negative(r: _Reader, s: Mapping[str, Any], key: str, default: int) -> int:
     value = s.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -481,7 +504,7 @@ _USER_KEYS = ("profile", "password_hash", "token_hash")
 _SERVER_KEYS = (
     "host", "port", "anonymous_profile", "profile", "data_dir", "batch_rows", "max_put_bytes", "jwt_secret",
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
-    "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes",
+    "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes", "memory_limit",
 )
 
 
@@ -540,8 +563,18 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
             raise r.fail("server.jwt_secret", "must be '{env.NAME}' (a secret is never written into the project file)")
         jwt_secret = r.substitute(jwt_secret, "server.jwt_secret", secret=True)
     memory = s.get("sql_memory_limit", d.sql_memory_limit)
-    if not isinstance(memory, str) or not re.match(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", memory):
+    if not isinstance(memory, str) or _size_bytes(memory) is None:
         raise r.fail("server.sql_memory_limit", f"must be a size like '2GB' or '512MiB', got {memory!r}")
+    process_memory = s.get("memory_limit")
+    if process_memory is not None:
+        given = process_memory
+        process_memory = given if isinstance(given, int) and not isinstance(given, bool) else \
+            _size_bytes(given) if isinstance(given, str) else None
+        if process_memory is None or process_memory < 64 << 20:
+            raise r.fail("server.memory_limit", f"must be a size of at least 64MiB like '8GB' or a number of bytes, got {given!r}")
+        cache = s.get("cache_bytes")
+        if isinstance(cache, int) and cache >= process_memory:
+            raise r.fail("server.memory_limit", f"must be larger than server.cache_bytes ({cache}), got {given!r}")
 
     def path(key: str) -> Path | None:
         value = s.get(key)
@@ -559,13 +592,15 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         data_dir=(root / data_dir).resolve() if data_dir else None,
         batch_rows=r.positive(s, "batch_rows", d.batch_rows),
         max_put_bytes=r.positive(s, "max_put_bytes", d.max_put_bytes),
-        cache_bytes=_non_negative(r, s, "cache_bytes", d.cache_bytes),
+        # the cache takes at most a quarter of a memory_limit that is set (unless set itself)
+        cache_bytes=_non_negative(r, s, "cache_bytes", min(d.cache_bytes, (process_memory or d.cache_bytes * 4) // 4)),
         jwt_secret=jwt_secret,
         token_ttl=r.positive(s, "token_ttl", d.token_ttl),
         ticket_ttl=r.positive(s, "ticket_ttl", d.ticket_ttl),
         sql_max_rows=r.positive(s, "sql_max_rows", d.sql_max_rows),
         sql_timeout=float(r.positive(s, "sql_timeout", d.sql_timeout, (int, float))),
         sql_memory_limit=memory,
+        memory_limit=process_memory,
         tls_cert=path("tls_cert"),
         tls_key=path("tls_key"),
         tls_client_ca=path("tls_client_ca"),

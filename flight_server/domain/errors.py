@@ -6,7 +6,8 @@ Exception tree (and the status each becomes in :mod:`flight_server.transport.sta
     ├── NotFound              -> NOT_FOUND          (dataset / table / column that the profile cannot see)
     ├── InvalidRequest        -> INVALID_ARGUMENT   (malformed command, bad SQL, bad column)
     │   ├── SqlSyntaxError    -> INVALID_ARGUMENT   (fields: line, column, near)
-    │   └── SqlLimitExceeded  -> INVALID_ARGUMENT   (fields: limit = the server.* key, value)
+    │   ├── SqlLimitExceeded  -> INVALID_ARGUMENT   (fields: limit = the server.* key, value)
+    │   └── MemoryLimitExceeded -> INVALID_ARGUMENT (fields: limit = "server.memory_limit", value)
     ├── Unsupported           -> UNIMPLEMENTED
     ├── Forbidden             -> PERMISSION_DENIED  (+ extra_info JSON)
     │   └── ContractViolation -> PERMISSION_DENIED  (+ extra_info JSON with dlt's fields)
@@ -49,6 +50,11 @@ class SqlSyntaxError(InvalidRequest):
 
 class SqlLimitExceeded(InvalidRequest):
     """A query stopped at one of the sandbox's limits: ``limit`` names the server key, ``value`` its setting."""
+
+
+class MemoryLimitExceeded(InvalidRequest):
+    """A request whose data needs more Arrow memory than the server process may hold (``server.memory_limit``;
+    e.g. a compressed upload that decodes to gigabytes). Nothing of it was kept."""
 
 
 class Unsupported(ServiceError):

@@ -61,6 +61,7 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
+from flight_server.domain.config import size_bytes
 from flight_server.domain.errors import (
     Cancelled,
     InvalidRequest,
@@ -469,9 +470,6 @@ MAX_QUERIES_PER_WORKER = 500
 IDLE_WORKER_RSS = 256 << 20
 # how often a waiting call checks its deadline and whether its caller cancelled
 _POLL_SECONDS = 0.05
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}  # duckdb's meaning of each unit
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.domain.sql_worker import main; "
          "main(sys.argv[2:])")
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds flight_server/
@@ -480,13 +478,6 @@ log = logging.getLogger("flight_share.server")
 _POOLS: dict[tuple[int, int], "WorkerPool"] = {}
 _POOLS_LOCK = threading.Lock()
 
-
-def size_bytes(size: str) -> int:
-    """``'512MB'`` -> bytes, with duckdb's units (config.py accepts these forms)."""
-    m = _SIZE.match(size.strip())
-    if not m:
-        raise ValueError(f"not a size: {size!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 class _Spawner:

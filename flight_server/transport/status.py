@@ -18,6 +18,7 @@ from flight_server.domain.errors import (
     Cancelled,
     Forbidden,
     InvalidRequest,
+    MemoryLimitExceeded,
     NotFound,
     ServiceError,
     Unauthenticated,
@@ -86,10 +87,23 @@ def _detail(exc: ServiceError) -> bytes:
     return mask.bytes(ErrorDetail(type(exc).__name__, _text(exc.message), fields).to_bytes())
 
 
+def over_memory_limit() -> MemoryLimitExceeded:
+    """An allocation refused by the process's Arrow memory ceiling, in the user's terms."""
+    from flight_server.transport import memory
+
+    limit = memory.active_limit()
+    where = f" ({limit / (1 << 20):,.0f} MiB, server.memory_limit)" if limit else ""
+    return MemoryLimitExceeded(
+        f"the request needs more memory than the server allows{where}: send smaller batches "
+        "(a compressed batch counts at its decompressed size)", limit="server.memory_limit", value=limit)
+
+
 def to_flight_error(exc: BaseException) -> BaseException:
     """Map any exception raised in a handler to what the client may see."""
     if isinstance(exc, flight.FlightError):
         return exc
+    if isinstance(exc, MemoryError):  # pa.ArrowMemoryError too: the Arrow pool's ceiling (transport/memory.py)
+        exc = over_memory_limit()
     if isinstance(exc, NotFound):
         return _WireNotFound(_text(exc.message))
     if isinstance(exc, (InvalidRequest, ProtocolError)):

@@ -10,6 +10,7 @@ import pyarrow.flight as flight
 
 from client.protocol import COMMIT_METADATA
 from flight_server.domain.errors import InvalidRequest
+from flight_server.transport.status import over_memory_limit
 
 
 class FlightUpload:
@@ -36,6 +37,8 @@ class FlightUpload:
                 chunk = self._reader.read_chunk()
             except StopIteration:
                 return
+            except MemoryError:  # decoding (decompressing) it passed the process's memory ceiling
+                raise over_memory_limit() from None
             except (pa.ArrowException, OSError) as exc:  # pyarrow reports some IPC framing errors as IOError
                 raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
             if self._committed:
