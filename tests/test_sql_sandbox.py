@@ -202,6 +202,21 @@ def test_locked_down_engine_refuses_what_the_allow_list_would_have(storage: Duck
     assert storage.row_count("push_event") > 0
 
 
+def test_nothing_a_query_leaves_reaches_the_next_one_on_the_same_worker(storage: DuckDBStorage) -> None:
+    """A worker keeps one duckdb for its life: each query runs in a transaction rolled back at its end,
+    so a table a statement slipped past the allow-list would create, or the views of the last query's
+    tables, are gone for the next query (maybe another user's). Workers are reused most recent first."""
+    sandbox = SqlSandbox(max_rows=1000, timeout=5, memory_limit="255MB")
+    for _ in range(3):
+        with pytest.raises(InvalidRequest, match="only SELECT"):
+            sandbox.run(storage, _raw("CREATE TABLE main.leak AS SELECT 42 AS x")).read_all()
+        with pytest.raises(InvalidRequest, match="leak does not exist"):
+            sandbox.run(storage, _raw("SELECT x FROM main.leak", {})).read_all()
+        assert sandbox.run(storage, _raw(f"SELECT count(*) AS n FROM {EVENTS}.push_event")).read_all()["n"][0].as_py() > 0
+        with pytest.raises(InvalidRequest, match="push_event does not exist"):  # last query's view: gone
+            sandbox.run(storage, _raw(f"SELECT count(*) AS n FROM {EVENTS}.push_event", {})).read_all()
+
+
 def test_sandbox_settings_are_locked(storage: DuckDBStorage) -> None:
     sandbox = SqlSandbox(max_rows=1000, timeout=5, memory_limit="256MB")
     settings = sandbox.run(storage, _raw(

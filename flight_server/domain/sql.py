@@ -15,10 +15,12 @@ Two independent walls:
    query -- its bind for GetFlightInfo / GetSchema as much as its run for DoGet -- goes to a worker
    process (:mod:`flight_server.domain.sql_worker`) from a warm pool: duckdb already imported, an OS memory
    limit (``RLIMIT_DATA``: ``server.sql_memory_limit`` plus a fixed margin), an empty environment,
-   no files. There a fresh in-memory duckdb opened with ``enable_external_access=false``,
+   no files. There an in-memory duckdb, opened once per worker with ``enable_external_access=false``,
    ``lock_configuration=true``, no temp directory (nothing spills; duckdb allows its temp directory
    even with external access off), no extension installing/loading, no Python replacement scans
-   and ``memory_limit`` holds nothing but one view per table the query names. Each view is an Arrow
+   and ``memory_limit``, runs each query on its own cursor inside one transaction that is rolled
+   back at its end, holding nothing but one view per table the query names (so the next query, maybe
+   another user's, finds the database as the worker started it). Each view is an Arrow
    stream the server opens from the storage adapter's own ``reader()`` only when duckdb scans it,
    projected to the columns the query uses, and sends down a pipe; the result comes back as an
    Arrow IPC stream. The server owns the clock: at ``server.sql_timeout``, or when the caller
@@ -50,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
@@ -463,7 +466,10 @@ SANDBOX_WORKERS = 4
 #: idle workers kept started (duckdb imported) so a query does not wait for a process to start; a worker
 #: whose query ended cleanly goes back to the idle ones (at most SANDBOX_WORKERS of them)
 WARM_WORKERS = 2
-#: a worker is replaced after this many queries (a fresh duckdb runs every query; this only bounds drift)
+#: result schemas remembered by SqlSandbox.schema (least recently used go first)
+SCHEMA_MEMO_ENTRIES = 1024
+#: a worker is replaced after this many queries (each query runs in its own transaction, rolled back;
+#: this only bounds drift)
 MAX_QUERIES_PER_WORKER = 500
 #: a worker that holds more than this after its query (allocators keep freed memory) is replaced, so idle
 #: workers hold little: the server's SQL memory stays within SANDBOX_WORKERS x (limit + margin + this)
@@ -888,6 +894,8 @@ class SqlSandbox:
         self.memory_limit = memory_limit
         self.memory_bytes = size_bytes(memory_limit)
         self.pool = _pool(self.memory_bytes, threads or 0)
+        self._schemas: "OrderedDict[tuple[Any, ...], pa.Schema]" = OrderedDict()  # result schemas, see schema()
+        self._schemas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, server: "ServerConfig") -> "SqlSandbox":
@@ -910,8 +918,19 @@ class SqlSandbox:
                parameters: pa.Table | None = None) -> pa.Schema:
         """The result schema, from binding the query in a worker (no table data is read).
 
-        ``parameters``: bound values (:func:`check_parameters`); the first row is bound.
+        ``parameters``: bound values (:func:`check_parameters`); the first row is bound. A result schema
+        depends only on the query, the Arrow schemas of what it reads and the bound values' types, so it
+        is remembered under those (a Flight SQL client asks twice per statement: CreatePreparedStatement,
+        then GetFlightInfo); a table whose columns change is another key.
         """
+        inputs = tuple((t, storage.arrow_schema(t, self._columns(storage, t, c)).serialize().to_pybytes())
+                       for t, c in sorted(query.tables.items()))
+        key = (query.sql, query.dataset, inputs, parameters.schema.serialize().to_pybytes() if parameters is not None else None)
+        with self._schemas_lock:
+            known = self._schemas.get(key)
+            if known is not None:
+                self._schemas.move_to_end(key)
+                return known
         job = _Job(self, storage, query, "schema", cancelled, parameters)
         clean = False
         try:
@@ -919,9 +938,13 @@ class SqlSandbox:
             while job.next_batch() is not None:
                 pass
             clean = True
-            return schema
         finally:
             job.finish(clean)
+        with self._schemas_lock:
+            self._schemas[key] = schema
+            while len(self._schemas) > SCHEMA_MEMO_ENTRIES:
+                self._schemas.popitem(last=False)
+        return schema
 
     def run(self, storage: "Storage", query: CheckedQuery,
             cancelled: Callable[[], bool] | None = None, parameters: pa.Table | None = None) -> pa.RecordBatchReader:
