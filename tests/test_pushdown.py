@@ -9,6 +9,7 @@ adapters really stream less: the matching rows only (duckdb, PostgreSQL) or no m
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -179,6 +180,26 @@ def test_answers_equal_duckdbs_over_the_same_rows(served: tuple, sql: str) -> No
         assert all(row in check for row in _canonical(got, sql))
     else:
         assert _canonical(got, sql) == _canonical(expected, sql)
+
+
+def test_queries_over_a_cached_table_answer_the_same(served: tuple) -> None:
+    """Once ``t`` is a hot table (server.cache_bytes), a query's stream of it comes from memory, projected
+    and filtered there (TableCache.sql_reader): every query still answers what duckdb does."""
+    kind, server, _, _ = served
+    with connect(server.url) as catalog:
+        for _ in range(3):
+            catalog["pushdown_data"].sql("SELECT count(*) AS n FROM t").arrow()
+        deadline = time.monotonic() + 60
+        while kind == "duckdb" and "cached pushdown_data.t" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if kind == "duckdb":  # Delta and PostgreSQL tell no data version yet: their tables are not cached
+            assert "cached pushdown_data.t" in server.output()
+        truth = duckdb.connect()
+        truth.register("t", _data())
+        for sql in QUERIES:
+            if "LIMIT" in sql and "ORDER BY" not in sql:
+                continue  # any rows may answer: compared by test_answers_equal_duckdbs_over_the_same_rows
+            assert _canonical(catalog["pushdown_data"].sql(sql).arrow(), sql) == _canonical(truth.sql(sql).to_arrow_table(), sql), sql
 
 
 def test_adapters_stream_only_what_the_filters_keep(served: tuple) -> None:

@@ -819,8 +819,8 @@ class _Job:
         try:
             table, _ = self.tables[index]
             pushed = self.query.pushdown
-            reader = self.storage.reader(table, self.columns[index], pushed.limits.get(table),
-                                         where=pushed.filters.get(table))
+            reader = self.sandbox.source(self.storage, table, self.columns[index], pushed.limits.get(table),
+                                         pushed.filters.get(table))
             with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)
@@ -857,6 +857,9 @@ class _Job:
         self.pool.release(self.worker, reuse=clean and self.outcome is None)
 
 
+#: a table's stream for a query: (storage, table, columns or None, row limit or None, pushed filters or None)
+Source = Callable[["Storage", str, "list[str] | None", "int | None", Any], pa.RecordBatchReader]
+
 _MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
 
 
@@ -887,8 +890,12 @@ class SqlSandbox:
     """Runs checked queries in warm, killable, memory-limited worker processes (see module doc)."""
 
     def __init__(self, max_rows: int = 10_000_000, timeout: float = 120.0, memory_limit: str = "2GB",
-                 batch_rows: int = 122_880, threads: int | None = None) -> None:
+                 batch_rows: int = 122_880, threads: int | None = None, source: Source | None = None) -> None:
         self.max_rows = max_rows
+        # where a query's tables come from: the adapter's reader, or the server's hot-table cache
+        # (TableCache.sql_reader), with the columns the query uses and its pushed-down filters and limit
+        self.source: Source = source or (lambda storage, table, columns, limit, where:
+                                         storage.reader(table, columns, limit, where=where))
         self.timeout = timeout
         self.batch_rows = batch_rows
         self.memory_limit = memory_limit
@@ -898,8 +905,9 @@ class SqlSandbox:
         self._schemas_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, server: "ServerConfig") -> "SqlSandbox":
-        sandbox = cls(server.sql_max_rows, server.sql_timeout, server.sql_memory_limit, server.batch_rows)
+    def from_config(cls, server: "ServerConfig", source: Source | None = None) -> "SqlSandbox":
+        sandbox = cls(server.sql_max_rows, server.sql_timeout, server.sql_memory_limit, server.batch_rows,
+                      source=source)
         sandbox.pool.fill()  # warm before the first query
         return sandbox
 

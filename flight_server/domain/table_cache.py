@@ -21,9 +21,12 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Hashable, Sequence
 
 import pyarrow as pa
+import pyarrow.dataset as pads
+
+from flight_server.domain.pushdown import Predicate, applicable, arrow_filter, dlt_types
 
 log = logging.getLogger("flight_share.cache")
 
@@ -59,12 +62,40 @@ class TableCache:
 
         ``count``: this lookup is a request for the table (GetFlightInfo), not the DoGet that follows it.
         """
+        cached = self._whole(storage, command.table, count)
+        if cached is None:
+            return None
+        if command.columns:
+            cached = cached.select(list(command.columns))  # zero-copy
+        if command.limit is not None:
+            cached = cached.slice(0, command.limit)  # zero-copy
+        return cached
+
+    def sql_reader(self, storage: Any, table: str, columns: Sequence[str] | None, limit: int | None,
+                   where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
+        """A table as a SQL query reads it (the sandbox's source): from memory when it is cached - projected
+        and filtered by the pushed-down predicates as the adapter's own reader would - else the adapter's
+        reader. A SQL read counts toward caching like a table read."""
+        cached = self._whole(storage, table, count=True)
+        if cached is None:
+            return storage.reader(table, columns, limit, where=where)
+        names = storage.arrow_schema(table, columns).names
+        # floats=False: Arrow compares NaN unlike duckdb (for which NaN is the largest value): the sandbox does
+        kept, complete = applicable(where, cached.schema, dlt_types(storage.table_columns(table)), floats=False)
+        if not complete:
+            limit = None  # a row limit holds only over the query's full filter
+        scanner = pads.dataset(cached).scanner(columns=names, filter=arrow_filter(kept))
+        if limit is not None:
+            return scanner.head(int(limit)).to_reader()
+        return scanner.to_reader()
+
+    def _whole(self, storage: Any, table: str, count: bool) -> pa.Table | None:
+        """The cached table at the storage's current data version, or None (maybe starting a fill)."""
         if not self.enabled:
             return None
         version = storage.data_version()
         if version is None:
             return None
-        table, columns, limit = command.table, command.columns, command.limit
         key = (storage.dataset.name, table, version)
         with self._lock:
             entry = self._entries.get(key)
@@ -83,12 +114,7 @@ class TableCache:
                 threading.Thread(target=self._fill, args=(storage, table, key), name="table-cache-fill",
                                  daemon=True).start()
             return None
-        cached = entry.table
-        if columns:
-            cached = cached.select(list(columns))  # zero-copy
-        if limit is not None:
-            cached = cached.slice(0, limit)  # zero-copy
-        return cached
+        return entry.table
 
     def _forget_older(self, key: tuple[Hashable, ...]) -> None:
         """Drop entries of the same table at another data version (they can never be hit again)."""

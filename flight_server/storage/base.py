@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import pyarrow as pa
 from dlt.common.libs.pyarrow import columns_to_arrow
@@ -146,6 +146,7 @@ class Storage(ABC):
         self._schemas: list[StoredSchema] = []
         self._schema_loaded = False
         self._schema_at = 0.0
+        self._schema_stamp: Hashable | None = None
         self._capabilities: Any = None
         self._lock = threading.RLock()
         self.write_lock = threading.Lock()  # one write per dataset at a time
@@ -164,14 +165,23 @@ class Storage(ABC):
     # column loaded elsewhere shows up without a restart.
     schema_ttl: float | None = None
 
+    def version_stamp(self) -> Hashable | None:
+        """A cheap stamp (no query) that changes whenever the stored data may have changed; None when
+        the adapter cannot tell. While it stays the same, cached schemas are trusted past ``schema_ttl``."""
+        return None
+
     def stored_schemas(self) -> list[StoredSchema]:
         """The cached stored schemas (newest first); :meth:`invalidate` after a write."""
+        stamp = self.version_stamp()  # taken before a load: a change during the load shows next time
         with self._lock:
             stale = self.schema_ttl is not None and time.monotonic() - self._schema_at > self.schema_ttl
+            if stale and stamp is not None and stamp == self._schema_stamp:
+                stale = False
             if not self._schema_loaded or stale:
                 self._schemas = self._load_stored_schemas()
                 self._schema_loaded = True
                 self._schema_at = time.monotonic()
+                self._schema_stamp = stamp
             return self._schemas
 
     def stored_schema(self, table: str | None = None) -> StoredSchema | None:

@@ -9,6 +9,7 @@ reader (``to_arrow_reader``), kept alive with the file's share until the stream 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -68,6 +69,9 @@ BUSY_TIMEOUT = 10.0
 HOLD_SECONDS = 1.0
 DRAIN_SECONDS = 0.5
 GAP_SECONDS = 0.3
+# a file modified less than this long ago may change again within the same file-system timestamp
+# tick without its size changing: its stamp is not trusted yet (git's "racily clean" index entries)
+RACY_NS = 1_000_000_000
 
 
 class FileHandle:
@@ -236,6 +240,7 @@ class DuckDBStorage(Storage):
         self.path = destination.location
         self.batch_rows = batch_rows
         self.file = file_handle(self.path)
+        self._data_version: tuple[Any, Any] | None = None  # (version_stamp, data_version), see data_version()
 
     # the owner's pipelines load into the same file between our requests: re-read the schema like
     # other shared destinations do
@@ -332,9 +337,28 @@ class DuckDBStorage(Storage):
     def location(self) -> str:
         return f"duckdb:///{self.path.lstrip('/')}" if self.path.startswith("/") else f"duckdb:///{self.path}"
 
+    def version_stamp(self) -> Any:
+        """The file's and its WAL's (mtime, size, inode): every write, by this server or another process,
+        appends to the WAL or rewrites the file. None while either was modified within :data:`RACY_NS`."""
+        now, stamp = time.time_ns(), []
+        for path in (self.path, self.path + ".wal"):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                stamp.append(None)
+                continue
+            if now - st.st_mtime_ns < RACY_NS:
+                return None
+            stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamp)
+
     def data_version(self) -> Any:
-        """The stored schema's hash and the newest dlt load id: every write to the file is a dlt load
-        (duckdb's lock keeps other processes out while this server runs)."""
+        """The stored schema's hash and the newest dlt load id: every write to the file is a dlt load.
+        Remembered while :meth:`version_stamp` stays the same (no need to open the file to know it)."""
+        stamp = self.version_stamp()
+        known = self._data_version
+        if stamp is not None and known is not None and known[0] == stamp:
+            return known[1]
         schemas = self.stored_schemas()
         if not schemas:
             return None
@@ -342,7 +366,13 @@ class DuckDBStorage(Storage):
             row = self._one(f"SELECT max(load_id) FROM {quote(self.dataset.name)}._dlt_loads")
         except duckdb.Error:
             return None
-        return (tuple(s.version_hash for s in schemas), row[0] if row else None)
+        version = (tuple(s.version_hash for s in schemas), row[0] if row else None)
+        self._data_version = (stamp, version) if stamp is not None else None
+        return version
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._data_version = None
 
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables

@@ -47,9 +47,9 @@ class FlightShareServer(flight.FlightServerBase):
                                 session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
-        self.sql = SqlSandbox.from_config(project.server)
-        self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
+        self.sql = SqlSandbox.from_config(project.server, self.cache.sql_reader)
+        self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self.plain = PlainSurface(
