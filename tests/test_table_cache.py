@@ -1,13 +1,21 @@
-"""The hot-table cache, in process: its byte budget holds while a table is read, not only after."""
+"""The hot-table cache: its byte budget holds while a table is read, not only after (in process); a cached
+table follows the owner's loads (a real server over duckdb and Delta)."""
 
 from __future__ import annotations
 
+import textwrap
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import dlt
 import pyarrow as pa
+import pytest
 
+from client import connect
 from flight_server.domain.table_cache import TableCache
+from flight_server.storage.base import SHARED_SCHEMA_TTL
+from flight_server.testing.servers import ServerProcess
 
 
 class Lumpy:
@@ -19,7 +27,7 @@ class Lumpy:
         self.pulled = 0
         self.dataset = SimpleNamespace(name="ds")
 
-    def data_version(self) -> str:
+    def table_version(self, table: str) -> str:
         return "v1"
 
     def estimated_arrow_bytes(self, table: str) -> int:
@@ -70,3 +78,56 @@ def test_a_table_within_the_budget_is_cached() -> None:
     _wait_idle(cache)
     hit = cache.table(storage, SimpleNamespace(table="t", columns=None, limit=None))
     assert hit is not None and hit.num_rows == 3 and cache.used == hit.nbytes
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "delta"])
+def test_a_hot_table_follows_the_owners_loads(kind: str, tmp_path: Path) -> None:
+    """A table cached after a few reads (SQL and table reads share it) is keyed by its version: the owner's
+    own dlt pipeline appending, merging and adding a column while the server runs shows at the next query,
+    right after the load as much as later (duckdb: the file's stamp; Delta: the table's commit version)."""
+    if kind == "duckdb":
+        destination = "lake: {type: duckdb, credentials: '{project_dir}/lake.duckdb'}"
+        owner = dlt.destinations.duckdb(str(tmp_path / "lake.duckdb"))
+    else:
+        destination = "lake: {type: delta, bucket_url: '{project_dir}/lake'}"
+        owner = dlt.destinations.filesystem(str(tmp_path / "lake"))
+    (tmp_path / "dlt.yml").write_text(textwrap.dedent(f"""
+        destinations:
+          {destination}
+        datasets:
+          hot: {{destination: [lake]}}
+        server: {{anonymous_profile: access}}
+    """))
+    pipeline = dlt.pipeline(f"hot_{kind}", destination=owner, dataset_name="hot", pipelines_dir=str(tmp_path / "pl"))
+
+    def load(rows: list[dict], disposition: str = "append") -> None:
+        resource = dlt.resource(rows, name="t", primary_key="id", write_disposition=disposition,
+                                table_format="delta" if kind == "delta" else None)
+        pipeline.run(resource).raise_on_failed_jobs()
+
+    load([{"id": i, "v": i * 10} for i in range(1000)])
+    with ServerProcess(tmp_path / "dlt.yml") as server, connect(server.url) as catalog:
+        def answer() -> list[dict]:
+            return catalog["hot"].sql("SELECT count(*) AS n, sum(v) AS total FROM t WHERE id >= 0").arrow().to_pylist()
+
+        for _ in range(3):
+            assert answer() == [{"n": 1000, "total": 4995000}]
+        deadline = time.monotonic() + 30
+        while "cached hot.t" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "cached hot.t" in server.output()
+        assert answer() == [{"n": 1000, "total": 4995000}]  # from memory
+        load([{"id": 1000, "v": 1}])
+        assert answer() == [{"n": 1001, "total": 4995001}]
+        time.sleep(1.5)  # past the window in which a duckdb file's stamp is not trusted
+        assert answer() == [{"n": 1001, "total": 4995001}]
+        load([{"id": 0, "v": 7, "extra": "new column"}], "merge")
+        assert answer() == [{"n": 1001, "total": 4995008}]
+        if kind == "delta":  # a new column shows once the stored schema is read again (Delta: its TTL);
+            time.sleep(SHARED_SCHEMA_TTL)  # a duckdb file's stamp tells at once
+        try:
+            assert catalog["hot"].sql("SELECT extra FROM t WHERE id = 0").arrow().to_pylist() == [{"extra": "new column"}]
+            assert catalog["hot"].t.row_count() == 1001
+        except Exception:
+            print(server.output()[-8000:])
+            raise

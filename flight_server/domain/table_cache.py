@@ -3,8 +3,8 @@
 duckdb's conversion of a table to Arrow costs more than sending it (see benchmarks/README.md): a
 table read twice is therefore kept, within a byte budget (``server.cache_bytes``; 0 turns caching
 off), as a ``pa.Table`` that Flight streams straight from memory in C++. Entries are keyed by the
-destination's *data version* of the dataset (for duckdb: the stored schema's hash and the newest dlt
-load id), so a load — through this server or by dlt itself — makes the old entry unreachable; it is
+destination's *version* of the table (``Storage.table_version``; for duckdb the dataset's: the stored
+schema's hash and the newest dlt load id; for Delta the table's own version and the stored schema's hash), so a load — through this server or by dlt itself — makes the old entry unreachable; it is
 dropped at the next lookup. Tables whose estimated Arrow size exceeds the budget are never
 materialised: they keep streaming from the destination with flat server memory. The estimate is a
 sample, so a fill also counts the bytes it has read batch by batch and gives up as soon as they pass
@@ -93,7 +93,7 @@ class TableCache:
         """The cached table at the storage's current data version, or None (maybe starting a fill)."""
         if not self.enabled:
             return None
-        version = storage.data_version()
+        version = storage.table_version(table)
         if version is None:
             return None
         key = (storage.dataset.name, table, version)
@@ -156,7 +156,7 @@ class TableCache:
                 return
             nbytes = data.nbytes
             with self._lock:
-                if nbytes > self.budget or storage.data_version() != key[2]:
+                if nbytes > self.budget or storage.table_version(table) != key[2]:
                     return
                 while self.used + nbytes > self.budget and self._entries:
                     _, evicted = self._entries.popitem(last=False)

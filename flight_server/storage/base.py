@@ -117,6 +117,7 @@ SQL_SAVE_SETTINGS = {"replace_strategy": SQL_REPLACE_STRATEGY, "supports_transac
 
 LOADS_TABLE = "_dlt_loads"  # dlt's load history
 
+RECENT_RELOAD = 0.1  # seconds, see Storage.stored_schemas
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 
 # How long a save waits for another save to the same dataset (its load step) before UNAVAILABLE
@@ -165,9 +166,13 @@ class Storage(ABC):
     # column loaded elsewhere shows up without a restart.
     schema_ttl: float | None = None
 
+    # whether version_stamp() tells changes: then cached schemas are trusted while the stamp stays the same
+    # (past schema_ttl), and read again whenever it is None (a change too recent to trust the stamp)
+    stamps_versions = False
+
     def version_stamp(self) -> Hashable | None:
         """A cheap stamp (no query) that changes whenever the stored data may have changed; None when
-        the adapter cannot tell. While it stays the same, cached schemas are trusted past ``schema_ttl``."""
+        the adapter cannot tell (right now)."""
         return None
 
     def stored_schemas(self) -> list[StoredSchema]:
@@ -175,8 +180,9 @@ class Storage(ABC):
         stamp = self.version_stamp()  # taken before a load: a change during the load shows next time
         with self._lock:
             stale = self.schema_ttl is not None and time.monotonic() - self._schema_at > self.schema_ttl
-            if stale and stamp is not None and stamp == self._schema_stamp:
-                stale = False
+            if self.stamps_versions:  # a stamp too recent to trust: read again, at most every RECENT_RELOAD s
+                stale = stamp != self._schema_stamp if stamp is not None else \
+                    time.monotonic() - self._schema_at > RECENT_RELOAD
             if not self._schema_loaded or stale:
                 self._schemas = self._load_stored_schemas()
                 self._schema_loaded = True
@@ -337,6 +343,11 @@ class Storage(ABC):
         """A value that changes whenever the dataset's data may have changed (None: unknown, so
         nothing of it is cached in server memory; see :mod:`flight_server.domain.table_cache`)."""
         return None
+
+    def table_version(self, table: str) -> Any:
+        """A value that changes whenever ``table``'s data may have changed (None: unknown). The default:
+        the dataset's :meth:`data_version`."""
+        return self.data_version()
 
     def estimated_arrow_bytes(self, table: str) -> int | None:
         """About how many bytes the whole table takes as Arrow (None: unknown)."""

@@ -285,6 +285,17 @@ class DeltaStorage(Storage):
                 ) from None
             return dt
 
+    def table_version(self, table: str) -> Any:
+        """The Delta table's version (every dlt load into it is a commit) and the stored schemas' hashes:
+        what the hot-table cache keys it by. Costs what a read's own log update costs."""
+        if table == LOADS_TABLE:
+            return None  # dlt's JSON load records: small, read fresh
+        schemas = self.stored_schemas()
+        dt = self.delta_table(table)
+        with self._table_locks[table]:
+            version = dt.version()
+        return (tuple(s.version_hash for s in schemas), version)
+
     def arrow_dataset(self, table: str) -> pads.Dataset:
         """The table's current files as a pyarrow dataset (nothing read yet)."""
         dt = self.delta_table(table)
@@ -365,7 +376,8 @@ class DeltaStorage(Storage):
         fragments = sorted(dataset.get_fragments(), key=lambda f: records.get(f.path) or 0)
         sample = None
         for fragment in fragments:
-            sample = fragment.head(sample_rows, columns=schema.names)
+            # with the dataset's schema: a file written before a column was added has no such column
+            sample = fragment.scanner(schema=dataset.schema, columns=schema.names).head(sample_rows)
             if sample.num_rows:
                 break
         per_row = sample.nbytes / sample.num_rows if sample is not None and sample.num_rows else None

@@ -337,6 +337,8 @@ class DuckDBStorage(Storage):
     def location(self) -> str:
         return f"duckdb:///{self.path.lstrip('/')}" if self.path.startswith("/") else f"duckdb:///{self.path}"
 
+    stamps_versions = True
+
     def version_stamp(self) -> Any:
         """The file's and its WAL's (mtime, size, inode): every write, by this server or another process,
         appends to the WAL or rewrites the file. None while either was modified within :data:`RACY_NS`."""
