@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -468,6 +469,7 @@ SANDBOX_WORKERS = 4
 WARM_WORKERS = 2
 #: result schemas remembered by SqlSandbox.schema (least recently used go first)
 SCHEMA_MEMO_ENTRIES = 1024
+SCHEMA_MEMO_MAX_FIELDS = 256  # wider results are bound again each time (the memo stays a few MB at most)
 #: a worker is replaced after this many queries (each query runs in its own transaction, rolled back;
 #: this only bounds drift)
 MAX_QUERIES_PER_WORKER = 500
@@ -901,7 +903,7 @@ class SqlSandbox:
         self.memory_limit = memory_limit
         self.memory_bytes = size_bytes(memory_limit)
         self.pool = _pool(self.memory_bytes, threads or 0)
-        self._schemas: "OrderedDict[tuple[Any, ...], pa.Schema]" = OrderedDict()  # result schemas, see schema()
+        self._schemas: "OrderedDict[bytes, pa.Schema]" = OrderedDict()  # result schemas, see schema()
         self._schemas_lock = threading.Lock()
 
     @classmethod
@@ -931,9 +933,14 @@ class SqlSandbox:
         is remembered under those (a Flight SQL client asks twice per statement: CreatePreparedStatement,
         then GetFlightInfo); a table whose columns change is another key.
         """
-        inputs = tuple((t, storage.arrow_schema(t, self._columns(storage, t, c)).serialize().to_pybytes())
-                       for t, c in sorted(query.tables.items()))
-        key = (query.sql, query.dataset, inputs, parameters.schema.serialize().to_pybytes() if parameters is not None else None)
+        digest = hashlib.sha256()  # the key: a digest (a memo of 100,000-character queries would hold them all)
+        for part in (query.sql, query.dataset):
+            digest.update(part.encode() + b"\0")
+        for t, c in sorted(query.tables.items()):
+            digest.update(t.encode() + b"\0" + storage.arrow_schema(t, self._columns(storage, t, c)).serialize().to_pybytes())
+        if parameters is not None:
+            digest.update(b"\0parameters" + parameters.schema.serialize().to_pybytes())
+        key = digest.digest()
         with self._schemas_lock:
             known = self._schemas.get(key)
             if known is not None:
@@ -948,6 +955,8 @@ class SqlSandbox:
             clean = True
         finally:
             job.finish(clean)
+        if len(schema) > SCHEMA_MEMO_MAX_FIELDS:
+            return schema
         with self._schemas_lock:
             self._schemas[key] = schema
             while len(self._schemas) > SCHEMA_MEMO_ENTRIES:
