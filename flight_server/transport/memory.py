@@ -57,7 +57,7 @@ def _reexec(limit: int) -> NoReturn:
 def enforce(limit: int) -> None:
     """Run the rest of this process under an Arrow memory ceiling of ``limit`` bytes (re-executes once)."""
     global _limit
-    if os.environ.get(LIMIT_ENV) != str(limit):
+    if any(os.environ.get(k) != v for k, v in _pool_env(limit).items()):
         _reexec(limit)
     import pyarrow as pa
 
