@@ -513,7 +513,10 @@ class DeltaStorage(Storage):
                 self.batch_rows, dataset,
             )
         elif limit is not None and int(limit) <= HEAD_LIMIT_ROWS:
-            head = dataset.head(int(limit), columns=schema.names, filter=condition, batch_size=self.batch_rows)
+            # no filter: the first rows of the first file; pyarrow's readahead (4 files, 16 batches) would
+            # fetch far more than that from an object store (measured: benchmarks/s3_bytes_read.py)
+            ahead = {} if condition is not None else {"batch_readahead": 1, "fragment_readahead": 1}
+            head = dataset.head(int(limit), columns=schema.names, filter=condition, batch_size=self.batch_rows, **ahead)
             reader = head.to_reader(max_chunksize=self.batch_rows)
         else:  # the whole table, or a big limit over a filter (the sandbox stops reading at its limit)
             reader = dataset.scanner(columns=schema.names, filter=condition, batch_size=self.batch_rows).to_reader()
