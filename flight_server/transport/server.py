@@ -24,6 +24,7 @@ from flight_server.domain.config import ProjectConfig
 from flight_server.domain.errors import InvalidRequest, Unsupported
 from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
+from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, session
@@ -47,7 +48,7 @@ class FlightShareServer(flight.FlightServerBase):
                                 session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
-        self.sql = SqlSandbox.from_config(project.server)
+        self.sql = WarehouseRouter(SqlSandbox.from_config(project.server))  # SQL in the warehouse when it can
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         self._calls: dict[str, int] = {}
