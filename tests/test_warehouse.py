@@ -113,6 +113,9 @@ def loaded(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     u = dlt.resource([{"id": i, "label": f"l{i}" if i % 4 else f"L{i}"} for i in range(12)], name="u")
     pipeline.run([t, u]).raise_on_failed_jobs()
     pipeline.run(dlt.resource(_big(), name="big")).raise_on_failed_jobs()
+    specials = [float("nan"), 0.2, 1.0, float("inf"), float("-inf"), None, 0.7, float("nan"), -0.0]
+    pipeline.run(dlt.resource(pa.table({"i": pa.array(range(len(specials)), pa.int64()), "x": pa.array(specials, pa.float64())}),
+                              name="f")).raise_on_failed_jobs()
     yield root / "dlt.yml", postgres.env
 
 
@@ -186,6 +189,8 @@ IN_WAREHOUSE = [
     "SELECT count(*) AS n, sum(value) AS s, max(ts) AS m, avg(id) AS a FROM t WHERE id < 0",
     "SELECT name, count(*) AS n FROM t WHERE name > 'name_3' OR name < 'Zz' GROUP BY name ORDER BY name",
     "SELECT grp, count(*) AS n, sum(v) AS s, min(id) AS lo FROM big WHERE v > 0.25 GROUP BY grp ORDER BY grp",
+    "SELECT id, name, ts FROM t WHERE id < 0",  # no rows
+    "SELECT t.id, u.label FROM t LEFT JOIN u ON u.id = t.id + 5 WHERE t.id < 10 ORDER BY t.id",  # NULLs from a join
 ]
 
 
@@ -245,6 +250,63 @@ def test_what_is_not_on_the_list_runs_in_the_sandbox_unchanged(rig, sql: str) ->
         assert got == expected
     else:
         assert_same_answer(got, expected, sql)
+
+
+DUCKDB_ONLY = [
+    "SELECT * EXCLUDE (meta) FROM t",
+    "SELECT id FROM t GROUP BY ALL",
+    "SELECT id FROM t ORDER BY ALL",
+    "SELECT id FROM t LIMIT 10%",
+    "SELECT DISTINCT ON (name) name, id FROM t ORDER BY name, id",
+    "SELECT id FROM t QUALIFY row_number() OVER (ORDER BY id) < 3",
+    "SELECT t.id FROM t ASOF JOIN u ON t.k >= u.id",
+    "SELECT t.id FROM t SEMI JOIN u ON t.k = u.id",
+    "SELECT t.id FROM t NATURAL JOIN u",
+    "SELECT id FROM t UNION BY NAME SELECT id FROM u",
+    "SELECT id // 2 AS q FROM t",
+    "SELECT id % 3 AS m FROM t",
+    "SELECT name || 'x' AS s FROM t",
+    "SELECT name COLLATE de AS n FROM t",
+    "SELECT {'a': id} AS s FROM t",
+    "SELECT DATE '2024-01-01' AS d",
+    "SELECT id FROM t USING SAMPLE 10",
+    "SELECT count(*) AS n FROM t GROUP BY ROLLUP (k)",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT n FROM r",
+    "SELECT current_date AS d",
+    "SELECT current_user AS u",
+]
+
+
+@pytest.mark.parametrize("sql", DUCKDB_ONLY)
+def test_duckdb_only_shapes_stay_in_the_sandbox(rig, sql: str) -> None:
+    storage, _, router = rig
+    try:
+        checked = _checked(storage.storage, sql)
+    except ServiceError:
+        return  # refused before any engine sees it
+    assert router.plan(storage.storage, checked) is None, plan(storage.storage, checked)
+
+
+NAN_QUERIES = [
+    ("SELECT count(*) AS n FROM f WHERE x > 0.5", False),  # Arrow's NaN in the sandbox's scan: the sandbox
+    ("SELECT i FROM f WHERE x = x ORDER BY i", False),
+    ("SELECT i, x > 0.5 AS big FROM f ORDER BY i", False),
+    ("SELECT max(x) AS hi, min(x) AS lo, count(x) AS n, sum(x) AS s FROM f", True),  # no comparison: the warehouse
+    ("SELECT i, x FROM f ORDER BY x DESC, i", True),
+    ("SELECT x, count(*) AS n FROM f GROUP BY x ORDER BY x", True),
+]
+
+
+@pytest.mark.parametrize("sql,in_warehouse", NAN_QUERIES)
+def test_nan_compares_as_in_the_sandbox(rig, sql: str, in_warehouse: bool) -> None:
+    storage, sandbox, router = rig
+    checked = _checked(storage.storage, sql)
+    expected = sandbox.run(storage.storage, checked).read_all()
+    storage.reset()
+    got = router.run(storage.storage, checked).read_all()
+    assert storage.sent  # planned for the warehouse; the NaN guard decides in PostgreSQL
+    assert (storage.reads == 0) is in_warehouse
+    assert_same_answer(got, expected, sql)
 
 
 def test_refused_functions_never_get_past_the_check(rig) -> None:

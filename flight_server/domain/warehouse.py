@@ -47,6 +47,7 @@ of the sandbox itself).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -57,7 +58,8 @@ from sqlglot.optimizer.annotate_types import annotate_types
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.domain.errors import Cancelled, ServiceError, SqlLimitExceeded
+from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
+from flight_server.domain.sql import _time_limit
 
 if TYPE_CHECKING:
     from flight_server.domain.sql import CheckedQuery, SqlSandbox
@@ -129,6 +131,8 @@ class Plan:
 
     sql: str  # postgres dialect; tables qualified "dataset"."table"
     columns: int  # how many columns it returns
+    # SQL that must answer false in the same snapshot for the plan to hold (else: the sandbox), see _nan_guards
+    guards: tuple[str, ...] = ()
 
     def final_sql(self, schema: pa.Schema, max_rows: int) -> str | None:
         """The SQL to run: every output column cast to the PostgreSQL type that reads back as the
@@ -235,7 +239,33 @@ def plan(storage: "Storage", query: "CheckedQuery") -> Plan | str:
         sql = tree.sql("postgres")
     except Exception as exc:  # noqa: BLE001
         return f"no PostgreSQL text ({type(exc).__name__})"
-    return Plan(sql, len(tree.selects))
+    return Plan(sql, len(tree.selects), _nan_guards(tree, query, types))
+
+
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.Between,
+                exp.In)
+
+
+def _nan_guards(tree: exp.Expression, query: "CheckedQuery",
+                types: Mapping[str, Mapping[str, exp.DataType.Type | None]]) -> tuple[str, ...]:
+    """NaN compares differently: PostgreSQL (and duckdb's own operators) order it above every number and
+    equal to itself, but a filter duckdb pushes into the sandbox's Arrow scan compares with Arrow's
+    semantics (``NaN > 0.5`` is false there) -- and which filters duckdb pushes is its optimizer's
+    choice. So a query that compares anything while it reads a double column runs in the warehouse only
+    if those columns hold no NaN: one ``EXISTS`` per table, in the query's own snapshot."""
+    if tree.find(*_COMPARISONS) is None:
+        return ()
+    guards = []
+    for table, used in sorted(query.tables.items()):
+        floats = [c for c, kind in types[table].items() if kind == exp.DataType.Type.DOUBLE and (used is None or c in used)]
+        if floats:
+            test = " OR ".join(f"{_quoted(c)} = 'NaN'::float8" for c in floats)
+            guards.append(f"SELECT EXISTS (SELECT 1 FROM {_quoted(query.dataset)}.{_quoted(table)} WHERE {test})")
+    return tuple(guards)
+
+
+def _quoted(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql("postgres")
 
 
 def _sources(tree: exp.Expression, query: "CheckedQuery") -> dict[int, str] | str:
@@ -328,7 +358,9 @@ class WarehouseRouter:
     def max_rows(self) -> int:
         return self.sandbox.max_rows
 
-    def __getattr__(self, name: str) -> Any:  # memory_limit, pool, batch_rows...
+    def __getattr__(self, name: str) -> Any:  # memory_limit, pool, batch_rows...: the sandbox's
+        if name == "sandbox":
+            raise AttributeError(name)
         return getattr(self.sandbox, name)
 
     def close(self) -> None:
@@ -357,30 +389,38 @@ class WarehouseRouter:
 
     def run(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
             parameters: pa.Table | None = None) -> pa.RecordBatchReader:
+        """The sandbox's answer: from the warehouse when :meth:`plan` allows, else from the sandbox.
+
+        One ``server.sql_timeout`` covers the sandbox's bind of the schema and the warehouse run; a query
+        PostgreSQL refuses before its first row then runs in the sandbox under the sandbox's own limit.
+        """
         decided = self.plan(storage, query, parameters)
         if decided is None:
             return self.sandbox.run(storage, query, cancelled, parameters)
+        started = time.monotonic()
         schema = self.sandbox.schema(storage, query, cancelled)
         sql = decided.final_sql(schema, self.sandbox.max_rows)
         if sql is None:
             return self.sandbox.run(storage, query, cancelled, parameters)
+        remaining = self.sandbox.timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise _time_limit(self.sandbox.timeout, query.dataset)
+        reader = None
         try:
-            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled)  # type: ignore[attr-defined]
-        except (SqlLimitExceeded, Cancelled):
-            raise
-        except ServiceError as exc:
-            # PostgreSQL refused what the sandbox may answer (an overflow, a type it will not compare):
-            # the sandbox's answer, or its error in its own words
-            log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
-                     query.dataset, exc)
-            return self.sandbox.run(storage, query, cancelled, parameters)
-        try:
+            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled,  # type: ignore[attr-defined]
+                                             decided.guards, remaining)
             first = _next(reader)
+            if first is not None:
+                first = conform(first, schema)
         except (SqlLimitExceeded, Cancelled):
-            reader.close()
+            if reader is not None:
+                reader.close()
             raise
-        except ServiceError as exc:
-            reader.close()
+        except (ServiceError, pa.ArrowException) as exc:
+            # PostgreSQL refused what the sandbox may answer (an overflow, a comparison of two types), or
+            # a value does not fit the sandbox's type: the sandbox's answer, or its error in its own words
+            if reader is not None:
+                reader.close()
             log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
                      query.dataset, exc)
             return self.sandbox.run(storage, query, cancelled, parameters)
@@ -398,8 +438,14 @@ class WarehouseRouter:
                     raise SqlLimitExceeded(
                         f"query result exceeds the limit of {max_rows:,} rows (server.sql_max_rows); "
                         "aggregate or add a LIMIT", dataset=dataset, limit="server.sql_max_rows", value=max_rows)
-                yield conform(batch, schema)
+                yield batch
                 batch = _next(reader)
+                if batch is not None:
+                    try:
+                        batch = conform(batch, schema)
+                    except pa.ArrowException as exc:
+                        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                        raise InvalidRequest(f"SQL error: {text[:500]}", dataset=dataset) from None
         finally:
             reader.close()
 

@@ -112,6 +112,10 @@ class _Pool:
 _WATCH_SECONDS = 0.05
 
 
+class _GuardFailed(Exception):
+    """A guard of a warehouse query answered true."""
+
+
 class _Watch:
     """Cancels a cursor's statement at a deadline, or when the caller cancels while it waits for rows."""
 
@@ -416,20 +420,24 @@ class PostgresStorage(Storage):
         return reader if reader.schema.equals(schema) else reader.cast(schema)
 
     # --- SQL in the warehouse (domain/warehouse.py) -------------------------------------------------
-    def warehouse_query(self, sql: str, timeout: float,
-                        cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+    def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
+                        guards: Sequence[str] = (), remaining: float | None = None) -> pa.RecordBatchReader:
         """Run one query that :mod:`flight_server.domain.warehouse` wrote, read-only, time-limited, cancellable.
 
-        Inside ``BEGIN TRANSACTION READ ONLY`` (nothing can be written, even by a statement that slipped
-        through), with ``SET LOCAL`` ``statement_timeout`` = ``timeout``, ``search_path`` = pg_catalog
+        Inside ``BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY`` (nothing can be written,
+        even by a statement that slipped through; one snapshot for ``guards`` and the query), with ``SET LOCAL`` ``statement_timeout`` = ``timeout``, ``search_path`` = pg_catalog
         (then pg_temp: an unqualified name never resolves in a schema a user can create objects in) and
         ``TimeZone`` = UTC (string literals compared with timestamps read as the sandbox reads them). A
         watcher cancels the statement (``adbc_cancel``) at the deadline, and when ``cancelled()`` says the
         caller went away -- polled only while the caller waits for rows, as the sandbox does. The
         connection is rolled back and reset when the stream ends or is dropped. Errors are domain errors
         with the sandbox's texts for the time limit and cancellation, else ``SQL error: ...`` (no secret).
+
+        ``guards``: queries of one boolean each, run first in the same snapshot; if one answers true the
+        query is not run (``InvalidRequest``: the caller runs it elsewhere). ``remaining``: the seconds
+        left of ``timeout`` (``server.sql_timeout``, which the time-limit error names) when part of it is spent.
         """
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if remaining is None else min(remaining, timeout))
         pool = self.pool()
         for attempt in (0, 1):
             try:
@@ -438,7 +446,7 @@ class PostgresStorage(Storage):
                 raise self._fail(exc, "connecting") from None
             cur = con.cursor()
             try:
-                cur.execute("BEGIN TRANSACTION READ ONLY")
+                cur.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             except Exception as exc:  # noqa: BLE001
                 if self._release(con, cur, True) and attempt == 0:
                     continue  # a stale pooled connection: once more on a fresh one
@@ -448,8 +456,13 @@ class PostgresStorage(Storage):
         try:
             remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
             for setting in (f"SET LOCAL statement_timeout = {remaining_ms}", "SET LOCAL search_path = pg_catalog, pg_temp",
-                            "SET LOCAL TimeZone = 'UTC'"):
+                            "SET LOCAL TimeZone = 'UTC'",
+                            # the SQL's string literals are written for it (a backslash is a character)
+                            "SET LOCAL standard_conforming_strings = on"):
                 cur.execute(setting)
+            for guard in guards:
+                if watch.waiting(lambda: (cur.execute(guard), cur.fetchone())[1])[0]:
+                    raise _GuardFailed(guard)
             reader = watch.waiting(lambda: (cur.execute(sql), cur.fetch_record_batch())[1])
         except Exception as exc:  # noqa: BLE001
             watch.stop()
@@ -476,6 +489,9 @@ class PostgresStorage(Storage):
     def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
         from flight_server.domain.sql import _time_limit
 
+        if isinstance(exc, _GuardFailed):
+            return InvalidRequest(f"the warehouse cannot run this query as the sandbox would ({exc})",
+                                  dataset=self.dataset.name)
         text = str(exc)
         if watch.outcome == "timeout" or "statement timeout" in text:
             return _time_limit(timeout, self.dataset.name)
