@@ -490,3 +490,47 @@ def test_flight_sql_through_a_real_server_gets_the_sandboxs_answer(loaded, rig) 
     assert version and not str(version[0][0]).startswith("PostgreSQL")
     assert "pg_terminate_backend" in str(info.value) and "INTERNAL" not in str(info.value)
     assert "SQL error" in str(info.value) and env["PG_PASSWORD"] not in str(info.value)
+
+
+def test_the_least_privilege_role_of_docs_security_md_is_enough(loaded, postgres, tmp_path: Path) -> None:
+    """The read-only role recipe: SQL (warehouse and sandbox) works; tables dlt adds later are readable."""
+    project_file, env = loaded
+    password = "pw-reader-" + str(time.time_ns())
+    admin = postgres._admin_connect(postgres.database)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for statement in (
+                f"CREATE ROLE flight_share_reader LOGIN PASSWORD '{password}'",
+                f"GRANT CONNECT ON DATABASE {postgres.database} TO flight_share_reader",
+                f"GRANT USAGE ON SCHEMA {DATASET} TO flight_share_reader",
+                f"GRANT SELECT ON ALL TABLES IN SCHEMA {DATASET} TO flight_share_reader",
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {postgres.user} IN SCHEMA {DATASET} GRANT SELECT ON TABLES TO flight_share_reader",
+                "ALTER ROLE flight_share_reader SET default_transaction_read_only = on",
+            ):
+                cur.execute(statement)
+    finally:
+        admin.close()
+    # a table the loading role adds after the grants
+    pipeline = dlt.pipeline("warehouse_later", destination=dlt.destinations.postgres(postgres.url), dataset_name=DATASET,
+                            pipelines_dir=str(tmp_path / "pipelines"))
+    pipeline.run(dlt.resource([{"id": i, "w": i * 1.5} for i in range(5)], name="later")).raise_on_failed_jobs()
+    reader_env = {**env, "PG_USER": "flight_share_reader", "PG_PASSWORD": password}
+    with environment(reader_env):
+        project = load_project(project_file)
+        storage = open_storage(project, project.datasets[DATASET])
+        sandbox = SqlSandbox(max_rows=1000, timeout=30)
+        router = WarehouseRouter(sandbox)
+        try:
+            counting = Counting(storage)
+            sql = "SELECT k, count(*) AS n, avg(value) AS a FROM t GROUP BY k ORDER BY k"
+            got = router.run(storage, _checked(storage, sql)).read_all()
+            assert counting.sent and counting.reads == 0 and got.num_rows == 10
+            later = router.run(storage, _checked(storage, "SELECT sum(w) AS s, count(*) AS n FROM later")).read_all()
+            assert later.to_pylist() == [{"s": 15.0, "n": 5}] and counting.reads == 0
+            assert sandbox.run(storage, _checked(storage, "SELECT lower(label) AS l FROM u ORDER BY l LIMIT 1")).read_all().num_rows == 1
+            with pytest.raises(ServiceError):  # the role itself cannot write, whatever the transaction says
+                storage._execute(['SET default_transaction_read_only = off',
+                                  f'INSERT INTO "{DATASET}"."u" (id, label) VALUES (100, \'x\')'], "probe")
+        finally:
+            storage.close()

@@ -232,14 +232,17 @@ def plan(storage: "Storage", query: "CheckedQuery") -> Plan | str:
         tree = annotate_types(tree, schema=schema, dialect="duckdb")
     except Exception as exc:  # noqa: BLE001 - any doubt: the sandbox
         return f"sqlglot cannot qualify it ({type(exc).__name__})"
-    reason = _unsupported(tree) or _check_and_rewrite(tree, query, types)
+    reason = _unsupported(tree)
     if reason:
         return reason
+    checked = _check_and_rewrite(tree, query, types)
+    if isinstance(checked, str):
+        return checked
     try:
         sql = tree.sql("postgres")
     except Exception as exc:  # noqa: BLE001
         return f"no PostgreSQL text ({type(exc).__name__})"
-    return Plan(sql, len(tree.selects), _nan_guards(tree, query, types))
+    return Plan(sql, len(tree.selects), checked)
 
 
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.Between,
@@ -247,17 +250,26 @@ _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeE
 
 
 def _nan_guards(tree: exp.Expression, query: "CheckedQuery",
-                types: Mapping[str, Mapping[str, exp.DataType.Type | None]]) -> tuple[str, ...]:
+                types: Mapping[str, Mapping[str, exp.DataType.Type | None]],
+                physical: Mapping[int, tuple[str, str]]) -> tuple[str, ...]:
     """NaN compares differently: PostgreSQL (and duckdb's own operators) order it above every number and
     equal to itself, but a filter duckdb pushes into the sandbox's Arrow scan compares with Arrow's
     semantics (``NaN > 0.5`` is false there) -- and which filters duckdb pushes is its optimizer's
-    choice. So a query that compares anything while it reads a double column runs in the warehouse only
-    if those columns hold no NaN: one ``EXISTS`` per table, in the query's own snapshot."""
-    if tree.find(*_COMPARISONS) is None:
-        return ()
+    choice. So the double columns a comparison reads must hold no NaN for the query to run in the
+    warehouse: one ``EXISTS`` per table, in the query's own snapshot. ``physical``: id of each column
+    node of a table of the dataset -> (table, column). A comparison over a CTE's or a subquery's column
+    (which may come from any double column) guards every double column the query reads."""
+    compared: set[tuple[str, str]] = set()
+    for comparison in tree.find_all(*_COMPARISONS):
+        for column in comparison.find_all(exp.Column):
+            where = physical.get(id(column))
+            if where is None:
+                compared |= {(t, c) for t, used in query.tables.items() for c in (used if used is not None else types[t])}
+            else:
+                compared.add(where)
     guards = []
-    for table, used in sorted(query.tables.items()):
-        floats = [c for c, kind in types[table].items() if kind == exp.DataType.Type.DOUBLE and (used is None or c in used)]
+    for table in sorted({t for t, _ in compared}):
+        floats = sorted(c for t, c in compared if t == table and types[table].get(c) == exp.DataType.Type.DOUBLE)
         if floats:
             test = " OR ".join(f"{_quoted(c)} = 'NaN'::float8" for c in floats)
             guards.append(f"SELECT EXISTS (SELECT 1 FROM {_quoted(query.dataset)}.{_quoted(table)} WHERE {test})")
@@ -282,7 +294,8 @@ def _sources(tree: exp.Expression, query: "CheckedQuery") -> dict[int, str] | st
 
 
 def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
-                       types: Mapping[str, Mapping[str, exp.DataType.Type]]) -> str | None:
+                       types: Mapping[str, Mapping[str, exp.DataType.Type | None]]) -> str | tuple[str, ...]:
+    """Why the qualified tree may not be sent, or (rewritten in place for PostgreSQL) its NaN guards."""
     sources = _sources(tree, query)
     if isinstance(sources, str):
         return sources
@@ -292,6 +305,7 @@ def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
         if cast.to.expressions or source not in _CASTS or target not in _CASTS[source]:
             return f"CAST from {source} to {target}"
     texts: dict[int, exp.Column] = {}
+    physical: dict[int, tuple[str, str]] = {}
     for scope in traverse_scope(tree):  # each scope's sources include the enclosing ones (correlated columns)
         for column in scope.columns:
             if isinstance(column.this, exp.Star):
@@ -304,12 +318,14 @@ def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
             kind = types[sources[id(source)]].get(column.name)
             if kind is None:
                 return f"column {column.name} of {sources[id(source)]} is not of a type read in the warehouse"
+            physical[id(column)] = (sources[id(source)], column.name)
             if kind == exp.DataType.Type.TEXT:
                 texts[id(column)] = column
     divisions = list(tree.find_all(exp.Div))
     if len(divisions) > MAX_DIVISIONS or any(side.find(exp.Div) is not None
                                              for div in divisions for side in (div.this, div.expression)):
         return "nested divisions (each is spelled out as IEEE division)"
+    guards = _nan_guards(tree, query, types, physical)
     for column in texts.values():
         column.replace(exp.Collate(this=column.copy(), expression=exp.to_identifier("C", quoted=True)))
     for div in divisions:
@@ -319,7 +335,7 @@ def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
     for ordered in tree.find_all(exp.Ordered):
         if ordered.args.get("nulls_first") is None:
             ordered.set("nulls_first", False)
-    return None
+    return guards
 
 
 def _ieee_division(x: exp.Expression, y: exp.Expression) -> exp.Expression:
