@@ -534,3 +534,24 @@ def test_the_least_privilege_role_of_docs_security_md_is_enough(loaded, postgres
                                   f'INSERT INTO "{DATASET}"."u" (id, label) VALUES (100, \'x\')'], "probe")
         finally:
             storage.close()
+
+
+def test_a_stream_dropped_half_way_gives_its_connection_back(rig) -> None:
+    """A client that stops reading: the transaction ends (no lock is left for dlt's next load to wait on)."""
+    import gc
+
+    storage, _, router = rig
+    pg = storage.storage
+    checked = _checked(pg, "SELECT id, grp FROM big WHERE id < 99000 ORDER BY id")
+    for _ in range(6):  # more than the pool keeps
+        reader = router.run(pg, checked)
+        first = reader.read_next_batch()
+        assert first.num_rows > 0 and first.column("id")[0].as_py() == 0
+        del reader, first
+        gc.collect()
+    time.sleep(0.2)
+    stuck = pg._execute(["SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
+                         "(state LIKE 'idle in transaction%' OR (state = 'active' AND query LIKE '%big%' "
+                         "AND query NOT LIKE '%pg_stat_activity%'))"], "probe", fetch=True)[0][0]
+    assert stuck == 0
+    assert router.run(pg, _checked(pg, "SELECT count(*) AS n FROM big")).read_all().to_pylist() == [{"n": BIG_ROWS}]
