@@ -117,9 +117,11 @@ _FLOATS = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
 _TEXTS = {exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR}
 # CAST(x AS <target>) is sent only from these source types (the two engines convert them alike: integers
 # exactly, doubles to integers rounding half to even in both); doubles and timestamps to text differ in format
+# (targets: no TINYINT, which PostgreSQL lacks, nor FLOAT, which is REAL in one and DOUBLE in the other)
+_CAST_INTEGERS = {exp.DataType.Type.BIGINT, exp.DataType.Type.INT, exp.DataType.Type.SMALLINT}
 _CASTS: dict[exp.DataType.Type, set[exp.DataType.Type]] = {
-    **{t: _INTEGERS | _FLOATS | _TEXTS for t in _INTEGERS},
-    **{t: _INTEGERS | _FLOATS for t in _FLOATS},
+    **{t: _CAST_INTEGERS | {exp.DataType.Type.DOUBLE} | _TEXTS for t in _INTEGERS},
+    **{t: _CAST_INTEGERS | {exp.DataType.Type.DOUBLE} for t in _FLOATS},
     **{t: set(_TEXTS) for t in _TEXTS},
     exp.DataType.Type.BOOLEAN: {exp.DataType.Type.BOOLEAN} | _TEXTS,
 }
