@@ -549,6 +549,10 @@ def test_a_stream_dropped_half_way_gives_its_connection_back(rig) -> None:
         assert first.num_rows > 0 and first.column("id")[0].as_py() == 0
         del reader, first
         gc.collect()
+    for _ in range(6):  # the adapter's stream, never read
+        unread = pg.warehouse_query(f'SELECT id FROM "{DATASET}"."big"', 30)
+        del unread
+        gc.collect()
     time.sleep(0.2)
     stuck = pg._execute(["SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
                          "(state LIKE 'idle in transaction%' OR (state = 'active' AND query LIKE '%big%' "

@@ -46,7 +46,7 @@ from flight_server.storage.base import (
     split_evenly,
     staging_dataset,
 )
-from flight_server.storage.lifetime import isolated, owning_reader
+from flight_server.storage.lifetime import _Lease, isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
 
@@ -425,7 +425,8 @@ class PostgresStorage(Storage):
         """Run one query that :mod:`flight_server.domain.warehouse` wrote, read-only, time-limited, cancellable.
 
         Inside ``BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY`` (nothing can be written,
-        even by a statement that slipped through; one snapshot for ``guards`` and the query), with ``SET LOCAL`` ``statement_timeout`` = ``timeout``, ``search_path`` = pg_catalog
+        even by a statement that slipped through; one snapshot for ``guards`` and the query), with
+        ``SET LOCAL`` ``statement_timeout`` = ``timeout``, ``search_path`` = pg_catalog
         (then pg_temp: an unqualified name never resolves in a schema a user can create objects in) and
         ``TimeZone`` = UTC (string literals compared with timestamps read as the sandbox reads them). A
         watcher cancels the statement (``adbc_cancel``) at the deadline, and when ``cancelled()`` says the
@@ -470,7 +471,12 @@ class PostgresStorage(Storage):
             raise self._warehouse_error(exc, watch, timeout) from None
         bare = _plain_schema(reader.schema)
 
-        def batches() -> Iterator[pa.RecordBatch]:
+        def end() -> None:
+            watch.stop()
+            self._release(con, cur, True, reader)
+
+        def batches(lease: _Lease) -> Iterator[pa.RecordBatch]:
+            # the lease ends the transaction when the stream ends, fails, or is dropped (even unread)
             try:
                 while True:
                     try:
@@ -481,10 +487,9 @@ class PostgresStorage(Storage):
                         raise self._warehouse_error(exc, watch, timeout) from None
                     yield batch if batch.schema.equals(bare) else batch.cast(bare)
             finally:
-                watch.stop()
-                self._release(con, cur, True, reader)
+                lease.release()
 
-        return pa.RecordBatchReader.from_batches(bare, batches())
+        return pa.RecordBatchReader.from_batches(bare, batches(_Lease((reader, con, cur), end)))
 
     def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
         from flight_server.domain.sql import _time_limit
