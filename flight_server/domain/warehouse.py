@@ -23,7 +23,11 @@ Where the engines differ, the SQL sent spells duckdb's meaning out:
   (byte order of UTF-8 = code point order), whatever the database's collation;
 - ``LIKE`` has no escape character in duckdb (PostgreSQL's default is ``\\``): ``ESCAPE ''``;
 - NULLs sort last in duckdb for ASC and DESC: every ORDER BY key says NULLS FIRST/LAST explicitly;
-- string literals compared with timestamps are read in UTC (``SET LOCAL TimeZone``, storage side).
+- string literals compared with timestamps are read in UTC (``SET LOCAL TimeZone``, storage side);
+- NaN: a filter duckdb pushes into the sandbox's Arrow scan compares it as Arrow does (``NaN > 0.5`` is
+  false), PostgreSQL orders it above every number: the double columns a comparison reads must hold no
+  NaN, checked by one ``EXISTS`` per table in the query's own snapshot (:func:`_nan_guards`), else the
+  sandbox answers.
 
 The result's **names and Arrow types are the sandbox's own**: the router asks the sandbox for the
 query's schema (a bind in a worker; no table data is read), casts every output column in the SQL to the
@@ -34,14 +38,15 @@ GetFlightInfo / GetSchema (:meth:`WarehouseRouter.schema`, the sandbox's answer)
 (lists, structs, intervals, NULL) falls back; so does a query PostgreSQL refuses before its first row
 (the caller then gets the sandbox's answer or its usual error, in its usual words).
 
-The storage side (``PostgresStorage.warehouse_query``) runs the SQL inside ``BEGIN TRANSACTION READ
-ONLY`` with ``statement_timeout`` = ``server.sql_timeout``, ``search_path = pg_catalog, pg_temp`` and
-cancellation by the caller (ADBC's ``adbc_cancel``); the router enforces ``server.sql_max_rows`` (it
+The storage side (``PostgresStorage.warehouse_query``) runs the SQL inside ``BEGIN TRANSACTION ISOLATION
+LEVEL REPEATABLE READ READ ONLY`` with ``statement_timeout`` = ``server.sql_timeout``, ``search_path =
+pg_catalog, pg_temp`` and cancellation by the caller (ADBC's ``adbc_cancel``); the router enforces ``server.sql_max_rows`` (it
 asks for one row more) with the sandbox's own text.
 
 Known differences, accepted: a double division by a negative zero gives ``+inf`` where duckdb gives
 ``-inf``; the last bits of a float ``sum``/``avg`` depend on the order of addition (as between two runs
-of the sandbox itself).
+of the sandbox itself), and ``avg`` of integers is PostgreSQL's exact numeric average rounded to a double,
+which may differ from duckdb's in the last bit.
 """
 
 from __future__ import annotations
