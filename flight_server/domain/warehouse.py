@@ -447,6 +447,11 @@ class WarehouseRouter:
             log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
                      query.dataset, exc)
             return self.sandbox.run(storage, query, cancelled, parameters)
+        except Exception:  # noqa: BLE001 - a bug on this path must not fail what the sandbox can answer
+            if reader is not None:
+                reader.close()
+            log.exception("warehouse query on %s failed unexpectedly; running it in the SQL sandbox", query.dataset)
+            return self.sandbox.run(storage, query, cancelled, parameters)
         return pa.RecordBatchReader.from_batches(schema, self._limited(reader, first, schema, query.dataset))
 
     def _limited(self, reader: pa.RecordBatchReader, first: pa.RecordBatch | None, schema: pa.Schema,
