@@ -485,7 +485,20 @@ def test_flight_sql_through_a_real_server_gets_the_sandboxs_answer(loaded, rig) 
             with pytest.raises(flight_sql.Error) as info:
                 cur.execute("SELECT pg_terminate_backend(1) AS s FROM wh_data.u")
                 cur.fetchall()
+        # the plain Flight surface: GetFlightInfo's schema (the sandbox's bind) is the schema DoGet streams
+        import json
+
+        import pyarrow.flight as flight
+
+        plain_sql = sql.replace("wh_data.", "")
+        descriptor = flight.FlightDescriptor.for_command(
+            json.dumps({"v": 1, "op": "sql", "dataset": DATASET, "query": plain_sql}).encode())
+        with flight.connect(server.url) as client:
+            flight_info = client.get_flight_info(descriptor)
+            streamed = client.do_get(flight_info.endpoints[0].ticket).read_all()
         assert server.alive, server.output()
+    assert flight_info.schema.equals(streamed.schema) and flight_info.schema.equals(expected.schema)
+    assert_same_answer(streamed, expected, sql)
     assert_same_answer(got, expected, sql)
     assert version and not str(version[0][0]).startswith("PostgreSQL")
     assert "pg_terminate_backend" in str(info.value) and "INTERNAL" not in str(info.value)
