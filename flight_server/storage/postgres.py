@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import json
 import queue
-from typing import Any, Callable, Sequence
+import re
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import dlt
 import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.errors import InvalidRequest, Unavailable
+from flight_server.domain.errors import Cancelled, InvalidRequest, Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
@@ -43,7 +46,7 @@ from flight_server.storage.base import (
     split_evenly,
     staging_dataset,
 )
-from flight_server.storage.lifetime import isolated, owning_reader
+from flight_server.storage.lifetime import _Lease, isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
 
@@ -104,6 +107,64 @@ class _Pool:
                 _close_quietly(self._idle.get_nowait())
             except queue.Empty:
                 return
+
+
+_WATCH_SECONDS = 0.05
+
+
+class _GuardFailed(Exception):
+    """A guard of a warehouse query answered true."""
+
+
+class _Watch:
+    """Cancels a cursor's statement at a deadline, or when the caller cancels while it waits for rows."""
+
+    def __init__(self, cur: Any, deadline: float, cancelled: Callable[[], bool] | None) -> None:
+        self.cur, self.deadline, self.cancelled = cur, deadline, cancelled
+        self.outcome: str | None = None  # "timeout" | "cancelled"
+        self._waiting = False
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="flight-share-warehouse-watch", daemon=True).start()
+
+    def waiting(self, step: Callable[[], Any]) -> Any:
+        with self._lock:
+            self._waiting = True
+        try:
+            return step()
+        finally:
+            with self._lock:
+                self._waiting = False
+
+    def _run(self) -> None:
+        while not self._done.wait(_WATCH_SECONDS):
+            with self._lock:
+                if self._done.is_set():
+                    return
+                if time.monotonic() >= self.deadline:
+                    self.outcome = "timeout"
+                elif self._waiting and self.cancelled is not None and self.cancelled():
+                    self.outcome = "cancelled"  # polled only while the caller's call is still on
+                if self.outcome:
+                    try:
+                        self.cur.adbc_cancel()
+                    except Exception:  # noqa: BLE001 - the statement ended meanwhile
+                        pass
+                    return
+
+    def stop(self) -> None:
+        with self._lock:  # after this, no cancel is on its way to the connection's next statement
+            self._done.set()
+
+
+_PG_ERROR = re.compile(r"ERROR:\s+(.*)")
+
+
+def _pg_message(text: str) -> str:
+    """PostgreSQL's own message out of the driver's text (``... ERROR:  division by zero``), one line."""
+    match = _PG_ERROR.search(text)
+    line = (match.group(1) if match else text).strip().splitlines()
+    return line[0].strip() if line else ""
 
 
 def _literal(text: str) -> str:
@@ -357,6 +418,92 @@ class PostgresStorage(Storage):
         columns_sql = [_column_sql(c, types.get(c)) for c in schema.names]
         reader = self._stream(select_sql(self.dataset.name, table, columns_sql, " AND ".join(conditions) or None, limit))
         return reader if reader.schema.equals(schema) else reader.cast(schema)
+
+    # --- SQL in the warehouse (domain/warehouse.py) -------------------------------------------------
+    def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
+                        guards: Sequence[str] = (), remaining: float | None = None) -> pa.RecordBatchReader:
+        """Run one query that :mod:`flight_server.domain.warehouse` wrote, read-only, time-limited, cancellable.
+
+        Inside ``BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY`` (nothing can be written,
+        even by a statement that slipped through; one snapshot for ``guards`` and the query), with
+        ``SET LOCAL`` ``statement_timeout`` = ``timeout``, ``search_path`` = pg_catalog
+        (then pg_temp: an unqualified name never resolves in a schema a user can create objects in) and
+        ``TimeZone`` = UTC (string literals compared with timestamps read as the sandbox reads them). A
+        watcher cancels the statement (``adbc_cancel``) at the deadline, and when ``cancelled()`` says the
+        caller went away -- polled only while the caller waits for rows, as the sandbox does. The
+        connection is rolled back and reset when the stream ends or is dropped. Errors are domain errors
+        with the sandbox's texts for the time limit and cancellation, else ``SQL error: ...`` (no secret).
+
+        ``guards``: queries of one boolean each, run first in the same snapshot; if one answers true the
+        query is not run (``InvalidRequest``: the caller runs it elsewhere). ``remaining``: the seconds
+        left of ``timeout`` (``server.sql_timeout``, which the time-limit error names) when part of it is spent.
+        """
+        deadline = time.monotonic() + (timeout if remaining is None else min(remaining, timeout))
+        pool = self.pool()
+        for attempt in (0, 1):
+            try:
+                con = pool.take()
+            except Exception as exc:  # noqa: BLE001 - cannot connect
+                raise self._fail(exc, "connecting") from None
+            cur = con.cursor()
+            try:
+                cur.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            except Exception as exc:  # noqa: BLE001
+                if self._release(con, cur, True) and attempt == 0:
+                    continue  # a stale pooled connection: once more on a fresh one
+                raise self._fail(exc, "SQL in the warehouse") from None
+            break
+        watch = _Watch(cur, deadline, cancelled)
+        try:
+            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            for setting in (f"SET LOCAL statement_timeout = {remaining_ms}", "SET LOCAL search_path = pg_catalog, pg_temp",
+                            "SET LOCAL TimeZone = 'UTC'",
+                            # the SQL's string literals are written for it (a backslash is a character)
+                            "SET LOCAL standard_conforming_strings = on"):
+                cur.execute(setting)
+            for guard in guards:
+                if watch.waiting(lambda: (cur.execute(guard), cur.fetchone())[1])[0]:
+                    raise _GuardFailed(guard)
+            reader = watch.waiting(lambda: (cur.execute(sql), cur.fetch_record_batch())[1])
+        except Exception as exc:  # noqa: BLE001
+            watch.stop()
+            self._release(con, cur, True)
+            raise self._warehouse_error(exc, watch, timeout) from None
+        bare = _plain_schema(reader.schema)
+
+        def end() -> None:
+            watch.stop()
+            self._release(con, cur, True, reader)
+
+        def batches(lease: _Lease) -> Iterator[pa.RecordBatch]:
+            # the lease ends the transaction when the stream ends, fails, or is dropped (even unread)
+            try:
+                while True:
+                    try:
+                        batch = watch.waiting(reader.read_next_batch)
+                    except StopIteration:
+                        return
+                    except Exception as exc:  # noqa: BLE001
+                        raise self._warehouse_error(exc, watch, timeout) from None
+                    yield batch if batch.schema.equals(bare) else batch.cast(bare)
+            finally:
+                lease.release()
+
+        return pa.RecordBatchReader.from_batches(bare, batches(_Lease((reader, con, cur), end)))
+
+    def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
+        from flight_server.domain.sql import _time_limit
+
+        if isinstance(exc, _GuardFailed):
+            return InvalidRequest(f"the warehouse cannot run this query as the sandbox would ({exc})",
+                                  dataset=self.dataset.name)
+        text = str(exc)
+        if watch.outcome == "timeout" or "statement timeout" in text:
+            return _time_limit(timeout, self.dataset.name)
+        if watch.outcome == "cancelled":
+            return Cancelled("the query was cancelled by its caller", dataset=self.dataset.name)
+        detail = self._scrub(_pg_message(text) or type(exc).__name__)
+        return InvalidRequest(f"SQL error: {detail[:500]}", dataset=self.dataset.name)
 
     def close(self) -> None:
         with self._lock:

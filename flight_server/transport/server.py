@@ -24,6 +24,7 @@ from flight_server.domain.config import ProjectConfig
 from flight_server.domain.errors import InvalidRequest, Unsupported
 from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
+from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, session
@@ -48,7 +49,8 @@ class FlightShareServer(flight.FlightServerBase):
         super().__init__(location, **kwargs)
         self.catalog = Catalog(project)
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
-        self.sql = SqlSandbox.from_config(project.server, self.cache.sql_reader)
+        # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
+        self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
