@@ -35,7 +35,9 @@ catalog=project)`` also accepts ``project.dataset.table``.
 
 Limits: ``server.sql_max_rows`` (more rows fail the query), ``server.sql_timeout`` (each call: the
 bind of GetFlightInfo / GetSchema; parse-to-last-batch of DoGet) and ``server.sql_memory_limit``
-(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit).
+(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit). A
+row-wise query (:func:`row_wise_table`) may run as several independent queries, one per partition of its
+table (``SqlSandbox.run(..., partition=...)``, Flight SQL's partitioned results): the limits hold per partition.
 """
 
 from __future__ import annotations

@@ -20,6 +20,14 @@ different destinations, so there is no cross-dataset join). Statement and prepar
 carry the statement itself (:class:`Statement`): the server keeps no per-statement state, and every
 DoGet runs the sandbox again under the caller's profile.
 
+Large results in parallel: a row-wise statement over one table (:func:`~flight_server.domain.sql.row_wise_table`)
+whose table has several partitions (``Storage.partitions(table, server.endpoint_rows)``) is answered as one
+endpoint per partition, ``ordered=False``, naming the replicas (``server.locations``) round-robin. Each
+endpoint's handle carries the statement and its partition ``{"dataset", "table", "spec"}``, sealed together
+(:func:`encode_handle`), and DoGet runs the statement over that partition only; a partition this server did
+not plan for this statement, or planned for another dataset, is refused. Each endpoint is a query of its own
+under the sandbox's limits. The plain ``sql`` command stays one endpoint.
+
 Bound parameters (``?``, ``$1``): ``CreatePreparedStatement`` answers the parameter schema (``$1``...,
 null-typed); ``DoPut(CommandPreparedStatementQuery)`` with a batch of values (one row per execution, at
 most :data:`~flight_server.domain.sql.MAX_PARAMETER_ROWS` rows and ``MAX_PARAMETER_BYTES`` of Arrow IPC)
