@@ -821,8 +821,9 @@ class FlightSqlSurface:
         schema = self.sql.schema(storage, checked, call.cancelled, values)
         run = _a_run_of(statement)
         parts = storage.partitions(row_wise.table, self.endpoint_rows) if row_wise is not None else []
-        specs = [{"dataset": checked.dataset, "table": row_wise.table, "spec": p.spec} for p in parts]
-        if len(parts) <= 1 or any(len(_canonical(spec)) > MAX_PARTITION_BYTES for spec in specs):
+        specs = [{"dataset": checked.dataset, "table": row_wise.table, "spec": p.spec} for p in parts] \
+            if row_wise is not None else []
+        if row_wise is None or len(parts) <= 1 or any(len(_canonical(spec)) > MAX_PARTITION_BYTES for spec in specs):
             ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(run)))
             return self._info(schema, call.descriptor, ticket)
         locations = self.locations.assign(len(parts))
@@ -831,7 +832,6 @@ class FlightSqlSurface:
             locations[i]) for i, spec in enumerate(specs)]
         # rows are known when nothing filters them (and bound values do not run the query several times);
         # per endpoint they are estimates on some destinations, so no endpoint says its count
-        assert row_wise is not None
         total = sum(p.records for p in parts) if not row_wise.filtered and values is None else -1
         return flight.FlightInfo(schema, call.descriptor, endpoints, total, -1, ordered=False)
 
