@@ -35,7 +35,9 @@ catalog=project)`` also accepts ``project.dataset.table``.
 
 Limits: ``server.sql_max_rows`` (more rows fail the query), ``server.sql_timeout`` (each call: the
 bind of GetFlightInfo / GetSchema; parse-to-last-batch of DoGet) and ``server.sql_memory_limit``
-(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit).
+(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit). A
+row-wise query (:func:`row_wise_table`) may run as several independent queries, one per partition of its
+table (``SqlSandbox.run(..., partition=...)``, Flight SQL's partitioned results): the limits hold per partition.
 """
 
 from __future__ import annotations
@@ -459,6 +461,80 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
     return {t: frozenset(cols) for t, cols in found.items() if t in used}
 
 
+# --- which queries may run as several endpoints (Flight SQL's partitioned results) ------------------------
+
+# duckdb's aggregate functions (``duckdb_functions()``, function_type 'aggregate', duckdb 1.5) and its
+# macros that call one: any of them makes a query's answer depend on rows of other partitions.
+# tests/test_sql_partitions.py checks this list against the duckdb that is installed.
+DUCKDB_AGGREGATES = frozenset("""
+    any_value approx_count_distinct approx_quantile approx_top_k arbitrary arg_max arg_max_null
+    arg_max_nulls_last arg_min arg_min_null arg_min_nulls_last argmax argmin array_agg avg bit_and bit_or
+    bit_xor bitstring_agg bool_and bool_or corr count count_if count_star countif covar_pop covar_samp
+    cume_dist dense_rank entropy favg fill first first_value fsum group_concat histogram histogram_exact
+    kahan_sum kurtosis kurtosis_pop lag last last_value lead list listagg mad max max_by mean median min
+    min_by mode nth_value ntile percent_rank product quantile quantile_cont quantile_disc rank rank_dense
+    regr_avgx regr_avgy regr_count regr_intercept regr_r2 regr_slope regr_sxx regr_sxy regr_syy
+    reservoir_quantile row_number sem skewness stddev stddev_pop stddev_samp string_agg sum sum_no_overflow
+    sumkahan var_pop var_samp variance
+    geomean geometric_mean json_group_array json_group_object json_group_structure weighted_avg wavg
+""".split())
+# set-returning calls in a select list (their output rows are not one per input row): left to one stream
+_GENERATORS = frozenset({"unnest", "explode", "posexplode", "generate_subscripts", "json_each", "json_tree"})
+# the parts of a SELECT a row-wise query may have (anything else set: one endpoint)
+_ROW_WISE_SELECT_ARGS = frozenset({"expressions", "from_", "where"})
+_ROW_WISE_TABLE_ARGS = frozenset({"this", "db", "catalog", "alias"})
+
+
+def row_wise_table(tree: exp.Expression) -> str | None:
+    """The one table a query reads row by row, or None.
+
+    A query is row-wise when its answer over a table is the union of its answers over any split of
+    the table's rows: a plain ``SELECT <expressions> FROM <one table> [WHERE <condition>]`` with no
+    GROUP BY / HAVING / aggregate / window / QUALIFY / DISTINCT / ORDER BY / LIMIT / OFFSET / sample /
+    set operation / CTE / join / pivot, no nested SELECT anywhere (a scalar subquery would read the
+    whole table in every part), and no set-returning call (``unnest``). Row-wise functions are fine.
+    Such a query may run as several endpoints, each over one partition of the table (Flight SQL's
+    ``adbc_execute_partitions``). Conservative: any doubt answers None (one endpoint, as before).
+
+    ``tree``: a statement's tree, checked or not (a checked tree names ``"dataset"."table"``).
+    """
+    try:
+        return _row_wise_table(tree)
+    except RecursionError:
+        return None
+
+
+def _row_wise_table(tree: exp.Expression) -> str | None:
+    if type(tree) is not exp.Select:
+        return None
+    if any(value not in (None, False, [], "") for key, value in tree.args.items() if key not in _ROW_WISE_SELECT_ARGS):
+        return None
+    source = tree.args.get("from_")
+    if not isinstance(source, exp.From) or type(source.this) is not exp.Table:
+        return None
+    table = source.this
+    if not isinstance(table.this, exp.Identifier):
+        return None
+    if any(value not in (None, False, [], "") for key, value in table.args.items() if key not in _ROW_WISE_TABLE_ARGS):
+        return None
+    alias = table.args.get("alias")
+    if alias is not None and (not isinstance(alias, exp.TableAlias) or alias.args.get("columns")):
+        return None  # a column list renames by position: fine in itself, but nothing gains from allowing it
+    if not tree.expressions:
+        return None
+    for node in tree.walk():
+        if node is tree:
+            continue
+        if isinstance(node, (exp.Query, exp.Subquery, exp.Exists, exp.AggFunc, exp.Window, exp.UDTF, exp.Table,
+                             exp.WindowSpec, exp.With, exp.CTE, exp.Lateral, exp.Join, exp.TableSample)) \
+                and node is not table:
+            return None
+    for name in _function_names(tree):
+        if name in DUCKDB_AGGREGATES or name in _GENERATORS:
+            return None
+    return table.name
+
+
 # --- the locked-down engine: warm worker processes (flight_server/domain/sql_worker.py) ------------------------
 
 #: queries that run at once, each in its own worker process (more wait for a free one, within their
@@ -694,9 +770,11 @@ class _Job:
     """One query on one worker: its deadline, its caller's cancellation, the table data it asks for."""
 
     def __init__(self, sandbox: "SqlSandbox", storage: "Storage", query: CheckedQuery, op: str,
-                 cancelled: Callable[[], bool] | None, parameters: pa.Table | None = None) -> None:
+                 cancelled: Callable[[], bool] | None, parameters: pa.Table | None = None,
+                 partition: "TablePartition | None" = None) -> None:
         self.sandbox, self.storage, self.query, self.op = sandbox, storage, query, op
         self.parameters = parameters
+        self.partition = partition
         self.cancelled = cancelled
         self.deadline = time.monotonic() + sandbox.timeout
         self.lock = threading.Lock()
@@ -821,8 +899,12 @@ class _Job:
         try:
             table, _ = self.tables[index]
             pushed = self.query.pushdown
-            reader = self.sandbox.source(self.storage, table, self.columns[index], pushed.limits.get(table),
-                                         pushed.filters.get(table))
+            args = (self.storage, table, self.columns[index], pushed.limits.get(table), pushed.filters.get(table))
+            if self.partition is not None and self.partition.table == table:
+                # only then: a source written for five arguments keeps working for whole tables
+                reader = self.sandbox.source(*args, partition=self.partition.spec)
+            else:
+                reader = self.sandbox.source(*args)
             with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)
@@ -859,8 +941,20 @@ class _Job:
         self.pool.release(self.worker, reuse=clean and self.outcome is None)
 
 
-#: a table's stream for a query: (storage, table, columns or None, row limit or None, pushed filters or None)
-Source = Callable[["Storage", str, "list[str] | None", "int | None", Any], pa.RecordBatchReader]
+#: a table's stream for a query: (storage, table, columns or None, row limit or None, pushed filters or None),
+#: and ``partition=<spec>`` (keyword) when the query runs over one partition of that table
+#: (``Storage.partitions``; the caller made sure the spec is one the server planned)
+Source = Callable[..., pa.RecordBatchReader]
+
+
+@dataclass(frozen=True)
+class TablePartition:
+    """One partition of the table a row-wise query reads (:func:`row_wise_table`): the query runs over
+    those rows only. ``spec`` is a :class:`~flight_server.storage.base.Partition`'s spec, as the storage
+    adapter planned it: never one a client wrote (the transport seals it into the ticket)."""
+
+    table: str
+    spec: Mapping[str, Any]
 
 _MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
 
@@ -896,8 +990,8 @@ class SqlSandbox:
         self.max_rows = max_rows
         # where a query's tables come from: the adapter's reader, or the server's hot-table cache
         # (TableCache.sql_reader), with the columns the query uses and its pushed-down filters and limit
-        self.source: Source = source or (lambda storage, table, columns, limit, where:
-                                         storage.reader(table, columns, limit, where=where))
+        self.source: Source = source or (lambda storage, table, columns, limit, where, partition=None:
+                                         storage.reader(table, columns, limit, partition=partition, where=where))
         self.timeout = timeout
         self.batch_rows = batch_rows
         self.memory_limit = memory_limit
@@ -964,14 +1058,21 @@ class SqlSandbox:
         return schema
 
     def run(self, storage: "Storage", query: CheckedQuery,
-            cancelled: Callable[[], bool] | None = None, parameters: pa.Table | None = None) -> pa.RecordBatchReader:
+            cancelled: Callable[[], bool] | None = None, parameters: pa.Table | None = None, *,
+            partition: TablePartition | None = None) -> pa.RecordBatchReader:
         """A streaming reader of the result; the limits hold while it binds, runs and is read.
 
         ``cancelled``: the caller's ``context.is_cancelled``; polled only while the caller waits for
         the worker (so never after its call ended). ``parameters``: bound values, one row per
         execution (:func:`check_parameters`); the results of all rows, in row order, make one result.
+        ``partition``: run a row-wise query (:func:`row_wise_table`) over one partition of its table
+        only. Each partition is a query of its own: ``server.sql_timeout``, ``sql_memory_limit`` and
+        ``sql_max_rows`` hold per partition.
         """
-        job = _Job(self, storage, query, "run", cancelled, parameters)
+        if partition is not None and partition.table not in query.tables:
+            raise InvalidRequest(f"a partition of table '{partition.table}' does not belong to this query",
+                                 dataset=query.dataset)
+        job = _Job(self, storage, query, "run", cancelled, parameters, partition)
         try:
             # the first batch (or the error of a query that fails to bind) before the stream starts:
             # an error then leaves as the call's status, not in the middle of a stream

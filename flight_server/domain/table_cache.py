@@ -72,10 +72,16 @@ class TableCache:
         return cached
 
     def sql_reader(self, storage: Any, table: str, columns: Sequence[str] | None, limit: int | None,
-                   where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
+                   where: Sequence[Predicate] | None = None,
+                   partition: dict[str, Any] | None = None) -> pa.RecordBatchReader:
         """A table as a SQL query reads it (the sandbox's source): from memory when it is cached - projected
         and filtered by the pushed-down predicates as the adapter's own reader would - else the adapter's
-        reader. A SQL read counts toward caching like a table read."""
+        reader. A SQL read counts toward caching like a table read.
+
+        ``partition``: one of the adapter's partitions of the table (a Flight SQL endpoint of a split
+        query): always the adapter's reader of that slice, and not counted (the cache holds whole tables)."""
+        if partition is not None:
+            return storage.reader(table, columns, limit, partition=partition, where=where)
         cached = self._whole(storage, table, count=True)
         if cached is None:
             return storage.reader(table, columns, limit, where=where)

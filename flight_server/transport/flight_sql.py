@@ -20,6 +20,14 @@ different destinations, so there is no cross-dataset join). Statement and prepar
 carry the statement itself (:class:`Statement`): the server keeps no per-statement state, and every
 DoGet runs the sandbox again under the caller's profile.
 
+Large results in parallel: a row-wise statement over one table (:func:`~flight_server.domain.sql.row_wise_table`)
+whose table has several partitions (``Storage.partitions(table, server.endpoint_rows)``) is answered as one
+endpoint per partition, ``ordered=False``, naming the replicas (``server.locations``) round-robin. Each
+endpoint's handle carries the statement and its partition ``{"dataset", "table", "spec"}``, sealed together
+(:func:`encode_handle`), and DoGet runs the statement over that partition only; a partition this server did
+not plan for this statement, or planned for another dataset, is refused. Each endpoint is a query of its own
+under the sandbox's limits. The plain ``sql`` command stays one endpoint.
+
 Bound parameters (``?``, ``$1``): ``CreatePreparedStatement`` answers the parameter schema (``$1``...,
 null-typed); ``DoPut(CommandPreparedStatementQuery)`` with a batch of values (one row per execution, at
 most :data:`~flight_server.domain.sql.MAX_PARAMETER_ROWS` rows and ``MAX_PARAMETER_BYTES`` of Arrow IPC)
@@ -68,16 +76,20 @@ from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server._vendor import flight_messages as fm
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.errors import Cancelled, InvalidRequest, NotFound, Unavailable, Unsupported
+from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import (
     MAX_PARAMETER_BYTES,
     MAX_QUERY_CHARS,
+    CheckedQuery,
     SqlSandbox,
+    TablePartition,
     check_parameters,
     check_query,
     parameter_count,
     parameter_schema,
     parse_statement,
     referenced_datasets,
+    row_wise_table,
 )
 from flight_server.domain.writer import Writer
 from flight_server.storage import Storage
@@ -363,6 +375,9 @@ class Statement:
     # a random id in the tickets GetFlightInfo hands out: CancelFlightInfo stops a running DoGet only for
     # the one who holds its ticket (the same SQL from another caller of the same user is another run)
     run: str | None = None
+    # the ticket of one endpoint of a split result: {"dataset", "table", "spec"} - the partition of the
+    # statement's one table that this endpoint reads (sealed with the statement, see encode_handle)
+    partition: dict[str, Any] | None = None
 
     def values(self) -> pa.Table | None:
         """The bound values as a table, or None when nothing is bound."""
@@ -377,27 +392,54 @@ class Statement:
 
 
 _SEAL_PURPOSE = b"statement handle values"
+_PARTITION_SEAL_PURPOSE = b"statement handle partition"
+#: the largest partition spec a ticket carries (a Delta partition names its files); a table whose
+#: partitions name more is answered as one endpoint
+MAX_PARTITION_BYTES = 256 << 10
 
 
 def encode_handle(statement: Statement, signer: TicketSigner) -> bytes:
-    """A handle for the statement; bound values are sealed (only values this server checked and wrote
-    are ever decoded again: a forged handle could carry a compressed stream that inflates to gigabytes)."""
+    """A handle for the statement; bound values and a partition are sealed (only values this server checked
+    and wrote are ever decoded again: a forged handle could carry a compressed stream that inflates to
+    gigabytes; and only partitions this server planned, for this statement over this dataset's table,
+    ever reach a storage adapter: a forged one could name any file)."""
     body: dict[str, Any] = {"query": statement.query}
     if statement.run is not None:
         body["run"] = statement.run
     if statement.parameters is not None:
         body["parameters"] = base64.b64encode(statement.parameters).decode()
+    if statement.partition is not None:
+        body["partition"] = statement.partition
+        body["seal"] = base64.b64encode(signer.seal(_PARTITION_SEAL_PURPOSE, _sealed(statement))).decode()
+    elif statement.parameters is not None:
         body["seal"] = base64.b64encode(signer.seal(_SEAL_PURPOSE, _sealed(statement))).decode()
     return _HANDLE_PREFIX + json.dumps(body).encode()
 
 
 def _sealed(statement: Statement) -> bytes:
-    return statement.query.encode("utf-8", "surrogatepass") + b"\0" + (statement.parameters or b"")
+    query, values = statement.query.encode("utf-8", "surrogatepass"), statement.parameters or b""
+    if statement.partition is None:
+        return query + b"\0" + values
+    # the values' length first, so no other split of the bytes between values and partition reads the same
+    return query + b"\0" + str(len(values)).encode() + b"\0" + values + b"\0" + _canonical(statement.partition)
 
 
-# a handle: the statement in JSON (a character escaped as \uXXXX takes up to 12 bytes), and bound values in
-# base64 (4/3 of their size, plus IPC framing)
-_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 12 + MAX_PARAMETER_BYTES * 3 // 2 + 1024
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+# a handle: the statement in JSON (a character escaped as \uXXXX takes up to 12 bytes), bound values in
+# base64 (4/3 of their size, plus IPC framing), and a partition (escaped like the statement)
+_MAX_HANDLE_BYTES = MAX_QUERY_CHARS * 12 + MAX_PARAMETER_BYTES * 3 // 2 + MAX_PARTITION_BYTES * 6 + 1024
+
+
+def _partition_of(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"dataset", "table", "spec"} and isinstance(value["dataset"], str)
+            and isinstance(value["table"], str) and isinstance(value["spec"], dict)):
+        raise TypeError
+    return value
 
 
 def decode_handle(handle: bytes, signer: TicketSigner) -> Statement:
@@ -409,12 +451,16 @@ def decode_handle(handle: bytes, signer: TicketSigner) -> Statement:
         if not isinstance(query, str) or not isinstance(parameters, (str, type(None))) \
                 or not (run is None or (isinstance(run, str) and len(run) <= 64)):
             raise TypeError
+        partition = _partition_of(body.get("partition"))
         raw = base64.b64decode(parameters, validate=True) if parameters is not None else None
         sealed = base64.b64decode(seal, validate=True) if isinstance(seal, str) else b""
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidRequest("not a statement handle issued by this server") from None
-    statement = Statement(query, raw, run)
-    if raw is not None and not signer.opens(_SEAL_PURPOSE, _sealed(statement), sealed):
+    statement = Statement(query, raw, run, partition)
+    if partition is not None:
+        if not signer.opens(_PARTITION_SEAL_PURPOSE, _sealed(statement), sealed):
+            raise InvalidRequest("not a statement handle issued by this server (its partition is not sealed by it)")
+    elif raw is not None and not signer.opens(_SEAL_PURPOSE, _sealed(statement), sealed):
         raise InvalidRequest("not a statement handle issued by this server (its bound values are not sealed by it)")
     return statement
 
@@ -446,12 +492,26 @@ def _ipc(values: pa.Table) -> bytes:
 _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
 
 
+@dataclass(frozen=True)
+class _RowWise:
+    """The one table a statement reads row by row (it may run as one endpoint per partition of it)."""
+
+    table: str
+    filtered: bool  # it has a WHERE: how many rows it answers is unknown before it runs
+
+
 class FlightSqlSurface:
     """Handlers of Flight SQL requests, given the domain services they use."""
 
     def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer,
-                 sessions: SessionStore | None = None, signer: TicketSigner | None = None) -> None:
+                 sessions: SessionStore | None = None, signer: TicketSigner | None = None,
+                 endpoint_rows: int | None = None, locations: LocationRing | None = None) -> None:
         self.catalog_name = catalog_name
+        # a row-wise statement over a table of more rows than this is answered as one endpoint per partition
+        # (server.endpoint_rows), naming the replicas (server.locations) round-robin, as plain table reads do
+        server = getattr(getattr(catalog, "project", None), "server", None)
+        self.endpoint_rows = endpoint_rows if endpoint_rows is not None else getattr(server, "endpoint_rows", 1_000_000)
+        self.locations = locations if locations is not None else LocationRing(getattr(server, "locations", ()) or ())
         self.signer = signer if signer is not None else TicketSigner(secrets.token_bytes(32), 3600)
         self._bound = LastBound()
         self.sessions = sessions if sessions is not None else SessionStore()
@@ -700,9 +760,10 @@ class FlightSqlSurface:
         return pa.Table.from_pylist([{"table_type": TABLE_TYPE}], schema=TABLE_TYPES_SCHEMA)
 
     # --- statements ---------------------------------------------------------------------------------
-    def _prepare(self, call: Call, statement: Statement) -> tuple[Storage, Any, pa.Table | None]:
-        """The storage a statement reads, the statement checked and qualified by the sandbox, and its
-        bound values (checked against its placeholders; None when it has none)."""
+    def _prepare(self, call: Call, statement: Statement) -> tuple[Storage, CheckedQuery, pa.Table | None, _RowWise | None]:
+        """The storage a statement reads, the statement checked and qualified by the sandbox, its
+        bound values (checked against its placeholders; None when it has none), and the one table it
+        reads row by row (:func:`row_wise_table`; None: it runs as one query)."""
         profile = call.profile
         query = statement.query
         tree = parse_statement(query)  # once: the datasets, the placeholders and the check all read this tree
@@ -736,31 +797,67 @@ class FlightSqlSurface:
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(tree, dataset, columns, catalog=self.catalog_name), values
+        checked = check_query(tree, dataset, columns, catalog=self.catalog_name)
+        table = row_wise_table(tree)  # the checked tree: its one table is one of the dataset's
+        row_wise = _RowWise(table, tree.args.get("where") is not None) \
+            if table is not None and set(checked.tables) == {table} else None
+        return storage, checked, values, row_wise
 
     def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
-        storage, checked, values = self._prepare(call, statement)
+        storage, checked, values, _ = self._prepare(call, statement)
         return self.sql.schema(storage, checked, call.cancelled, values)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
         self._no_transaction(command)
-        statement = Statement(command.query)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(_a_run_of(statement))))
-        return self._info(self._query_schema(call, statement), call.descriptor, ticket)
+        return self._statement_flight_info(call, Statement(command.query))
+
+    def _statement_flight_info(self, call: Call, statement: Statement) -> flight.FlightInfo:
+        """GetFlightInfo of a statement: one endpoint, or one per partition of the table a row-wise
+        statement reads (each ticket seals the statement with its partition); endpoints name the
+        replicas round-robin, and their order means nothing (``ordered=False``)."""
+        statement = dataclasses.replace(statement, partition=None)  # a ticket's handle sent back: plan anew
+        storage, checked, values, row_wise = self._prepare(call, statement)
+        schema = self.sql.schema(storage, checked, call.cancelled, values)
+        run = _a_run_of(statement)
+        parts = storage.partitions(row_wise.table, self.endpoint_rows) if row_wise is not None else []
+        specs = [{"dataset": checked.dataset, "table": row_wise.table, "spec": p.spec} for p in parts] \
+            if row_wise is not None else []
+        if row_wise is None or len(parts) <= 1 or any(len(_canonical(spec)) > MAX_PARTITION_BYTES for spec in specs):
+            ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(run)))
+            return self._info(schema, call.descriptor, ticket)
+        locations = self.locations.assign(len(parts))
+        endpoints = [flight.FlightEndpoint(
+            pack(pb.TicketStatementQuery(statement_handle=self._encode(dataclasses.replace(run, partition=spec)))),
+            locations[i]) for i, spec in enumerate(specs)]
+        # rows are known when nothing filters them (and bound values do not run the query several times);
+        # per endpoint they are estimates on some destinations, so no endpoint says its count
+        total = sum(p.records for p in parts) if not row_wise.filtered and values is None else -1
+        return flight.FlightInfo(schema, call.descriptor, endpoints, total, -1, ordered=False)
 
     def _statement_schema(self, call: Call, request: Request) -> flight.SchemaResult:
         return flight.SchemaResult(self._query_schema(call, Statement(request.message.query)))
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
         handle = request.message.statement_handle
-        storage, checked, values = self._prepare(call, self._decode(handle))
+        statement = self._decode(handle)
+        storage, checked, values, row_wise = self._prepare(call, statement)
+        partition = None
+        if statement.partition is not None:
+            # sealed with this statement, but planned for the dataset and table it read then: the session's
+            # current dataset may have changed since (an unqualified table), and then it is not this one's
+            if row_wise is None or statement.partition["dataset"] != checked.dataset \
+                    or statement.partition["table"] != row_wise.table:
+                raise InvalidRequest("this ticket's partition belongs to another dataset or table than its statement "
+                                     "reads now; call GetFlightInfo again")
+            partition = TablePartition(row_wise.table, statement.partition["spec"])
         # registered while it runs, so CancelFlightInfo (from any connection of the same user) can stop it
         key, stop = (call.identity.user, handle), threading.Event()
         with self._running_lock:
             self._running.setdefault(key, set()).add(stop)
         try:
-            reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values)
+            reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values,
+                                  partition=partition)
         except BaseException:
             self._unregister(key, stop)
             raise
@@ -833,9 +930,7 @@ class FlightSqlSurface:
         return statement
 
     def _prepared_info(self, call: Call, request: Request) -> flight.FlightInfo:
-        statement = self._with_last_bound(call, request.message.prepared_statement_handle)
-        ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(_a_run_of(statement))))
-        return self._info(self._query_schema(call, statement), call.descriptor, ticket)
+        return self._statement_flight_info(call, self._with_last_bound(call, request.message.prepared_statement_handle))
 
     def _prepared_schema(self, call: Call, request: Request) -> flight.SchemaResult:
         return flight.SchemaResult(self._query_schema(call, self._with_last_bound(call, request.message.prepared_statement_handle)))
