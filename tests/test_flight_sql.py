@@ -153,6 +153,23 @@ def test_bound_parameters_filter_like_literals(conn: flight_sql.Connection) -> N
         assert cur.fetchall() == [("é 🙂 ' \" ;", b"\x00\xff", 2.5)]
 
 
+def test_the_same_statement_bound_to_values_of_other_sizes(conn: flight_sql.Connection) -> None:
+    """Regression (review): result schemas were remembered by the bound values' Arrow types, but duckdb types a
+    bound value by the value (1 is INTEGER, 2**40 BIGINT; decimals by their digits): the FlightInfo promised
+    the first binding's type and the stream brought another."""
+    import decimal
+
+    for sql, values in [
+        ("SELECT ? AS x", [pa.array([1], pa.int64()), pa.array([2**40], pa.int64()), pa.array([2], pa.int64())]),
+        ("SELECT ? AS x", [pa.array([decimal.Decimal("1.5")], pa.decimal128(20, 3)),
+                           pa.array([decimal.Decimal("123456789.125")], pa.decimal128(20, 3))]),
+    ]:
+        for value in values:
+            with conn.cursor() as cur:
+                cur.execute(sql, parameters=pa.table({"p": value}))
+                assert cur.fetch_arrow_table().column(0).to_pylist() == value.to_pylist()
+
+
 def test_an_injection_through_a_parameter_stays_a_value(conn: flight_sql.Connection) -> None:
     hostile = f"x' OR '1'='1'; DROP TABLE {EVENTS}.issues_event; --"
     with conn.cursor() as cur:

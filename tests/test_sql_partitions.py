@@ -1,5 +1,5 @@
 """Large Flight SQL results in parallel: a row-wise statement over one table is answered as one endpoint per
-partition of that table (``server.endpoint_rows``), each readable from any replica (``server.locations``).
+partition of that table (``server.sql_endpoint_rows``), each readable from any replica (``server.locations``).
 
 Which statements split is decided from sqlglot's tree (:func:`row_wise_table`, unit tests below); through real
 servers over duckdb, Delta (local) and PostgreSQL - data loaded by ordinary dlt pipelines - ADBC's
@@ -190,7 +190,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
           {destination}
         datasets:
           {DATASET}: {{destination: [nums]}}
-        server: {{anonymous_profile: access, jwt_secret: '{{env.PART_SECRET}}', endpoint_rows: {ENDPOINT_ROWS}{locations}}}
+        server: {{anonymous_profile: access, jwt_secret: '{{env.PART_SECRET}}', endpoint_rows: {ENDPOINT_ROWS}, sql_endpoint_rows: {ENDPOINT_ROWS}{locations}}}
     """))
     pipeline = dlt.pipeline(f"partitions_{kind}", destination=owner, dataset_name=DATASET,
                             pipelines_dir=str(root / "pipelines"))
@@ -394,7 +394,7 @@ def clients_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     demo = make_project(tmp_path_factory.mktemp("partition-clients") / "base", events=300)
     project = _project(tmp_path_factory.mktemp("partition-clients") / "main", demo, None)
     text = project.read_text()
-    project.write_text(text.replace("  anonymous_profile: access\n", f"  anonymous_profile: access\n  endpoint_rows: {CLIENT_ROWS}\n", 1))
+    project.write_text(text.replace("  anonymous_profile: access\n", f"  anonymous_profile: access\n  endpoint_rows: {CLIENT_ROWS}\n  sql_endpoint_rows: {CLIENT_ROWS}\n", 1))
     with ServerProcess(project, env={"FLIGHT_SHARE_JWT_SECRET": JWT_SECRET}) as proc:
         yield proc
         assert proc.alive, proc.output()

@@ -71,6 +71,7 @@ HOSTILE = [
     "CALL pragma_version()",
     "SELECT getenv('HOME')",
     "SELECT current_setting('memory_limit')",
+    "SELECT txid_current()",  # a worker's transaction count tells how many queries (anyone's) it ran
     "SELECT * FROM duckdb_settings()",
     "SELECT * FROM duckdb_tables()",
     "SELECT * FROM duckdb_databases()",

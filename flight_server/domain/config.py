@@ -158,6 +158,10 @@ class ServerConfig:
     # a table read is split into endpoints of about this many rows (Delta: file groups, PostgreSQL:
     # block ranges, duckdb: row-id ranges); each endpoint is readable on its own, in parallel
     endpoint_rows: int = 1_000_000
+    # a row-wise SQL statement over a table of more rows than this is answered as one endpoint per partition
+    # of the table (Flight SQL; 0: never split). Off by default: some clients read only the first endpoint
+    # (flightsql-dbapi, altertable-flightsql), and on one machine the split costs more than it gains
+    sql_endpoint_rows: int = 0
     # replicas serving the same project over a shared destination: endpoints name them round-robin
     # (empty: endpoints name no location, i.e. "the server you asked")
     locations: tuple[str, ...] = ()
@@ -505,6 +509,7 @@ _SERVER_KEYS = (
     "host", "port", "anonymous_profile", "profile", "data_dir", "batch_rows", "max_put_bytes", "jwt_secret",
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
     "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes", "memory_limit",
+    "sql_endpoint_rows",
 )
 
 
@@ -606,5 +611,6 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         tls_client_ca=path("tls_client_ca"),
         audit_log=path("audit_log"),
         endpoint_rows=r.positive(s, "endpoint_rows", d.endpoint_rows),
+        sql_endpoint_rows=_non_negative(r, s, "sql_endpoint_rows", d.sql_endpoint_rows),
         locations=_locations(r, s.get("locations")),
     )

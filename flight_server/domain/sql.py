@@ -95,6 +95,8 @@ _FORBIDDEN_FUNCTIONS = {
     "read_blob", "parquet_scan", "glob", "getenv", "current_setting", "delta_scan", "iceberg_scan",
     "sniff_csv", "query", "query_table", "duckdb_settings", "duckdb_extensions", "duckdb_secrets",
     "pg_read_file", "pg_ls_dir", "lo_import", "lo_export", "dblink", "postgres_scan", "sqlite_scan",
+    # the worker's transaction counter: a worker serves many users' queries in turn (review finding)
+    "txid_current",
 }
 
 
@@ -1023,23 +1025,34 @@ class SqlSandbox:
         """The result schema, from binding the query in a worker (no table data is read).
 
         ``parameters``: bound values (:func:`check_parameters`); the first row is bound. A result schema
-        depends only on the query, the Arrow schemas of what it reads and the bound values' types, so it
-        is remembered under those (a Flight SQL client asks twice per statement: CreatePreparedStatement,
+        without bound values depends only on the query and the Arrow schemas of what it reads, so it is
+        remembered under those (a Flight SQL client asks twice per statement: CreatePreparedStatement,
         then GetFlightInfo); a table whose columns change is another key.
         """
+        if parameters is not None:  # duckdb types a bound value by its value (1 INTEGER, 2**40 BIGINT): no memo
+            return self._bind_schema(storage, query, cancelled, parameters)
         digest = hashlib.sha256()  # the key: a digest (a memo of 100,000-character queries would hold them all)
         for part in (query.sql, query.dataset):
             digest.update(part.encode() + b"\0")
         for t, c in sorted(query.tables.items()):
             digest.update(t.encode() + b"\0" + storage.arrow_schema(t, self._columns(storage, t, c)).serialize().to_pybytes())
-        if parameters is not None:
-            digest.update(b"\0parameters" + parameters.schema.serialize().to_pybytes())
         key = digest.digest()
         with self._schemas_lock:
             known = self._schemas.get(key)
             if known is not None:
                 self._schemas.move_to_end(key)
                 return known
+        schema = self._bind_schema(storage, query, cancelled, None)
+        if len(schema) > SCHEMA_MEMO_MAX_FIELDS:
+            return schema
+        with self._schemas_lock:
+            self._schemas[key] = schema
+            while len(self._schemas) > SCHEMA_MEMO_ENTRIES:
+                self._schemas.popitem(last=False)
+        return schema
+
+    def _bind_schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None,
+                     parameters: pa.Table | None) -> pa.Schema:
         job = _Job(self, storage, query, "schema", cancelled, parameters)
         clean = False
         try:
@@ -1049,12 +1062,6 @@ class SqlSandbox:
             clean = True
         finally:
             job.finish(clean)
-        if len(schema) > SCHEMA_MEMO_MAX_FIELDS:
-            return schema
-        with self._schemas_lock:
-            self._schemas[key] = schema
-            while len(self._schemas) > SCHEMA_MEMO_ENTRIES:
-                self._schemas.popitem(last=False)
         return schema
 
     def run(self, storage: "Storage", query: CheckedQuery,

@@ -411,12 +411,15 @@ class WarehouseRouter:
         return self.sandbox.schema(storage, query, cancelled, parameters)
 
     def run(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
-            parameters: pa.Table | None = None) -> pa.RecordBatchReader:
+            parameters: pa.Table | None = None, *, partition: Any = None) -> pa.RecordBatchReader:
         """The sandbox's answer: from the warehouse when :meth:`plan` allows, else from the sandbox.
 
         One ``server.sql_timeout`` covers the sandbox's bind of the schema and the warehouse run; a query
         PostgreSQL refuses before its first row then runs in the sandbox under the sandbox's own limit.
+        ``partition``: one endpoint of a split result (flight_sql.py): the sandbox reads that slice only.
         """
+        if partition is not None:
+            return self.sandbox.run(storage, query, cancelled, parameters, partition=partition)
         decided = self.plan(storage, query, parameters)
         if decided is None:
             return self.sandbox.run(storage, query, cancelled, parameters)

@@ -21,7 +21,7 @@ carry the statement itself (:class:`Statement`): the server keeps no per-stateme
 DoGet runs the sandbox again under the caller's profile.
 
 Large results in parallel: a row-wise statement over one table (:func:`~flight_server.domain.sql.row_wise_table`)
-whose table has several partitions (``Storage.partitions(table, server.endpoint_rows)``) is answered as one
+whose table has several partitions (``Storage.partitions(table, server.sql_endpoint_rows)``) is answered as one
 endpoint per partition, ``ordered=False``, naming the replicas (``server.locations``) round-robin. Each
 endpoint's handle carries the statement and its partition ``{"dataset", "table", "spec"}``, sealed together
 (:func:`encode_handle`), and DoGet runs the statement over that partition only; a partition this server did
@@ -508,9 +508,10 @@ class FlightSqlSurface:
                  endpoint_rows: int | None = None, locations: LocationRing | None = None) -> None:
         self.catalog_name = catalog_name
         # a row-wise statement over a table of more rows than this is answered as one endpoint per partition
-        # (server.endpoint_rows), naming the replicas (server.locations) round-robin, as plain table reads do
+        # (server.sql_endpoint_rows; 0: never), naming the replicas (server.locations) round-robin, as plain
+        # table reads do
         server = getattr(getattr(catalog, "project", None), "server", None)
-        self.endpoint_rows = endpoint_rows if endpoint_rows is not None else getattr(server, "endpoint_rows", 1_000_000)
+        self.endpoint_rows = endpoint_rows if endpoint_rows is not None else getattr(server, "sql_endpoint_rows", 0)
         self.locations = locations if locations is not None else LocationRing(getattr(server, "locations", ()) or ())
         self.signer = signer if signer is not None else TicketSigner(secrets.token_bytes(32), 3600)
         self._bound = LastBound()
@@ -820,6 +821,8 @@ class FlightSqlSurface:
         storage, checked, values, row_wise = self._prepare(call, statement)
         schema = self.sql.schema(storage, checked, call.cancelled, values)
         run = _a_run_of(statement)
+        if not self.endpoint_rows:
+            row_wise = None  # splitting is off (server.sql_endpoint_rows): no partition plan either
         parts = storage.partitions(row_wise.table, self.endpoint_rows) if row_wise is not None else []
         specs = [{"dataset": checked.dataset, "table": row_wise.table, "spec": p.spec} for p in parts] \
             if row_wise is not None else []
