@@ -163,6 +163,7 @@ class Writer:
         self.catalog = catalog
         self.work_dir = work_dir
         self.max_bytes = max_bytes
+        self.coalesce_bytes = COALESCE_BYTES  # the server lowers it under a small server.memory_limit
 
     def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
             must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
@@ -404,7 +405,7 @@ class Writer:
             pending.append(batch)
             rows += batch.num_rows
             size += cost
-            if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
+            if rows >= COALESCE_ROWS or size >= self.coalesce_bytes:
                 yield pa.Table.from_batches(pending)
                 pending, rows, size = [], 0, 0
         if pending:

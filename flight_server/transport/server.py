@@ -27,7 +27,7 @@ from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.transport import audit, decode, session
+from flight_server.transport import audit, decode, memory, session
 from flight_server.transport.auth import Security
 from flight_server.transport.call import Call
 from flight_server.transport.decode import RPC_NAMES, Request
@@ -52,6 +52,8 @@ class FlightShareServer(flight.FlightServerBase):
         # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
         self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
+        if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
+            self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self.plain = PlainSurface(

@@ -87,15 +87,17 @@ def _detail(exc: ServiceError) -> bytes:
     return mask.bytes(ErrorDetail(type(exc).__name__, _text(exc.message), fields).to_bytes())
 
 
-def over_memory_limit() -> MemoryLimitExceeded:
-    """An allocation refused by the process's Arrow memory ceiling, in the user's terms."""
+def over_memory_limit(upload: bool = True) -> MemoryLimitExceeded:
+    """An allocation refused by the process's Arrow memory ceiling (or an upload batch refused to keep
+    clear of it), in the user's terms."""
     from flight_server.transport import memory
 
     limit = memory.active_limit()
     where = f" ({limit / (1 << 20):,.0f} MiB, server.memory_limit)" if limit else ""
-    return MemoryLimitExceeded(
-        f"the request needs more memory than the server allows{where}: send smaller batches "
-        "(a compressed batch counts at its decompressed size)", limit="server.memory_limit", value=limit)
+    advice = (": send smaller batches (a compressed batch counts at its decompressed size; one may take at "
+              "most an eighth of the limit)") if upload else "; retry later or ask for less"
+    return MemoryLimitExceeded(f"the request needs more memory than the server allows{where}{advice}",
+                               limit="server.memory_limit", value=limit)
 
 
 def to_flight_error(exc: BaseException) -> BaseException:
@@ -103,7 +105,7 @@ def to_flight_error(exc: BaseException) -> BaseException:
     if isinstance(exc, flight.FlightError):
         return exc
     if isinstance(exc, MemoryError):  # pa.ArrowMemoryError too: the Arrow pool's ceiling (transport/memory.py)
-        exc = over_memory_limit()
+        exc = over_memory_limit(upload=False)
     if isinstance(exc, NotFound):
         return _WireNotFound(_text(exc.message))
     if isinstance(exc, (InvalidRequest, ProtocolError)):

@@ -10,7 +10,15 @@ import pyarrow.flight as flight
 
 from client.protocol import COMMIT_METADATA
 from flight_server.domain.errors import InvalidRequest
+from flight_server.transport import memory
 from flight_server.transport.status import over_memory_limit
+
+
+#: a batch whose decoding (decompression) took more than this share of server.memory_limit from the
+#: Arrow pool is refused, and so is any batch while the pool holds more than ADMIT_SHARE of it: the write
+#: path after the decode keeps its headroom (transport/memory.py)
+BATCH_SHARE = 1 / 8
+ADMIT_SHARE = 1 / 2
 
 
 class FlightUpload:
@@ -32,7 +40,9 @@ class FlightUpload:
         return self._committed or not self._commit_marker
 
     def batches(self) -> Iterator[pa.RecordBatch]:
+        limit, pool = memory.active_limit(), pa.default_memory_pool()
         while True:
+            before = pool.bytes_allocated()
             try:
                 chunk = self._reader.read_chunk()
             except StopIteration:
@@ -41,6 +51,12 @@ class FlightUpload:
                 raise over_memory_limit() from None
             except (pa.ArrowException, OSError) as exc:  # pyarrow reports some IPC framing errors as IOError
                 raise InvalidRequest(f"the upload is not a valid Arrow stream: {exc}") from None
+            if limit is not None and (pool.bytes_allocated() - before > limit * BATCH_SHARE
+                                      or pool.bytes_allocated() > limit * ADMIT_SHARE):
+                # refused while the batch is only decoded: what comes after it (dlt's Parquet encoder) must
+                # never meet the ceiling - an allocation that fails there aborts the process (review finding)
+                del chunk  # the traceback keeps this frame: the batch must not stay with it
+                raise over_memory_limit()
             if self._committed:
                 raise InvalidRequest("the upload continued after its commit marker")
             if chunk.data is None:
