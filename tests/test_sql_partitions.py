@@ -295,13 +295,7 @@ def test_execute_reads_every_endpoint(served: Served, sql: str) -> None:
 
 
 def test_bound_values_split_too(served: Served) -> None:
-    """A prepared statement with a bound value: each endpoint's handle carries the values and its partition.
-
-    Only on duckdb here: on Delta, bound-value queries running in several sandbox workers at once were seen to
-    hang in the worker until ``server.sql_timeout`` (3 of ~10 runs; also in GetFlightInfo's schema bind, which
-    no partition touches) - a sandbox issue to run down apart from partitioned results."""
-    if served.kind != "duckdb":
-        pytest.skip("bound values in concurrent sandbox workers: see the docstring")
+    """A prepared statement with a bound value: each endpoint's handle carries the values and its partition."""
     with _adbc(served.url) as conn, conn.cursor() as cur:
         cur.execute(_q("SELECT id, name FROM t WHERE id >= ? AND flag"), (12_345,))
         _same(cur.fetch_arrow_table(), "SELECT id, name FROM t WHERE id >= 12345 AND flag")
