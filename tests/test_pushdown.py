@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import dlt
 import duckdb
@@ -128,23 +128,25 @@ def _canonical(table: pa.Table, sql: str) -> list:
     return rows if "ORDER BY" in sql else sorted(rows, key=repr)
 
 
+def destination_named_nums(kind: str, root: Path, request: pytest.FixtureRequest) -> tuple[str, Any, dict[str, str]]:
+    """A destination ``nums`` of one kind (duckdb, delta_local, postgres) under ``root``: its line for a
+    project file, the same destination for the owner's own dlt pipeline, and the environment it reads."""
+    if kind == "duckdb":
+        return ("nums: {type: duckdb, credentials: '{project_dir}/nums.duckdb'}",
+                dlt.destinations.duckdb(str(root / "nums.duckdb")), {})
+    if kind == "delta_local":
+        return ("nums: {type: delta, bucket_url: '{project_dir}/lake'}", dlt.destinations.filesystem(str(root / "lake")), {})
+    pg = request.getfixturevalue("postgres")
+    return ("nums: {type: postgres, credentials: {host: '{env.PG_HOST}', port: '{env.PG_PORT}', "
+            "username: '{env.PG_USER}', password: '{env.PG_PASSWORD}', database: '{env.PG_DATABASE}'}}",
+            dlt.destinations.postgres(pg.url), dict(pg.env))
+
+
 @pytest.fixture(scope="module", params=["duckdb", "delta_local", "postgres"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess, Path, dict]]:
     kind = request.param
     root = tmp_path_factory.mktemp(f"pushdown-{kind}")
-    env: dict[str, str] = {}
-    if kind == "duckdb":
-        destination = "nums: {type: duckdb, credentials: '{project_dir}/nums.duckdb'}"
-        owner = dlt.destinations.duckdb(str(root / "nums.duckdb"))
-    elif kind == "delta_local":
-        destination = "nums: {type: delta, bucket_url: '{project_dir}/lake'}"
-        owner = dlt.destinations.filesystem(str(root / "lake"))
-    else:
-        pg = request.getfixturevalue("postgres")
-        env = pg.env
-        destination = ("nums: {type: postgres, credentials: {host: '{env.PG_HOST}', port: '{env.PG_PORT}', "
-                       "username: '{env.PG_USER}', password: '{env.PG_PASSWORD}', database: '{env.PG_DATABASE}'}}")
-        owner = dlt.destinations.postgres(pg.url)
+    destination, owner, env = destination_named_nums(kind, root, request)
     (root / "dlt.yml").write_text(textwrap.dedent(f"""
         destinations:
           {destination}

@@ -33,7 +33,7 @@ from flight_server.testing.services import free_port
 from flight_server.transport.flight_sql import Statement, decode_handle, encode_handle, pack
 from flight_server.transport.tickets import TicketSigner
 from tests.test_js_reader import node  # noqa: F401 - the fixture that installs the npm packages
-from tests.test_pushdown import ROWS, _canonical, _data
+from tests.test_pushdown import ROWS, _canonical, _data, destination_named_nums
 
 DATASET = "partitions_data"
 ENDPOINT_ROWS = 10_000
@@ -168,19 +168,8 @@ class Served:
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     kind = request.param
     root = tmp_path_factory.mktemp(f"partitions-{kind}")
-    env: dict[str, str] = {"PART_SECRET": SECRET}
-    if kind == "duckdb":
-        destination = "nums: {type: duckdb, credentials: '{project_dir}/nums.duckdb'}"
-        owner = dlt.destinations.duckdb(str(root / "nums.duckdb"))
-    elif kind == "delta_local":
-        destination = "nums: {type: delta, bucket_url: '{project_dir}/lake'}"
-        owner = dlt.destinations.filesystem(str(root / "lake"))
-    else:
-        pg = request.getfixturevalue("postgres")
-        env.update(pg.env)
-        destination = ("nums: {type: postgres, credentials: {host: '{env.PG_HOST}', port: '{env.PG_PORT}', "
-                       "username: '{env.PG_USER}', password: '{env.PG_PASSWORD}', database: '{env.PG_DATABASE}'}}")
-        owner = dlt.destinations.postgres(pg.url)
+    destination, owner, env = destination_named_nums(kind, root, request)
+    env = {**env, "PART_SECRET": SECRET}
     ports = [free_port()] if kind == "duckdb" else [free_port(), free_port()]
     while len(set(ports)) < len(ports):
         ports[-1] = free_port()

@@ -16,6 +16,7 @@ from client import connect
 from flight_server.domain.table_cache import TableCache
 from flight_server.storage.base import SHARED_SCHEMA_TTL
 from flight_server.testing.servers import ServerProcess
+from tests.test_pushdown import destination_named_nums
 
 
 class Lumpy:
@@ -80,29 +81,24 @@ def test_a_table_within_the_budget_is_cached() -> None:
     assert hit is not None and hit.num_rows == 3 and cache.used == hit.nbytes
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "delta"])
-def test_a_hot_table_follows_the_owners_loads(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["duckdb", "delta_local"])
+def test_a_hot_table_follows_the_owners_loads(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A table cached after a few reads (SQL and table reads share it) is keyed by its version: the owner's
     own dlt pipeline appending, merging and adding a column while the server runs shows at the next query,
     right after the load as much as later (duckdb: the file's stamp; Delta: the table's commit version)."""
-    if kind == "duckdb":
-        destination = "lake: {type: duckdb, credentials: '{project_dir}/lake.duckdb'}"
-        owner = dlt.destinations.duckdb(str(tmp_path / "lake.duckdb"))
-    else:
-        destination = "lake: {type: delta, bucket_url: '{project_dir}/lake'}"
-        owner = dlt.destinations.filesystem(str(tmp_path / "lake"))
+    destination, owner, _ = destination_named_nums(kind, tmp_path, request)
     (tmp_path / "dlt.yml").write_text(textwrap.dedent(f"""
         destinations:
           {destination}
         datasets:
-          hot: {{destination: [lake]}}
+          hot: {{destination: [nums]}}
         server: {{anonymous_profile: access}}
     """))
     pipeline = dlt.pipeline(f"hot_{kind}", destination=owner, dataset_name="hot", pipelines_dir=str(tmp_path / "pl"))
 
     def load(rows: list[dict], disposition: str = "append") -> None:
         resource = dlt.resource(rows, name="t", primary_key="id", write_disposition=disposition,
-                                table_format="delta" if kind == "delta" else None)
+                                table_format="delta" if kind == "delta_local" else None)
         pipeline.run(resource).raise_on_failed_jobs()
 
     load([{"id": i, "v": i * 10} for i in range(1000)])
@@ -123,7 +119,7 @@ def test_a_hot_table_follows_the_owners_loads(kind: str, tmp_path: Path) -> None
         assert answer() == [{"n": 1001, "total": 4995001}]
         load([{"id": 0, "v": 7, "extra": "new column"}], "merge")
         assert answer() == [{"n": 1001, "total": 4995008}]
-        if kind == "delta":  # a new column shows once the stored schema is read again (Delta: its TTL);
+        if kind == "delta_local":  # a new column shows once the stored schema is read again (Delta: its TTL);
             time.sleep(SHARED_SCHEMA_TTL)  # a duckdb file's stamp tells at once
         try:
             assert catalog["hot"].sql("SELECT extra FROM t WHERE id = 0").arrow().to_pylist() == [{"extra": "new column"}]
