@@ -81,6 +81,7 @@ def test_a_table_within_the_budget_is_cached() -> None:
     assert hit is not None and hit.num_rows == 3 and cache.used == hit.nbytes
 
 
+@pytest.mark.slow  # a server process (the module's other tests run in process)
 @pytest.mark.parametrize("kind", ["duckdb", "delta_local"])
 def test_a_hot_table_follows_the_owners_loads(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A table cached after a few reads (SQL and table reads share it) is keyed by its version: the owner's
