@@ -300,6 +300,29 @@ def _sources(tree: exp.Expression, query: "CheckedQuery") -> dict[int, str] | st
     return out
 
 
+_TEXT_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.Like)
+
+
+def _literal_reason(literal: exp.Literal, texts: Mapping[int, exp.Column]) -> str | None:
+    """Why a literal may not be sent, or None. Review findings: PostgreSQL reads ``1e-1`` as an exact
+    numeric (duckdb: DOUBLE); it reads a string literal by the type it meets (``'today'``, ``'on'``,
+    ``'01/02/2024'`` by DateStyle, timestamps rounded rather than truncated) where duckdb refuses or reads
+    otherwise; and a string literal that is not compared with a text column (read ``COLLATE "C"``) sorts in
+    the database's collation. So a string literal is sent only as a text column's comparand."""
+    if literal.is_number:
+        return "a number in scientific notation" if "e" in str(literal.this).lower() else None
+    parent = literal.parent
+    if isinstance(parent, _TEXT_COMPARISONS):
+        other = parent.this if parent.expression is literal else parent.expression
+    elif isinstance(parent, (exp.In, exp.Between)) and parent.this is not literal:
+        other = parent.this
+    else:
+        other = None
+    if other is None or id(other) not in texts:
+        return "a string literal that is not compared with a text column"
+    return None
+
+
 def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
                        types: Mapping[str, Mapping[str, exp.DataType.Type | None]]) -> str | tuple[str, ...]:
     """Why the qualified tree may not be sent, or (rewritten in place for PostgreSQL) its NaN guards."""
@@ -328,6 +351,10 @@ def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
             physical[id(column)] = (sources[id(source)], column.name)
             if kind == exp.DataType.Type.TEXT:
                 texts[id(column)] = column
+    for literal in tree.find_all(exp.Literal):
+        reason = _literal_reason(literal, texts)
+        if reason:
+            return reason
     divisions = list(tree.find_all(exp.Div))
     if len(divisions) > MAX_DIVISIONS or any(side.find(exp.Div) is not None
                                              for div in divisions for side in (div.this, div.expression)):

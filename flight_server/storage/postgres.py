@@ -49,6 +49,11 @@ from flight_server.storage.base import (
 from flight_server.storage.lifetime import _Lease, isolated, owning_reader
 
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
+# queries of this process running in PostgreSQL at once (warehouse_query; like the sandbox's SANDBOX_WORKERS):
+# a flood of clients must not hold a connection each (review finding: 57 connections for 140 clients)
+WAREHOUSE_QUERIES = 4
+_WAREHOUSE_SLOTS = threading.BoundedSemaphore(WAREHOUSE_QUERIES)
+WAREHOUSE_WAIT = 1.0  # seconds a query waits for a slot
 
 
 
@@ -439,20 +444,15 @@ class PostgresStorage(Storage):
         left of ``timeout`` (``server.sql_timeout``, which the time-limit error names) when part of it is spent.
         """
         deadline = time.monotonic() + (timeout if remaining is None else min(remaining, timeout))
-        pool = self.pool()
-        for attempt in (0, 1):
-            try:
-                con = pool.take()
-            except Exception as exc:  # noqa: BLE001 - cannot connect
-                raise self._fail(exc, "connecting") from None
-            cur = con.cursor()
-            try:
-                cur.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            except Exception as exc:  # noqa: BLE001
-                if self._release(con, cur, True) and attempt == 0:
-                    continue  # a stale pooled connection: once more on a fresh one
-                raise self._fail(exc, "SQL in the warehouse") from None
-            break
+        # a short wait: when every slot is busy the router answers from the sandbox (its own bounded pool)
+        if not _WAREHOUSE_SLOTS.acquire(timeout=max(min(deadline - time.monotonic(), WAREHOUSE_WAIT), 0)):
+            raise Unavailable(f"every warehouse slot is busy ({WAREHOUSE_QUERIES} queries running)",
+                              dataset=self.dataset.name)
+        try:
+            con, cur = self._warehouse_connection()
+        except BaseException:
+            _WAREHOUSE_SLOTS.release()
+            raise
         watch = _Watch(cur, deadline, cancelled)
         try:
             remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
@@ -468,12 +468,16 @@ class PostgresStorage(Storage):
         except Exception as exc:  # noqa: BLE001
             watch.stop()
             self._release(con, cur, True)
+            _WAREHOUSE_SLOTS.release()
             raise self._warehouse_error(exc, watch, timeout) from None
         bare = _plain_schema(reader.schema)
 
         def end() -> None:
             watch.stop()
-            self._release(con, cur, True, reader)
+            try:
+                self._release(con, cur, True, reader)
+            finally:
+                _WAREHOUSE_SLOTS.release()
 
         def batches(lease: _Lease) -> Iterator[pa.RecordBatch]:
             # the lease ends the transaction when the stream ends, fails, or is dropped (even unread)
@@ -490,6 +494,24 @@ class PostgresStorage(Storage):
                 lease.release()
 
         return pa.RecordBatchReader.from_batches(bare, batches(_Lease((reader, con, cur), end)))
+
+    def _warehouse_connection(self) -> tuple[Any, Any]:
+        """A pooled connection with a cursor inside a read-only snapshot (a stale one is replaced once)."""
+        pool = self.pool()
+        for attempt in (0, 1):
+            try:
+                con = pool.take()
+            except Exception as exc:  # noqa: BLE001 - cannot connect
+                raise self._fail(exc, "connecting") from None
+            cur = con.cursor()
+            try:
+                cur.execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            except Exception as exc:  # noqa: BLE001
+                if self._release(con, cur, True) and attempt == 0:
+                    continue  # a stale pooled connection: once more on a fresh one
+                raise self._fail(exc, "SQL in the warehouse") from None
+            return con, cur
+        raise AssertionError("unreachable")
 
     def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
         from flight_server.domain.sql import _time_limit
