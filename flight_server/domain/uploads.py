@@ -157,11 +157,15 @@ class UploadShape:
 
 
 def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabilities: Any,
-          coerce: Mapping[str, Any] | None = None) -> UploadShape:
+          coerce: Mapping[str, Any] | None = None, served: pa.Schema | None = None) -> UploadShape:
     """Check the upload's columns and decide how its batches are conformed (see the module text).
 
     ``table`` is the stored table name (:func:`table_name`); ``coerce``: stored columns that a
     contract decision (``data_type: evolve``) wants the upload cast to, although dlt sees another type.
+    ``served``: the Arrow schema the server reads the stored table as - a column that arrives with its
+    served type is the stored column sent back unchanged, whatever dlt would infer from the Arrow type
+    (``wei`` is served as a decimal, a ``time`` column on Delta as text, a variant column as its variant's
+    type): it is saved with the stored column's hints, so a read saves back under ``freeze``.
     """
     stored = schema.get_table_columns(table) if table in schema.tables else {}
     parent = schema.tables.get(table, {}).get("parent")
@@ -223,6 +227,7 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             )
         keep.append(position)
         kept = stored.get(name)
+        as_read = False
         nullable = f.nullable
         if kept is not None and is_complete_column(kept):
             # Arrow's nullability is a property of the stream, not of the column: the stored hint
@@ -233,21 +238,29 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             json_text = kept.get("data_type") == "json" and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
             if json_text:
                 json_columns.add(name)
-            if _dlt_type(f.type) == kept.get("data_type") or json_text:
+            as_read = served is not None and name in served.names and served.field(name).type == f.type
+            if _dlt_type(f.type) == kept.get("data_type") or json_text or as_read:
                 # Arrow says less than the stored schema (``timestamp[us]`` has precision 6 where the
                 # stored column has none; a key's NOT NULL): dlt lets resource hints override what it
                 # reads from Arrow, so the stored hints are those hints and dlt's contract sees no
                 # "data type change from timestamp to timestamp". A merge key on a stored nullable
                 # column stays nullable (dlt's ``_merge_key`` keeps an explicit nullable).
-                hints[name] = dict(kept)
+                # (not ``variant``: dlt reads a variant hint in the incoming columns as a new type for
+                # the column - "from text to text" under freeze; the stored column keeps its hint)
+                hints[name] = {k: v for k, v in kept.items() if k != "variant"}
+                if as_read and _dlt_type(f.type) != kept.get("data_type"):
+                    # dlt merges the hints over what it reads from Arrow: a served ``decimal128(38, 0)`` would
+                    # add precision 38 to a stored ``wei`` that has none - say "none" out loud
+                    hints[name].update({k: kept.get(k) for k in ("precision", "scale")})
             # integers and decimals are where the same dlt type can hold values the stored one cannot
             may_overflow = pa.types.is_integer(f.type) or pa.types.is_decimal(f.type)
             if (may_overflow and _dlt_type(f.type) == kept.get("data_type")) or (coerce and name in coerce):
                 target = columns_to_arrow({name: dict(kept)}, capabilities, "UTC").field(name).type
-                if target != f.type:
+                if target != f.type and not as_read:
                     casts[name] = target
         sent = casts.get(name, f.type)  # a stored decimal column's type, if the upload is cast to it
-        if pa.types.is_decimal(sent) and sent.precision > MAX_DECIMAL_PRECISION:
+        stored_wide = kept is not None and (as_read or name in casts)  # the destination holds the stored type
+        if pa.types.is_decimal(sent) and sent.precision > MAX_DECIMAL_PRECISION and not stored_wide:
             raise InvalidRequest(
                 f"column '{_shown(f.name)}' of table '{table}' has Arrow type {f.type}: decimals of more than "
                 f"{MAX_DECIMAL_PRECISION} digits cannot be stored; send decimal128 with a precision of at most "

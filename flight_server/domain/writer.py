@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
@@ -77,7 +78,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import dlt
 import numpy as np
@@ -111,17 +112,20 @@ log = logging.getLogger("flight_share.writer")
 
 
 def _row_ids(pipeline_name: str, schema: Schema, table: str) -> None:
-    """Write like dlt does (issue 13): Arrow items get ``_dlt_load_id`` (cheap, and the lineage key
-    ``_dlt_loads`` joins on) but ``_dlt_id`` only where the stored table requires it - tables loaded
-    from Python dicts have a NOT NULL ``_dlt_id``; dlt's own ``pipeline.run(arrow_table)`` adds none,
-    and the random ids cost most of a save's normalize time. Set for this pipeline only, in the
-    section dlt reads first (``<PIPELINE_NAME>__NORMALIZE__PARQUET_NORMALIZER__...``), so no other
+    """Write dlt's row columns exactly where the stored table has them (issues 13 and 21): a table
+    loaded from Python dicts has a NOT NULL ``_dlt_id`` and ``_dlt_load_id``; a table the owner loaded
+    from an Arrow table or a DataFrame has neither (dlt's defaults for Arrow), and adding one would change
+    the owner's table - dlt adds it NOT NULL, duckdb refuses that, and on Delta the owner's next load fails
+    its validation. A new table (the save's own) gets ``_dlt_load_id``, the lineage key ``_dlt_loads``
+    joins on, and no random ``_dlt_id`` (most of a save's normalize time). Set for this pipeline only, in
+    the section dlt reads first (``<PIPELINE_NAME>__NORMALIZE__PARQUET_NORMALIZER__...``), so no other
     pipeline of the process is touched."""
-    stored = schema.tables.get(table, {}).get("columns", {}).get("_dlt_id")
-    required = stored is not None and stored.get("nullable") is False
+    stored = schema.tables.get(table)
+    columns = (stored or {}).get("columns", {})
+    row_id = columns.get("_dlt_id")
     prefix = f"{pipeline_name.upper()}__NORMALIZE__PARQUET_NORMALIZER__"
-    os.environ[prefix + "ADD_DLT_LOAD_ID"] = "true"
-    os.environ[prefix + "ADD_DLT_ID"] = "true" if required else "false"
+    os.environ[prefix + "ADD_DLT_LOAD_ID"] = "true" if stored is None or "_dlt_load_id" in columns else "false"
+    os.environ[prefix + "ADD_DLT_ID"] = "true" if row_id is not None and row_id.get("nullable") is False else "false"
 
 # Uploads arrive in small batches (the client sends 65,536 rows). Handed to dlt one by one, each becomes
 # its own extract item and its own parquet row group, which normalize and the destination then re-read
@@ -203,11 +207,19 @@ class Writer:
             if name in candidate.schema.tables:
                 stored, table = candidate, name
                 break
+        owner = storage.stored_schema()  # the dataset's newest schema: a new table is checked against it
         if stored is None:
-            stored = storage.stored_schema()
-            table = uploads.table_name(stored.schema if stored else Schema(dataset_config.schema_name or command.dataset),
-                                       command.dataset, command.table)  # as dlt stores it
-        schema = stored.schema.clone() if stored else Schema(dataset_config.schema_name or command.dataset)
+            # a new table goes into a schema of the saves' own (dlt+'s ``out_source``), never into an
+            # owner's: the owner's next run stores its schema from its own state, without the table, and
+            # the table would vanish from the catalog. Names follow the owner's naming convention.
+            saves_schema = dataset_config.schema_name or SAVES_SCHEMA
+            stored = next((s for s in storage.stored_schemas() if s.schema.name == saves_schema), None)
+            naming = owner.schema if owner else Schema(saves_schema)
+            table = uploads.table_name(naming, command.dataset, command.table)  # as dlt stores it
+            schema = stored.schema.clone() if stored else Schema(
+                saves_schema, normalizers=copy.deepcopy(naming._normalizers_config))
+        else:
+            schema = stored.schema.clone()
         spell_out_nullability(schema, table)
         exists = table in storage.table_names()
         holders = [s.schema.name for s in storage.schemas_holding(table)]
@@ -230,8 +242,10 @@ class Writer:
         if must_be_new is not None and exists:
             raise InvalidRequest(f"Table '{table}' already exists in dataset '{command.dataset}'; {must_be_new}",
                                  dataset=command.dataset, table=table)
+        _refuse_scd2(schema, command.dataset, table, exists)
         capabilities = storage.cached_capabilities()
-        shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities)
+        served = _served_schema(storage, table) if exists else None  # what a read of the table returns
+        shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities, served=served)
         counts = {"rows": 0, "bytes": 0}
 
         def items() -> Iterator[Any]:
@@ -239,19 +253,24 @@ class Writer:
             yield from uploads.conformed(self._batches(upload.batches(), counts), shape, table, command.dataset)
 
         disposition, primary_key, merge_key = _write_mode(schema, command, table, exists, shape.schema.names)
+        _refuse_nested_merge(schema, command.dataset, table, disposition, exists)
         resource = dlt.resource(
             items(), name=table, write_disposition=disposition,
             primary_key=primary_key or None, merge_key=merge_key or None, table_format=storage.table_format,
             columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
         )
+        # a new table is refused or allowed by the dataset's newest schema (its name in dlt's message, as
+        # dlt+ words it: "In schema: events ... new tables are frozen"); it is loaded into the saves' schema
+        judge = owner.schema if owner is not None and table not in schema.tables else schema
         try:  # decided from the Arrow schema, before any row is read
-            decision = check_write(schema, table, shape.schema, grant.contract, resource, capabilities)
+            decision = check_write(judge, table, shape.schema, grant.contract, resource, capabilities)
         except ContractViolation as exc:
             exc.fields["load_id"] = _load_id()
             exc.fields["step"] = "extract"
             raise
         if decision.coerce:  # data_type: evolve - the stored types win (contracts.check_write)
-            shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities, decision.coerce)
+            shape = uploads.shape(schema, command.dataset, table, upload.schema, capabilities, decision.coerce,
+                                  served=served)
         pipeline_name = f"save_{table}_pipeline"
         _row_ids(pipeline_name, schema, table)
         folder = self.work_dir / f"{pipeline_name}-{uuid.uuid4().hex}"
@@ -276,7 +295,7 @@ class Writer:
             except PipelineStepFailed as exc:
                 raise self._step_error(exc, command.dataset, table) from None
             with self._write_lock(storage, command.dataset, table, cancelled):
-                info = self._load(storage, stored, pipeline, packaged, command.dataset, table, cancelled)
+                info = self._load(storage, stored, schema.name, pipeline, packaged, command.dataset, table, cancelled)
         except BaseException:
             self._discard_packages(pipeline)
             raise
@@ -329,12 +348,13 @@ class Writer:
         finally:
             storage.write_lock.release()
 
-    def _load(self, storage: Any, stored: Any, pipeline: Any, packaged: set[str], dataset: str, table: str,
-              cancelled: Callable[[], bool]) -> Any:
+    def _load(self, storage: Any, stored: Any, schema_name: str, pipeline: Any, packaged: set[str], dataset: str,
+              table: str, cancelled: Callable[[], bool]) -> Any:
         """Load the normalized packages; runs under the dataset's write lock, and returns only once the
-        rows are committed (every error before that leaves the dataset as it was)."""
+        rows are committed (every error before that leaves the dataset as it was). ``stored``: the version
+        of the save's schema (``schema_name``) the upload was checked against, None if it had none."""
         storage.invalidate()
-        now = storage.stored_schema(table)
+        now = _newest_version(storage, schema_name)
         changed = (now.version_hash if now else None) != (stored.version_hash if stored else None)
         if changed and now is not None and now.version_hash in packaged:
             # the other save stored exactly the schema this upload's package holds (e.g. both created
@@ -361,7 +381,7 @@ class Writer:
                 undo = storage.savepoint(family)
                 info = pipeline.load()
                 committed = True
-                self._keep_owner_table_hints(storage, stored, dataset)  # best effort, never raises
+                self._keep_owner_table_hints(storage, stored, dataset, info.loads_ids)  # best effort, never raises
                 self._clear_staging(storage, family)
         except PipelineStepFailed as exc:
             if committed:  # pragma: no cover - nothing after the commit raises
@@ -446,14 +466,16 @@ class Writer:
         return hashes
 
     @staticmethod
-    def _keep_owner_table_hints(storage: Any, before: Any, dataset: str) -> None:
+    def _keep_owner_table_hints(storage: Any, before: Any, dataset: str, load_ids: Sequence[str] = ()) -> None:
         """dlt stores a table's hints as the last pipeline gave them: a save into the owner's table
         wrote its own write disposition, resource name and column hints over the owner's (a demo
         table loaded with ``replace`` read ``append`` after one append). So the hints of every table
         and column that existed before the save are put back; new columns (under ``evolve``) and new
         tables stay. When that gives the owner's schema again, the version the save stored is removed
         (the dataset keeps its version); otherwise the result is stored as the next version with dlt's
-        own ``update_stored_schema``. The load itself needs the save's hints, so this comes after it."""
+        own ``update_stored_schema``. The load itself needs the save's hints, so this comes after it.
+        The save's ``_dlt_loads`` records name the version the dataset keeps, so each still has its
+        ``_dlt_version`` row when the save's own version is removed."""
         if before is None:
             return
         try:
@@ -471,14 +493,21 @@ class Writer:
                 for column, hints in previous.get("columns", {}).items():
                     if column in table["columns"]:
                         table["columns"][column] = copy.deepcopy(hints)
+            from dlt.dataset.utils import get_destination_clients
+
             if generate_version_hash(stored) == before.version_hash:
+                try:
+                    client = isolated(get_destination_clients, before.schema, storage.dlt_destination(), dataset)[0]
+                    with client:
+                        _relink_loads(client, load_ids, before.schema.name, before.version_hash)
+                except Exception:  # noqa: BLE001 - the owner's schema comes first; the records keep the save's hash
+                    log.exception("could not point the load records of a save to %s at schema version %s",
+                                  dataset, before.version)
                 storage.forget_schema_version(now.schema.name, now.version_hash)
                 return
             schema = Schema.from_dict(stored)  # the next version: its content changed, dlt bumps it
             if schema.version_hash == now.version_hash:
                 return
-            from dlt.dataset.utils import get_destination_clients
-
             client = isolated(get_destination_clients, schema, storage.dlt_destination(), dataset)[0]
             with client:
                 client.update_stored_schema()
@@ -544,7 +573,13 @@ class Writer:
                 f"({reason}); nothing was written and the table is as it was",
                 dataset=dataset, table=table, step=exc.step, reason=reason,
             )
-        if exc.step == "load":  # the destination refused or failed, not the data as checked up front
+        if exc.step == "load" and not _transient(inner):  # the same save would fail the same way again
+            return InvalidRequest(
+                f"saving to '{dataset}.{table}' failed at step load: the destination refused the save ({reason}); "
+                "nothing was written and the table is as it was",
+                dataset=dataset, table=table, step=exc.step, reason=reason,
+            )
+        if exc.step == "load":  # the destination away or busy: a retry may succeed
             return Unavailable(
                 f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "
                 f"({reason}); nothing was written and the table is as it was",
@@ -597,6 +632,30 @@ def _refused_data(exc: BaseException) -> bool:
             return True
         text = str(getattr(cause, "failed_message", None) or cause)
         if _DATA_ERROR_TEXT.search(text.split("\n", 1)[0]):  # the message's first line: what failed
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+# what says "try again later" in a failed load: the destination unreachable or busy (a lock, a timeout,
+# a dropped connection); dlt marks its own such errors TransientException
+_TRANSIENT_TEXT = re.compile(r"could not connect|connection (?:refused|reset|closed|timed out)|server closed the "
+                             r"connection|could not set lock|conflicting lock|timed? ?out|temporarily unavailable|"
+                             r"too many connections|deadlock detected|could not serialize", re.IGNORECASE)
+
+
+def _transient(exc: BaseException) -> bool:
+    """True when a failed load may succeed if retried (UNAVAILABLE); a refusal that a retry cannot fix -
+    a constraint the table has, a type it cannot take - is not (issue 21: clients that retry looped forever)."""
+    from dlt.common.exceptions import TransientException
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (TransientException, ConnectionError, TimeoutError)):
+            return True
+        if _TRANSIENT_TEXT.search(str(getattr(cause, "failed_message", None) or cause)):
             return True
         cause = cause.__cause__ or cause.__context__
     return False
@@ -670,6 +729,26 @@ def _restore_key(target: dict[str, Any], source: Any, key: str) -> bool:
     return True
 
 
+def _relink_loads(client: Any, load_ids: Sequence[str], schema_name: str, version_hash: str) -> None:
+    """Point the save's own ``_dlt_loads`` records at ``version_hash`` (the version the dataset keeps) -
+    through dlt's client of the destination: an UPDATE on SQL destinations; on a filesystem, dlt's load
+    record file (``_dlt_loads/<schema>__<load id>.jsonl``) rewritten with the same fields."""
+    if hasattr(client, "fs_client"):  # a filesystem: dlt's FilesystemClient._store_load layout
+        for load_id in load_ids:
+            path = client.pathlib.join(client.dataset_path, client.schema.loads_table_name,
+                                       f"{schema_name}__{load_id}.jsonl")
+            if client.fs_client.exists(path):
+                record = json.loads(client.fs_client.read_text(path, encoding="utf-8"))
+                record["schema_version_hash"] = version_hash
+                client._write_to_json_file(path, record)
+        return
+    sql_client = client.sql_client
+    table = sql_client.make_qualified_table_name(client.schema.loads_table_name)
+    for load_id in load_ids:
+        sql_client.execute_sql(f"UPDATE {table} SET schema_version_hash = %s WHERE load_id = %s AND schema_name = %s",
+                               version_hash, load_id, schema_name)
+
+
 def _newest_version(storage: Any, schema_name: str) -> Any:
     """The newest stored version of one dlt schema of the dataset (a dataset may hold several)."""
     return next((s for s in storage.stored_schemas() if s.schema.name == schema_name), None)
@@ -699,6 +778,55 @@ def _write_mode(schema: Schema, command: WriteCommand, table: str, exists: bool,
             f"primary key column '{missing[0]}' is not in the upload to '{command.dataset}.{table}'; "
             f"columns: {', '.join(columns)}", dataset=command.dataset, table=table, column=missing[0])
     return disposition, primary_key, merge_key
+
+
+# dlt+'s name for the schema its ``save`` writes new tables into (the seed's error text names it)
+SAVES_SCHEMA = "out_source"
+# merge strategies that delete the nested rows of every merged row before inserting the upload's
+_REPLACES_NESTED = ("delete-insert", "upsert")
+
+
+def _served_schema(storage: Any, table: str) -> pa.Schema | None:
+    """The Arrow schema a read of ``table`` returns (None if it cannot be told: then only dlt's own type
+    inference decides what an upload's columns are)."""
+    try:
+        return storage.arrow_schema(table)
+    except Exception:  # noqa: BLE001 - the save still gets dlt's own checks
+        log.debug("no served schema for %s", table, exc_info=True)
+        return None
+
+
+def _refuse_scd2(schema: Schema, dataset: str, table: str, exists: bool) -> None:
+    """Refuse, in plain words and before anything is read, a save into a table whose history dlt keeps with
+    its ``scd2`` merge strategy: each version's ``_dlt_id`` is dlt's hash of the row as the owner's source
+    sent it (original names and nested data included) and ``_dlt_valid_from/_to`` are set by the owner's
+    loads. Rows read back cannot be re-hashed alike (dlt itself adds no row hash to Arrow data), so a merge
+    would retire and re-insert every version, and any other save would add rows outside the history."""
+    stored = schema.tables.get(table) if exists else None
+    if stored is not None and stored.get("write_disposition") == "merge" and stored.get("x-merge-strategy") == "scd2":
+        raise InvalidRequest(
+            f"table '{dataset}.{table}' keeps a history of row versions with dlt's scd2 merge strategy: its "
+            "versions and their validity (_dlt_valid_from/_dlt_valid_to) come from the owner's loads, and a "
+            "saved row cannot be matched to its version, so a save would rewrite that history; save the rows "
+            "into a table of your own; nothing was written", dataset=dataset, table=table, merge_strategy="scd2")
+
+
+def _refuse_nested_merge(schema: Schema, dataset: str, table: str, disposition: str, exists: bool) -> None:
+    """Refuse a merge that would delete a parent's nested rows: dlt's ``delete-insert`` and ``upsert``
+    merges replace all child rows of every merged row, and the rows of a save carry no nested data (a
+    read of a table does not include its child tables, and a save cannot write them). Appending to the
+    parent, or an ``insert-only`` merge, touches no child row."""
+    stored = schema.tables.get(table) if exists else None
+    if stored is None or disposition != "merge":
+        return
+    children = [t["name"] for t in get_nested_tables(schema.tables, table) if t["name"] != table]
+    if children and stored.get("x-merge-strategy", "delete-insert") in _REPLACES_NESTED:
+        raise InvalidRequest(
+            f"table '{dataset}.{table}' has nested data in child table(s) {', '.join(children)}: a merge replaces "
+            "the nested rows of every merged row, and the rows of a save carry none (rows read from a table do "
+            "not include its child tables), so the merge would delete them; append the rows "
+            "(write_disposition='append') or save them into a table of your own; nothing was written",
+            dataset=dataset, table=table, child_tables=children)
 
 
 def _table_family(schema: Schema | None, table: str) -> list[str]:
