@@ -140,7 +140,7 @@ def secured(request: pytest.FixtureRequest) -> Secured:
 
 # Modules whose tests run in this process (or start no server): `pytest -m "not slow"` runs them in
 # seconds. Every other test starts a server process, PostgreSQL or the S3 server, and is marked slow.
-FAST_MODULES = {"test_dispatch", "test_duckdb_file", "test_table_cache", "test_install"}
+FAST_MODULES = {"test_dispatch", "test_duckdb_file", "test_table_cache", "test_install", "test_save_errors"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -269,6 +269,17 @@ def test_column_pruning_streams_only_what_the_query_uses() -> None:
         "t": None, "u": None}
 
 
+@pytest.mark.parametrize("query", [
+    # sqlglot writes a -- comment back as /* ... */: "*/" inside it used to make the rest live SQL (issue 22)
+    "SELECT a FROM t -- */ , (SELECT * FROM duckdb_settings()) AS s /*",
+    "SELECT a /* x */ FROM t -- */ UNION ALL SELECT current_setting('threads')::VARCHAR /*",
+    "-- */ SELECT 1 /*\nSELECT a FROM t",
+])
+def test_what_runs_is_exactly_what_was_checked_comments_are_dropped(query: str) -> None:
+    checked = check_query(query, "d", {"t": ["a"]})
+    assert checked.sql == 'SELECT a FROM "d"."t"'
+
+
 # --- issue 11, item 7: CTE names resolve by scope ------------------------------------------------------
 
 @pytest.mark.parametrize("query, tables", [

@@ -13,6 +13,7 @@ from typing import Iterator
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pytest
 
@@ -216,6 +217,45 @@ def test_two_clients_put_into_one_table_at_once(ws: WriteServer) -> None:
     assert errors == []
     ids = connect(ws.url).open_dataset.shared.select("i").arrow().column("i").to_pylist()
     assert sorted(ids) == list(range(40_000))
+
+
+def test_concurrent_saves_into_one_dataset_queue_and_all_succeed(ws: WriteServer) -> None:
+    """Regression (issue 22): four clients saving at once, three saves each, while another reads: half the
+    saves failed after 10 s - a save waiting for the duckdb file held the schema cache's lock that the save
+    inside its write window needed. Saves queue in arrival order now, and every one succeeds."""
+    connect(ws.url).open_dataset.save(pa.table({"client": [-1], "i": [0]}), table_name="busy")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def saver(client: int) -> None:
+        try:
+            for round_ in range(3):
+                rows = pa.table({"client": [client] * 200, "i": list(range(round_ * 200, round_ * 200 + 200))})
+                connect(ws.url).open_dataset.save(rows, table_name="busy")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def reader() -> None:
+        catalog = connect(ws.url)
+        while not done.is_set():
+            try:
+                catalog.open_dataset.busy.arrow()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=saver, args=(k,)) for k in range(4)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    done.set()
+    watcher.join()
+    assert errors == []
+    data = connect(ws.url).open_dataset.busy.arrow()
+    assert data.num_rows == 1 + 4 * 3 * 200
+    assert sorted(pc.value_counts(data.column("client")).to_pylist(), key=lambda c: c["values"]) == \
+        [{"values": -1, "counts": 1}] + [{"values": k, "counts": 600} for k in range(4)]
 
 
 def test_read_only_profile_gets_permission_denied(ws: WriteServer) -> None:

@@ -155,7 +155,13 @@ def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
         raise InvalidRequest("query is nested too deeply", dataset=dataset) from None
     if len(statements) != 1:
         raise InvalidRequest(f"exactly one SQL statement is allowed, got {len(statements)}", dataset=dataset)
-    return statements[0]
+    tree = statements[0]
+    # What runs is generated from this tree, so it must hold nothing the checks do not see: sqlglot keeps
+    # comments and writes a ``--`` comment back as ``/* ... */``, and ``-- */ PAYLOAD /*`` then becomes live
+    # SQL in the text the engine runs (issue 22). Comments are dropped here, once, for every later use.
+    for node in tree.walk():
+        node.comments = None
+    return tree
 
 
 # sqlglot's own descriptions, in SQL terms; "Required keyword: 'expression' missing for <class

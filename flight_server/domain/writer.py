@@ -42,8 +42,8 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
 is decided from the upload's Arrow schema against the stored schema *before any row is read*; then
 extract reads the stream into the put's own pipelines folder and normalize works there, holding no
 lock - a client that stops sending holds nothing but its own request. Only the load step takes
-``storage.write_lock``, waiting at most ``WRITE_LOCK_TIMEOUT`` (then UNAVAILABLE, "another save ... is
-in progress; retry"; a client that goes away stops the wait). Under the lock the stored schema is
+``storage.write_lock``, in arrival order, waiting at most ``WRITE_LOCK_TIMEOUT`` (then UNAVAILABLE, "busy
+... retry"; a client that goes away leaves the queue). Under the lock the stored schema is
 read again: if its version hash is not the one the upload was checked against (another save, or the
 owner's pipeline, changed the dataset's schema meanwhile), the put is refused with UNAVAILABLE
 "changed during the upload ... retry" and nothing is written - unless the schema now stored is exactly
@@ -334,19 +334,25 @@ class Writer:
     @classmethod
     @contextlib.contextmanager
     def _write_lock(cls, storage: Any, dataset: str, table: str, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """The dataset's write lock, waited for at most WRITE_LOCK_TIMEOUT (then UNAVAILABLE, retry);
-        a client that goes away meanwhile stops the wait."""
+        """The dataset's write lock, in arrival order (:class:`~flight_server.storage.base.FifoLock`), waited for
+        at most WRITE_LOCK_TIMEOUT (then UNAVAILABLE: busy, retry); a client that goes away leaves the queue."""
+        lock = storage.write_lock
+        ticket = lock.ticket()
         deadline = time.monotonic() + WRITE_LOCK_TIMEOUT
-        while not storage.write_lock.acquire(timeout=max(0.0, min(0.25, deadline - time.monotonic()))):
-            cls._check_cancelled(cancelled, dataset, table)
-            if time.monotonic() >= deadline:
-                raise Unavailable(
-                    f"another save to dataset '{dataset}' is in progress; nothing was written, retry",
-                    dataset=dataset, table=table)
+        try:
+            while not lock.wait(ticket, max(0.0, min(0.25, deadline - time.monotonic()))):
+                cls._check_cancelled(cancelled, dataset, table)
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"dataset '{dataset}' is busy: the saves queued before this one did not finish within "
+                        f"{WRITE_LOCK_TIMEOUT:.0f} s; nothing was written, retry", dataset=dataset, table=table)
+        except BaseException:
+            lock.give_up(ticket)
+            raise
         try:
             yield
         finally:
-            storage.write_lock.release()
+            lock.release()
 
     def _load(self, storage: Any, stored: Any, schema_name: str, pipeline: Any, packaged: set[str], dataset: str,
               table: str, cancelled: Callable[[], bool]) -> Any:

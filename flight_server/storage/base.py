@@ -120,9 +120,49 @@ LOADS_TABLE = "_dlt_loads"  # dlt's load history
 RECENT_RELOAD = 0.1  # seconds, see Storage.stored_schemas
 SHARED_SCHEMA_TTL = 2.0  # schema_ttl of destinations shared with other processes
 
-# How long a save waits for another save to the same dataset (its load step) before UNAVAILABLE
-# ("retry"); like the duckdb file's BUSY_TIMEOUT, no request waits without bound.
-WRITE_LOCK_TIMEOUT = 10.0
+# How long a save waits for the saves ahead of it to the same dataset (their load steps) before UNAVAILABLE
+# ("busy, retry"); no request waits without bound, but saves queue: each load step takes seconds at most.
+WRITE_LOCK_TIMEOUT = 120.0
+
+
+class FifoLock:
+    """A lock whose waiters get it in arrival order (``threading.Lock`` wakes an arbitrary one, so a save
+    could wait behind saves that came after it): concurrent saves to one dataset load one after the other,
+    each waiting only for those ahead of it. Take a :meth:`ticket`, :meth:`wait` for its turn (in slices, to
+    watch the client), then :meth:`release`; a waiter that stops waiting calls :meth:`give_up`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket that holds (or may take) the lock
+        self._given_up: set[int] = set()
+
+    def ticket(self) -> int:
+        with self._cond:
+            self._next += 1
+            return self._next - 1
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for ``ticket``'s turn; True when it holds the lock."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._serving == ticket, timeout)
+
+    def give_up(self, ticket: int) -> None:
+        """Leave the queue (the lock too, if the turn came meanwhile)."""
+        with self._cond:
+            self._given_up.add(ticket)
+            self._advance()
+
+    def release(self) -> None:
+        with self._cond:
+            self._given_up.add(self._serving)
+            self._advance()
+
+    def _advance(self) -> None:
+        while self._serving in self._given_up:
+            self._given_up.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 def newest_schemas_sql(version_table: str) -> str:
@@ -148,9 +188,10 @@ class Storage(ABC):
         self._schema_loaded = False
         self._schema_at = 0.0
         self._schema_stamp: Hashable | None = None
+        self._schema_generation = 0  # bumped by invalidate(): a read that raced it is not cached
         self._capabilities: Any = None
         self._lock = threading.RLock()
-        self.write_lock = threading.Lock()  # one write per dataset at a time
+        self.write_lock = FifoLock()  # one load step per dataset at a time, in arrival order
 
     # --- schema -----------------------------------------------------------------------------
     # A dataset may hold several dlt schemas (two sources loaded into one dataset): each keeps its own
@@ -176,19 +217,29 @@ class Storage(ABC):
         return None
 
     def stored_schemas(self) -> list[StoredSchema]:
-        """The cached stored schemas (newest first); :meth:`invalidate` after a write."""
+        """The cached stored schemas (newest first); :meth:`invalidate` after a write.
+
+        The cache's lock is never held while the schemas are read from the destination: that read waits
+        for the destination (a duckdb file inside a save's write window), and the save, inside that window,
+        invalidates the cache - holding one while waiting for the other deadlocked concurrent saves (issue
+        22). A read that raced an :meth:`invalidate` is returned to its caller but not cached."""
         stamp = self.version_stamp()  # taken before a load: a change during the load shows next time
         with self._lock:
             stale = self.schema_ttl is not None and time.monotonic() - self._schema_at > self.schema_ttl
             if self.stamps_versions:  # a stamp too recent to trust: read again, at most every RECENT_RELOAD s
                 stale = stamp != self._schema_stamp if stamp is not None else \
                     time.monotonic() - self._schema_at > RECENT_RELOAD
-            if not self._schema_loaded or stale:
-                self._schemas = self._load_stored_schemas()
+            if self._schema_loaded and not stale:
+                return self._schemas
+            generation = self._schema_generation
+        schemas = self._load_stored_schemas()  # no lock held (see above)
+        with self._lock:
+            if generation == self._schema_generation:
+                self._schemas = schemas
                 self._schema_loaded = True
                 self._schema_at = time.monotonic()
                 self._schema_stamp = stamp
-            return self._schemas
+        return schemas
 
     def stored_schema(self, table: str | None = None) -> StoredSchema | None:
         """The schema that holds ``table`` (the newest that has it), else the dataset's newest schema."""
@@ -208,6 +259,7 @@ class Storage(ABC):
         """Forget cached schema (after this server wrote to the dataset)."""
         with self._lock:
             self._schema_loaded = False
+            self._schema_generation += 1
 
     def table_names(self) -> list[str]:
         """Data tables (no dlt internals) that hold data, in schema order, of every stored schema."""
