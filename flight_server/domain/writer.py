@@ -55,6 +55,17 @@ owner's schema would lose them), and re-normalizing would need the rows again. S
 change the schema (appends of known columns, replaces, merges) usually keep the stored version, so
 they do not conflict with each other; they load one after the other.
 
+**Lock hierarchy** (issue 22: a save that held the schema cache's lock while it waited for the duckdb
+file, and a save inside the file's write window that waited for that lock, deadlocked). Locks are taken
+only in this order, and nothing waits for a lock while holding one of a lower rank:
+
+1. the dataset's write lock (``storage.write_lock``, a FIFO queue), for one load step;
+2. the destination's write window (``storage.writing()``: the duckdb file's read-write connection; readers
+   of the file wait at most ``BUSY_TIMEOUT``);
+3. short internal locks - the stored-schema cache, the adapters' handle maps - held only to read or swap
+   a reference, never while doing I/O or waiting for anything else (``Storage.stored_schemas`` reads the
+   destination with no lock held).
+
 A save that succeeds changes the owner's schema only by what the contract allows (new tables and
 columns under ``evolve``): the profile's contract is not left in the schema dlt stores
 (:meth:`Writer._keep_owner_contract`), and the owner's table and column hints - write disposition,
