@@ -303,6 +303,53 @@ def test_a_dlt_plus_project_over_an_owners_pipeline_is_served_unchanged(tmp_path
             assert dataset[table].arrow().sort_by("_dlt_id").to_pylist() == expected[table]
 
 
+def test_check_and_the_server_warn_about_a_dataset_whose_location_holds_no_dlt_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a dataset whose path holds nothing dlt wrote (a wrong or never-loaded path, a misspelt
+    dataset) was served empty without a word. `check` and the server's start warn, naming the dataset and
+    the resolved location (a path from the secrets file as ***); datasets with data get no warning."""
+    root = tmp_path / "shop"
+    path = project_file(root, """
+        destinations:
+          warehouse: {type: duckdb, credentials: warehouse.duckdb}
+          lake: {type: filesystem, bucket_url: lake}
+          hidden: {type: duckdb}
+        datasets:
+          shop_data: {destination: [warehouse]}
+          reports: {destination: [warehouse]}
+          events_data: {destination: [lake]}
+          events: {destination: [lake]}
+          secret_place: {destination: [hidden]}
+        server: {anonymous_profile: access}
+    """, files={".dlt/secrets.toml": """
+        [destination.hidden]
+        credentials = "hidden-7f3a.duckdb"
+    """})
+    local_dir = as_owner(monkeypatch, root)
+    load_events(dlt.destinations.duckdb("warehouse.duckdb", destination_name="warehouse"), "shop_data",
+                tmp_path / "pipelines")
+    load_events(dlt.destinations.filesystem("lake", destination_name="lake"), "events_data", tmp_path / "pipelines2")
+    monkeypatch.delenv("DLT_LOCAL_DIR")
+
+    result = cli("check", "--project", str(path))
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].endswith("5 dataset(s), 3 profile(s)")
+    warnings = {line.split(" at 'datasets.", 1)[1].split("'", 1)[0]: line
+                for line in result.stdout.splitlines() if line.startswith("warning: ") and " at 'datasets." in line}
+    assert sorted(warnings) == ["events", "reports", "secret_place"], result.stdout
+    assert f"holds no dlt data at {local_dir / 'warehouse.duckdb'}: no schema 'reports' in it (dlt datasets there: shop_data)" in warnings["reports"]
+    assert f"holds no dlt data at {local_dir / 'lake'}: no folder 'events' in it (dlt datasets there: events_data)" in warnings["events"]
+    assert f"holds no dlt data at {local_dir}/***: the file does not exist" in warnings["secret_place"]
+    assert "7f3a" not in result.stdout + result.stderr
+
+    with ServerProcess(path) as server, connect(server.url) as catalog:
+        log = server.output()
+        for dataset in ("reports", "events", "secret_place"):
+            assert f"dataset '{dataset}' (destination" in log and "holds no dlt data" in log, log
+        assert "dataset 'shop_data'" not in log and "dataset 'events_data'" not in log and "7f3a" not in log
+        assert catalog.shop_data.events.arrow().num_rows == 5  # a warning, never a failure
+    assert not (local_dir / "hidden-7f3a.duckdb").exists()  # looking created nothing
+
+
 def test_a_sqlite_dataset_through_dlts_sqlalchemy_destination_reads_and_saves(tmp_path: Path) -> None:
     """Any SQL destination dlt reaches, through the generic adapter: here dlt's sqlalchemy destination on
     SQLite, loaded by the owner's pipeline (nested rows, a merge over two loads)."""
