@@ -240,6 +240,13 @@ def test_check_reports_what_it_cannot_serve_and_warns_about_what_it_does_not_use
     text = [str(p) for p in problems]
     assert any("destinations.ice.type" in t and "'iceberg' is not supported" in t for t in text), text
     assert any("destinations.wh" in t and "unknown placeholder '{nowhere}'" in t for t in text), text
+    special = project_file(tmp_path / "q", """
+        destinations:
+          wh: {type: duckdb, credentials: ':pipeline:'}
+        datasets:
+          reports: {destination: [wh]}
+    """)
+    assert [p.key for p in check_project(special)[1]] == ["destinations.wh.credentials"]
     assert not any("destinations.plain" in t for t in text), text  # dlt's plain layout is served (read-only)
     result = cli("check", "--project", str(path), check=False)
     assert result.returncode == 1

@@ -361,11 +361,11 @@ def _destination(name: str, body: Any, located: _Located, report: Any, warn: Any
         else:  # dlt's: <local_dir>/<destination name>.duckdb by default, relative paths under local_dir
             database, context = located.find(name, lambda b: _database(b.get("credentials")))
             database = context.interpolate(database, f"{key}.credentials")
-            if database == ":pipeline:":
-                report(f"{key}.credentials", "':pipeline:' keeps the database in a pipeline's working folder, which "
-                                             "flight-share cannot know; give the database's path")
             location = database
-            if not (isinstance(database, str) and ("://" in database or "{env." in database)):
+            if isinstance(database, str) and database.startswith(":"):  # dlt's :pipeline:, :memory:, :external:
+                report(f"{key}.credentials", f"'{database}' names no file flight-share can find (':pipeline:' is a "
+                                             "pipeline's working folder); give the database's path")
+            elif not (isinstance(database, str) and ("://" in database or "{env." in database)):
                 location = dlt_location("duckdb", database or None, name, context.settings["local_dir"])
         out["location"] = location
     elif kind == "filesystem":
