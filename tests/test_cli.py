@@ -361,3 +361,33 @@ def test_check_masks_every_value_taken_from_the_environment(tmp_path: Path) -> N
         assert result.returncode == 1 and "server.locations[0]" in result.stdout, result.stdout
         assert value not in result.stdout + result.stderr and "7f3a" not in result.stdout + result.stderr
         assert "'***' is not a Flight location" in result.stdout
+
+
+def test_check_warns_about_a_duckdb_dataset_dlt_never_loaded(tmp_path: Path) -> None:
+    """Regression: a dataset in a duckdb file that holds no dlt data was served empty without a word. A
+    schema dlt never wrote (no `_dlt_version`) and one with dlt's tables only are warnings, not problems."""
+    import duckdb
+
+    database = tmp_path / "data" / "lake.duckdb"
+    database.parent.mkdir()
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("CREATE SCHEMA handmade; CREATE TABLE handmade.t AS SELECT 1 AS a")
+        conn.execute("CREATE SCHEMA fresh; CREATE TABLE fresh._dlt_version (version BIGINT)")
+    (tmp_path / "dlt.yml").write_text("""
+format_version: 1
+project: {name: p}
+destinations:
+  lake: {type: duckdb, location: data/lake.duckdb}
+datasets:
+  handmade: {destination: [lake]}
+  fresh: {destination: [lake]}
+profiles:
+  access:
+    datasets: {handmade: {}, fresh: {}}
+""")
+    result = cli("check", "--project", str(tmp_path / "dlt.yml"))
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[-1].endswith("ok: project p, 1 destination(s), 2 dataset(s), 1 profile(s)")
+    assert any(f"'datasets.handmade': dataset 'handmade' (destination 'lake') holds no dlt data at {database}: "
+               "the schema 'handmade' has no _dlt_version (not loaded by dlt)" in line for line in lines), lines
+    assert any("'datasets.fresh'" in line and "no tables loaded into 'fresh' yet" in line for line in lines), lines

@@ -89,7 +89,9 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
     from flight_server.transport.server import FlightShareServer
 
     _logging(project)
-    for warning in project.warnings:
+    from flight_server.cli.data_check import empty_datasets
+
+    for warning in (*project.warnings, *empty_datasets(project)):
         logging.getLogger("flight_share.config").warning("%s", warning)
     host = host or project.server.host
     port = project.server.port if port is None else port

@@ -24,6 +24,7 @@ def check_command(project_path: str) -> None:
     """Validate a project file, reporting every problem.
 
     Each problem is one line: the file, the key path and what is allowed. Exits 1 when there are any.
+    Warnings (exit 0) name what is read and not used, and every dataset whose location holds no dlt data.
     """
     from flight_server.domain.config import check_project
 
@@ -36,7 +37,9 @@ def check_command(project_path: str) -> None:
         click.echo(f"{n} problem{'s' if n != 1 else ''} in {file.resolve()}", err=True)
         raise click.exceptions.Exit(EXIT_ERROR)
     assert project is not None
-    for warning in project.warnings:
+    from flight_server.cli.data_check import empty_datasets
+
+    for warning in (*project.warnings, *empty_datasets(project)):
         click.echo(f"warning: {warning}")
     click.echo(f"{project.file}: ok: project {project.name}, {len(project.destinations)} destination(s), "
                f"{len(project.datasets)} dataset(s), {len(project.profiles)} profile(s)")

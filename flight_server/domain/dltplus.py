@@ -16,11 +16,18 @@ What is followed (dlt+ 0.17's project loader, and its documentation):
   ``{env.NAME}``. An unknown placeholder, or an unset variable, is a problem (dlt+ leaves the text or an
   empty string in place, which only fails later).
 - a destination is ``type`` (or, without one, its name is the type) plus dlt's configuration for
-  ``destination.<name>``: ``credentials`` (duckdb: a path, or a mapping with ``database``; relative paths
-  resolve against ``local_dir``, as dlt resolves them in a dlt+ project), ``bucket_url`` (filesystem).
-  ``type: delta`` is a filesystem destination holding Delta tables. Settings missing from the file come
-  from ``.dlt/<profile>.secrets.toml``, then ``.dlt/secrets.toml``, then ``.dlt/config.toml`` (sections
-  ``[destination.<name>]``), as dlt+ layers them; values read from those files count as secrets.
+  ``destination.<name>``: ``credentials`` (duckdb: a path, or a mapping with ``database``), ``bucket_url``
+  (filesystem). ``type: delta`` is a filesystem destination holding Delta tables. Settings missing from the
+  file come from ``.dlt/<profile>.secrets.toml``, then ``.dlt/secrets.toml``, then ``.dlt/config.toml``
+  (sections ``[destination.<name>]``), as dlt+ layers them; values read from those files count as secrets.
+- **where local data is**: dlt resolves a relative duckdb database (none: ``<destination name>.duckdb``) and
+  a relative local ``bucket_url`` against its run context's ``local_dir`` (``WithLocalFiles.make_location``),
+  and dlt+ sets ``local_dir`` per profile. The served data is what the owner's pipelines wrote, with the
+  owner's profile (:func:`owner_profile`: dlt's pinned profile, else ``project.default_profile``, else
+  ``dev``), so such a value - with its placeholders - is read in the owner's run context: the file as that
+  profile sees it, then its settings files. Only a location the access profile sets itself (its own
+  ``destinations`` section or ``.dlt/access.secrets.toml``) is read in the access profile's run context, as
+  dlt+ reads it for the data packages. Everything else (credentials, contracts) is the access profile's.
 - a dataset is ``destination: [names]`` and an optional ``contract``; a pipeline's ``dataset_name`` is a
   dataset on the pipeline's destination too.
 
@@ -34,7 +41,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tomllib
 
@@ -46,6 +53,7 @@ RUN_ONLY_SECTIONS = ("sources", "runtime", "caches", "transformations")
 SERVED_PROFILE = "access"
 IMPLICIT_PROFILES = ("access", "tests")
 DEFAULT_PROFILE = "dev"
+PIN_FILE = "profile-name"  # dlt's pinned profile, in the project's .dlt folder
 PROJECT_SETTINGS = ("name", "description", "default_profile", "project_dir", "data_dir", "local_dir",
                     "allow_undefined_entities")
 # dlt+'s destination types that are stored as another dlt type; every other type is dlt's own
@@ -138,12 +146,71 @@ def _from_settings(docs: list[dict[str, Any]], name: str, key: str) -> Any:
     return None
 
 
+def owner_profile(project_dir: Path, default_profile: str = DEFAULT_PROFILE) -> str:
+    """The profile the owner's pipelines run with: the one pinned in ``.dlt/profile-name`` (dlt's pin file,
+    ``dlt/_workspace/profile.py``), else the project's ``default_profile`` (``dev``)."""
+    try:
+        pinned = (project_dir / ".dlt" / PIN_FILE).read_text().strip().splitlines()
+    except OSError:
+        pinned = []
+    return pinned[0].strip() if pinned and pinned[0].strip() else default_profile
+
+
+class _RunContext:
+    """One profile's run context as dlt+ builds it: ``data_dir`` (``<project>/_data/<profile>``), ``local_dir``
+    (``<data_dir>/local``, where dlt puts relative duckdb files and local buckets), the placeholders, and the
+    settings files (``.dlt/<profile>.secrets.toml``, ``.dlt/secrets.toml``, ``.dlt/config.toml``)."""
+
+    def __init__(self, profile: str, project_dir: str, name: str, default_profile: str,
+                 project: Mapping[str, Any], report: Any) -> None:
+        self.profile = profile
+        self.settings = {"project_dir": project_dir, "name": name, "current_profile": profile,
+                         "default_profile": default_profile}
+        self.interpolate = Interpolator(self.settings, report)
+        self.settings["data_dir"] = str(Path(project_dir, self.interpolate(
+            project.get("data_dir") or os.path.join("_data", profile), "project.data_dir")))
+        self.settings["local_dir"] = str(Path(project_dir, self.interpolate(
+            project.get("local_dir") or os.path.join(self.settings["data_dir"], "local"), "project.local_dir")))
+        self.docs, self.secrets = _settings_files(Path(project_dir), profile, report)
+
+
+class _Located:
+    """Where a destination's location setting (duckdb database, ``bucket_url``) comes from, and so in which
+    run context dlt resolves it: a value the served (access) profile sets itself is read as dlt+ reads it for
+    that profile; any other value as the owner's pipelines read it, with the owner's profile, since the
+    served data is what they wrote."""
+
+    def __init__(self, access_override: Any, owner_body: Any, access: _RunContext, owner: _RunContext) -> None:
+        self.access_override = access_override if isinstance(access_override, dict) else {}
+        self.owner_body = owner_body if isinstance(owner_body, dict) else {}
+        self.access = access
+        self.owner = owner
+
+    def find(self, name: str, pick: Callable[[Mapping[str, Any]], Any]) -> tuple[Any, _RunContext]:
+        """``pick(settings of the destination)``, first found: the access profile's own section, the file as
+        the owner's profile sees it, ``.dlt/access.secrets.toml``, then the owner's settings files."""
+        sources = [(self.access_override, self.access), (self.owner_body, self.owner),
+                   (_section(self.access.docs[0], name), self.access),
+                   *((_section(doc, name), self.owner) for doc in self.owner.docs)]
+        for body, context in sources:
+            value = pick(body)
+            if value is not None:
+                return value, context
+        return None, self.owner
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    section = (doc.get("destination") or {}).get(name) if isinstance(doc.get("destination"), dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, secrets: set[str]) -> dict[str, Any]:
     """A dlt+ project file as the mapping of a flight-share project file (see the module docstring).
 
     ``report(key, problem)`` records a problem, ``warn(key, text)`` a warning; values read from the
     secrets files are added to ``secrets``.
     """
+    report = _once(report)  # the served and the owner's run contexts read the same settings: said once
     for key in raw:
         if key not in DLT_PLUS_SECTIONS + FLIGHT_SHARE_SECTIONS:
             warn(str(key), f"unknown section '{key}' (dlt+ sections: {', '.join(DLT_PLUS_SECTIONS)}; "
@@ -163,7 +230,8 @@ def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, sec
     profile_names = [*raw_profiles, *(p for p in (*IMPLICIT_PROFILES, default_profile) if p not in raw_profiles)]
 
     # the project as the served profile sees it: its overrides deep-merged over the whole file
-    served = deep_merge({k: v for k, v in raw.items() if k != "profiles"}, raw_profiles.get(SERVED_PROFILE) or {})
+    base = {k: v for k, v in raw.items() if k != "profiles"}
+    served = deep_merge(base, raw_profiles.get(SERVED_PROFILE) or {})
     project = served.get("project") or {}
     for key in project:
         if key not in PROJECT_SETTINGS:
@@ -171,19 +239,20 @@ def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, sec
     project_dir = str(Path(project.get("project_dir") or file.parent).resolve())
     # the folder's name, as a name flight-share (and Flight SQL's catalog) accepts: "my-project" -> "my_project"
     name = project.get("name") or re.sub(r"\W", "_", Path(project_dir).name).lstrip("0123456789") or "project"
-    settings = {"project_dir": project_dir, "name": name, "current_profile": SERVED_PROFILE,
-                "default_profile": default_profile}
-    interpolate = Interpolator(settings, report)
-    settings["data_dir"] = str(Path(project_dir, interpolate(project.get("data_dir") or
-                                                             os.path.join("_data", SERVED_PROFILE), "project.data_dir")))
-    settings["local_dir"] = str(Path(project_dir, interpolate(project.get("local_dir") or
-                                                              os.path.join(settings["data_dir"], "local"),
-                                                              "project.local_dir")))
-    settings_docs, file_secrets = _settings_files(Path(project_dir), SERVED_PROFILE, report)
-    secrets.update(file_secrets)
+    owner = owner_profile(Path(project_dir), default_profile)
+    owner_view = deep_merge(base, raw_profiles.get(owner) or {}) if owner != SERVED_PROFILE else served
+    contexts = {p: _RunContext(p, project_dir, name, default_profile, view.get("project") or {}, report)
+                for p, view in ((SERVED_PROFILE, served), (owner, owner_view))}
+    for p in contexts:
+        secrets.update(contexts[p].secrets)
 
-    destinations = {name: _destination(name, body, interpolate, settings, settings_docs, report, warn)
-                    for name, body in _mapping(served.get("destinations"), "destinations", report).items()}
+    access_overrides = _mapping((raw_profiles.get(SERVED_PROFILE) or {}).get("destinations"), "destinations", report)
+    owner_destinations = owner_view.get("destinations") if isinstance(owner_view.get("destinations"), dict) else {}
+    destinations = {}
+    for d_name, body in _mapping(served.get("destinations"), "destinations", report).items():
+        located = _Located(access_overrides.get(d_name), owner_destinations.get(d_name),
+                           contexts[SERVED_PROFILE], contexts[owner])
+        destinations[d_name] = _destination(d_name, body, located, report, warn)
     datasets: dict[str, Any] = {}
     for ds_name, body in _mapping(served.get("datasets"), "datasets", report).items():
         body = _mapping(body, f"datasets.{ds_name}", report)
@@ -230,6 +299,16 @@ def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, sec
     }
 
 
+def _once(report: Any) -> Any:
+    seen: set[tuple[str, str]] = set()
+
+    def once(key: str, problem: str) -> None:
+        if (key, problem) not in seen:
+            seen.add((key, problem))
+            report(key, problem)
+    return once
+
+
 def _mapping(value: Any, key: str, report: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -248,11 +327,15 @@ def _pipeline_destinations(served: Mapping[str, Any], dataset: str) -> list[str]
     return found
 
 
-def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapping[str, str],
-                 settings_docs: list[dict[str, Any]], report: Any, warn: Any) -> dict[str, Any]:
+def _database(credentials: Any) -> Any:
+    """The duckdb database path in dlt's ``credentials`` (a path, or a mapping with ``database``)."""
+    return credentials.get("database") if isinstance(credentials, dict) else credentials
+
+
+def _destination(name: str, body: Any, located: _Located, report: Any, warn: Any) -> dict[str, Any]:
     key = f"destinations.{name}"
     body = _mapping(body, key, report)
-    body = interpolate(body, key)
+    body = located.access.interpolate(body, key)
     dlt_type = body.get("type") or name
     kind = STORED_AS.get(dlt_type, dlt_type)  # the project reader reports a type it does not serve
     for k in body:
@@ -260,14 +343,13 @@ def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapp
             warn(f"{key}.{k}", f"'{k}' is a setting of dlt's loads into this destination; flight-share does not use it")
     credentials = body.get("credentials")
     if credentials is None:
-        credentials = _from_settings(settings_docs, name, "credentials")
+        credentials = _from_settings(located.access.docs, name, "credentials")
     out: dict[str, Any] = {"type": kind}
     if dlt_type == "delta":
         out["table_format"] = "delta"
     elif "table_format" in body:
         out["table_format"] = body["table_format"]
     if kind == "duckdb":
-        database = credentials.get("database") if isinstance(credentials, dict) else credentials
         if isinstance(credentials, dict):
             for k in credentials:
                 if k != "database":
@@ -275,18 +357,27 @@ def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapp
         if "location" in body:  # flight-share's own key (relative to the project folder)
             location = body["location"]
             if isinstance(location, str) and not os.path.isabs(location) and "{env." not in location:
-                location = str(Path(settings["project_dir"], location))
-        else:  # dlt's default: <local_dir>/<destination name>.duckdb; relative paths under local_dir
-            location = database if isinstance(database, str) and database else f"{name}.duckdb"
-            if "://" not in location and not os.path.isabs(location) and "{env." not in location:
-                location = str(Path(settings["local_dir"], location))
+                location = str(Path(located.access.settings["project_dir"], location))
+        else:  # dlt's: <local_dir>/<destination name>.duckdb by default, relative paths under local_dir
+            database, context = located.find(name, lambda b: _database(b.get("credentials")))
+            database = context.interpolate(database, f"{key}.credentials")
+            location = database
+            if isinstance(database, str) and database.startswith(":"):  # dlt's :pipeline:, :memory:, :external:
+                report(f"{key}.credentials", f"'{database}' names no file flight-share can find (':pipeline:' is a "
+                                             "pipeline's working folder); give the database's path")
+            elif not (isinstance(database, str) and ("://" in database or "{env." in database)):
+                location = dlt_location("duckdb", database or None, name, context.settings["local_dir"])
         out["location"] = location
     elif kind == "filesystem":
-        bucket_url = body.get("bucket_url", body.get("location"))
-        if bucket_url is None:
-            bucket_url = _from_settings(settings_docs, name, "bucket_url")
-        if isinstance(bucket_url, str) and "://" not in bucket_url and not os.path.isabs(bucket_url) and "{env." not in bucket_url:
-            bucket_url = str(Path(settings["project_dir"], bucket_url))  # dlt: relative to the working folder
+        if "location" in body and "bucket_url" not in body:  # flight-share's own key (relative to the project folder)
+            bucket_url = body["location"]
+            if isinstance(bucket_url, str) and "://" not in bucket_url and not os.path.isabs(bucket_url) and "{env." not in bucket_url:
+                bucket_url = str(Path(located.access.settings["project_dir"], bucket_url))
+        else:
+            bucket_url, context = located.find(name, lambda b: b.get("bucket_url"))
+            bucket_url = context.interpolate(bucket_url, f"{key}.bucket_url")
+            if isinstance(bucket_url, str) and bucket_url and "{env." not in bucket_url:
+                bucket_url = dlt_location("filesystem", bucket_url, name, context.settings["local_dir"])
         if bucket_url is not None:
             out["bucket_url"] = bucket_url
         if credentials is not None:
@@ -295,3 +386,33 @@ def _destination(name: str, body: Any, interpolate: Interpolator, settings: Mapp
         if credentials is not None:
             out["credentials"] = credentials
     return out
+
+
+def dlt_location(kind: str, configured: str | None, destination_name: str, local_dir: str) -> str:
+    """A duckdb database path or a local filesystem ``bucket_url`` as dlt resolves it in a run context whose
+    ``local_dir`` is ``local_dir``: absolute stays, relative goes under ``local_dir``; a bucket URL with a
+    scheme (``s3://``, an absolute ``file://``) is returned as given."""
+    try:  # dlt's own resolution; imported here so that the client-only command line never imports dlt
+        from dlt.common.storages.configuration import FilesystemConfigurationWithLocalFiles, WithLocalFiles
+        from dlt.destinations.impl.duckdb.configuration import DUCK_DB_NAME_PAT
+    except ImportError:  # without the server's dependencies (`flight-share package`): dlt's rule, spelled out
+        if kind == "duckdb":
+            return configured if configured and os.path.isabs(configured) else os.path.join(local_dir, configured or f"{destination_name}.duckdb")
+        if "://" in configured or os.path.isabs(configured):
+            return configured
+        return os.path.join(local_dir, configured.removeprefix("file:"))
+    if kind == "duckdb":
+        # DuckDbClientConfiguration.on_resolved -> WithLocalFiles.make_location(database, "%s.duckdb")
+        files = WithLocalFiles()
+        files.local_dir, files.destination_name = local_dir, destination_name
+        return files.make_location(configured, DUCK_DB_NAME_PAT)
+    # FilesystemDestinationClientConfiguration -> FilesystemConfigurationWithLocalFiles.normalize_bucket_url:
+    # a local path without a scheme (or a relative file: URL) is moved under local_dir, then made a file:// URL
+    config = FilesystemConfigurationWithLocalFiles(bucket_url=configured)
+    config.local_dir, config.destination_name = local_dir, destination_name
+    config.normalize_bucket_url()
+    if config.bucket_url == configured or not config.bucket_url.startswith("file:"):
+        return configured  # a remote bucket, or a local one dlt left as it is (absolute)
+    relocated = config.make_local_path(config.bucket_url)
+    absolute = config.make_local_path(configured) if configured.startswith("file:") else configured
+    return configured if relocated == os.path.normpath(absolute) else relocated
