@@ -167,6 +167,9 @@ def test_errors_are_one_line_with_an_exit_code(server: ServerProcess) -> None:
     assert_one_line_error(fs(server, "sql", "github_events_dataset", "DROP TABLE issues_event"), 1, "SELECT")
     down = cli("catalog", "--url", "grpc://127.0.0.1:1", check=False)
     assert_one_line_error(down, 5, "cannot reach the flight-share server at grpc://127.0.0.1:1")
+    # TLS asked of a plain server: one line, not gRPC C-core's and absl's log lines before it (issue 22)
+    mismatch = cli("catalog", "--url", server.url.replace("grpc://", "grpc+tls://"), check=False)
+    assert_one_line_error(mismatch, 5, "cannot reach the flight-share server at grpc+tls://")
     usage = cli("head", "github_events_dataset", check=False)
     assert usage.returncode == 2 and "Missing argument 'TABLE'" in usage.stderr
     debug = cli("--debug", "catalog", "--url", "grpc://127.0.0.1:1", check=False)

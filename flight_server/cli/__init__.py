@@ -8,7 +8,12 @@ commands are here and in :mod:`flight_server.cli.project`, the client-side ones 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# gRPC's C core logs a failed TLS handshake (and absl its "before InitializeLog" notice) to stderr at INFO;
+# the command prints one clear line of its own instead. Set before pyarrow.flight loads gRPC.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import click
 
