@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from client.protocol import EndpointMetadata, ReadCommand
+from flight_server.domain.errors import InvalidRequest
 from flight_server.storage import Storage
 
 SAMPLE_ROWS = 2048  # rows read to estimate the Arrow size of a result
@@ -49,8 +50,14 @@ class ReadPlan:
 
 def plan_read(storage: Storage, command: ReadCommand, target_rows: int) -> ReadPlan:
     """Split a table read into endpoints of about ``target_rows`` rows."""
-    if command.partition is not None:  # one slice asked for directly (a ticket used as a descriptor)
-        return ReadPlan([command], [-1], -1, -1)
+    if command.partition is not None:
+        # Partitions are the server's to plan (issue 22): a client may ask for data, never for files or
+        # table versions - a signed partition named any file or version it liked (a Delta version of 2**63
+        # walked the log backwards forever; an old version read rows the owner's replace had removed).
+        raise InvalidRequest(
+            f"a read of '{command.dataset}.{command.table}' may not name a partition: the server plans the "
+            "partitions of a table and signs each in its endpoint's ticket; ask for the table (columns, limit) "
+            "and read the endpoints GetFlightInfo returns", dataset=command.dataset, table=command.table)
     if command.limit is not None:
         total = min(storage.row_count(command.table), command.limit)
         return ReadPlan([command], [total], total, estimate_bytes(storage, command, total))
