@@ -341,3 +341,37 @@ def test_cheap_queries_reuse_warm_workers(limited: ServerProcess) -> None:
     for _ in range(10):
         assert _plain(limited, "SELECT count(*) AS n FROM push_event").column("n")[0].as_py() > 0
     assert {child.pid for child in server.children()} - before == set()
+
+
+def test_idle_half_read_streams_do_not_hold_the_sandbox(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Regression (issue 22): a client that opens as many SQL streams as there are workers, reads one batch of
+    each and goes idle held every worker for as long as it liked - everyone else's ``SELECT 1`` got
+    "every SQL sandbox is busy". An unread stream is ended after an idle limit and its worker freed; its
+    client's next read says why. (Small batches, so a result is many batches - more than gRPC buffers.)"""
+    project = make_project(tmp_path_factory.mktemp("sql-idle"), events=300)
+    config = yaml.safe_load(project.read_text())
+    config["server"].update(sql_timeout=10, batch_rows=500)
+    project.write_text(yaml.safe_dump(config))
+    command = encode_command(SqlCommand(EVENTS, "SELECT a.id, repeat('x', 2000) AS pad FROM push_event a, push_event b, push_event c"))
+    with ServerProcess(project) as server:
+        idle = []
+        for _ in range(SANDBOX_WORKERS):
+            client = flight.connect(server.url)
+            info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+            reader = client.do_get(info.endpoints[0].ticket)
+            reader.read_chunk()  # one batch, then nothing
+            idle.append((client, reader))
+        deadline = time.monotonic() + 90  # far beyond the idle limit: a condition polled, not a timing
+        answer: Any = None
+        while time.monotonic() < deadline:
+            try:
+                answer = _plain(server, "SELECT 1 AS one").column("one").to_pylist()
+                break
+            except Exception as exc:  # noqa: BLE001 - "busy" while the idle streams still hold the workers
+                assert "busy" in str(exc), exc
+        assert answer == [1]
+        for client, reader in idle:  # the idle client's next read: the reason, not a hang
+            # ended while unread: idle too long, or past sql_timeout while still filling gRPC's buffers
+            with pytest.raises(pa.ArrowInvalid, match="was not read for|time limit of 10 s"):
+                reader.read_all()
+            client.close()

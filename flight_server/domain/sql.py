@@ -562,6 +562,9 @@ MAX_QUERIES_PER_WORKER = 500
 IDLE_WORKER_RSS = 256 << 20
 # how often a waiting call checks its deadline and whether its caller cancelled
 _POLL_SECONDS = 0.05
+#: a result stream whose client reads nothing for this long (at most half server.sql_timeout) is ended and its
+#: worker freed: a client that opens streams and goes idle must not hold the workers every user shares
+SQL_IDLE_SECONDS = 15.0
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.domain.sql_worker import main; "
          "main(sys.argv[2:])")
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds flight_server/
@@ -785,6 +788,8 @@ class _Job:
         self.partition = partition
         self.cancelled = cancelled
         self.deadline = time.monotonic() + sandbox.timeout
+        self.idle_limit = min(SQL_IDLE_SECONDS, sandbox.timeout / 2)
+        self.last_read = time.monotonic()  # when the caller last asked for a batch (see _watch)
         self.lock = threading.Lock()
         self.waiting = False  # the caller's thread is blocked on the worker (only then is its context polled)
         self.outcome: str | None = None  # "timeout" | "cancelled": why the server ended the worker
@@ -825,24 +830,35 @@ class _Job:
         return self.wait(lambda: pa.ipc.open_stream(pa.PythonFile(self.result, mode="r")))
 
     def _watch(self) -> None:
-        """Ends the worker at the deadline, or when the caller cancels while it waits for the worker."""
+        """Ends the worker at the deadline, when the caller cancels while it waits for the worker, or when
+        the caller stops reading the result (issue 22: four half-read streams held every worker for as long
+        as their client liked). A worker ended while its caller is away is given back to the pool at once -
+        the slot is free for others - and the caller's next read gets the reason."""
         while True:
             time.sleep(_POLL_SECONDS)
             with self.lock:
                 if self.done:
                     return
-                if time.monotonic() >= self.deadline:
+                now = time.monotonic()
+                if now >= self.deadline:
                     self.outcome = "timeout"
                 elif self.waiting and self.cancelled is not None and self.cancelled():
                     # polled only while the caller's thread is blocked in wait(): its call is still on
                     self.outcome = "cancelled"
+                elif not self.waiting and now - self.last_read >= self.idle_limit:
+                    self.outcome = "idle"
                 if self.outcome:
                     self.worker.kill()
-                    return
+                    away = not self.waiting
+                    break
+        if away:  # nobody is reading: free the slot now (finish() is idempotent)
+            self.finish(clean=False)
 
     def wait(self, step: Callable[[], Any]) -> Any:
         """Run a blocking read from the worker with the caller's cancellation watched."""
         with self.lock:
+            if self.done and self.outcome is not None:  # ended (and given back) while the caller was away
+                raise self._ended()
             self.waiting = True
         try:
             return step()
@@ -851,6 +867,7 @@ class _Job:
         finally:
             with self.lock:
                 self.waiting = False
+                self.last_read = time.monotonic()
 
     def next_batch(self) -> pa.RecordBatch | None:
         """The next result batch; None at the end; the query's error if it failed."""
@@ -873,6 +890,11 @@ class _Job:
             return _time_limit(timeout, self.query.dataset)
         if self.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
+        if self.outcome == "idle":
+            return SqlLimitExceeded(
+                f"the query's result was not read for {self.idle_limit:g} s, so the query was ended and its "
+                "sandbox given to others; read a result as it arrives (or aggregate, or add a LIMIT)",
+                dataset=self.query.dataset, limit="idle result stream", value=self.idle_limit)
         if self.source_error is not None:
             return self.source_error
         # killed by the kernel (the memory limit) or crashed under it
