@@ -63,7 +63,10 @@ def pushdown(tree: exp.Expression, tables: Mapping[str, Iterable[str] | None]) -
     if alias is not None and alias.columns:
         return NOTHING  # t AS x(a, b) renames the table's columns by position
     table = references[0].name
-    known = {c.lower(): c for c in (tables.get(table) or ())}
+    names = list(tables.get(table) or ())
+    lowered = [c.lower() for c in names]
+    # a name as stored, else (duckdb resolves without regard to case) the one stored name it folds to
+    known = {**{c.lower(): c for c in names if lowered.count(c.lower()) == 1}, **{c: c for c in names}}
     if not known:
         return NOTHING
     where = tree.args.get("where")
@@ -85,7 +88,7 @@ def _conjuncts(node: exp.Expression) -> Iterable[exp.Expression]:
 
 def _column(node: exp.Expression, known: Mapping[str, str]) -> str | None:
     if isinstance(node, exp.Column) and not node.args.get("db") and isinstance(node.this, exp.Identifier):
-        return known.get(node.name.lower())
+        return known.get(node.name, known.get(node.name.lower()))
     return None
 
 

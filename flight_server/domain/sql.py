@@ -428,6 +428,15 @@ def _check_query(sql: "str | exp.Expression", dataset: str, tables: Mapping[str,
     return CheckedQuery(tree.sql(dialect), dataset, _used_columns(tree, dataset, used, tables, dialect), pushed)
 
 
+def case_sensitive(dialect: str) -> str:
+    """``dialect`` with names resolved as written: dlt's naming conventions ``sql_cs_v1``, ``direct`` and
+    ``duck_case`` store ``Customers.FullName``, and sqlglot's duckdb dialect would fold it to
+    ``fullname`` (which then names no stored column, or the wrong one of ``FullName`` and ``fullname``).
+    A name written in another case than stored does not resolve here: callers then keep every column
+    (the sandbox) or the sandbox (the warehouse), and duckdb resolves it as it does."""
+    return f"{dialect}, normalization_strategy = case_sensitive"
+
+
 def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
                   tables: Mapping[str, Iterable[str] | None], dialect: str) -> dict[str, frozenset[str] | None]:
     """Columns each table contributes, found with sqlglot's qualifier; all columns when in doubt.
@@ -447,7 +456,7 @@ def _used_columns(tree: exp.Expression, dataset: str, used: set[str],
         return everything
     schema = {dataset: {t: {c: "UNKNOWN" for c in tables[t]} for t in used}}  # type: ignore[union-attr]
     try:
-        qualified = qualify(tree.copy(), schema=schema, dialect=dialect, validate_qualify_columns=True,
+        qualified = qualify(tree.copy(), schema=schema, dialect=case_sensitive(dialect), validate_qualify_columns=True,
                             quote_identifiers=False)
         # leftover stars (other than count(*)) and COLUMNS(...) select columns by pattern: no pruning
         for star in qualified.find_all(exp.Star):
@@ -989,6 +998,21 @@ class TablePartition:
 _MEMORY_TEXT = "query needs more memory than the sandbox allows (server.sql_memory_limit)"
 
 
+def _refuse_case_twins(storage: "Storage", table: str, names: list[str]) -> None:
+    """duckdb resolves names without regard to case, so a table whose columns differ only in case
+    (``FullName`` and ``fullname``, possible under dlt's case-sensitive naming conventions on PostgreSQL,
+    SQLite, Delta...) cannot be queried with both: duckdb would rename one (``fullname_1``) or read
+    the other. Such a query is refused; the table's read serves both under their stored names."""
+    seen: dict[str, str] = {}
+    for name in names:
+        twin = seen.setdefault(name.lower(), name)
+        if twin != name:
+            raise InvalidRequest(
+                f"columns '{twin}' and '{name}' of table '{table}' differ only in letter case, which the SQL "
+                f"engine (duckdb) cannot tell apart; select the other columns by name, or read the table "
+                f"itself (it serves both)", dataset=storage.dataset.name, table=table)
+
+
 def _time_limit(timeout: float, dataset: str | None) -> SqlLimitExceeded:
     return SqlLimitExceeded(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
                             limit="server.sql_timeout", value=timeout)
@@ -1042,11 +1066,12 @@ class SqlSandbox:
 
     @staticmethod
     def _columns(storage: "Storage", table: str, columns: frozenset[str] | None) -> list[str] | None:
-        if columns is None:
-            return None
-        names = [n for n in storage.arrow_schema(table).names if n in columns]
-        # a query using no column (count(*)) still needs rows: stream the first column only
-        return names or storage.arrow_schema(table).names[:1]
+        names = storage.arrow_schema(table).names
+        if columns is not None:
+            # a query using no column (count(*)) still needs rows: stream the first column only
+            names = [n for n in names if n in columns] or names[:1]
+        _refuse_case_twins(storage, table, names)
+        return names if columns is not None else None
 
     def schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
                parameters: pa.Table | None = None) -> pa.Schema:

@@ -64,7 +64,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
-from flight_server.domain.sql import _time_limit
+from flight_server.domain.sql import _time_limit, case_sensitive
 
 if TYPE_CHECKING:
     from flight_server.domain.sql import CheckedQuery, SqlSandbox
@@ -234,9 +234,10 @@ def plan(storage: "Storage", query: "CheckedQuery") -> Plan | str:
     schema = {query.dataset: {t: {c: exp.DataType.build(k or "UNKNOWN") for c, k in cols.items()}
                               for t, cols in types.items()}}
     try:
-        tree = qualify(tree, schema=schema, dialect="duckdb", validate_qualify_columns=True, quote_identifiers=True,
-                       expand_stars=True, infer_schema=False)
-        tree = annotate_types(tree, schema=schema, dialect="duckdb")
+        # names as stored (PostgreSQL tells "FullName" from "fullname"; see sql.case_sensitive)
+        tree = qualify(tree, schema=schema, dialect=case_sensitive("duckdb"), validate_qualify_columns=True,
+                       quote_identifiers=True, expand_stars=True, infer_schema=False)
+        tree = annotate_types(tree, schema=schema, dialect=case_sensitive("duckdb"))
     except Exception as exc:  # noqa: BLE001 - any doubt: the sandbox
         return f"sqlglot cannot qualify it ({type(exc).__name__})"
     reason = _unsupported(tree)

@@ -87,6 +87,28 @@ def int_range(spec: Any, key: str) -> tuple[int, int | None]:
     return value[0], value[1]
 
 
+def not_null_hints(columns: dict[str, Any]) -> set[str]:
+    """The columns dlt stored with ``nullable: false``."""
+    return {name for name, column in columns.items() if column.get("nullable") is False}
+
+
+def with_not_null(schema: pa.Schema, not_null: set[str]) -> pa.Schema:
+    """``schema`` with exactly the fields named in ``not_null`` non-nullable."""
+    return pa.schema([f.with_nullable(f.name not in not_null) for f in schema])
+
+
+def plain_arrow(schema: pa.Schema) -> pa.Schema:
+    """A schema without field metadata and with extension types as their storage type."""
+    return pa.schema([pa.field(f.name, f.type.storage_type if isinstance(f.type, pa.BaseExtensionType) else f.type,
+                               f.nullable) for f in schema])
+
+
+def conform(reader: pa.RecordBatchReader, schema: pa.Schema) -> pa.RecordBatchReader:
+    """A reader that streams exactly ``schema`` (GetFlightInfo's schema is DoGet's): Arrow's cast, in
+    C++, which fails on a null in a non-nullable field instead of streaming it."""
+    return reader if reader.schema.equals(schema, check_metadata=True) else reader.cast(schema)
+
+
 @dataclass(frozen=True)
 class StoredSchema:
     """A dlt schema as the destination last stored it."""
@@ -190,6 +212,7 @@ class Storage(ABC):
         self._schema_stamp: Hashable | None = None
         self._schema_generation = 0  # bumped by invalidate(): a read that raced it is not cached
         self._capabilities: Any = None
+        self._arrow_schemas: dict[tuple[Any, ...], pa.Schema] = {}  # see table_arrow_schema
         self._lock = threading.RLock()
         self.write_lock = FifoLock()  # one load step per dataset at a time, in arrival order
 
@@ -260,6 +283,7 @@ class Storage(ABC):
         with self._lock:
             self._schema_loaded = False
             self._schema_generation += 1
+            self._arrow_schemas.clear()
 
     def table_names(self) -> list[str]:
         """Data tables (no dlt internals) that hold data, in schema order, of every stored schema."""
@@ -302,26 +326,53 @@ class Storage(ABC):
         return [s for s in self.stored_schemas() if table in s.schema.tables]
 
     def arrow_schema(self, table: str, columns: Sequence[str] | None = None) -> pa.Schema:
-        """Arrow schema from the stored dlt schema; reads no table data."""
+        """The Arrow schema a read of ``table`` (or of ``columns`` of it) streams; reads no table data."""
         all_columns = self.table_columns(table)
-        if columns:
-            missing = [c for c in columns if c not in all_columns]
-            if missing:
-                raise NotFound(
-                    f"Column(s) {', '.join(missing)} not found in table '{table}' of dataset '{self.dataset.name}'; "
-                    f"columns: {', '.join(all_columns)}",
-                    dataset=self.dataset.name,
-                    table=table,
-                    column=missing[0],
-                )
-            all_columns = {c: all_columns[c] for c in columns}
-        return self.arrow_schema_for(all_columns)
+        if not columns:
+            return self.table_arrow_schema(table)
+        missing = [c for c in columns if c not in all_columns]
+        if missing:
+            raise NotFound(
+                f"Column(s) {', '.join(missing)} not found in table '{table}' of dataset '{self.dataset.name}'; "
+                f"columns: {', '.join(all_columns)}",
+                dataset=self.dataset.name,
+                table=table,
+                column=missing[0],
+            )
+        full = self.table_arrow_schema(table)
+        return pa.schema([full.field(c) for c in columns])
+
+    def table_arrow_schema(self, table: str) -> pa.Schema:
+        """:meth:`served_schema` of the whole table, remembered per version of the dlt schemas holding it
+        (a destination changes a column's type only in a load that stores a new schema version)."""
+        columns = self.table_columns(table)
+        key = (table, tuple(s.version_hash for s in self.schemas_holding(table)), tuple(columns))
+        with self._lock:
+            known = self._arrow_schemas.get(key)
+        if known is None:
+            known = self.served_schema(table, columns)
+            with self._lock:
+                if len(self._arrow_schemas) > 512:
+                    self._arrow_schemas.clear()
+                self._arrow_schemas[key] = known
+        return known
+
+    def served_schema(self, table: str, columns: dict[str, Any]) -> pa.Schema:
+        """The Arrow schema of what dlt's own ``dataset()`` reads of ``table`` on this destination
+        (docs/type-mapping.md): by default dlt's mapping of the stored columns with the destination's
+        capabilities, NOT NULL where :meth:`not_null_columns` says the destination holds no null."""
+        return with_not_null(self.arrow_schema_for(columns), self.not_null_columns(table, columns))
 
     def arrow_schema_for(self, columns: dict[str, Any]) -> pa.Schema:
-        # dlt's own mapping of its types to Arrow, with this destination's capabilities
+        """dlt's own mapping of its types to Arrow, with this destination's capabilities (all nullable)."""
         schema = columns_to_arrow(columns, self.cached_capabilities(), "UTC")
-        # what a destination reader streams is nullable; advertise exactly what is streamed
         return pa.schema([f.with_nullable(True) for f in schema])
+
+    def not_null_columns(self, table: str, columns: dict[str, Any]) -> set[str]:
+        """The columns dlt stored as ``nullable: false`` that cannot hold a null here. The default: all of
+        them (dlt creates them ``NOT NULL``); a reader's final cast to the served schema fails rather
+        than stream a null in such a column."""
+        return not_null_hints(columns)
 
     # --- destination ------------------------------------------------------------------------
     def cached_capabilities(self) -> Any:

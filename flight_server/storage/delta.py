@@ -34,6 +34,9 @@ from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, arrow_filter, dlt_types
 from flight_server.storage.base import (
     LOADS_TABLE,
+    conform,
+    not_null_hints,
+    plain_arrow,
     SHARED_SCHEMA_TTL,
     Partition,
     Storage,
@@ -143,6 +146,19 @@ class DeltaStorage(Storage):
         from dlt.common.libs.deltalake import ensure_delta_compatible_arrow_schema
 
         return ensure_delta_compatible_arrow_schema(super().arrow_schema_for(columns))
+
+    def served_schema(self, table: str, columns: dict[str, Any]) -> pa.Schema:
+        """What the Delta table itself holds (deltalake's read: e.g. every timestamp in microseconds, NOT NULL
+        where the Delta schema says so), for the columns dlt's schema knows; dlt's mapping for a column
+        the table has not got yet and for the load history (JSON records, not a Delta table)."""
+        mapped = super().served_schema(table, columns)
+        if table == LOADS_TABLE:
+            return mapped
+        stored = plain_arrow(self.arrow_dataset(table).schema)
+        hints = not_null_hints(columns)
+        fields = [stored.field(f.name).with_nullable(stored.field(f.name).nullable or f.name not in hints)
+                  if f.name in stored.names else f for f in mapped]
+        return pa.schema(fields)
 
     def _dlt_client(self, schema: Any) -> Any:
         from dlt.dataset.utils import get_destination_clients
@@ -520,7 +536,7 @@ class DeltaStorage(Storage):
             reader = head.to_reader(max_chunksize=self.batch_rows)
         else:  # the whole table, or a big limit over a filter (the sandbox stops reading at its limit)
             reader = dataset.scanner(columns=schema.names, filter=condition, batch_size=self.batch_rows).to_reader()
-        return reader if reader.schema.equals(schema) else reader.cast(schema)
+        return conform(reader, schema)
 
     def _sql_connection(self, datasets: dict[str, pads.Dataset]) -> duckdb.DuckDBPyConnection:
         """A fresh in-memory duckdb with ``"dataset"."table"`` views over the given Arrow datasets."""

@@ -33,7 +33,9 @@ from flight_server.storage.base import (
     Partition,
     Storage,
     StoredSchema,
+    conform,
     newest_schemas_sql,
+    plain_arrow,
 )
 from flight_server.storage.lifetime import isolated
 
@@ -227,6 +229,21 @@ class DltDatasetStorage(Storage):
             return self._delta_storage().arrow_schema(table, columns)
         return super().arrow_schema(table, columns)
 
+    def served_schema(self, table: str, columns: dict[str, Any]) -> pa.Schema:
+        """The plain filesystem layout: exactly what dlt's own read of the files gives (dlt reads them
+        through duckdb views, whose types come from the files: a ``uint8`` or ``float32`` Parquet column
+        stays one, a JSON column of a jsonl file is its text, every timestamp is microseconds) - taken
+        from a read of no rows. Other SQL destinations: dlt's mapping (storage/base.py), which is what
+        dlt's row-by-row read converts to."""
+        if not self.plain_files or table == LOADS_TABLE:
+            return super().served_schema(table, columns)
+        try:
+            empty = isolated(lambda: self._dataset(table)[table].select(*columns).limit(0).arrow())
+        except Exception as exc:  # noqa: BLE001 - dlt's errors, in the user's terms
+            raise self._fail(exc, "reading the table's schema") from None
+        schema = plain_arrow(empty.schema)
+        return pa.schema([schema.field(c) for c in columns])
+
     def partitions(self, table: str, target_rows: int) -> list[Partition]:
         if self.is_delta(table):
             return self._delta_storage().partitions(table, target_rows)
@@ -259,7 +276,7 @@ class DltDatasetStorage(Storage):
         def batches() -> Iterator[pa.RecordBatch]:
             try:
                 for chunk in relation.iter_arrow(chunk_size=self.batch_rows):
-                    yield from chunk.cast(schema).to_batches()
+                    yield from chunk.cast(schema).to_batches()  # fails on a null in a NOT NULL field
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(exc, "read") from None
 

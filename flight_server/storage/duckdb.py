@@ -26,6 +26,10 @@ from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
+    conform,
+    not_null_hints,
+    plain_arrow,
+    with_not_null,
     SQL_SAVE_SETTINGS,
     newest_schemas_sql,
     Partition,
@@ -376,6 +380,23 @@ class DuckDBStorage(Storage):
         super().invalidate()
         self._data_version = None
 
+    def served_schema(self, table: str, columns: dict[str, Any]) -> pa.Schema:
+        """What duckdb itself streams for the table's columns - dlt's ``dataset()`` reads duckdb's own Arrow
+        too (a ``timestamp`` with a time zone is always microseconds there, whatever its precision hint) -
+        with NOT NULL where dlt stored ``nullable: false`` and the column is ``NOT NULL`` in the file
+        (duckdb's Arrow export marks nothing non-nullable by itself)."""
+        sql = select_sql(self.dataset.name, table, [quote(c) for c in columns], None, 0)
+        with self.file.reading() as cursor:
+            cursor.execute("SET TimeZone = 'UTC'")
+            try:
+                schema = plain_arrow(cursor.sql(sql).to_arrow_reader(self.batch_rows).schema)
+            except duckdb.CatalogException:  # a column the schema knows and the table lacks: dlt's mapping
+                return super().served_schema(table, columns)
+            enforced = {r[0] for r in cursor.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+                "AND is_nullable = 'NO'", [self.dataset.name, table]).fetchall()}
+        return with_not_null(schema, not_null_hints(columns) & enforced)
+
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
         row = self._one(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}")
@@ -418,9 +439,7 @@ class DuckDBStorage(Storage):
             # dlt advertises timestamptz as tz=UTC; with the session in UTC duckdb streams exactly that
             # (otherwise it names the host's zone and every batch would need a cast)
             cursor.execute("SET TimeZone = 'UTC'")
-            reader = cursor.sql(sql).to_arrow_reader(self.batch_rows)
-            if not reader.schema.equals(schema):
-                reader = reader.cast(schema)
+            reader = conform(cursor.sql(sql).to_arrow_reader(self.batch_rows), schema)
         except BaseException:
             self.file.release_read(cursor)
             raise

@@ -36,6 +36,8 @@ from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
+    conform,
+    not_null_hints,
     SQL_SAVE_SETTINGS,
     newest_schemas_sql,
     Partition,
@@ -48,6 +50,7 @@ from flight_server.storage.base import (
 )
 from flight_server.storage.lifetime import _Lease, isolated, owning_reader
 
+WEI_ARROW = pa.decimal128(38, 0)  # dlt's dataset() read of a wei column (docs/type-mapping.md)
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
 # queries of this process running in PostgreSQL at once (warehouse_query; like the sandbox's SANDBOX_WORKERS):
 # a flood of clients must not hold a connection each (review finding: 57 connections for 140 clients)
@@ -378,6 +381,23 @@ class PostgresStorage(Storage):
             self._execute([f"DELETE FROM {quote(staging)}.{quote(t)}" for t in present], "emptying staging tables")
 
     # --- reading ----------------------------------------------------------------------------
+    def arrow_schema_for(self, columns: dict[str, Any]) -> pa.Schema:
+        """dlt's mapping with PostgreSQL's capabilities, except ``wei``: PostgreSQL stores it as
+        ``numeric(156,78)``, and dlt's ``dataset()`` types it ``decimal(38,0)`` (its SQL lineage has no
+        wei) - ``decimal128(38, 0)`` here too, read as ``trim_scale(...)::text`` (see :func:`_column_sql`)."""
+        schema = super().arrow_schema_for(columns)
+        return pa.schema([f.with_type(WEI_ARROW) if columns[f.name].get("data_type") == "wei" else f for f in schema])
+
+    def not_null_columns(self, table: str, columns: dict[str, Any]) -> set[str]:
+        """dlt's ``nullable: false`` columns that are ``NOT NULL`` in the table."""
+        wanted = not_null_hints(columns)
+        if not wanted:
+            return wanted
+        rows = self._execute([f"SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                              f"{_literal(self.dataset.name)} AND table_name = {_literal(table)} AND is_nullable = 'NO'"],
+                             "reading the table's columns", fetch=True)
+        return wanted & {r[0] for r in rows}
+
     def row_count(self, table: str) -> int:
         self.table_columns(table)  # NotFound for unknown tables
         n = self._scalar(f"SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}", "counting rows")
@@ -422,7 +442,7 @@ class PostgresStorage(Storage):
         types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}
         columns_sql = [_column_sql(c, types.get(c)) for c in schema.names]
         reader = self._stream(select_sql(self.dataset.name, table, columns_sql, " AND ".join(conditions) or None, limit))
-        return reader if reader.schema.equals(schema) else reader.cast(schema)
+        return conform(reader, schema)
 
     # --- SQL in the warehouse (domain/warehouse.py) -------------------------------------------------
     def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
