@@ -371,7 +371,7 @@ def test_a_sqlite_dataset_through_dlts_sqlalchemy_destination_reads_and_saves(tm
     for version in (1, 2):
         rows = [{"id": i, "name": f"e{i}-v{version}", "tags": [{"t": "a"}]} for i in range(version * 3)]
         pipeline.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
-    owner = dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data")
+    owner = dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data", schema="owner")
     expected = {t: sorted(owner[t].arrow().to_pylist(), key=lambda r: r["_dlt_id"]) for t in ("events", "events__tags")}
     assert len(expected["events"]) == 6
 
@@ -394,7 +394,7 @@ def test_a_sqlite_dataset_through_dlts_sqlalchemy_destination_reads_and_saves(tm
     # the owner's pipeline still loads into its database afterwards
     pipeline.run([{"id": 99, "name": "later", "tags": []}], table_name="events", primary_key="id",
                  write_disposition="merge").raise_on_failed_jobs()
-    assert len(dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data").events.arrow()) == 7
+    assert len(dlt.dataset(dlt.destinations.sqlalchemy(url), "shop_data", schema="owner").events.arrow()) == 7
 
 
 @pytest.fixture(scope="session")
