@@ -29,6 +29,11 @@ INTERNAL = "internal_dataset"  # same lake, only the admin profile sees it
 REPORTS = "reports_dataset"
 
 
+# the whole suite logs in from 127.0.0.1, wrong passwords included: the shared servers throttle late
+# (the throttle itself is tested with the defaults, tests/test_security_sessions.py)
+SUITE_LOGINS = "  logins: {peer_failures: 100000, user_failures: 100000}\n"
+
+
 def project_yaml(server_extra: str = "") -> str:
     users = "\n".join(
         f"  {name}: {{profile: {profile}, password_hash: \"{hash_password(PASSWORDS[name], n=1 << 10)}\"}}"
@@ -67,7 +72,7 @@ server:
   sql_max_rows: 50000
   sql_timeout: 3
   sql_memory_limit: 512MB
-{server_extra}"""
+{"" if "logins:" in server_extra else SUITE_LOGINS}{server_extra}"""
 
 
 def make_data(folder: Path, events: int = 300) -> Path:

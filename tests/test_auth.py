@@ -327,24 +327,32 @@ def test_tickets_are_signed_bound_to_the_user_and_expire(secured: Secured) -> No
             client.do_get(flight.Ticket(forged), alice).read_all()
 
 
+TTL_SESSION = 5
+
+
 @pytest.fixture(scope="module")
 def ttl_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path) -> Any:
-    """Bearer tokens and tickets that expire after 2 seconds; the audit log goes to a file of its own."""
+    """Bearer tokens and tickets that expire after 2 seconds, sessions after 5; the audit log goes to a file."""
     project = security.secure_project(tmp_path_factory.mktemp("ttl"), secure_data,
-                                      "  token_ttl: 2\n  ticket_ttl: 2\n  audit_log: logs/audit.jsonl\n")
+                                      f"  token_ttl: 2\n  ticket_ttl: 2\n  session_ttl: {TTL_SESSION}\n"
+                                      "  audit_log: logs/audit.jsonl\n")
     with ServerProcess(project, env=security.ENV) as proc:
         yield Secured(proc, "plain")
 
 
-def test_expired_token_and_ticket_are_refused_and_the_client_logs_in_again(ttl_server: Secured) -> None:
-    client = ttl_server.raw()
+def test_expired_ticket_is_refused_and_an_expired_token_renewed_within_its_session(ttl_server: Secured) -> None:
+    headers = _Headers()
+    client = ttl_server.raw(middleware=[headers])
     token = ttl_server.token("alice")
     ticket = client.get_flight_info(flight.FlightDescriptor.for_path(EVENTS, "push_event"), bearer(token)).endpoints[0].ticket
     catalog = ttl_server.login("alice")
     table = catalog[EVENTS].push_event
     time.sleep(2.5)
+    headers.received.clear()  # the token has expired, its session (5 s) has not: the call gets a fresh one
+    assert {i.descriptor.path[0] for i in client.list_flights(b"", bearer(token))} == {EVENTS.encode()}
+    assert _sent_bearers(headers)
     with pytest.raises(flight.FlightUnauthenticatedError) as err:
-        list(client.list_flights(b"", bearer(token)))
+        list(client.list_flights(b"", bearer("not-a-token")))
     assert protocol.server_message(str(err.value)) == AUTH_FAILED
     with pytest.raises(flight.FlightUnauthorizedError, match="ticket has expired"):
         client.do_get(ticket, bearer(ttl_server.token("alice"))).read_all()
@@ -359,7 +367,8 @@ def test_expired_token_and_ticket_are_refused_and_the_client_logs_in_again(ttl_s
 
 def test_a_token_past_half_its_life_is_renewed_and_an_expired_one_is_not(secure_server: Secured,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process: RENEW_AFTER of the lifetime gone -> a fresh token; expired -> UNAUTHENTICATED; API tokens never."""
+    """In-process: RENEW_AFTER of the lifetime gone -> a fresh token; expired -> renewed within the session,
+    UNAUTHENTICATED past it; API tokens never."""
     for key, value in security.ENV.items():
         monkeypatch.setenv(key, value)
     authenticator = Authenticator(load_project(secure_server.proc.project), JWT_SECRET.encode())
@@ -371,9 +380,11 @@ def test_a_token_past_half_its_life_is_renewed_and_an_expired_one_is_not(secure_
     body = jwt.decode(fresh, JWT_SECRET, algorithms=["HS256"], audience="secure_project")
     assert body["iat"] >= int(start + 3600 * 0.51) and body["exp"] - body["iat"] == 3600
     assert authenticator.verify_renewing(BOT_TOKEN, now=start + 10 ** 6) == (authenticator.verify(BOT_TOKEN), None)
-    expired = authenticator.issue(authenticator.login("alice", PASSWORDS["alice"]), now=start - 3601)
+    idle = authenticator.issue(authenticator.login("alice", PASSWORDS["alice"]), now=start - 3601)
+    assert authenticator.verify_renewing(idle)[1] is not None  # expired, within its session: renewed
+    ended = authenticator.issue(authenticator.login("alice", PASSWORDS["alice"]), now=start - 12 * 3600)
     with pytest.raises(Exception, match="authentication failed"):
-        authenticator.verify_renewing(expired)
+        authenticator.verify_renewing(ended)
 
 
 def _sent_bearers(headers: "_Headers") -> list[str]:
@@ -381,13 +392,15 @@ def _sent_bearers(headers: "_Headers") -> list[str]:
 
 
 def test_calls_renew_the_token_over_the_wire_and_a_chain_outlives_the_ttl(ttl_server: Secured) -> None:
-    """token_ttl 2 s: a client that adopts the Bearer of each answer keeps working for 3x the ttl."""
+    """token_ttl 2 s: a client that adopts the Bearer of each answer keeps working past the ttl - until the
+    session (5 s) ends, when its latest token and the first are refused alike."""
     headers = _Headers()
     client = ttl_server.raw(middleware=[headers])
     first = token = ttl_server.token("alice")
+    session_end = jwt.decode(first, JWT_SECRET, algorithms=["HS256"], audience="secure_project")["sst"] + TTL_SESSION
     started = time.monotonic()
     renewals = 0
-    while time.monotonic() - started < 6.5:
+    while time.monotonic() - started < 3.5:
         headers.received.clear()
         assert {i.descriptor.path[0] for i in client.list_flights(b"", bearer(token))} == {EVENTS.encode()}
         sent = _sent_bearers(headers)
@@ -396,10 +409,13 @@ def test_calls_renew_the_token_over_the_wire_and_a_chain_outlives_the_ttl(ttl_se
             assert jwt.decode(sent[-1], JWT_SECRET, algorithms=["HS256"], audience="secure_project")["sub"] == "alice"
             token = sent[-1]
         time.sleep(0.4)
-    assert renewals >= 3 and token != first
-    with pytest.raises(flight.FlightUnauthenticatedError) as err:  # the first token has long expired
-        list(client.list_flights(b"", bearer(first)))
-    assert protocol.server_message(str(err.value)) == AUTH_FAILED
+    assert renewals >= 2 and token != first
+    assert jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="secure_project")["exp"] <= session_end
+    time.sleep(max(0.0, session_end + 0.5 - time.time()))
+    for old in (first, token):
+        with pytest.raises(flight.FlightUnauthenticatedError) as err:
+            list(client.list_flights(b"", bearer(old)))
+        assert protocol.server_message(str(err.value)) == AUTH_FAILED
 
 
 NO_CREDENTIALS = {

@@ -493,16 +493,13 @@ def test_python_dbapi_clients_browse_and_query(server: ServerProcess, expected: 
 
 
 def test_flightsql_dbapi_past_the_token_ttl(ttl_server: ServerProcess) -> None:
-    """flightsql-dbapi keeps the Bearer of its login for good (it never reads response headers): a password
-    connection ends when that token expires, with the server's authentication message. An API token,
-    which does not expire, keeps it working."""
+    """flightsql-dbapi keeps the Bearer of its login for good (it never reads response headers): the server
+    takes that token past its expiry while its session (server.session_ttl, 12 h) lasts, so a password
+    connection keeps working past token_ttl, as one with an API token (which does not expire) does."""
     args = {"sql": COUNT, "seconds": 3 * TTL, "every": 0.5}
-    token = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS["token"], **args)
-    assert "error" not in token and token["last_ok_after"] >= 3 * TTL and len(token["counts"]) > 3
-    password = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS["password"], **args)
-    assert password["error"] == "FlightUnauthenticatedError" and password["failed_after"] <= TTL + 3
-    assert protocol.server_message(password["message"]) == protocol.AUTH_FAILED
-    assert password["counts"] and PASSWORD not in password["message"] and "eyJ" not in password["message"]
+    for login in ("token", "password"):
+        answer = python_session("flightsql-dbapi", "long_lived", ttl_server, LOGINS[login], **args)
+        assert "error" not in answer and answer["last_ok_after"] >= 3 * TTL and len(answer["counts"]) > 3, login
 
 
 def _server_error(answer: dict[str, Any]) -> str:
@@ -618,21 +615,14 @@ def test_node_flight_sql_client_has_no_parameters_nor_current_schema(node: str, 
 
 
 def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: ServerProcess) -> None:  # noqa: F811
-    """arrow-rs's client keeps the Bearer of its Handshake for good (it never reads later response headers): a
-    password connection ends when that token expires - the server answers UNAUTHENTICATED, which the npm
-    wrapper reports only as "failed to prepare statement" or "failed to execute prepared statement" (whichever
-    call met the expiry). An API token, which does not expire, keeps it working."""
+    """arrow-rs's client keeps the Bearer of its Handshake for good (it never reads later response headers): the
+    server takes that token past its expiry while its session (server.session_ttl, 12 h) lasts, so a password
+    connection keeps working past token_ttl, as one with an API token (which does not expire) does. (Past the
+    session the npm wrapper reports the UNAUTHENTICATED only as "failed to prepare statement".)"""
     args = {"sql": COUNT, "seconds": 3 * TTL, "every": 0.5}
-    token = node_session(node, "long_lived", ttl_server, LOGINS["token"], **args)
-    assert "error" not in token and token["last_ok_after"] >= 3 * TTL and len(token["counts"]) > 3
-    password = node_session(node, "long_lived", ttl_server, LOGINS["password"], **args)
-    assert password["message"] in ("failed to prepare statement", "failed to execute prepared statement")
-    assert password["failed_after"] <= TTL + 3
-    assert password["counts"]
-    time.sleep(0.3)
-    refused = [json.loads(line.split("flight_share.audit ", 1)[1]) for line in ttl_server.output().splitlines()
-               if "flight_share.audit " in line]
-    assert any(x["outcome"] == "UNAUTHENTICATED" and x["user"] is None for x in refused[-5:]), refused[-5:]
+    for login in ("token", "password"):
+        answer = node_session(node, "long_lived", ttl_server, LOGINS[login], **args)
+        assert "error" not in answer and answer["last_ok_after"] >= 3 * TTL and len(answer["counts"]) > 3, login
 
 
 # --- last: nothing secret reached a log ---------------------------------------------------------------------

@@ -125,6 +125,16 @@ class UserConfig:
 
 
 @dataclass(frozen=True)
+class LoginLimits:
+    """``server.logins``: password checks at once, and failed logins let through before slowing down
+    (see :mod:`flight_server.transport.logins`)."""
+
+    concurrent: int = 0  # password (scrypt) checks at once; 0: half the machine's cores, at least 1
+    peer_failures: int = 20  # failed logins from one address in a burst
+    user_failures: int = 10  # failed logins for one user name in a burst
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Server settings from the project file (CLI flags override)."""
 
@@ -138,7 +148,9 @@ class ServerConfig:
     # hot tables kept as Arrow in server memory (bytes; 0: off), see flight_server/domain/table_cache.py
     cache_bytes: int = 1 << 30
     jwt_secret: str | None = None  # only via {env.NAME}; default: $FLIGHT_SHARE_JWT_SECRET or random
-    token_ttl: int = 3600  # seconds a bearer token from the handshake is valid
+    token_ttl: int = 3600  # seconds a bearer token from the handshake is valid before it needs renewing
+    session_ttl: int = 12 * 3600  # seconds a login lasts at most, renewals included (see transport/auth.py)
+    logins: LoginLimits = LoginLimits()  # password checks and failed-login throttling
     ticket_ttl: int = 900  # seconds a DoGet ticket is valid
     sql_max_rows: int = 10_000_000
     sql_timeout: float = 120.0  # seconds
@@ -510,7 +522,9 @@ _SERVER_KEYS = (
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
     "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes", "memory_limit",
     "sql_endpoint_rows",
+    "session_ttl", "logins",
 )
+_LOGIN_KEYS = ("concurrent", "peer_failures", "user_failures")
 
 
 def _users(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig]) -> dict[str, UserConfig]:
@@ -547,6 +561,18 @@ def _users(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig]) -> dict[
             raise r.fail(key, "a user needs a 'password_hash' or a 'token_hash'")
         users[u_name] = UserConfig(u_name, profile, password_hash, tuple(tokens))
     return users
+
+
+def _logins(r: _Reader, raw: Any) -> LoginLimits:
+    """``server.logins``: whole numbers, ``concurrent`` 0 or more, the failure counts 1 or more."""
+    body, d = r.mapping(raw, "server.logins", _LOGIN_KEYS), LoginLimits()
+    values: dict[str, int] = {}
+    for key in _LOGIN_KEYS:
+        value, least = body.get(key, getattr(d, key)), 0 if key == "concurrent" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise r.fail(f"server.logins.{key}", f"must be a whole number, {least} or more, got {value!r}")
+        values[key] = value
+    return LoginLimits(**values)
 
 
 def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: Path) -> ServerConfig:
@@ -602,6 +628,8 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         jwt_secret=jwt_secret,
         token_ttl=r.positive(s, "token_ttl", d.token_ttl),
         ticket_ttl=r.positive(s, "ticket_ttl", d.ticket_ttl),
+        session_ttl=r.positive(s, "session_ttl", d.session_ttl),
+        logins=_logins(r, s.get("logins")),
         sql_max_rows=r.positive(s, "sql_max_rows", d.sql_max_rows),
         sql_timeout=float(r.positive(s, "sql_timeout", d.sql_timeout, (int, float))),
         sql_memory_limit=memory,

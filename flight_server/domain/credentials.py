@@ -119,3 +119,13 @@ def dummy_hash(like: ScryptHash | None = None) -> ScryptHash:
     """
     n, r, p = (like.n, like.r, like.p) if like is not None else (SCRYPT_N, SCRYPT_R, SCRYPT_P)
     return parse_password_hash(hash_password(secrets.token_urlsafe(16), n=n, r=r, p=p))
+
+
+def fingerprint(secret: bytes, user: str, stored: str) -> str:
+    """What a bearer token carries of the credential it was made from: an HMAC (under the signing secret)
+    of the user's name and the stored hash (``password_hash``, or the ``token_hash`` used to log in).
+
+    Checked on every call against the project file's current entry, so a token dies when its user's
+    password or API token changes or the user is removed - with no state kept by the server."""
+    mac = hmac.new(secret, f"{user}\0{stored}".encode("utf-8"), hashlib.sha256).digest()[:12]
+    return base64.urlsafe_b64encode(mac).decode("ascii")

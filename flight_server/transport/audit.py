@@ -9,11 +9,14 @@ for calls refused before any handler ran::
 
     {"time": "2026-11-03T10:00:00.123Z", "user": "alice", "profile": "analysts", "rpc": "do_put",
      "dataset": "reports_dataset", "table": "aggregated_issues", "rows": 120, "bytes": 51234,
-     "outcome": "ok", "peer": "ipv4:127.0.0.1:50512", "ms": 4.2}
+     "outcome": "ok", "peer": "ipv4:127.0.0.1:50512", "ms": 4.2, "login": null}
 
 ``outcome`` is ``ok``, the gRPC status name (``UNAUTHENTICATED``, ``NOT_FOUND`` ...), or
 ``CANCELLED`` for a stream the client left before its end. ``bytes`` is the Arrow in-memory size
-of the batches sent. Nothing secret is written: no tokens, no passwords, no query parameters.
+of the batches sent. ``login`` is the user name a refused login tried (printable characters only, at most
+:data:`MAX_LOGIN_CHARS`; null otherwise), with ``user`` null; ``peer`` is the caller's address, for every call
+but a Handshake (pyarrow does not tell the Handshake its peer). Nothing secret is written: no tokens, no
+passwords, no query parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ log = logging.getLogger("flight_share.audit")
 
 #: key of the call middleware in ``context.get_middleware``
 MIDDLEWARE_KEY = "flight-share"
+MAX_LOGIN_CHARS = 128  # as long as a user name may be
+
+
+def sanitise(text: str, limit: int = MAX_LOGIN_CHARS) -> str:
+    """Caller-chosen text fit for a log line: unprintable characters as ``?``, at most ``limit`` characters
+    (longer text ends in ``...``)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit + 1])
+    return clean if len(clean) <= limit else clean[:limit - 3] + "..."
 
 _CODES: tuple[tuple[type[BaseException], str], ...] = (
     (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
@@ -69,6 +80,7 @@ class AuditRecord:
     rows: int | None = None
     bytes: int | None = None
     outcome: str = "ok"
+    login: str | None = None  # the user name a refused login tried (sanitised)
     started: float = field(default_factory=time.monotonic)
     stream_open: bool = False  # a counted stream started and has not reached its end
     written: bool = False
@@ -91,6 +103,7 @@ class AuditRecord:
             "outcome": self.outcome,
             "peer": self.peer,
             "ms": round((time.monotonic() - self.started) * 1000, 1),
+            "login": self.login,
         }
         return json.dumps(body, ensure_ascii=True, default=str)
 

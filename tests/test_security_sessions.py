@@ -1,0 +1,277 @@
+"""Issue 22 §2-3 against real server processes: tokens die with their credential and their session, idle
+connections are renewed within it, refused logins are audited, password checks are capped and failed
+logins throttled per address and user name."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jwt
+import pyarrow.flight as flight
+import pytest
+
+from client import protocol
+from flight_server.domain.credentials import hash_password, hash_token
+from flight_server.testing.servers import ServerProcess
+from flight_server.transport.logins import FailureCounts, peer_key
+from tests import security
+from tests.conftest import Secured
+from tests.security import BOT_TOKEN, EVENTS, JWT_SECRET, PASSWORDS
+
+AUDIENCE = "secure_project"
+
+
+def bearer(token: str) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+
+
+def basic(user: str, password: str) -> flight.FlightCallOptions:
+    value = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return flight.FlightCallOptions(headers=[(b"authorization", value.encode())])
+
+
+class _Headers(flight.ClientMiddlewareFactory):
+    """Keeps the headers of every answer."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    def start_call(self, info: flight.CallInfo) -> flight.ClientMiddleware:
+        factory = self
+
+        class Middleware(flight.ClientMiddleware):
+            def received_headers(self, headers: dict[str, Any]) -> None:
+                factory.received.append(headers)
+
+        return Middleware()
+
+    def bearers(self) -> list[str]:
+        return [v.split(" ", 1)[1] for h in self.received for v in h.get("authorization", []) if v.startswith("Bearer ")]
+
+
+def _claims(token: str) -> dict[str, Any]:
+    return jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"verify_exp": False})
+
+
+def _resigned(token: str, **changes: Any) -> str:
+    """The server's token with some claims changed, signed with the project's key (as a time machine would)."""
+    return jwt.encode({**_claims(token), **changes}, JWT_SECRET, algorithm="HS256")
+
+
+def _login(proc: ServerProcess, user: str, password: str) -> str:
+    _, value = flight.connect(proc.url).authenticate_basic_token(user, password)
+    return value.decode().split(" ", 1)[1]
+
+
+def _datasets(proc: ServerProcess, token: str, headers: _Headers | None = None) -> set[bytes]:
+    client = flight.connect(proc.url, middleware=[headers] if headers else None)
+    return {i.descriptor.path[0] for i in client.list_flights(b"", bearer(token))}
+
+
+def _audit(proc: ServerProcess) -> list[dict[str, Any]]:
+    return [json.loads(line.split("flight_share.audit ", 1)[1]) for line in proc.output().splitlines()
+            if "flight_share.audit " in line]
+
+
+def _audited(proc: ServerProcess, count: int, **match: Any) -> list[dict[str, Any]]:
+    """Audit lines matching ``match``, waiting (bounded) until ``count`` have been written (the server writes
+    a line as the call completes, after the client has its answer)."""
+    for _ in range(200):
+        lines = [x for x in _audit(proc) if all(x.get(k) == v for k, v in match.items())]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, secure_data: Path) -> Iterator[ServerProcess]:
+    """The secure project with the default login limits and a 2 h session."""
+    project = security.secure_project(tmp_path_factory.mktemp("guarded"), secure_data, "  session_ttl: 7200\n"
+                                      "  logins: {}\n")
+    with ServerProcess(project, env=security.ENV) as proc:
+        yield proc
+
+
+# --- §3 tokens and sessions ------------------------------------------------------------------------------
+
+def test_tokens_die_with_their_password_token_or_user_across_a_restart(tmp_path: Path, secure_data: Path) -> None:
+    """bob's password changes, rita is removed, bot's API token is rotated, the server restarts with the same
+    signing key: their old JWTs are refused (so never renewed); alice's, whose entry did not change, still works."""
+    project = security.secure_project(tmp_path / "p", secure_data)
+    with ServerProcess(project, env=security.ENV) as proc:
+        tokens = {user: _login(proc, user, PASSWORDS.get(user, BOT_TOKEN)) for user in ("alice", "bob", "rita", "bot")}
+        for token in tokens.values():
+            _datasets(proc, token)
+    text = project.read_text()
+    text = re.sub(r'(  bob: \{profile: analysts, password_hash: )"[^"]+"',
+                  lambda m: f'{m.group(1)}"{hash_password("bobs-new-password", n=1 << 10)}"', text)
+    text = re.sub(r"  rita: .*\n", "", text)
+    text = text.replace(hash_token(BOT_TOKEN), hash_token(BOT_TOKEN + "-rotated"))
+    project.write_text(text)
+    with ServerProcess(project, env=security.ENV) as proc:
+        assert _datasets(proc, tokens["alice"]) == {EVENTS.encode()}
+        for user in ("bob", "rita", "bot"):
+            for token in (tokens[user], _resigned(tokens[user], iat=int(time.time()) - 3000)):  # renewal due
+                headers = _Headers()
+                with pytest.raises(flight.FlightUnauthenticatedError) as err:
+                    _datasets(proc, token, headers)
+                assert protocol.server_message(str(err.value)) == protocol.AUTH_FAILED, user
+                assert not headers.bearers(), user
+        assert _datasets(proc, _login(proc, "bob", "bobs-new-password")) == {EVENTS.encode()}
+
+
+def test_an_idle_connection_past_the_token_ttl_gets_a_fresh_token_within_its_session(guarded: ServerProcess) -> None:
+    """A token expired an hour ago (a notebook over lunch), its session (2 h) still running: the call works
+    and its answer carries a fresh token, which never reaches past the session's end."""
+    now = int(time.time())
+    token = _login(guarded, "alice", PASSWORDS["alice"])
+    idle = _resigned(token, sst=now - 5400, iat=now - 5400, exp=now - 1800)
+    headers = _Headers()
+    assert _datasets(guarded, idle, headers) == {EVENTS.encode()}
+    (fresh,) = headers.bearers()
+    body = _claims(fresh)
+    assert body["sub"] == "alice" and body["sst"] == now - 5400 and now < body["exp"] <= now - 5400 + 7200
+    assert _datasets(guarded, fresh) == {EVENTS.encode()}
+
+
+def test_renewal_never_passes_the_session_lifetime(guarded: ServerProcess) -> None:
+    """A token from a login 2 h ago (session_ttl) is refused even if it has not expired; one near the end of
+    its session is renewed only up to that end."""
+    now = int(time.time())
+    token = _login(guarded, "alice", PASSWORDS["alice"])
+    ended = _resigned(token, sst=now - 7201, iat=now - 60, exp=now + 3540)
+    headers = _Headers()
+    with pytest.raises(flight.FlightUnauthenticatedError) as err:
+        _datasets(guarded, ended, headers)
+    assert protocol.server_message(str(err.value)) == protocol.AUTH_FAILED and not headers.bearers()
+    ending = _resigned(token, sst=now - 7000, iat=now - 3000, exp=now + 150)
+    assert _datasets(guarded, ending, headers) == {EVENTS.encode()}
+    (fresh,) = headers.bearers()
+    assert _claims(fresh)["exp"] == now - 7000 + 7200
+    for missing in ("sst", "cfp"):  # tokens of an earlier version carry neither: log in again
+        body = {k: v for k, v in _claims(token).items() if k != missing}
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            _datasets(guarded, jwt.encode(body, JWT_SECRET, algorithm="HS256"))
+
+
+def test_refused_logins_are_audited_with_the_peer_and_the_name_tried(guarded: ServerProcess) -> None:
+    """The user name tried, printable and bounded, and the caller's address; never the password."""
+    client = flight.connect(guarded.url)
+    password = "Secret-Guess-4711"
+    tried = "mallory\n{\"user\"=\"admin\"}\x1b[31m" + "x" * 300
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        list(client.list_flights(b"", basic(tried, password)))
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        flight.connect(guarded.url).authenticate_basic_token("eve", password)
+    (line,) = [x for x in _audited(guarded, 1, rpc="list_flights", outcome="UNAUTHENTICATED") if x["login"]]
+    assert line["user"] is None and line["peer"].startswith("ipv4:127.0.0.1:")
+    assert line["login"].startswith('mallory?{"user"="admin"}?[31mxxx') and len(line["login"]) == 128
+    assert line["login"].isprintable()
+    (handshake,) = [x for x in _audited(guarded, 1, rpc="handshake", outcome="UNAUTHENTICATED") if x["login"]]
+    assert handshake["login"] == "eve" and handshake["user"] is None
+    assert password not in guarded.output()
+
+
+# --- §2 login floods -------------------------------------------------------------------------------------
+
+def test_repeated_failures_are_throttled_per_address_then_per_user_name(tmp_path: Path, secure_data: Path) -> None:
+    """Defaults: the 11th wrong password for one name within seconds is UNAVAILABLE "retry in N s" - even the
+    right password then, but not an API token; the 21st failure from one address, whatever names it tries,
+    likewise. No password is checked for a throttled login."""
+    project = security.secure_project(tmp_path / "p", secure_data, "  logins: {}\n")
+    with ServerProcess(project, env=security.ENV) as proc:
+        client = flight.connect(proc.url)
+
+        def refusal(user: str, password: str, handshake: bool = False) -> flight.FlightError:
+            with pytest.raises(flight.FlightError) as err:
+                if handshake:
+                    flight.connect(proc.url).authenticate_basic_token(user, password)
+                else:
+                    list(client.list_flights(b"", basic(user, password)))
+            return err.value
+
+        # per user name (over the Handshake, where pyarrow gives no address): 10 wrong, then throttled
+        for i in range(10):
+            assert isinstance(refusal("alice", f"guess-{i}", handshake=True), flight.FlightUnauthenticatedError)
+        for password in ("guess-10", PASSWORDS["alice"]):
+            err = refusal("alice", password, handshake=True)
+            assert isinstance(err, flight.FlightUnavailableError), err
+            assert re.search(r"too many failed logins for this user name; retry in \d+ s", str(err))
+        assert flight.connect(proc.url).authenticate_basic_token("bot", BOT_TOKEN)[1].startswith(b"Bearer ")
+        # per address (Basic on any other call), spraying names: 20 wrong, then throttled
+        for i in range(20):
+            assert isinstance(refusal(f"user{i}", "guess"), flight.FlightUnauthenticatedError), i
+        for user, password in (("user20", "guess"), ("bob", PASSWORDS["bob"])):
+            err = refusal(user, password)
+            assert isinstance(err, flight.FlightUnavailableError), err
+            assert re.search(r"too many failed logins from this address; retry in \d+ s", str(err))
+        assert _datasets(proc, BOT_TOKEN) == {EVENTS.encode()}  # a bearer is never throttled
+        unavailable = _audited(proc, 4, outcome="UNAVAILABLE")
+        assert {x["login"] for x in unavailable} == {"alice", "user20", "bob"}
+
+
+def test_parallel_password_checks_are_capped_and_the_rest_told_busy(tmp_path: Path, secure_data: Path) -> None:
+    """One check at a time (logins.concurrent 1) with a real-cost hash (scrypt n=2^14, 16 MiB): of 24 wrong
+    logins sent at once, those that find the queue full are UNAVAILABLE "busy" without any work; every other
+    is UNAUTHENTICATED. Before the cap each ran its own scrypt at once (96 of them: 1.7 GB)."""
+    project = security.secure_project(tmp_path / "p", secure_data,
+                                      "  logins: {concurrent: 1, peer_failures: 1000, user_failures: 1000}\n")
+    costly = hash_password("carols-password")  # the default cost
+    project.write_text(project.read_text().replace("users:\n", f'users:\n  carol: {{profile: analysts, password_hash: "{costly}"}}\n', 1))
+    with ServerProcess(project, env=security.ENV) as proc:
+        clients = [flight.connect(proc.url) for _ in range(24)]
+        start = threading.Barrier(len(clients))
+        outcomes: list[str] = []
+
+        def guess(i: int) -> None:
+            start.wait()
+            try:
+                clients[i].authenticate_basic_token("carol", f"guess-{i}")
+                outcomes.append("ok")
+            except flight.FlightUnavailableError as exc:
+                outcomes.append("busy" if "busy checking other logins" in str(exc) else str(exc))
+            except flight.FlightUnauthenticatedError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(len(clients))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(outcomes) == 24 and set(outcomes) <= {"busy", "refused"}, outcomes
+        assert outcomes.count("busy") >= 1 and outcomes.count("refused") >= 1, outcomes
+        assert _datasets(proc, _login(proc, "carol", "carols-password")) == {EVENTS.encode()}
+        assert proc.alive
+
+
+# --- in-process: the throttle's arithmetic ---------------------------------------------------------------
+
+def test_failure_counts_decay_stay_bounded_and_forget_the_least_recent() -> None:
+    now = [0.0]
+    counts = FailureCounts(limit=3, half_life=10.0, capacity=100, clock=lambda: now[0])
+    assert [counts.take("a") for _ in range(3)] == [None, None, None]
+    wait = counts.take("a", count_refusal=True)
+    assert wait is not None and 1 <= wait <= 10
+    for _ in range(1000):  # hammering keeps the address throttled, but the penalty stays bounded
+        wait = counts.take("a", count_refusal=True)
+    assert wait is not None and wait <= 10 * 2  # about one half-life at most (the count is capped at 2x)
+    now[0] += wait
+    assert counts.take("a") is None  # once the wait it said has passed, one more goes through
+    counts.give_back("a")
+    for i in range(500):
+        counts.take(f"k{i}")
+    assert len(counts) == 100
+
+
+def test_peer_keys() -> None:
+    assert peer_key("ipv4:10.1.2.3:5555") == "10.1.2.3"
+    assert peer_key("ipv6:[2001:db8::1]:5555") == peer_key("ipv6:[2001:db8::ffff]:1") == "2001:db8::/64"
+    assert peer_key("ipv6:[::ffff:10.1.2.3]:5") == "10.1.2.3"
+    assert peer_key(None) is None and peer_key("unix:/tmp/s") == "unix:/tmp/s"
