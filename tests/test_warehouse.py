@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+import os
 import textwrap
 import threading
 import time
@@ -116,7 +117,25 @@ def loaded(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     specials = [float("nan"), 0.2, 1.0, float("inf"), float("-inf"), None, 0.7, float("nan"), -0.0]
     pipeline.run(dlt.resource(pa.table({"i": pa.array(range(len(specials)), pa.int64()), "x": pa.array(specials, pa.float64())}),
                               name="f")).raise_on_failed_jobs()
-    yield root / "dlt.yml", postgres.env
+    # every test here reads as the least-privilege role of docs/security.md (issue 22: the warehouse path's
+    # tests ran as the loading role, so a privilege the recipe lacks, or one it should not need, went unseen)
+    role, password = f"flight_share_reader_{os.getpid()}", "pw-reader-" + str(time.time_ns())
+    admin = postgres._admin_connect(postgres.database)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for statement in (
+                f"CREATE ROLE {role} LOGIN PASSWORD '{password}'",
+                f"GRANT CONNECT ON DATABASE {postgres.database} TO {role}",
+                f"GRANT USAGE ON SCHEMA {DATASET} TO {role}",
+                f"GRANT SELECT ON ALL TABLES IN SCHEMA {DATASET} TO {role}",
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {postgres.user} IN SCHEMA {DATASET} GRANT SELECT ON TABLES TO {role}",
+                f"ALTER ROLE {role} SET default_transaction_read_only = on",
+            ):
+                cur.execute(statement)
+    finally:
+        admin.close()
+    yield root / "dlt.yml", {**postgres.env, "PG_USER": role, "PG_PASSWORD": password}
 
 
 @pytest.fixture(scope="module")
@@ -539,30 +558,15 @@ def test_flight_sql_through_a_real_server_gets_the_sandboxs_answer(loaded, rig) 
 
 
 def test_the_least_privilege_role_of_docs_security_md_is_enough(loaded, postgres, tmp_path: Path) -> None:
-    """The read-only role recipe: SQL (warehouse and sandbox) works; tables dlt adds later are readable."""
+    """The read-only role recipe (the module's fixture reads as it): SQL (warehouse and sandbox) works; tables
+    dlt adds later are readable; the role cannot write."""
     project_file, env = loaded
-    password = "pw-reader-" + str(time.time_ns())
-    admin = postgres._admin_connect(postgres.database)
-    try:
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            for statement in (
-                f"CREATE ROLE flight_share_reader LOGIN PASSWORD '{password}'",
-                f"GRANT CONNECT ON DATABASE {postgres.database} TO flight_share_reader",
-                f"GRANT USAGE ON SCHEMA {DATASET} TO flight_share_reader",
-                f"GRANT SELECT ON ALL TABLES IN SCHEMA {DATASET} TO flight_share_reader",
-                f"ALTER DEFAULT PRIVILEGES FOR ROLE {postgres.user} IN SCHEMA {DATASET} GRANT SELECT ON TABLES TO flight_share_reader",
-                "ALTER ROLE flight_share_reader SET default_transaction_read_only = on",
-            ):
-                cur.execute(statement)
-    finally:
-        admin.close()
+    assert env["PG_USER"] != postgres.user
     # a table the loading role adds after the grants
     pipeline = dlt.pipeline("warehouse_later", destination=dlt.destinations.postgres(postgres.url), dataset_name=DATASET,
                             pipelines_dir=str(tmp_path / "pipelines"))
     pipeline.run(dlt.resource([{"id": i, "w": i * 1.5} for i in range(5)], name="later")).raise_on_failed_jobs()
-    reader_env = {**env, "PG_USER": "flight_share_reader", "PG_PASSWORD": password}
-    with environment(reader_env):
+    with environment(env):
         project = load_project(project_file)
         storage = open_storage(project, project.datasets[DATASET])
         sandbox = SqlSandbox(max_rows=1000, timeout=30)
@@ -606,3 +610,20 @@ def test_a_stream_dropped_half_way_gives_its_connection_back(rig) -> None:
     assert stuck == 0
     assert router.run(pg, _checked(pg, "SELECT count(*) AS n FROM big")).read_all().to_pylist() == [{"n": BIG_ROWS}]
 
+
+
+def test_a_cte_name_hides_a_table_only_inside_its_own_scope() -> None:
+    """Issue 22 §1: the warehouse's own table check skipped every unqualified name that matched a CTE anywhere in
+    the query, so a CTE named ``pg_tables`` in one subquery let ``pg_tables`` elsewhere through to PostgreSQL."""
+    from sqlglot import parse_one
+
+    from flight_server.domain.sql import CheckedQuery
+    from flight_server.domain.warehouse import _sources
+
+    query = CheckedQuery(sql="", dataset=DATASET, tables={"t": None})
+    outside = parse_one(f"SELECT q FROM (WITH pg_tables AS (SELECT 1 AS q) SELECT q FROM pg_tables) AS s, "
+                        f"{DATASET}.t, pg_tables AS x", dialect="duckdb")
+    assert _sources(outside, query) == "table pg_tables AS x is not a table of the dataset"
+    inside = parse_one(f"WITH pg_tables AS (SELECT * FROM {DATASET}.t) SELECT * FROM pg_tables", dialect="duckdb")
+    sources = _sources(inside, query)
+    assert isinstance(sources, dict) and list(sources.values()) == ["t"]

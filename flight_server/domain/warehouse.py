@@ -64,7 +64,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
-from flight_server.domain.sql import _time_limit, case_sensitive
+from flight_server.domain.sql import _time_limit, case_sensitive, table_references
 
 if TYPE_CHECKING:
     from flight_server.domain.sql import CheckedQuery, SqlSandbox
@@ -291,10 +291,8 @@ def _quoted(name: str) -> str:
 def _sources(tree: exp.Expression, query: "CheckedQuery") -> dict[int, str] | str:
     """id of each ``exp.Table`` that names a table of the dataset -> its name; a reason if one names anything else."""
     out: dict[int, str] = {}
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
-    for table in tree.find_all(exp.Table):
-        if table.args.get("db") is None and table.name in ctes:
-            continue
+    # the sandbox check's own resolution: a CTE's name hides a table only inside the CTE's scope
+    for table in table_references(tree):
         if table.args.get("db") is None or table.db != query.dataset or table.name not in query.tables:
             return f"table {table.sql('duckdb')} is not a table of the dataset"
         out[id(table)] = table.name
