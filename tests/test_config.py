@@ -58,6 +58,22 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert err.value.key == "destinations.pg.credentials" and "PG_PASSWORD" in str(err.value)
 
 
+def test_a_server_built_in_process_masks_the_projects_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23: only the CLI registered the environment's secrets for masking; a server built in process (tests,
+    an embedding application) put them into errors as they were."""
+    from flight_server.domain.catalog import Catalog
+    from flight_server.domain.masking import mask
+
+    secret = "in-process-" + tmp_path.name  # unique: the masker is the process's
+    monkeypatch.setenv("PG_PASSWORD", secret)
+    text = BASE.replace("location: data/lake.duckdb}", "location: data/lake.duckdb}\n  pg: {type: postgres, credentials: "
+                        "{host: 127.0.0.1, username: u, password: '{env.PG_PASSWORD}', database: db}}")
+    project = load_project(write(tmp_path, text))
+    assert secret in project.secrets and mask(f"failed with {secret}") == f"failed with {secret}"
+    Catalog(project)
+    assert mask(f"failed with {secret}") == "failed with ***"
+
+
 @pytest.mark.parametrize(
     "old, new, key, words",
     [

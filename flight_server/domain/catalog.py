@@ -21,6 +21,9 @@ class Catalog:
 
     def __init__(self, project: ProjectConfig) -> None:
         self.project = project
+        # whoever builds a server (the CLI, a test, an embedding application) masks the secrets the project
+        # pulled from the environment in every error; the CLI also installs the masking log formatter
+        mask.add(project.secrets)
         self._storages: dict[str, Storage] = {}
 
     def storage(self, dataset: str) -> Storage:

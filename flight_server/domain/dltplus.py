@@ -45,6 +45,8 @@ from typing import Any, Callable, Mapping
 
 import tomllib
 
+from dlt.common.utils import update_dict_nested
+
 DLT_PLUS_SECTIONS = ("project", "sources", "destinations", "datasets", "pipelines", "profiles", "runtime", "caches",
                      "transformations")
 FLIGHT_SHARE_SECTIONS = ("users", "server")
@@ -70,14 +72,10 @@ def is_dlt_plus(raw: Mapping[str, Any]) -> bool:
     return "format_version" not in raw
 
 
-def deep_merge(base: Any, override: Any) -> Any:
-    """``override`` merged into a copy of ``base``: mappings key by key, anything else replaced."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
-        return merged
-    return copy.deepcopy(override)
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` merged into a copy of ``base``: mappings key by key, anything else replaced (dlt+'s profile
+    merge; dlt's own ``update_dict_nested``, on copies since it merges in place and shares values)."""
+    return update_dict_nested(copy.deepcopy(dict(base)), copy.deepcopy(dict(override)))
 
 
 class Interpolator:

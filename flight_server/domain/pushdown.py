@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 from sqlglot import exp
 
+from flight_server.domain.identifiers import literal
+
 OPS = {exp.EQ: "=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
 FLIPPED = {"=": "=", ">": "<", ">=": "<=", "<": ">", "<=": ">="}
 MAX_IN_VALUES = 1000  # a longer IN list is left to the sandbox
@@ -235,7 +237,7 @@ def _literal(value: Any) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, (int, float)):
         return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
+    return literal(str(value))
 
 
 def where_sql(predicates: Iterable[Predicate], quote: Any) -> str | None:

@@ -56,6 +56,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
@@ -593,27 +594,23 @@ class _Spawner:
     """
 
     def __init__(self) -> None:
-        self._requests: "queue.Queue[tuple[list[str], int, list[Any]]]" = queue.Queue()
+        self._requests: "queue.Queue[tuple[list[str], int, Future[subprocess.Popen]]]" = queue.Queue()
         threading.Thread(target=self._run, name="sql-worker-spawner", daemon=True).start()
 
     def _run(self) -> None:
         while True:
             args, fd, answer = self._requests.get()
             try:
-                answer.append(subprocess.Popen(
+                answer.set_result(subprocess.Popen(
                     args, pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, cwd="/", env={"PATH": os.defpath, "LANG": "C.UTF-8"}))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                answer.append(exc)
+                answer.set_exception(exc)
 
     def popen(self, args: list[str], fd: int) -> subprocess.Popen:
-        answer: list[Any] = []
+        answer: "Future[subprocess.Popen]" = Future()
         self._requests.put((args, fd, answer))
-        while not answer:
-            time.sleep(0.002)
-        if isinstance(answer[0], BaseException):
-            raise answer[0]
-        return answer[0]
+        return answer.result()
 
 
 _SPAWNER: _Spawner | None = None

@@ -24,8 +24,8 @@ The result pipe carries one Arrow IPC stream: the result schema, the result batc
 ``{"flight_share": "error", "kind": ..., "message": ...}``. A stream that ends without that batch
 means the worker died (killed by the server, or by the kernel).
 
-This module imports nothing from the server (it starts fast and holds no secret: the server passes
-it an empty environment).
+It imports only :mod:`flight_server.domain.identifiers` from the server (which imports nothing), so it starts
+fast, and it holds no secret: the server passes it an empty environment.
 """
 
 from __future__ import annotations

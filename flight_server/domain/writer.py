@@ -1,8 +1,8 @@
 """Accepted uploads into the destination through a real dlt pipeline (``save_<table>_pipeline``).
 
 The one write path of both surfaces: a DoPut and a Flight SQL ``CommandStatementIngest`` both reach
-:meth:`Writer.put` (through ``FlightShareServer.save``, which also evicts the hot-table cache and fills
-the audit line). Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema
+:meth:`Writer.put` (through the transport's ``save`` handlers in ``transport/plain.py`` and
+``transport/flight_sql.py``; the dispatch evicts the hot-table cache and fills the audit line). Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema
 versions, ``_dlt_loads`` and evolution are dlt's.
 
 **A save is all-or-nothing** (issue 11). The owner's rows, child tables and schema version stay as

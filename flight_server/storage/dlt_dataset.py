@@ -25,6 +25,7 @@ from dlt.common.destination import Destination
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, Unavailable
+from flight_server.domain.identifiers import literal as _literal
 from flight_server.domain.masking import mask
 from flight_server.domain.pushdown import Predicate
 from flight_server.storage.base import (
@@ -38,10 +39,6 @@ from flight_server.storage.base import (
     plain_arrow,
 )
 from flight_server.storage.lifetime import isolated
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def json_text(value: Any) -> str:

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Cancelled, InvalidRequest, Unavailable
-from flight_server.domain.identifiers import quote
+from flight_server.domain.identifiers import literal as _literal, quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
 from flight_server.storage.base import (
     SHARED_SCHEMA_TTL,
@@ -175,10 +175,6 @@ def _pg_message(text: str) -> str:
     return line[0].strip() if line else ""
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _close_quietly(obj: Any) -> None:
     try:
         obj.close()
@@ -314,10 +310,9 @@ class PostgresStorage(Storage):
 
     # --- schema -----------------------------------------------------------------------------
     def _load_stored_schemas(self) -> list[StoredSchema]:
-        ds = self.dataset.name.replace("'", "''")
         exists = self._scalar(
             "SELECT count(*) FROM information_schema.tables "
-            f"WHERE table_schema = '{ds}' AND table_name = '_dlt_version'",
+            f"WHERE table_schema = {_literal(self.dataset.name)} AND table_name = '_dlt_version'",
             "reading the stored schema",
         )
         if not exists:
@@ -409,10 +404,10 @@ class PostgresStorage(Storage):
         exact total and the page count; the last range is open-ended (pages added since are read)."""
 
         self.table_columns(table)  # NotFound for unknown tables
-        name = f"{quote(self.dataset.name)}.{quote(table)}".replace("'", "''")
+        name = _literal(f"{quote(self.dataset.name)}.{quote(table)}")
         reader = self._stream(
             f"SELECT (SELECT count(*) FROM {quote(self.dataset.name)}.{quote(table)}) AS n, "
-            f"pg_relation_size('{name}'::regclass) / current_setting('block_size')::bigint AS pages",
+            f"pg_relation_size({name}::regclass) / current_setting('block_size')::bigint AS pages",
             what="planning a read")
         row = reader.read_all().to_pylist()[0]
         rows, pages = int(row["n"]), int(row["pages"])
