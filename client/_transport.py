@@ -14,7 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -157,7 +157,7 @@ class Connection:
                 return clients[uri]
         return self.client
 
-    def _endpoint_batches(self, endpoint: flight.FlightEndpoint) -> Iterator[pa.RecordBatch]:
+    def _endpoint_batches(self, endpoint: flight.FlightEndpoint) -> Generator[pa.RecordBatch, None, None]:
         """An endpoint's batches. Tickets do not depend on the replica that serves them, so when the
         named replica is unreachable before it sent anything, this connection's server is asked."""
         client = self.client_for(endpoint)
@@ -203,7 +203,7 @@ class Connection:
         yield from self._ordered(command, endpoints)
 
     def _ordered(self, command: Command, endpoints: list[flight.FlightEndpoint]) -> Iterator[pa.RecordBatch]:
-        buffers = [queue.Queue(PREFETCH_BATCHES) for _ in endpoints]
+        buffers: list[queue.Queue[Any]] = [queue.Queue(PREFETCH_BATCHES) for _ in endpoints]
         stop = threading.Event()
 
         def offer(i: int, item: Any) -> bool:

@@ -183,6 +183,7 @@ class Query(Relation):
     """A table filtered and ordered (the shape of dlt's ``Relation.where`` / ``order_by``): one SELECT run by the
     server's SQL sandbox, which pushes plain filters and the limit down to the destination."""
 
+    _command: SqlCommand  # always SQL (Query.of builds it); the field keeps its place in the dataclass
     _table: str = ""
     _columns: tuple[str, ...] = ()
     _conditions: tuple[str, ...] = ()
@@ -202,7 +203,7 @@ class Query(Relation):
         return cls(connection, SqlCommand(dataset, sql), table, columns, conditions, order, limit)
 
     def _with(self, **changes: Any) -> "Query":
-        fields = {"columns": self._columns, "conditions": self._conditions, "order": self._order, "limit": self._limit}
+        fields: dict[str, Any] = {"columns": self._columns, "conditions": self._conditions, "order": self._order, "limit": self._limit}
         fields.update(changes)
         return Query.of(self._connection, self._command.dataset, self._table, **fields)
 

@@ -59,7 +59,8 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR, prefix: str = "Error: ") -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a ClassVar, yet click.main exits with the raised instance's own value
+        self.exit_code = exit_code  # type: ignore[misc]
         self.prefix = prefix
 
     def show(self, file: Any = None) -> None:
@@ -141,10 +142,10 @@ class SectionedGroup(click.Group):
             return cmd
         return wrap
 
-    def command(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def command(self, *args: Any, **kwargs: Any) -> Any:
         return self._sectioned(super().command, args, kwargs)
 
-    def group(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def group(self, *args: Any, **kwargs: Any) -> Any:
         return self._sectioned(super().group, args, kwargs)
 
     def list_commands(self, ctx: click.Context) -> list[str]:

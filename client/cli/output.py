@@ -163,7 +163,7 @@ def write_batches(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(output, schema) as writer:  # type: ignore[arg-type]
+        with pq.ParquetWriter(output, schema) as writer:
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows

@@ -14,6 +14,8 @@ Built at import from a descriptor written out below (field numbers and types as 
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -117,7 +119,8 @@ for _file in _files():
     _POOL.Add(_file)
 
 
-def _cls(name: str) -> type:
+def _cls(name: str) -> Any:
+    """A message class built at run time: its fields and enum values are unknown to a type checker (Any)."""
     return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(name))
 
 

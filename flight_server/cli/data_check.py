@@ -73,9 +73,9 @@ def _look_duckdb(location: str | None, dataset: str) -> tuple[str, str] | None:
     except duckdb.Error:  # held by the owner's load, or unreadable: the server says which on the first request
         return None
     tables = {name for schema, name in rows if schema.lower() == dataset.lower()}
-    others = {schema for schema, name in rows if name == DLT_VERSION_TABLE and schema.lower() != dataset.lower()}
+    found = {schema for schema, name in rows if name == DLT_VERSION_TABLE and schema.lower() != dataset.lower()}
     # dlt's staging dataset of a merge (<dataset>_staging) is no dataset of its own
-    others = sorted(schema for schema in others if not (schema.endswith("_staging") and schema[:-8] in others))
+    others = sorted(schema for schema in found if not (schema.endswith("_staging") and schema[:-8] in found))
     return _verdict(path, dataset, tables, others, "schema")
 
 

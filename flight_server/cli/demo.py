@@ -20,6 +20,7 @@ from typing import Any
 
 import dlt
 from dlt.common.pipeline import LoadInfo
+from dlt.common.schema.typing import TTableFormat
 from dlt.extract.source import DltSource
 
 __all__ = [
@@ -516,7 +517,7 @@ def load_demo(
     events: int = 2000,
     seed: int = 42,
     pipelines_dir: str | None = None,
-    table_format: str | None = None,
+    table_format: TTableFormat | None = None,
 ) -> LoadInfo:
     """Load the demo sample into ``destination`` (a dlt destination factory) and return the LoadInfo.
 

@@ -80,7 +80,7 @@ class DestinationConfig:
     type: str
     location: str | None = None  # duckdb file path or filesystem bucket_url
     credentials: Any = None  # dict/str after env substitution, or None (resolved by dlt)
-    table_format: str | None = None
+    table_format: Literal["delta"] | None = None  # the one table format read here (dlt's filesystem + Delta)
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -254,13 +254,14 @@ class _Reader:
             return {}
         if not isinstance(value, dict):
             raise self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        mapping: dict[str, Any] = value
         if allowed is not None:
-            for k in value:
+            for k in mapping:
                 if k not in allowed:
                     path = f"{key}.{k}" if key else str(k)
                     self.report(path, f"unknown key '{k}'; allowed: {', '.join(allowed)}")
-            value = {k: v for k, v in value.items() if k in allowed}
-        return value
+            mapping = {k: v for k, v in mapping.items() if k in allowed}
+        return mapping
 
     def name(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not _NAME_PATTERN.match(value):
@@ -288,7 +289,8 @@ class _Reader:
             return [self.substitute(v, f"{key}[{i}]", secret) for i, v in enumerate(value)]
         return value
 
-    def positive(self, s: Mapping[str, Any], key: str, default: Any, kinds: tuple[type, ...] = (int,)) -> Any:
+    def positive(self, s: Mapping[str, Any], key: str, default: Any,
+                 kinds: tuple[type[int] | type[float], ...] = (int,)) -> Any:
         value = s.get(key, default)
         if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
             raise self.fail(f"server.{key}", f"must be a positive number, got {value!r}")
@@ -316,6 +318,7 @@ def _destination(r: _Reader, name: str, raw: Any, root: Path) -> DestinationConf
     if kind not in DESTINATION_TYPES:
         r.report(f"{key}.type", f"destination type '{kind}' is not supported; supported: {', '.join(DESTINATION_TYPES)}"
                                 f" (and dlt+'s delta)")
+        kind = str(kind)  # reported; kept as text (it reads the same in later messages) while problems are collected
     location = body.get("location") or body.get("bucket_url")
     if location is not None and not isinstance(location, str):
         r.report(f"{key}.location", "must be a string")

@@ -22,6 +22,7 @@ from dlt.common.destination.capabilities import (
 from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
 from dlt.common.schema import Schema
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.common.schema.typing import TSchemaContractDict
 from dlt.common.schema.utils import is_complete_column, merge_columns, new_table
 
 from flight_server.domain.config import Contract
@@ -34,16 +35,16 @@ _VERBS = {"tables": "tables", "columns": "columns", "data_type": "data types"}
 class ContractDecision:
     """An accepted write: the dlt contract to run the pipeline with and what it will filter."""
 
-    contract: dict[str, str]
+    contract: TSchemaContractDict
     filters: list[tuple[str, str, str]]  # (entity, name, mode) as dlt returns them
     # columns whose stored type differs from the upload's, under ``data_type: evolve``: the stored
     # column schemas the upload is cast to (see :func:`check_write`)
     coerce: dict[str, Any] = field(default_factory=dict)
 
 
-def expand_contract(contract: Contract) -> dict[str, str]:
-    """dlt's expansion of a shorthand or partial contract (None means dlt's default: evolve)."""
-    return dict(Schema.expand_schema_contract_settings(contract or {}))  # type: ignore[arg-type]
+def expand_contract(contract: Contract) -> TSchemaContractDict:
+    """dlt's expansion of a shorthand or partial contract (None means dlt's default: evolve); a new dict."""
+    return Schema.expand_schema_contract_settings(contract or {})  # type: ignore[arg-type]
 
 
 def violation_message(schema_name: str, table: str, column: str | None, entity: str, mode: str,
@@ -140,7 +141,8 @@ def _with_hints(column: Mapping[str, Any], hints: list[str]) -> str:
 def _violation(exc: DataValidationError, schema: Schema, table: str, computed: Mapping[str, Any]) -> ContractViolation:
     entity = str(exc.schema_entity)
     column = exc.column_name
-    existing_type = incoming_type = None
+    existing_type: str | None = None
+    incoming_type: str | None = None
     if entity == "data_type" and column:
         existing = schema.get_table_columns(table).get(column, {})
         incoming = computed["columns"].get(column, {})

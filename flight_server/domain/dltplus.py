@@ -245,7 +245,8 @@ def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, sec
         secrets.update(contexts[p].secrets)
 
     access_overrides = _mapping((raw_profiles.get(SERVED_PROFILE) or {}).get("destinations"), "destinations", report)
-    owner_destinations = owner_view.get("destinations") if isinstance(owner_view.get("destinations"), dict) else {}
+    raw_owner_destinations = owner_view.get("destinations")
+    owner_destinations: dict[str, Any] = raw_owner_destinations if isinstance(raw_owner_destinations, dict) else {}
     destinations = {}
     for d_name, body in _mapping(served.get("destinations"), "destinations", report).items():
         located = _Located(access_overrides.get(d_name), owner_destinations.get(d_name),
@@ -262,9 +263,9 @@ def to_flight_share(raw: dict[str, Any], file: Path, report: Any, warn: Any, sec
             datasets[ds_name]["destination"] = _pipeline_destinations(served, ds_name)
     for p_name, pipeline in _mapping(served.get("pipelines"), "pipelines", report).items():
         pipeline = _mapping(pipeline, f"pipelines.{p_name}", report)
-        ds_name, dest = pipeline.get("dataset_name"), pipeline.get("destination")
-        if isinstance(ds_name, str) and ds_name and ds_name not in datasets and isinstance(dest, str):
-            datasets[ds_name] = {"destination": [dest]}  # named only by a pipeline: a dataset too
+        p_dataset, dest = pipeline.get("dataset_name"), pipeline.get("destination")
+        if isinstance(p_dataset, str) and p_dataset and p_dataset not in datasets and isinstance(dest, str):
+            datasets[p_dataset] = {"destination": [dest]}  # named only by a pipeline: a dataset too
 
     profiles: dict[str, Any] = {}
     for p_name in profile_names:
@@ -390,20 +391,33 @@ def dlt_location(kind: str, configured: str | None, destination_name: str, local
     """A duckdb database path or a local filesystem ``bucket_url`` as dlt resolves it in a run context whose
     ``local_dir`` is ``local_dir``: absolute stays, relative goes under ``local_dir``; a bucket URL with a
     scheme (``s3://``, an absolute ``file://``) is returned as given."""
+    if kind == "duckdb":
+        return _duckdb_location(configured, destination_name, local_dir)
+    if configured is None:  # the one caller passes the bucket_url it found
+        raise ValueError(f"a {kind} destination has no bucket_url to locate")
+    return _bucket_location(configured, destination_name, local_dir)
+
+
+def _duckdb_location(configured: str | None, destination_name: str, local_dir: str) -> str:
     try:  # dlt's own resolution; imported here so that the client-only command line never imports dlt
-        from dlt.common.storages.configuration import FilesystemConfigurationWithLocalFiles, WithLocalFiles
+        from dlt.common.storages.configuration import WithLocalFiles
         from dlt.destinations.impl.duckdb.configuration import DUCK_DB_NAME_PAT
     except ImportError:  # without the server's dependencies (`flight-share package`): dlt's rule, spelled out
-        if kind == "duckdb":
-            return configured if configured and os.path.isabs(configured) else os.path.join(local_dir, configured or f"{destination_name}.duckdb")
+        return configured if configured and os.path.isabs(configured) else os.path.join(local_dir, configured or f"{destination_name}.duckdb")
+    # DuckDbClientConfiguration.on_resolved -> WithLocalFiles.make_location(database, "%s.duckdb"), which
+    # takes an unset database (None) as dlt's own configuration passes it, though its annotation says str
+    files = WithLocalFiles()
+    files.local_dir, files.destination_name = local_dir, destination_name
+    return files.make_location(configured, DUCK_DB_NAME_PAT)  # type: ignore[arg-type]
+
+
+def _bucket_location(configured: str, destination_name: str, local_dir: str) -> str:
+    try:  # as above
+        from dlt.common.storages.configuration import FilesystemConfigurationWithLocalFiles
+    except ImportError:
         if "://" in configured or os.path.isabs(configured):
             return configured
         return os.path.join(local_dir, configured.removeprefix("file:"))
-    if kind == "duckdb":
-        # DuckDbClientConfiguration.on_resolved -> WithLocalFiles.make_location(database, "%s.duckdb")
-        files = WithLocalFiles()
-        files.local_dir, files.destination_name = local_dir, destination_name
-        return files.make_location(configured, DUCK_DB_NAME_PAT)
     # FilesystemDestinationClientConfiguration -> FilesystemConfigurationWithLocalFiles.normalize_bucket_url:
     # a local path without a scheme (or a relative file: URL) is moved under local_dir, then made a file:// URL
     config = FilesystemConfigurationWithLocalFiles(bucket_url=configured)

@@ -81,5 +81,5 @@ def install(secrets: Iterable[str] = (), logger: logging.Logger | None = None) -
     for handler in (logger or logging.getLogger()).handlers:
         if not isinstance(handler.formatter, MaskingFormatter):
             fmt = handler.formatter
-            masking = MaskingFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None)  # type: ignore[union-attr]
+            masking = MaskingFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None)
             handler.setFormatter(masking)

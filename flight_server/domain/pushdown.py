@@ -120,7 +120,7 @@ def _value(node: exp.Expression) -> Any:
 
 def _predicate(node: exp.Expression, known: Mapping[str, str]) -> Predicate | None:
     node = node.unnest() if isinstance(node, exp.Paren) else node
-    if type(node) in OPS:
+    if isinstance(node, exp.Binary) and type(node) in OPS:
         op = OPS[type(node)]
         left, right = _column(node.left, known), _column(node.right, known)
         if left and not right and (value := _value(node.right)) is not _NO_VALUE:

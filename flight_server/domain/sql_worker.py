@@ -207,7 +207,7 @@ class Worker:
     def handle(self, request: dict[str, Any], result_fd: int) -> None:
         pa = self.pa
         out = pa.PythonFile(os.fdopen(result_fd, "wb"), mode="w")
-        writer = None
+        writer: Any = None  # a pyarrow IPC writer (pyarrow is imported at run time: self.pa)
         schema = pa.schema([])
         con = None
         try:

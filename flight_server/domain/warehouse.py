@@ -246,6 +246,8 @@ def plan(storage: "Storage", query: "CheckedQuery") -> Plan | str:
     checked = _check_and_rewrite(tree, query, types)
     if isinstance(checked, str):
         return checked
+    if not isinstance(tree, exp.Query):  # a checked statement is a query; anything else stays in the sandbox
+        return "not a query"
     try:
         sql = tree.sql("postgres")
     except Exception as exc:  # noqa: BLE001

@@ -366,7 +366,7 @@ class DeltaStorage(Storage):
     # --- reading ----------------------------------------------------------------------------
     def row_count(self, table: str) -> int:
         if table == LOADS_TABLE:
-            return self._load_history().num_rows
+            return int(self._load_history().num_rows)
         dt = self.delta_table(table)
         with self._table_locks[table]:
             counts = dt.get_add_actions(flatten=False).column("num_records").to_pylist()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import dlt
 import pyarrow as pa
@@ -39,6 +39,9 @@ from flight_server.storage.base import (
     plain_arrow,
 )
 from flight_server.storage.lifetime import isolated
+
+if TYPE_CHECKING:  # the annotation only: _delta_storage imports the Delta adapter where it is first needed
+    from flight_server.storage.delta import DeltaStorage
 
 
 def json_text(value: Any) -> str:
@@ -64,7 +67,7 @@ class DltDatasetStorage(Storage):
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
         self.batch_rows = batch_rows
-        self._delta: Any = None  # the Delta adapter over the same folder (plain filesystem layout only)
+        self._delta: DeltaStorage | None = None  # the Delta adapter over the same folder (plain filesystem layout only)
         self._is_delta: dict[str, bool] = {}  # table -> found a Delta log in its folder
 
     # --- dlt --------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ class DltDatasetStorage(Storage):
     # resources loaded with ``table_format="delta"``). dlt's own reader would need duckdb's delta
     # extension, downloaded at run time; like dlt+, a table is taken as Delta when its folder holds a
     # ``_delta_log``, and read (and, when every table is Delta, saved) by the Delta adapter.
-    def _delta_storage(self) -> Any:
+    def _delta_storage(self) -> DeltaStorage:
         from flight_server.storage.delta import DeltaStorage
 
         with self._lock:

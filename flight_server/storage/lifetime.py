@@ -27,7 +27,7 @@ T = TypeVar("T")
 class _Lease:
     """Runs ``on_close`` once: when the stream ends, or when it is dropped (even never started)."""
 
-    def __init__(self, owners: tuple[Any, ...], on_close: Callable[[], None] | None) -> None:
+    def __init__(self, owners: tuple[Any, ...], on_close: Callable[[], object] | None) -> None:
         self.owners = owners
         self.on_close = on_close
 
@@ -44,9 +44,10 @@ class _Lease:
 
 
 def owning_reader(
-    reader: pa.RecordBatchReader, *owners: Any, on_close: Callable[[], None] | None = None
+    reader: pa.RecordBatchReader, *owners: Any, on_close: Callable[[], object] | None = None
 ) -> pa.RecordBatchReader:
-    """``reader``'s batches, keeping ``owners`` alive until the stream ends, then ``on_close()``."""
+    """``reader``'s batches, keeping ``owners`` alive until the stream ends, then ``on_close()`` (its
+    result, if any, is ignored)."""
     lease = _Lease((reader, *owners), on_close)
 
     def batches(lease: _Lease) -> Iterator[pa.RecordBatch]:

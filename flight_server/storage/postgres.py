@@ -414,7 +414,7 @@ class PostgresStorage(Storage):
         n = split_evenly(rows, target_rows, pages)
         if n == 1:
             return [Partition({}, rows)]
-        edges = [pages * i // n for i in range(n)] + [None]
+        edges = [pages * i // n for i in range(n)]  # the last range is open-ended (stop None)
         parts = [Partition({"pages": [edges[i], edges[i + 1]]}, rows * (edges[i + 1] - edges[i]) // pages)
                  for i in range(n - 1)]
         parts.append(Partition({"pages": [edges[n - 1], None]}, rows - sum(p.records for p in parts)))
@@ -430,8 +430,9 @@ class PostgresStorage(Storage):
             conditions.append(f"ctid >= '({start},0)'::tid" + (f" AND ctid < '({stop},0)'::tid" if stop is not None else ""))
         if where:  # a SQL query's filters run in the warehouse: only matching rows leave it
             kept, complete = applicable(where, self.arrow_schema(table), _dlt_types(self.table_columns(table)))
-            if kept:
-                conditions.append(where_sql(kept, quote))
+            condition = where_sql(kept, quote)  # None: nothing kept
+            if condition is not None:
+                conditions.append(condition)
             if not complete:
                 limit = None  # a row limit holds only over the query's full filter
         types = {n: c.get("data_type") for n, c in self.table_columns(table).items()}

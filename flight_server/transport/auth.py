@@ -216,10 +216,10 @@ class Authenticator:
             due = current >= issued + (expires - issued) * RENEW_AFTER  # an expired token is due too
             extends = min(int(current) + self.token_ttl, started + self.session_ttl) > expires
             return identity, (self.issue(identity, current) if due and extends else None)
-        user = self._tokens.get(token_digest(token))
-        if user is None:
+        holder = self._tokens.get(token_digest(token))
+        if holder is None:
             raise Unauthenticated(protocol.AUTH_FAILED)
-        return self._identity(user, "token"), None
+        return self._identity(holder, "token"), None
 
     @staticmethod
     def _basic(value: str) -> tuple[str, str]:

@@ -115,7 +115,7 @@ def _flight_sql(rpc: str, wrapped: any_pb2.Any) -> Request:
 def descriptor(rpc: str, descriptor: flight.FlightDescriptor) -> Request:
     """GetFlightInfo, GetSchema, DoPut: a path ``[dataset, table]``, a JSON command or a Flight SQL command."""
     if descriptor.descriptor_type == flight.DescriptorType.PATH:
-        command = protocol.command_from_path(descriptor.path, "write" if rpc == "do_put" else "read")  # type: ignore[arg-type]
+        command = protocol.command_from_path(descriptor.path, "write" if rpc == "do_put" else "read")
         return Request(rpc, command.op, command)
     wrapped = unpack_any(descriptor.command)
     if wrapped is not None:

@@ -71,7 +71,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from client import __version__
-from client.protocol import WriteCommand
+from client.protocol import WriteCommand, WriteDisposition
 from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server._vendor import flight_messages as fm
 from flight_server.domain.catalog import Catalog
@@ -303,7 +303,7 @@ def _checked_pattern(pattern: str | None, field: str) -> str | None:
 
 
 # a piece is a tuple of characters, with None for ``_`` (any one character)
-_Piece = tuple
+_Piece = tuple[str | None, ...]
 
 
 def _like_pieces(pattern: str) -> list[_Piece]:
@@ -336,7 +336,7 @@ def _piece_at(piece: _Piece, name: str, start: int) -> bool:
 def _find_piece(piece: _Piece, name: str, start: int) -> int:
     """The leftmost position >= start where ``piece`` matches, or -1."""
     if None not in piece:  # no ``_``: the C substring search
-        return name.find("".join(piece), start)  # type: ignore[arg-type]
+        return name.find("".join(c for c in piece if c is not None), start)
     for pos in range(start, len(name) - len(piece) + 1):
         if _piece_at(piece, name, pos):
             return pos
@@ -647,6 +647,8 @@ class FlightSqlSurface:
     # --- metadata commands ------------------------------------------------------------------------
     def _metadata_info(self, call: Call, request: Request) -> flight.FlightInfo:
         schema_of, _ = self._metadata[type(request.message)]
+        if call.descriptor is None:  # GetFlightInfo always has one
+            raise InvalidRequest(f"{request.kind} came without a flight descriptor")
         # the ticket is the command itself: DoGet answers it under the caller's profile then
         return self._info(schema_of(request.message), call.descriptor, call.descriptor.command)
 
@@ -773,13 +775,13 @@ class FlightSqlSurface:
         current = self.current_schema(call)
         if current is not None and current not in visible:
             current = None  # the dataset went away (or the profile lost it) since the option was set
-        if unqualified and current is None:
-            raise InvalidRequest(
-                f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}), "
-                f"or set the current db_schema (SetSessionOptions, with cookies); "
-                f"datasets: {', '.join(visible) or '(none)'}"
-            )
         if unqualified:
+            if current is None:
+                raise InvalidRequest(
+                    f"qualify every table with its dataset, as dataset.table (unqualified: {', '.join(unqualified)}), "
+                    f"or set the current db_schema (SetSessionOptions, with cookies); "
+                    f"datasets: {', '.join(visible) or '(none)'}"
+                )
             datasets = datasets | {current}
         if len(datasets) > 1:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
@@ -1010,7 +1012,7 @@ class FlightSqlSurface:
             )
         must_exist = "ingest in create mode to add it" if options.if_not_exist == _INGEST.TABLE_NOT_EXIST_OPTION_FAIL else None
         must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
-        disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
+        disposition: WriteDisposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
         # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
         result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), FlightUpload(call.reader, False),
                                  call.cancelled, must_exist=must_exist, must_be_new=must_be_new)

@@ -42,12 +42,13 @@ MAX_MESSAGE_CHARS = 2000
 # ``traceback.TracebackException`` does not swallow), and the detail reads "Python exception:
 # InvalidArgument". No process-wide ``sys.tracebacklimit`` is needed. The names are what a client
 # reads, so they say the status, not where the server keeps its classes.
-class _Unformattable:
+class _Unformattable(Exception):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    # read-only on purpose: reading it must fail (see above)
     @property
-    def __notes__(self) -> Any:
+    def __notes__(self) -> Any:  # type: ignore[override]
         raise LookupError("a wire error carries no traceback")
 
 
