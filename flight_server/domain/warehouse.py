@@ -444,7 +444,7 @@ class WarehouseRouter:
 
         One ``server.sql_timeout`` covers the sandbox's bind of the schema and the warehouse run; a query
         PostgreSQL refuses before its first row then runs in the sandbox under the sandbox's own limit.
-        ``partition``: one endpoint of a split result (flight_sql.py): the sandbox reads that slice only.
+        ``partition``: one endpoint of a split result (transport/flight_sql/statements.py): the sandbox reads that slice only.
         """
         if partition is not None:
             return self.sandbox.run(storage, query, cancelled, parameters, partition=partition)
