@@ -419,7 +419,7 @@ def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path
                        + DESTINATIONS["delta_local"] + DATASETS)
     _load_events(project, {})
     limit = getattr(sys, "tracebacklimit", None)
-    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0")
+    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0", open_storage)
     threading.Thread(target=server.serve, daemon=True).start()
     try:
         url = f"grpc://127.0.0.1:{server.port}"

@@ -1,5 +1,6 @@
-"""The house's layers hold: the domain and the storage adapters know no Flight, and no module imports
-in a circle (issue 12)."""
+"""The house's layers hold: the domain and the storage adapters know no Flight, each package imports only the
+layers under it, and no module imports in a circle (issues 12 and 23). Every edge counts: module level, inside
+functions, and under ``if TYPE_CHECKING:`` (a type-only edge is still a dependency a reader must follow)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,11 @@ def test_the_domain_does_not_import_flight_even_indirectly(module: str) -> None:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Modules of this repository that ``path`` imports (at module level or in functions; not the
-    ``if TYPE_CHECKING:`` ones, which never run). ``from pkg import sub`` is an edge to ``pkg.sub``."""
+    """Modules of this repository that ``path`` imports (at module level, in functions, under ``if TYPE_CHECKING:``).
+    ``from pkg import sub`` is an edge to ``pkg.sub``."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for body in node.body for n in ast.walk(body)}
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -46,11 +43,44 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-def test_no_module_imports_in_a_circle() -> None:
+def _graph() -> dict[str, set[str]]:
     modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
                for root in ("flight_server", "client") for p in (REPO / root).rglob("*.py")
                if "_vendor" not in p.parts and "__pycache__" not in p.parts}
-    graph = {name: _imports(path, set(modules)) - {name} for name, path in modules.items()}
+    return {name: _imports(path, set(modules)) - {name} for name, path in modules.items()}
+
+
+# what each package of the server may import (beyond itself and the standard/third-party libraries); the server's
+# edges into client/ are the wire format and the shared value types (README, Layout). cli/ and testing/ are the
+# composition roots: they build servers and may reach everything.
+_SHARED_WITH_CLIENTS = ("client.protocol", "client.load_info")
+LAYERS: dict[str, tuple[str, ...]] = {
+    "flight_server.domain": _SHARED_WITH_CLIENTS,
+    "flight_server.storage": ("flight_server.domain",),
+    "flight_server.transport": ("flight_server.domain", "flight_server._vendor", "client", *_SHARED_WITH_CLIENTS),
+}
+# the domain's floor: the modules everything else stands on (errors, quoting, masking, and the project file:
+# config with its dlt+ reader and credential hashing) import nothing of the project but each other
+FLOOR = {"flight_server.domain.errors", "flight_server.domain.identifiers", "flight_server.domain.masking",
+         "flight_server.domain.config", "flight_server.domain.dltplus", "flight_server.domain.credentials"}
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_each_package_imports_only_the_layers_under_it() -> None:
+    wrong = sorted(f"{module} -> {target}" for module, targets in _graph().items() for package, allowed in LAYERS.items()
+                   if _within(module, (package,)) for target in targets
+                   if not _within(target, (package, *allowed)) and target not in allowed)
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+    floor = sorted(f"{module} -> {target}" for module, targets in _graph().items() if module in FLOOR
+                   for target in targets if target not in FLOOR)
+    assert not floor, "the domain's floor imports above it:\n" + "\n".join(floor)
+
+
+def test_no_module_imports_in_a_circle() -> None:
+    graph = _graph()
     state: dict[str, int] = {}
     stack: list[str] = []
 

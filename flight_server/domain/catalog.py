@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
-from flight_server.domain.config import DatasetAccess, ProjectConfig
+from flight_server.domain.config import DatasetAccess, DatasetConfig, ProjectConfig
 from flight_server.domain.errors import Forbidden, NotFound, ServiceError
 from flight_server.domain.masking import mask
-from flight_server.storage import Storage, open_storage
+from flight_server.domain.storage import Storage
 
 log = logging.getLogger("flight_share.catalog")
+
+
+#: picks and opens the adapter of a dataset (``flight_server.storage.open_storage``: the composition root chooses)
+StorageOpener = Callable[[ProjectConfig, DatasetConfig], Storage]
 
 
 class Catalog:
     """All datasets of a project, opened once; views are filtered per profile."""
 
-    def __init__(self, project: ProjectConfig) -> None:
+    def __init__(self, project: ProjectConfig, open_storage: StorageOpener) -> None:
         self.project = project
+        self._open_storage = open_storage
         # whoever builds a server (the CLI, a test, an embedding application) masks the secrets the project
         # pulled from the environment in every error; the CLI also installs the masking log formatter
         mask.add(project.secrets)
@@ -30,7 +35,7 @@ class Catalog:
         """The adapter of a dataset (opened on first use)."""
         storage = self._storages.get(dataset)
         if storage is None:
-            storage = self._storages[dataset] = open_storage(self.project, self.project.datasets[dataset])
+            storage = self._storages[dataset] = self._open_storage(self.project, self.project.datasets[dataset])
         return storage
 
     def grant(self, profile: str, dataset: str) -> DatasetAccess:

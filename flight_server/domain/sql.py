@@ -59,7 +59,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.ipc
@@ -68,7 +68,7 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.domain.config import size_bytes
+from flight_server.domain.config import ServerConfig, size_bytes
 from flight_server.domain.errors import (
     Cancelled,
     InvalidRequest,
@@ -80,10 +80,7 @@ from flight_server.domain.errors import (
 from flight_server.domain.masking import mask
 from flight_server.domain.pushdown import NOTHING, Pushdown, pushdown
 from flight_server.domain.sql_worker import END, MARK, pipe, recv_frame, send_frame
-
-if TYPE_CHECKING:
-    from flight_server.domain.config import ServerConfig
-    from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 
 # parsing and analysing cost CPU in proportion to the text: real queries are far shorter than this
 MAX_QUERY_CHARS = 100_000
@@ -731,7 +728,7 @@ class WorkerPool:
                 self.fill()
                 if not worker.ready.wait(max(deadline - time.monotonic(), 0)):
                     worker.kill()
-                    raise _time_limit(timeout, None)
+                    raise SqlLimitExceeded.time_limit(timeout, None)
                 if not worker.dead:
                     return worker
             raise Unavailable("the SQL sandbox could not start; see the server log")
@@ -893,7 +890,7 @@ class _Job:
         self.worker.proc.wait()
         timeout = self.sandbox.timeout
         if self.outcome == "timeout":
-            return _time_limit(timeout, self.query.dataset)
+            return SqlLimitExceeded.time_limit(timeout, self.query.dataset)
         if self.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
         if self.outcome == "idle":
@@ -916,7 +913,7 @@ class _Job:
             return SqlLimitExceeded(_MEMORY_TEXT, dataset=dataset, limit="server.sql_memory_limit",
                                     value=self.sandbox.memory_limit)
         if kind == "interrupt":
-            return _time_limit(self.sandbox.timeout, dataset)
+            return SqlLimitExceeded.time_limit(self.sandbox.timeout, dataset)
         if kind == "permission":
             return InvalidRequest("query tried to reach outside the dataset (files, network or settings)", dataset=dataset)
         if kind == "rows":
@@ -986,7 +983,7 @@ Source = Callable[..., pa.RecordBatchReader]
 @dataclass(frozen=True)
 class TablePartition:
     """One partition of the table a row-wise query reads (:func:`row_wise_table`): the query runs over
-    those rows only. ``spec`` is a :class:`~flight_server.storage.base.Partition`'s spec, as the storage
+    those rows only. ``spec`` is a :class:`~flight_server.domain.storage.Partition`'s spec, as the storage
     adapter planned it: never one a client wrote (the transport seals it into the ticket)."""
 
     table: str
@@ -1010,11 +1007,6 @@ def _refuse_case_twins(storage: "Storage", table: str, names: list[str]) -> None
                 f"itself (it serves both)", dataset=storage.dataset.name, table=table)
 
 
-def _time_limit(timeout: float, dataset: str | None) -> SqlLimitExceeded:
-    return SqlLimitExceeded(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
-                            limit="server.sql_timeout", value=timeout)
-
-
 def _rss(pid: int) -> int:
     """Resident memory of a process (Linux ``/proc``); huge when unknown, so the worker is not kept."""
     try:
@@ -1031,6 +1023,25 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+class SqlEngine(Protocol):
+    """What the surfaces use to run checked SQL: the sandbox, or the router that sends some queries to the
+    warehouse (:class:`flight_server.domain.warehouse.WarehouseRouter`)."""
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def max_rows(self) -> int: ...
+
+    def schema(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
+               parameters: pa.Table | None = None) -> pa.Schema: ...
+
+    def run(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
+            parameters: pa.Table | None = None, *, partition: TablePartition | None = None) -> pa.RecordBatchReader: ...
+
+    def close(self) -> None: ...
 
 
 class SqlSandbox:

@@ -15,7 +15,7 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
    2**64-1 into ``bigint``) is refused up front with INVALID_ARGUMENT naming the column. Cheap, and a
    clear answer; but it cannot know everything the destination enforces, hence:
 2. *SQL destinations (duckdb, PostgreSQL)*: ``replace`` runs with dlt's ``insert-from-staging``
-   strategy (``storage.base.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
+   strategy (``domain.storage.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
    job truncates the table and its child tables and inserts from staging in ONE transaction. A load
    that fails - in staging or in that job (a constraint, a type) - rolls back, and the real tables were
    never emptied. dlt's default ``truncate-and-insert`` empties them in a transaction of its own
@@ -115,8 +115,8 @@ from flight_server.domain.errors import (
     Unavailable,
     Unsupported,
 )
-from flight_server.storage.base import WRITE_LOCK_TIMEOUT
-from flight_server.storage.lifetime import isolated
+from flight_server.domain.storage import WRITE_LOCK_TIMEOUT
+from flight_server.domain.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
 
@@ -345,7 +345,7 @@ class Writer:
     @classmethod
     @contextlib.contextmanager
     def _write_lock(cls, storage: Any, dataset: str, table: str, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """The dataset's write lock, in arrival order (:class:`~flight_server.storage.base.FifoLock`), waited for
+        """The dataset's write lock, in arrival order (:class:`~flight_server.domain.storage.FifoLock`), waited for
         at most WRITE_LOCK_TIMEOUT (then UNAVAILABLE: busy, retry); a client that goes away leaves the queue."""
         lock = storage.write_lock
         ticket = lock.ticket()

@@ -24,7 +24,7 @@ from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
-from flight_server.storage.base import (
+from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
     conform,
     not_null_hints,
@@ -40,7 +40,7 @@ from flight_server.storage.base import (
     split_evenly,
     staging_dataset,
 )
-from flight_server.storage.lifetime import owning_reader
+from flight_server.domain.lifetime import owning_reader
 
 _STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
 
@@ -236,7 +236,7 @@ def file_handle(path: str) -> FileHandle:
 class DuckDBStorage(Storage):
     """One dataset (a duckdb schema) inside one duckdb file."""
 
-    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+    serves_load_history = True  # _dlt_loads is a table here (domain/storage.py)
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
@@ -335,7 +335,7 @@ class DuckDBStorage(Storage):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         return dlt.destinations.duckdb(con if con is not None else self.path,
                                        destination_name=self.destination_config.name,
-                                       **SQL_SAVE_SETTINGS)  # all-or-nothing replace and merge (storage/base.py)
+                                       **SQL_SAVE_SETTINGS)  # all-or-nothing replace and merge (domain/storage.py)
 
     @property
     def location(self) -> str:

@@ -126,9 +126,10 @@ class InProcessServer:
 
     def __init__(self, project: Path, profile: str | None = None) -> None:
         from flight_server.domain.config import load_project
+        from flight_server.storage import open_storage
         from flight_server.transport.server import FlightShareServer
 
-        self.server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0", profile=profile)
+        self.server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0", open_storage, profile=profile)
         self.url = f"grpc://127.0.0.1:{self.server.port}"
         self._thread = threading.Thread(target=self.server.serve, daemon=True)
         self._thread.start()

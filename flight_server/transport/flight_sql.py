@@ -81,7 +81,7 @@ from flight_server.domain.sql import (
     MAX_PARAMETER_BYTES,
     MAX_QUERY_CHARS,
     CheckedQuery,
-    SqlSandbox,
+    SqlEngine,
     TablePartition,
     check_parameters,
     check_query,
@@ -92,7 +92,7 @@ from flight_server.domain.sql import (
     row_wise_table,
 )
 from flight_server.domain.writer import Writer
-from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
 from flight_server.transport.session import LastBound, MAX_OPTION_CHARS, Session, SessionStore, cookie_of
@@ -503,7 +503,7 @@ class _RowWise:
 class FlightSqlSurface:
     """Handlers of Flight SQL requests, given the domain services they use."""
 
-    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, writer: Writer,
+    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlEngine, writer: Writer,
                  sessions: SessionStore | None = None, signer: TicketSigner | None = None,
                  endpoint_rows: int | None = None, locations: LocationRing | None = None) -> None:
         self.catalog_name = catalog_name

@@ -17,10 +17,10 @@ from client.protocol import ReadCommand, SqlCommand, WriteCommand
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.partitions import LocationRing, ReadPlan, plan_read
-from flight_server.domain.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.domain.sql import CheckedQuery, SqlEngine, check_query
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.tickets import TicketSigner
@@ -32,7 +32,7 @@ Handler = Callable[[Call, Request], Any]
 class PlainSurface:
     """Handlers of flight-share's own requests, given the domain services they use."""
 
-    def __init__(self, project_name: str, endpoint_rows: int, catalog: Catalog, sql: SqlSandbox, writer: Writer,
+    def __init__(self, project_name: str, endpoint_rows: int, catalog: Catalog, sql: SqlEngine, writer: Writer,
                  cache: TableCache, tickets: TicketSigner, locations: LocationRing,
                  calls: Callable[[], dict[str, int]]) -> None:
         self.project_name = project_name

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pyarrow.flight as flight
 
-from flight_server.domain.catalog import Catalog
+from flight_server.domain.catalog import Catalog, StorageOpener
 from flight_server.domain.config import ProjectConfig
 from flight_server.domain.errors import InvalidRequest, Unsupported
 from flight_server.domain.partitions import LocationRing
@@ -39,15 +39,18 @@ from flight_server.transport.status import to_flight_error
 class FlightShareServer(flight.FlightServerBase):
     """Serves the datasets of one project over Arrow Flight and Flight SQL, on one port."""
 
-    def __init__(self, project: ProjectConfig, location: str, profile: str | None = None, **kwargs: Any) -> None:
-        """``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow (TLS)."""
+    def __init__(self, project: ProjectConfig, location: str, open_storage: StorageOpener, profile: str | None = None,
+                 **kwargs: Any) -> None:
+        """``open_storage`` picks the adapter of a dataset (``flight_server.storage.open_storage``; the transport
+        knows no adapter); ``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow
+        (TLS)."""
         self.project = project
         self.security = Security.for_project(project, anonymous_profile=profile)
         kwargs.setdefault("auth_handler", self.security.auth_handler())
         kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware(),
                                 session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
-        self.catalog = Catalog(project)
+        self.catalog = Catalog(project, open_storage)
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
         self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
