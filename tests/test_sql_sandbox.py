@@ -303,6 +303,7 @@ def test_table_references_resolve_cte_names_by_scope(query: str, tables: list[st
     assert [t.sql() for t in table_references(sqlglot.parse_one(query, read="duckdb"))] == tables
 
 
+@pytest.mark.slow  # analyses 4,000 CTEs under tracemalloc: seconds of CPU, kept out of the quick tier
 def test_many_ctes_are_analysed_in_bounded_time_and_memory() -> None:
     """sqlglot's traverse_scope peaked at 480 MB (traced) for 4,000 CTEs; the scope walk stays small."""
     import time

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,13 +31,41 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, che
     return result
 
 
+_CACHE: Path | None = None
+
+
+def _cache_root() -> Path:
+    """This process's cache of loaded project folders, removed when the process ends (under pytest-xdist
+    every worker is its own process and so has its own cache: no locks, no sharing between workers)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = Path(tempfile.mkdtemp(prefix="flight_share_projects_"))
+        atexit.register(shutil.rmtree, _CACHE, True)
+    return _CACHE
+
+
 def make_project(folder: Path, source: Path = REPO / "configs" / "demo" / "dlt.yml", events: int = 500) -> Path:
-    """Copy a project file into ``folder`` and load the demo events into it."""
+    """Copy a project file into ``folder`` and load the demo events into it.
+
+    The demo load (a dlt pipeline run in a subprocess, ~4 s) runs once per process for each (project file,
+    events) pair; every caller gets its own copy of that loaded folder, so a test may change its copy
+    freely. The demo's generator is seeded and its pipeline state lives outside the project folder, so a
+    copy holds what a fresh load would (the load ids of the cached run)."""
     folder.mkdir(parents=True, exist_ok=True)
     project = folder / "dlt.yml"
-    shutil.copy(source, project)
-    if events:
-        cli("demo", "--project", str(project), "--events", str(events))
+    if not events:
+        shutil.copy(source, project)
+        return project
+    key = hashlib.sha256(Path(source).read_bytes() + f"\0{events}".encode()).hexdigest()[:16]
+    cached = _cache_root() / key
+    if not cached.exists():
+        building = _cache_root() / f"{key}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        shutil.copy(source, building / "dlt.yml")
+        cli("demo", "--project", str(building / "dlt.yml"), "--events", str(events))
+        building.rename(cached)
+    shutil.copytree(cached, folder, dirs_exist_ok=True)
     return project
 
 
