@@ -255,7 +255,20 @@ def _is_slow(item: pytest.Item) -> bool:
     return False
 
 
+def _shares_module_state(item: pytest.Item) -> bool:
+    """Whether the test uses a fixture kept for its module or class (a server, a loaded project)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope in ("module", "class", "package") for defs in info.name2fixturedefs.values() for d in defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
+        # `make test` runs `pytest -n 2 --dist loadgroup`: the tests of a module that share a module
+        # (or class) fixture run on one worker, so that fixture starts once; every other test goes to
+        # whichever worker is free (session fixtures such as PostgreSQL start once per worker)
+        if _shares_module_state(item) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
