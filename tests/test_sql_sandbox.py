@@ -19,7 +19,8 @@ from flight_server.storage.duckdb import DuckDBStorage
 from tests.conftest import Secured
 from tests.security import EVENTS, INTERNAL
 
-OUT = Path(tempfile.gettempdir()) / f"flight-share-hostile-{os.getpid()}"
+# a folder nothing may create; named per run, the same in every pytest-xdist worker (its test ids hold it)
+OUT = Path(tempfile.gettempdir()) / f"flight-share-hostile-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
 
 HOSTILE = [
     # DDL and DML
