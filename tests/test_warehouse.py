@@ -29,7 +29,7 @@ from flight_server.domain.warehouse import ALLOWED, WarehouseRouter, plan
 from flight_server.storage import open_storage
 from flight_server.testing.servers import ServerProcess, environment, wait_until
 
-pytestmark = pytest.mark.slow
+# (slow is set per test by tests/conftest.py: every test here that starts a process or a load)
 
 DATASET = "wh_data"
 ROWS = 20_000
