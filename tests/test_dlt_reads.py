@@ -22,7 +22,7 @@ import pytest
 from client import connect
 from flight_server.testing.servers import ServerProcess, environment
 
-pytestmark = pytest.mark.slow
+# (slow is set per test by tests/conftest.py: every test here that starts a process or a load)
 
 UTC = datetime.timezone.utc
 NAMINGS = ["snake_case", "sql_cs_v1", "direct", "duck_case", "sql_ci_v1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -59,18 +60,26 @@ def test_an_idle_stream_never_stalls_a_save_and_a_save_never_stalls_reads_withou
 def _busy_readers(handle: duckdb_storage.FileHandle, stop: threading.Event, count: int) -> list[threading.Thread]:
     """``count`` threads that read the file back to back, overlapping, until ``stop``: the share never
     drops to zero by itself (review finding: 8 such readers kept the owner out for good)."""
+    reading = threading.Barrier(count + 1)  # returned once every reader is inside its first read
+
     def loop() -> None:
+        first = True
         while not stop.is_set():
             try:
                 with handle.reading() as cursor:
                     cursor.execute("SELECT sum(a) FROM t").fetchone()
-                    time.sleep(0.05)  # a stream that takes a while
+                    if first:
+                        first = False
+                        with contextlib.suppress(threading.BrokenBarrierError):
+                            reading.wait(30)
+                    time.sleep(0.05)  # a stream that takes a while (its length is the test's subject)
             except Unavailable:
                 pass  # busy with a save: a reader retries
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(count)]
     for thread in threads:
         thread.start()
+    reading.wait(30)
     return threads
 
 
@@ -85,9 +94,8 @@ def test_the_owners_process_gets_the_file_while_readers_never_stop(tmp_path: Pat
         con.execute("CREATE TABLE t AS SELECT range AS a FROM range(100000)")
     handle = duckdb_storage.FileHandle(path)
     stop = threading.Event()
-    threads = _busy_readers(handle, stop, 8)
+    threads = _busy_readers(handle, stop, 8)  # returns once all 8 are reading
     try:
-        time.sleep(0.5)
         owner = (
             "import duckdb, time, sys\n"
             "deadline = time.monotonic() + 15\n"
@@ -119,9 +127,8 @@ def test_a_save_gets_the_file_while_readers_never_stop(tmp_path: Path) -> None:
         con.execute("CREATE TABLE t AS SELECT range AS a FROM range(1000)")
     handle = duckdb_storage.FileHandle(path)
     stop = threading.Event()
-    threads = _busy_readers(handle, stop, 8)
+    threads = _busy_readers(handle, stop, 8)  # returns once all 8 are reading
     try:
-        time.sleep(0.5)
         started = time.monotonic()
         with handle.writing() as con:
             con.execute("INSERT INTO t VALUES (-1)")

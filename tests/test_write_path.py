@@ -38,7 +38,7 @@ FROZEN_COLUMN = (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # read-only, copied per test: no module state, so xdist may spread the tests
 def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("write-src"), REPO / "tests" / "write_project.yml", events=300)
 
