@@ -158,7 +158,7 @@ class ServerConfig:
     # SQL sandbox workers one user may hold at once (None: half of them, rounded up; see domain/sql.py)
     sql_per_user: int | None = None
     # uploads (saves) one user may have open at once; more are refused "busy" (see domain/writer.py)
-    uploads_per_user: int = 4
+    uploads_per_user: int = 8
     # an upload whose client sends nothing for this many seconds is ended (transport/upload.py)
     upload_idle_seconds: float = 60.0
     # ceiling on the Arrow memory of the whole server process (bytes; None: half the machine's memory),
