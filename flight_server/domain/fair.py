@@ -36,15 +36,17 @@ class _Ticket:
 class FairShare:
     """``size`` slots; at most ``per_user`` per user; waiting callers served round-robin by user.
 
-    ``what`` names one slot's work in messages ("SQL query"); ``setting`` the server key of the per-user
-    share, so a refusal says which setting an operator would change.
+    ``what`` names one slot's work in messages ("SQL query", ``plural`` "SQL queries"); ``setting`` the server
+    key of the per-user share, so a refusal says which setting an operator would change.
     """
 
-    def __init__(self, size: int, per_user: int, waiting_per_user: int, what: str, setting: str) -> None:
+    def __init__(self, size: int, per_user: int, waiting_per_user: int, what: str, setting: str,
+                 plural: str | None = None) -> None:
         self.size = size
         self.per_user = max(1, min(per_user, size))
         self.waiting_per_user = waiting_per_user
         self.what, self.setting = what, setting
+        self.plural = plural or f"{what}s"
         self._lock = threading.Condition()
         self._running: dict[str, int] = {}
         self._queues: "OrderedDict[str, deque[_Ticket]]" = OrderedDict()  # users in turn order
@@ -67,7 +69,7 @@ class FairShare:
                 return
             mine = self._running.get(user, 0)
             if wait <= 0:  # no queue: refused at once
-                why = (f"you already have {mine} {self.what}s at once, the most one user may ({self.setting}: "
+                why = (f"you already have {mine} {self.plural} at once, the most one user may ({self.setting}: "
                        f"{self.per_user})" if mine >= self.per_user else
                        f"all {self.size} {self.what} slots of the server are in use by other users")
                 raise Unavailable(f"busy: {why}; retry when one has ended", dataset=dataset, limit=self.setting,
@@ -77,7 +79,7 @@ class FairShare:
                 if not queue:
                     del self._queues[user]
                 raise Unavailable(
-                    f"busy: you already have {mine} {self.what}s at once and {len(queue)} more waiting, the most "
+                    f"busy: you already have {mine} {self.plural} at once and {len(queue)} more waiting, the most "
                     f"one user may ({self.setting}: {self.per_user} at once); retry when one has ended",
                     dataset=dataset, limit=self.setting, value=self.per_user)
             ticket = _Ticket(user)

@@ -137,7 +137,7 @@ ANALYSES_PER_USER = 1
 ANALYSES_WAITING_PER_USER = 4
 _ANALYSIS_WAIT_SECONDS = 30.0
 _ANALYSES = FairShare(MAX_CONCURRENT_ANALYSES, ANALYSES_PER_USER, ANALYSES_WAITING_PER_USER,
-                      "query analysis", "analyses per user")
+                      "query analysis", "analyses per user", "query analyses")
 
 
 @contextlib.contextmanager
@@ -718,7 +718,8 @@ class WorkerPool:
     def __init__(self, memory_bytes: int, threads: int, size: int = SANDBOX_WORKERS, warm: int = WARM_WORKERS,
                  per_user: int = SQL_PER_USER) -> None:
         self.memory_bytes, self.threads, self.warm = memory_bytes, threads, warm
-        self._slots = FairShare(size, per_user, SQL_WAITING_PER_USER, "SQL query", "server.sql_per_user")
+        self._slots = FairShare(size, per_user, SQL_WAITING_PER_USER, "SQL query", "server.sql_per_user",
+                                "SQL queries")
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._starting = 0
