@@ -57,8 +57,9 @@ class WriteServer:
 
     def pipelines_left(self) -> list[str]:
         """Pipeline folders the server left behind (pending packages would live there)."""
-        root = self.project.parent / ".flight-share" / "puts"
-        return sorted(p.name for p in root.iterdir()) if root.exists() else []
+        root = self.project.parent / ".flight-share" / "puts"  # one folder per server process (domain/workdir.py)
+        return sorted(p.name for d in root.iterdir() if d.is_dir() for p in d.iterdir() if p.name != ".lock") \
+            if root.exists() else []
 
     def stop_and_inspect(self, file: str, sql: str) -> list[tuple] | None:
         """Stop the server and query a destination file directly (None: no save ever created the file)."""

@@ -433,28 +433,29 @@ class WarehouseRouter:
         return decided
 
     def schema(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
-               parameters: pa.Table | None = None) -> pa.Schema:
+               parameters: pa.Table | None = None, *, user: str | None = None) -> pa.Schema:
         """The sandbox's schema: a warehouse run is cast to exactly this (no table data is read)."""
-        return self.sandbox.schema(storage, query, cancelled, parameters)
+        return self.sandbox.schema(storage, query, cancelled, parameters, user=user)
 
     def run(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
-            parameters: pa.Table | None = None, *, partition: Any = None) -> pa.RecordBatchReader:
+            parameters: pa.Table | None = None, *, partition: Any = None, user: str | None = None) -> pa.RecordBatchReader:
         """The sandbox's answer: from the warehouse when :meth:`plan` allows, else from the sandbox.
 
         One ``server.sql_timeout`` covers the sandbox's bind of the schema and the warehouse run; a query
         PostgreSQL refuses before its first row then runs in the sandbox under the sandbox's own limit.
         ``partition``: one endpoint of a split result (flight_sql.py): the sandbox reads that slice only.
+        ``user``: the caller, whose fair share of the sandbox's workers the query takes.
         """
         if partition is not None:
-            return self.sandbox.run(storage, query, cancelled, parameters, partition=partition)
+            return self.sandbox.run(storage, query, cancelled, parameters, partition=partition, user=user)
         decided = self.plan(storage, query, parameters)
         if decided is None:
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         started = time.monotonic()
-        schema = self.sandbox.schema(storage, query, cancelled)
+        schema = self.sandbox.schema(storage, query, cancelled, user=user)
         sql = decided.final_sql(schema, self.sandbox.max_rows)
         if sql is None:
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         remaining = self.sandbox.timeout - (time.monotonic() - started)
         if remaining <= 0:
             raise SqlLimitExceeded.time_limit(self.sandbox.timeout, query.dataset)
@@ -476,12 +477,12 @@ class WarehouseRouter:
                 reader.close()
             log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
                      query.dataset, exc)
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         except Exception:  # noqa: BLE001 - a bug on this path must not fail what the sandbox can answer
             if reader is not None:
                 reader.close()
             log.exception("warehouse query on %s failed unexpectedly; running it in the SQL sandbox", query.dataset)
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         return pa.RecordBatchReader.from_batches(schema, self._limited(reader, first, schema, query.dataset))
 
     def _limited(self, reader: pa.RecordBatchReader, first: pa.RecordBatch | None, schema: pa.Schema,

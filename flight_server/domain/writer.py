@@ -107,6 +107,7 @@ from client.protocol import WriteCommand
 from flight_server.domain import uploads
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
+from flight_server.domain.fair import FairShare
 from flight_server.domain.errors import (
     ContractViolation,
     InvalidRequest,
@@ -162,6 +163,16 @@ class Upload(Protocol):
     def batches(self) -> Iterator[pa.RecordBatch]: ...
 
 
+#: uploads open at once on one server, all users together
+MAX_UPLOADS = 64
+#: the default of server.uploads_per_user
+UPLOADS_PER_USER = 8
+#: a user's uploads that may wait for one of that user's open ones to end, and for how long; more, or
+#: longer, are refused "busy" (a waiting upload holds a server thread, not a folder)
+UPLOADS_WAITING_PER_USER = 16
+UPLOAD_WAIT_SECONDS = 30.0
+
+
 class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
@@ -174,21 +185,42 @@ def _load_id() -> str:
 class Writer:
     """Runs puts for the service; one load per dataset at a time (uploads are read concurrently)."""
 
-    def __init__(self, catalog: Catalog, work_dir: Path, max_bytes: int) -> None:
+    def __init__(self, catalog: Catalog, work_dir: Path, max_bytes: int, uploads_per_user: int = UPLOADS_PER_USER) -> None:
         self.catalog = catalog
         self.work_dir = work_dir
         self.max_bytes = max_bytes
         self.coalesce_bytes = COALESCE_BYTES  # the server lowers it under a small server.memory_limit
+        # open uploads: each holds a server thread and a folder for as long as its client sends (issue 22:
+        # 300 DoPuts that never sent stalled everyone); one user's share is bounded, a few more wait, the rest
+        # are refused before anything is read
+        self.uploads = FairShare(MAX_UPLOADS, uploads_per_user, UPLOADS_WAITING_PER_USER, "upload",
+                                 "server.uploads_per_user")
+
+    def stats(self) -> dict[str, int]:
+        """Uploads open now (reported by ``health``)."""
+        return self.uploads.stats()
 
     def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-            must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
-        """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`)."""
+            must_exist: str | None = None, must_be_new: str | None = None, *, user: str | None = None) -> LoadInfo:
+        """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`).
+
+        ``user``: the caller; one user has at most ``server.uploads_per_user`` uploads open; a further one
+        waits (at most :data:`UPLOAD_WAIT_SECONDS`, :data:`UPLOADS_WAITING_PER_USER` of them) and is then
+        refused "busy" (UNAVAILABLE: it may succeed once one of them ends) before anything is read.
+        """
+        key = user or ""
+        opened = False
         try:
+            self.uploads.acquire(key, UPLOAD_WAIT_SECONDS, cancelled, dataset=command.dataset)
+            opened = True
             return self._put(profile, command, upload, cancelled, must_exist, must_be_new)
         except Unavailable as exc:  # the destination busy or away: always before the commit (see _load)
             if "nothing was written" not in exc.message:
                 exc.message += "; nothing was written"
             raise
+        finally:
+            if opened:
+                self.uploads.release(key)
 
     def _put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
              must_exist: str | None, must_be_new: str | None) -> LoadInfo:

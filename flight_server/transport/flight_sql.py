@@ -97,7 +97,7 @@ from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES, Request, short_name, unpack_any
 from flight_server.transport.session import LastBound, MAX_OPTION_CHARS, Session, SessionStore, cookie_of
 from flight_server.transport.tickets import TicketSigner
-from flight_server.transport.upload import FlightUpload
+from flight_server.transport.upload import Uploads
 
 log = logging.getLogger("flight_share.server")
 
@@ -505,8 +505,10 @@ class FlightSqlSurface:
 
     def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlEngine, writer: Writer,
                  sessions: SessionStore | None = None, signer: TicketSigner | None = None,
-                 endpoint_rows: int | None = None, locations: LocationRing | None = None) -> None:
+                 endpoint_rows: int | None = None, locations: LocationRing | None = None,
+                 uploads: Uploads | None = None) -> None:
         self.catalog_name = catalog_name
+        self.uploads = uploads or Uploads()
         # a row-wise statement over a table of more rows than this is answered as one endpoint per partition
         # (server.sql_endpoint_rows; 0: never), naming the replicas (server.locations) round-robin, as plain
         # table reads do
@@ -767,8 +769,8 @@ class FlightSqlSurface:
         reads row by row (:func:`row_wise_table`; None: it runs as one query)."""
         profile = call.profile
         query = statement.query
-        tree = parse_statement(query)  # once: the datasets, the placeholders and the check all read this tree
-        datasets, unqualified = referenced_datasets(tree)
+        tree = parse_statement(query, user=call.identity.user)  # once: the datasets, the placeholders and the check all read this tree
+        datasets, unqualified = referenced_datasets(tree, user=call.identity.user)
         visible = self.catalog.visible(profile)
         current = self.current_schema(call)
         if current is not None and current not in visible:
@@ -798,7 +800,7 @@ class FlightSqlSurface:
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        checked = check_query(tree, dataset, columns, catalog=self.catalog_name)
+        checked = check_query(tree, dataset, columns, catalog=self.catalog_name, user=call.identity.user)
         table = row_wise_table(tree)  # the checked tree: its one table is one of the dataset's
         row_wise = _RowWise(table, tree.args.get("where") is not None) \
             if table is not None and set(checked.tables) == {table} else None
@@ -806,7 +808,7 @@ class FlightSqlSurface:
 
     def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
         storage, checked, values, _ = self._prepare(call, statement)
-        return self.sql.schema(storage, checked, call.cancelled, values)
+        return self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
@@ -819,7 +821,7 @@ class FlightSqlSurface:
         replicas round-robin, and their order means nothing (``ordered=False``)."""
         statement = dataclasses.replace(statement, partition=None)  # a ticket's handle sent back: plan anew
         storage, checked, values, row_wise = self._prepare(call, statement)
-        schema = self.sql.schema(storage, checked, call.cancelled, values)
+        schema = self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
         run = _a_run_of(statement)
         if not self.endpoint_rows:
             row_wise = None  # splitting is off (server.sql_endpoint_rows): no partition plan either
@@ -860,7 +862,7 @@ class FlightSqlSurface:
             self._running.setdefault(key, set()).add(stop)
         try:
             reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values,
-                                  partition=partition)
+                                  partition=partition, user=call.identity.user)
         except BaseException:
             self._unregister(key, stop)
             raise
@@ -904,7 +906,7 @@ class FlightSqlSurface:
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         self._no_transaction(request.message)
         query = request.message.query
-        count = parameter_count(query)
+        count = parameter_count(query, user=call.identity.user)
         if count:
             # the result's schema before any value is bound: the parameters bound as NULLs
             nulls = pa.table([pa.nulls(1)] * count, schema=parameter_schema(count))
@@ -948,22 +950,16 @@ class FlightSqlSurface:
         """
         statement = self._decode(request.message.prepared_statement_handle)
         batches, size = [], 0
-        while True:
-            try:
-                chunk = call.reader.read_chunk()
-            except StopIteration:
-                break
-            if chunk.data is None:
-                continue
-            size += chunk.data.nbytes
+        for batch in self.uploads.open(call, False).batches():  # a client that stops sending is ended when idle
+            size += batch.nbytes
             if size > MAX_PARAMETER_BYTES:
                 raise InvalidRequest(f"the bound values take more than {MAX_PARAMETER_BYTES:,} bytes; "
                                      "bind fewer rows per execution")
-            batches.append(chunk.data)
+            batches.append(batch)
         if call.cancelled():
             raise Cancelled("the upload of bound values was cancelled")
         values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
-                                  parameter_count(statement.query))
+                                  parameter_count(statement.query, user=call.identity.user))
         bound = Statement(statement.query, _ipc(values))
         self._bound.remember(call.identity.user, call.context.peer(), request.message.prepared_statement_handle,
                              bound.parameters or b"")
@@ -1012,8 +1008,8 @@ class FlightSqlSurface:
         must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
         disposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
         # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
-        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), FlightUpload(call.reader, False),
-                                 call.cancelled, must_exist=must_exist, must_be_new=must_be_new)
+        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), self.uploads.open(call, False),
+                                 call.cancelled, must_exist=must_exist, must_be_new=must_be_new, user=call.identity.user)
         call.loaded(result)
         # DoPutUpdateResult goes back raw, not packed in Any
         call.writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))

@@ -26,6 +26,7 @@ from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
+from flight_server.domain.workdir import claim_work_dir
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, memory, session
 from flight_server.transport.auth import Security
@@ -34,6 +35,7 @@ from flight_server.transport.decode import RPC_NAMES, Request
 from flight_server.transport.flight_sql import FlightSqlSurface
 from flight_server.transport.plain import PlainSurface
 from flight_server.transport.status import to_flight_error
+from flight_server.transport.upload import Uploads
 
 
 class FlightShareServer(flight.FlightServerBase):
@@ -54,16 +56,19 @@ class FlightShareServer(flight.FlightServerBase):
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
         self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
-        self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
+        # each server process saves in a puts folder of its own; folders of processes that ended (a crash) go
+        self.writer = Writer(self.catalog, claim_work_dir(project.data_dir / "puts"), project.server.max_put_bytes,
+                             project.server.uploads_per_user)
         if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
             self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
+        uploads = Uploads(project.server.upload_idle_seconds, lambda: self.port)  # DoPuts end when idle too long
         self.plain = PlainSurface(
             project.name, project.server.endpoint_rows, self.catalog, self.sql, self.writer, self.cache,
-            self.security.tickets, LocationRing(project.server.locations), self.calls)
+            self.security.tickets, LocationRing(project.server.locations), self.calls, uploads)
         self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore(),
-                                           self.security.tickets)
+                                           self.security.tickets, uploads=uploads)
         self.routes: dict[tuple[str, str], Callable[[Call, Request], Any]] = {
             **self.plain.routes(), **self.flight_sql.routes()}
 
