@@ -413,6 +413,9 @@ class WarehouseRouter:
     def max_rows(self) -> int:
         return self.sandbox.max_rows
 
+    def stats(self) -> dict[str, int]:
+        return self.sandbox.stats()
+
     def close(self) -> None:
         self.sandbox.close()
 
