@@ -60,8 +60,9 @@ file, and a save inside the file's write window that waited for that lock, deadl
 only in this order, and nothing waits for a lock while holding one of a lower rank:
 
 1. the dataset's write lock (``storage.write_lock``, a FIFO queue), for one load step;
-2. the destination's write window (``storage.writing()``: the duckdb file's read-write connection; readers
-   of the file wait at most ``BUSY_TIMEOUT``);
+2. the destination's write window (``storage.writing()``: the duckdb file's read-write connection; it waits
+   at most ``BUSY_TIMEOUT`` for read-only reads to end, and reads never wait for it: they read the same
+   duckdb instance and see the last committed data, issue 22 §4);
 3. short internal locks - the stored-schema cache, the adapters' handle maps - held only to read or swap
    a reference, never while doing I/O or waiting for anything else (``Storage.stored_schemas`` reads the
    destination with no lock held).
@@ -104,7 +105,7 @@ from client.load_info import (
     LoadInfo,  # the one definition of what a put answers, shared with the client
 )
 from client.protocol import WriteCommand
-from flight_server.domain import uploads
+from flight_server.domain import faults, uploads
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
 from flight_server.domain.errors import (
@@ -396,8 +397,10 @@ class Writer:
             # which dlt borrows; reads of the file wait meanwhile, the owner's pipelines before and after)
             with storage.writing():
                 undo = storage.savepoint(family)
+                faults.at("load")
                 info = pipeline.load()
                 committed = True
+                faults.at("loaded")
                 self._keep_owner_table_hints(storage, stored, dataset, info.loads_ids)  # best effort, never raises
                 self._clear_staging(storage, family)
         except PipelineStepFailed as exc:

@@ -26,6 +26,7 @@ from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
+from flight_server.domain import faults
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, memory, session
 from flight_server.transport.auth import Security
@@ -51,6 +52,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
         self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
+        faults.install()  # test-only fault points, off unless a test's environment names one
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
             self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
