@@ -106,6 +106,7 @@ from client.load_info import (
 )
 from client.protocol import WriteCommand
 from flight_server.domain import faults, uploads
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
 from flight_server.domain.errors import (
@@ -411,7 +412,7 @@ class Writer:
             if exc.step == "load":
                 self._forget_failed_schema(storage, stored, pipeline, packaged)
             self._clear_staging(storage, family)
-            raise self._step_error(exc, dataset, table) from None
+            raise self._step_error(exc, dataset, table, storage.destination_config.name) from None
         except BaseException as exc:
             if committed and isinstance(exc, Exception):
                 log.exception("error after the load of a save to %s.%s was committed", dataset, table)
@@ -569,7 +570,7 @@ class Writer:
             storage.invalidate()
 
     @staticmethod
-    def _step_error(exc: PipelineStepFailed, dataset: str, table: str) -> ServiceError:
+    def _step_error(exc: PipelineStepFailed, dataset: str, table: str, destination: str | None = None) -> ServiceError:
         inner = exc.exception
         cause: BaseException | None = inner
         while cause is not None:  # our own refusal, raised inside dlt's extract (wrapped by dlt)
@@ -599,6 +600,10 @@ class Writer:
                 "nothing was written and the table is as it was",
                 dataset=dataset, table=table, step=exc.step, reason=reason,
             )
+        if exc.step == "load" and is_unreachable(inner):  # its text says where the store lives: name it instead
+            error = unreachable(destination or dataset, dataset, f"saving to '{dataset}.{table}'")
+            error.fields.update(table=table, step=exc.step)
+            return error
         if exc.step == "load":  # the destination away or busy: a retry may succeed
             return Unavailable(
                 f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "

@@ -14,6 +14,7 @@ sandbox, writer, cache); the domain knows nothing of Flight.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable
 
@@ -21,7 +22,8 @@ import pyarrow.flight as flight
 
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.config import ProjectConfig
-from flight_server.domain.errors import InvalidRequest, Unsupported
+from flight_server.domain.errors import InvalidRequest, ServiceError, Unsupported
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
@@ -35,6 +37,8 @@ from flight_server.transport.decode import RPC_NAMES, Request
 from flight_server.transport.flight_sql import FlightSqlSurface
 from flight_server.transport.plain import PlainSurface
 from flight_server.transport.status import to_flight_error
+
+log = logging.getLogger("flight_share.server")
 
 
 class FlightShareServer(flight.FlightServerBase):
@@ -83,10 +87,19 @@ class FlightShareServer(flight.FlightServerBase):
                 raise self._unsupported(request)
             return handler(call, request)
         except BaseException as exc:  # noqa: BLE001 - every error leaves through the mapping table
+            if not isinstance(exc, ServiceError) and is_unreachable(exc):
+                log.warning("a destination did not answer", exc_info=exc)  # the library's text: the log only
+                exc = self._unreachable(request)
             raise to_flight_error(exc) from None
         finally:
             if request is not None and request.writes and request.dataset is not None:
                 self.cache.evict(request.dataset)
+
+    def _unreachable(self, request: Request | None) -> ServiceError:
+        """A store that did not answer, named by the request's dataset's destination (never located)."""
+        dataset = request.dataset if request is not None else None
+        config = self.project.datasets.get(dataset) if dataset else None
+        return unreachable(config.destination if config else "of this dataset", dataset)
 
     def _unsupported(self, request: Request) -> Exception:
         """The answer for a request no handler takes, naming what is taken there instead."""
