@@ -60,6 +60,7 @@ class FlightShareServer(flight.FlightServerBase):
         self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
         if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
             self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
+        self.writer.recover()  # saves a crash interrupted are finished before anything is served
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self.plain = PlainSurface(
