@@ -292,6 +292,23 @@ def test_reads_never_wait_on_saves_and_see_the_last_committed_data(loaded_projec
         ws.proc.stop()
 
 
+def test_a_save_sent_again_with_its_save_id_is_stored_once(ws: WriteServer) -> None:
+    """Issue 22 §4: a client whose answer was lost sends the save again with the same save id; the server
+    answers as the first time and stores nothing more. The same id for another table is another save."""
+    rows = pa.table({"i": [1, 2, 3]})
+    dataset = connect(ws.url).open_dataset
+    first = dataset.save(rows, table_name="once", save_id="abc-1")
+    again = connect(ws.url).open_dataset.save(rows, table_name="once", save_id="abc-1")
+    assert again.load_ids == first.load_ids and again.rows == 3
+    assert connect(ws.url).open_dataset.once.arrow().num_rows == 3
+    other = dataset.save(rows, table_name="twice", save_id="abc-1")
+    assert other.load_ids != first.load_ids and connect(ws.url).open_dataset.twice.arrow().num_rows == 3
+    dataset.save(rows, table_name="once")  # a new save (a fresh id)
+    assert connect(ws.url).open_dataset.once.arrow().num_rows == 6
+    with pytest.raises(InvalidRequestError, match="save_id"):
+        dataset.save(rows, table_name="once", save_id="not/allowed")
+
+
 def test_read_only_profile_gets_permission_denied(ws: WriteServer) -> None:
     catalog = connect(ws.url)
     with pytest.raises(PermissionDeniedError) as denied:

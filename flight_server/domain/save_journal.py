@@ -11,9 +11,10 @@ and the schema it was checked against; once answered, the entry holds the answer
 finished with dlt's own resume - a package loaded half way is loaded again from where it stopped: jobs
 done are skipped, the ``_dlt_loads`` record is written - so the save is wholly there, never half.
 
-Entries are keyed by the client's ``save_id`` (with the profile and dataset): a save sent again with the
-same id gets the first answer and stores nothing. Answered entries are kept :data:`KEEP_SECONDS` (a client
-retries within minutes), at most :data:`KEEP_ENTRIES`.
+Entries are keyed by the client's ``save_id`` (with the profile, dataset and table): a save sent again with
+the same id gets the first answer and stores nothing. Answered entries are kept :data:`KEEP_SECONDS` (a
+client retries within minutes), at most :data:`KEEP_ENTRIES`, holding the answer only; a save sent without
+an id (plain pyarrow, Flight SQL ingest) is forgotten once answered.
 """
 
 from __future__ import annotations
@@ -97,12 +98,12 @@ class SaveJournal:
         self._lock = threading.Lock()  # short: file names and renames only (writer.py, lock rank 3)
 
     @staticmethod
-    def key(profile: str, dataset: str, save_id: str | None) -> str:
-        """The entry's key: the client's id within its profile and dataset (another profile cannot reach
-        the answer), or a fresh one for a save sent without an id."""
+    def key(profile: str, dataset: str, table: str, save_id: str | None) -> str:
+        """The entry's key: the client's id within its profile, dataset and table (another profile cannot
+        reach the answer; an id reused for another table is another save), or a fresh one without an id."""
         if not save_id:
             return uuid.uuid4().hex
-        return hashlib.sha256(json.dumps([profile, dataset, save_id]).encode()).hexdigest()[:40]
+        return hashlib.sha256(json.dumps([profile, dataset, table, save_id]).encode()).hexdigest()[:40]
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"

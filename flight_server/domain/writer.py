@@ -119,7 +119,7 @@ from client.load_info import (
 from client.protocol import WriteCommand
 from flight_server.domain import faults, uploads
 from flight_server.domain.reachability import is_unreachable, unreachable
-from flight_server.domain.save_journal import Entry, SaveJournal, running_elsewhere
+from flight_server.domain.save_journal import Entry, SaveJournal, running_elsewhere, this_process
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
 from flight_server.domain.errors import (
@@ -177,6 +177,10 @@ class Upload(Protocol):
     def batches(self) -> Iterator[pa.RecordBatch]: ...
 
 
+# answers kept in the journal between two prunings of it (save_journal.KEEP_SECONDS, KEEP_ENTRIES)
+PRUNE_EVERY = 256
+
+
 class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
@@ -198,13 +202,14 @@ class Writer:
         self._running: dict[str, threading.Event] = {}  # journal key -> set when that put is done
         self._running_lock = threading.Lock()  # lock rank 3: a dict swap only
         self._unfinished: set[str] = set()  # datasets with saves a crash interrupted and not yet finished
+        self._answers = 0  # answers kept since the start: the journal is pruned every PRUNE_EVERY
 
     def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
             must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
         """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`). A save whose
         ``save_id`` was stored already (the client retries after a lost answer) answers as the first time
         and stores nothing; one attempt of a save id runs at a time."""
-        key = self.journal.key(profile, command.dataset, command.save_id)
+        key = self.journal.key(profile, command.dataset, command.table, command.save_id)
         while True:
             with self._running_lock:
                 earlier = self._running.get(key)
@@ -238,6 +243,10 @@ class Writer:
             return None
         self.catalog.require_write(profile, command.dataset)  # a profile that lost the grant learns nothing
         if entry.answer is None:
+            if running_elsewhere(entry) and list(entry.process) != list(this_process()):
+                raise Unavailable(f"an earlier attempt of this save to '{command.dataset}.{command.table}' is still "
+                                  "running on another server process; retry with the same save id",
+                                  dataset=command.dataset, table=command.table)
             storage = self.catalog.storage(command.dataset)
             with self._write_lock(storage, command.dataset, command.table, cancelled):
                 self._recover(entry, raise_errors=True)
@@ -335,15 +344,21 @@ class Writer:
                 return False
         return True
 
-    def _answer(self, entry: Entry | None, info: LoadInfo) -> None:
-        """Keep the answer of a save (and its end) in the journal."""
+    def _answer(self, entry: Entry | None, info: LoadInfo, keep: bool = True) -> None:
+        """The save is whole: keep its answer for a retry with its id (``keep``), else forget it."""
         if entry is None:
             return
-        entry.answer = info.to_json()
+        if not keep:  # sent without a save id: nothing can ask for it again
+            self.journal.drop(entry.key)
+            return
+        entry.answer, entry.before, entry.packaged = info.to_json(), None, []  # what a retry needs, no more
         try:
             self.journal.write(entry)
         except OSError:  # the save is stored; only a retry with its id would store it again
             log.exception("could not record the answer of save %s", entry.key)
+        self._answers += 1
+        if self._answers % PRUNE_EVERY == 0:
+            self.journal.prune()
 
     @staticmethod
     def _load_info(storage: Any, entry: Entry, seconds: float) -> LoadInfo:
@@ -509,7 +524,7 @@ class Writer:
             schema_version=new_schema.version if new_schema else None,
             failed_jobs=sum(len(p.jobs.get("failed_jobs", [])) for p in info.load_packages),
         )
-        self._answer(entry, answer)
+        self._answer(entry, answer, keep=bool(command.save_id))
         return answer
 
     def _recover_dataset(self, dataset: str) -> None:
