@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.domain.config import DatasetAccess, DatasetConfig, ProjectConfig
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import Forbidden, NotFound, ServiceError
 from flight_server.domain.masking import mask
 from flight_server.domain.storage import Storage
@@ -95,6 +96,8 @@ class Catalog:
             log.warning("dataset %s cannot be read", dataset, exc_info=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             error = f"dataset '{dataset}' cannot be read right now: {first}"
+            if is_unreachable(exc):  # the library's text says where the store lives: name it instead
+                error = unreachable(self.project.datasets[dataset].destination, dataset).message
         config = self.project.destinations[self.project.datasets[dataset].destination]
         return DatasetInfo(
             name=dataset, destination=config.name, destination_type=config.type,

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger("flight_share.server")
@@ -27,21 +28,26 @@ _LEGACY = re.compile(r"^save_.+_pipeline-[0-9a-f]{32}$")  # a save's folder dire
 _HELD: list[int] = []  # lock descriptors of this process's folders: open for as long as the process lives
 
 
-def claim_work_dir(root: Path) -> Path:
-    """A new folder of this process under ``root`` (locked while it lives); crashed processes' folders removed."""
+def claim_work_dir(root: Path, keep: Iterable[Path] = ()) -> Path:
+    """A new folder of this process under ``root`` (locked while it lives); crashed processes' folders removed,
+    except the save folders in ``keep`` (saves a crash interrupted: save_journal.py finishes them from there)."""
     root.mkdir(parents=True, exist_ok=True)
     own = root / f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     own.mkdir()
     fd = os.open(own / LOCK, os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _HELD.append(fd)
-    sweep(root, keep=own)
+    sweep(root, keep=own, pending=keep)
     return own
 
 
-def sweep(root: Path, keep: Path | None = None) -> list[Path]:
-    """Remove the folders under ``root`` that no running server process holds; returns what was removed."""
+def sweep(root: Path, keep: Path | None = None, pending: Iterable[Path] = ()) -> list[Path]:
+    """Remove the folders under ``root`` that no running server process holds; returns what was removed.
+
+    A folder in ``pending`` (a save to finish) stays, and so does its process folder with its lock file, so
+    a later sweep looks again once the save is finished and its folder gone."""
     removed = []
+    kept = {Path(p).resolve() for p in pending}
     for entry in sorted(root.iterdir()):
         if entry == keep or not entry.is_dir():
             continue
@@ -50,6 +56,15 @@ def sweep(root: Path, keep: Path | None = None) -> list[Path]:
                 continue
         elif not _LEGACY.match(entry.name):
             continue  # not a folder this code made: left alone
+        if entry.resolve() in kept:
+            continue
+        inside = {p for p in kept if entry.resolve() in p.parents}
+        if inside:
+            for child in entry.iterdir():
+                if child.name != LOCK and child.resolve() not in inside:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                    removed.append(child)
+            continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     if removed:

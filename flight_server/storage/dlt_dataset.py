@@ -24,6 +24,7 @@ import pyarrow as pa
 from dlt.common.destination import Destination
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import literal as _literal
 from flight_server.domain.masking import mask
@@ -167,6 +168,8 @@ class DltDatasetStorage(Storage):
         return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name, schema=schema)
 
     def _fail(self, exc: Exception, what: str) -> Exception:
+        if is_unreachable(exc):  # the driver's text names where it tried to connect
+            return unreachable(self.destination_config.name, self.dataset.name, what)
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         extension = re.search(r"install the required extension '(\w+)'", str(exc))
         if extension:  # dlt reads files on a bucket through duckdb, which downloads its extensions on first use

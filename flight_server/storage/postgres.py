@@ -31,6 +31,7 @@ import dlt
 import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import Cancelled, InvalidRequest, SqlLimitExceeded, Unavailable
 from flight_server.domain.identifiers import literal as _literal, quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
@@ -252,6 +253,8 @@ class PostgresStorage(Storage):
         """A driver error as a domain error whose text holds no secret."""
         import adbc_driver_manager
 
+        if is_unreachable(exc):  # libpq names the host and port it tried: the destination is named instead
+            return unreachable(self.destination_config.name, self.dataset.name, what)
         detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         message = f"{what} failed on destination '{self.destination_config.name}': {detail}"
         if isinstance(exc, adbc_driver_manager.ProgrammingError):
