@@ -44,8 +44,11 @@ demo: install
 	$(PY) -m flight_server.cli demo --project $(PROJECT) --events $(EVENTS)
 	$(PY) -m flight_server.cli serve --project $(PROJECT)
 
+# two workers (pytest-xdist): a test mostly waits on a server, PostgreSQL or a load in another process, so a
+# second worker fills the idle core; tests sharing a module fixture stay on one worker (tests/conftest.py)
+PYTEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # after changing a dependency in pyproject.toml: re-resolve and write uv.lock (commit both)
 lock: $(UV)

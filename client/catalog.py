@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -309,19 +310,36 @@ class Dataset:
         return Relation(self._connection, SqlCommand(self.name, query))
 
     def save(self, data: Any, table_name: str, write_disposition: str | None = None,
-             primary_key: str | list[str] | None = None) -> LoadInfo:
+             primary_key: str | list[str] | None = None, save_id: str | None = None) -> LoadInfo:
         """Write data into a table of this dataset under the profile's contract; returns the load info.
 
         Without ``write_disposition`` the save follows the stored table: a ``merge`` table merges on its
         stored primary key, any other table (and a new one) appends. ``merge`` without ``primary_key``
-        uses the stored key."""
+        uses the stored key.
+
+        Each call sends a ``save_id`` (a fresh one unless given): the server stores a save once per id, so
+        a save whose answer was lost (the connection or the server went away: ``ServerUnavailableError``,
+        whose ``save_id`` field names it) may be sent again with the same ``save_id`` and is not stored
+        twice. Data that can be sent again (a table, a DataFrame, record batches) is retried once by
+        itself after a lost connection, with the same id."""
         keys = (primary_key,) if isinstance(primary_key, str) else tuple(primary_key or ())
-        command = WriteCommand(self.name, table_name, write_disposition, keys)  # type: ignore[arg-type]
+        command = WriteCommand(self.name, table_name, write_disposition, keys,  # type: ignore[arg-type]
+                               save_id=save_id or uuid.uuid4().hex)
         try:  # the server's own validation, before any data moves
             protocol.decode_command(protocol.encode_command(command))
         except protocol.ProtocolError as exc:
             raise InvalidRequestError(str(exc), dataset=self.name, table=table_name) from None
-        info = self._connection.put(command, as_reader(data))
+        replayable = isinstance(data, (pa.Table, pa.RecordBatch, list, tuple)) or \
+            type(data).__module__.startswith(("pandas", "polars"))  # a reader or stream is read once
+        for attempt in (1, 2):
+            try:
+                info = self._connection.put(command, as_reader(data))
+                break
+            except ServerUnavailableError as exc:
+                exc.fields.setdefault("save_id", command.save_id)
+                exc.save_id = command.save_id  # type: ignore[attr-defined]
+                if attempt == 2 or not replayable or "nothing was written" in exc.message:
+                    raise
         self.refresh()
         return info
 

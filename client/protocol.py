@@ -53,6 +53,7 @@ Errors
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence, Union
 
@@ -132,6 +133,9 @@ class WriteCommand:
     # True: the server stores the upload only if the stream ends with COMMIT_METADATA, so a client
     # that fails half way through its own data cannot leave a partial write behind
     commit_marker: bool = False
+    # the client's id of one save, the same on each retry of it: the server stores a save once per id (a
+    # retry after a lost answer or a crash gets the first answer) - see SAVE_ID
+    save_id: str | None = None
     op: Literal["write"] = field(default="write", init=False)
 
 
@@ -224,13 +228,20 @@ def decode_command(data: bytes) -> Command:
     commit_marker = body.get("commit_marker", False)
     if not isinstance(commit_marker, bool):
         raise ProtocolError("command key 'commit_marker' must be true or false", "commit_marker")
-    return WriteCommand(_name(body, "dataset"), _name(body, "table"), disposition, primary_key, commit_marker)
+    save_id = body.get("save_id")
+    if save_id is not None and (not isinstance(save_id, str) or not SAVE_ID.fullmatch(save_id)):
+        raise ProtocolError("command key 'save_id' must be 1 to 64 letters, digits, '.', '_', ':' or '-'", "save_id")
+    return WriteCommand(_name(body, "dataset"), _name(body, "table"), disposition, primary_key, commit_marker, save_id)
+
+
+# a save's id (WriteCommand.save_id): chosen by the client, one per save call, reused on its retries
+SAVE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 _ALLOWED_KEYS: dict[str, set[str]] = {
     "read": {"v", "op", "dataset", "table", "columns", "limit", "partition"},
     "sql": {"v", "op", "dataset", "query"},
-    "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key", "commit_marker"},
+    "write": {"v", "op", "dataset", "table", "write_disposition", "primary_key", "commit_marker", "save_id"},
 }
 
 

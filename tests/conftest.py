@@ -138,12 +138,137 @@ def secured(request: pytest.FixtureRequest) -> Secured:
     return request.getfixturevalue("secure_server" if request.param == "plain" else "tls_server")
 
 
-# Modules whose tests run in this process (or start no server): `pytest -m "not slow"` runs them in
-# seconds. Every other test starts a server process, PostgreSQL or the S3 server, and is marked slow.
-FAST_MODULES = {"test_dispatch", "test_duckdb_file", "test_table_cache", "test_install", "test_save_errors"}
+# --- the quick tier: `pytest -m "not slow"` ---------------------------------------------------------------------
+# A test is marked slow when it (or a fixture it uses, or a helper of this repository it calls, followed
+# through the call graph) starts a process: a server, PostgreSQL, the S3 server, a demo load, an interpreter,
+# a virtual environment. Decided per test, not per module, so the pure tests of a module that also starts
+# servers (parsers, config, contracts, SQL checks) stay in the quick tier. A module or test may still mark
+# itself slow explicitly.
+import ast  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import subprocess  # noqa: E402
+import textwrap  # noqa: E402
+from types import FunctionType, ModuleType  # noqa: E402
+
+import dlt as _dlt  # noqa: E402
+
+from flight_server.cli.demo import load_demo as _load_demo  # noqa: E402
+from flight_server.testing import servers as _servers  # noqa: E402
+from flight_server.testing import services as _services  # noqa: E402
+
+# what starts a process: the test helpers that do, and subprocess itself (and what loads with dlt)
+_STARTS_A_PROCESS = {
+    _servers.ServerProcess, _servers.cli, _services.PostgresServer, _services.S3Server,
+    _services.postgres_server, _services.s3_server,
+    subprocess.run, subprocess.Popen, subprocess.call, subprocess.check_call, subprocess.check_output,
+    # a dlt load in this process takes seconds as well (the demo's, or an owner's pipeline)
+    _dlt.pipeline, _load_demo,
+}
+_OURS = ("tests", "flight_server.testing")  # helpers followed into (the server's own code is not)
+_verdicts: dict[int, bool] = {}
 
 
+def _resolve(node: ast.expr, scope: dict[str, Any]) -> Any:
+    """The object a call's callee names (``f``, ``mod.f``, ``mod.Class``), or None."""
+    if isinstance(node, ast.Name):
+        return scope.get(node.id, getattr(__builtins__, node.id, None) if not isinstance(__builtins__, dict)
+                         else __builtins__.get(node.id))
+    if isinstance(node, ast.Attribute):
+        base = _resolve(node.value, scope)
+        return getattr(base, node.attr, None) if isinstance(base, (ModuleType, type)) else None
+    return None
+
+
+def _starts_a_process(obj: Any) -> bool:
+    """Whether calling ``obj`` (a function or class of this repository's tests) may start a process."""
+    obj = inspect.unwrap(obj) if callable(obj) else obj
+    try:
+        if obj in _STARTS_A_PROCESS:
+            return True
+    except TypeError:  # unhashable
+        return False
+    if id(obj) in _verdicts:
+        return _verdicts[id(obj)]
+    if not isinstance(obj, (FunctionType, type)) or not (getattr(obj, "__module__", "") or "").startswith(_OURS):
+        return False
+    _verdicts[id(obj)] = False  # a recursive helper is judged by its other calls
+    functions = [obj] if isinstance(obj, FunctionType) else [
+        f for f in vars(obj).values() if isinstance(f, (FunctionType, property, staticmethod, classmethod))]
+    verdict = False
+    for f in functions:
+        f = f.fget if isinstance(f, property) else getattr(f, "__func__", f)
+        if f is None:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        scope = {**f.__globals__, **{n: c.cell_contents for n, c in zip(f.__code__.co_freevars, f.__closure__ or ())
+                                      if _has_contents(c)}, **_local_imports(tree)}
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+        # request.getfixturevalue(...) picks a fixture at run time: counted as one that starts a process
+        if any(isinstance(n.func, ast.Attribute) and n.func.attr == "getfixturevalue" for n in calls) or any(
+                _starts_a_process(_resolve(n.func, scope)) for n in calls):
+            verdict = True
+            break
+    _verdicts[id(obj)] = verdict
+    return verdict
+
+
+def _local_imports(tree: ast.AST) -> dict[str, Any]:
+    """Names bound by imports inside a function body (``import subprocess`` in a test)."""
+    found: dict[str, Any] = {}
+    for node in ast.walk(tree):
+        try:
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    top = importlib.import_module(a.name.split(".")[0] if a.asname is None else a.name)
+                    found[a.asname or a.name.split(".")[0]] = top
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                module = importlib.import_module(node.module)
+                for a in node.names:
+                    found[a.asname or a.name] = getattr(module, a.name, None)
+        except ImportError:
+            continue
+    return found
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.get_closest_marker("slow") is not None:
+        return True
+    if isinstance(item, pytest.Function) and _starts_a_process(item.function):
+        return True
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info is not None else ()):
+            if _starts_a_process(fixturedef.func):
+                return True
+    return False
+
+
+def _shares_module_state(item: pytest.Item) -> bool:
+    """Whether the test uses a fixture kept for its module or class (a server, a loaded project)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope in ("module", "class", "package") for defs in info.name2fixturedefs.values() for d in defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] not in FAST_MODULES:
+        if _is_slow(item):
             item.add_marker(pytest.mark.slow)
+        # `make test` runs `pytest -n 2 --dist loadgroup`: the tests of a module that share a module
+        # (or class) fixture run on one worker, so that fixture starts once; every other test goes to
+        # whichever worker is free (session fixtures such as PostgreSQL start once per worker)
+        if _shares_module_state(item) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))

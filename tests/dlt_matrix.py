@@ -1,6 +1,7 @@
 """The generated differential matrix of issue 21: its design (a seeded pairwise covering of dlt's data types,
 write dispositions / merge strategies, nesting, input forms, naming conventions and destination kinds),
-the data each cell loads, and the comparisons the test runs. ``tests/test_dlt_matrix.py`` runs it.
+the data each cell loads, the owner's pipeline runs (run in worker processes: each destination kind's groups
+in one task) and the comparisons the test runs. ``tests/test_dlt_matrix.py`` runs it.
 
 ``python -m tests.dlt_matrix`` prints the design (cells per destination kind) without running anything.
 """
@@ -14,7 +15,9 @@ import itertools
 import json
 import random
 import re
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
@@ -293,6 +296,106 @@ def resource(cell: Cell, load: int, table_format: str | None) -> Any:
     return dlt.resource(rows(cell, load), **kwargs)
 
 
+# --- the owner's pipeline runs ------------------------------------------------------------------------
+def dataset_name(kind: str, naming: str) -> str:
+    """One dataset per destination kind and naming convention (the project file names them all)."""
+    return f"mx_{kind}_{naming}"
+
+
+def pipeline_name(kind: str, naming: str) -> str:
+    return f"{dataset_name(kind, naming)}_pipeline"
+
+
+def schema_name(kind: str, naming: str) -> str:
+    """dlt names the schema of a pipeline's resources after the pipeline, without the `_pipeline` suffix."""
+    return dataset_name(kind, naming)
+
+
+def error_text(exc: BaseException) -> str:
+    """dlt wraps: the innermost cause says what went wrong (one line, bounded)."""
+    text = f"{type(exc).__name__}: {exc}"
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        text = f"{type(exc).__name__}: {exc}"
+    return re.sub(r"\s+", " ", text)[:600]
+
+
+def retry_locked(action: Callable[[], Any], seconds: float = 30) -> Any:
+    """duckdb (and SQLite) lock their file per process and queue nobody: while the server or another reader holds
+    the file, the owner's pipeline or ``dlt.dataset`` fails to open it and retries (as test_dltplus's owner does),
+    up to a deadline."""
+    deadline, delay = time.monotonic() + seconds, 0.05
+    while True:
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001
+            text = error_text(exc)
+            if not ("Could not set lock" in text or "database is locked" in text) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)  # back-off between attempts to open a locked file, not synchronisation
+        delay = min(delay * 2, 0.5)
+
+
+def run_owner(owner: Any, naming: str, cells: list[Cell], load: int, pipelines_dir: Path) -> None:
+    """The owner's pipeline (``owner``: tests.test_owner_data.Owner): this naming convention's cells as the
+    tables of one run."""
+    import dlt
+
+    from flight_server.testing.servers import environment
+
+    file_format = PLAIN_FILES.get(cells[0].kind)
+
+    def attempt() -> None:
+        with environment({**owner.env, "SCHEMA__NAMING": naming}):
+            pipeline = dlt.pipeline(pipeline_name(cells[0].kind, naming), destination=owner.destination(),
+                                    dataset_name=dataset_name(cells[0].kind, naming), pipelines_dir=str(pipelines_dir))
+            kwargs = {"loader_file_format": file_format} if file_format else {}
+            try:
+                pipeline.run([resource(c, load, owner.table_format) for c in cells], **kwargs).raise_on_failed_jobs()
+            except Exception:
+                pipeline.abort_packages()
+                raise
+
+    retry_locked(attempt)
+
+
+def load_kind(owner: Any, groups: dict[str, list[Cell]], loads: tuple[int, ...],
+              folder: Callable[[str], Path]) -> dict[str, dict[str, Any]]:
+    """A worker process's task: the loads of every naming group of one destination kind (one kind per task: the
+    groups share the kind's database file). Per naming: ``{"error": text or None, "cells": {index: text}}`` - a
+    failing group is run again cell by cell (each in a fresh folder) to name the cell that fails."""
+    out: dict[str, dict[str, Any]] = {}
+    for naming, cells in groups.items():
+        result: dict[str, Any] = {"error": None, "cells": {}}
+        for load in loads:
+            try:
+                run_owner(owner, naming, cells, load, folder(naming))
+            except Exception as exc:  # noqa: BLE001 - reported for the group
+                result["error"] = f"the owner's load {load} failed: {error_text(exc)}"
+                break
+        if result["error"] is not None and loads == (3,):
+            for cell in cells:
+                try:
+                    run_owner(owner, naming, [cell], 3, folder(f"{naming}_{cell.index}"))
+                except Exception as exc:  # noqa: BLE001
+                    result["cells"][cell.index] = f"the owner's run failed: {error_text(exc)}"
+        out[naming] = result
+    return out
+
+
+class Folders:
+    """Picklable ``folder`` for :func:`load_kind`: one pipelines folder per naming (``fresh``: a new one each
+    time, as an owner's run from another machine)."""
+
+    def __init__(self, root: Path, tag: str, fresh: bool) -> None:
+        self.root, self.tag, self.fresh = root, tag, fresh
+
+    def __call__(self, naming: str) -> Path:
+        if not self.fresh:
+            return self.root / f"{self.tag}_{naming}"
+        return self.root / f"{self.tag}_{naming}_{time.monotonic_ns()}"
+
+
 # --- comparisons --------------------------------------------------------------------------------------
 def _plain(v: Any, is_json: bool) -> Any:
     if is_json and isinstance(v, str):
@@ -337,9 +440,11 @@ def documented_mapping(mappings: dict[tuple[str, str, str], str], kind: str, tru
 
 
 def compare_read(kind: str, truth: pa.Table, served: pa.Table, json_columns: Iterable[str],
-                 not_null: Iterable[str], mappings: dict[tuple[str, str, str], str]) -> Outcome:
+                 not_null: Iterable[str], mappings: dict[tuple[str, str, str], str],
+                 not_null_mapping: str | None = None) -> Outcome:
     """The server's read against the destination's own: column names, Arrow types (or a documented mapping),
-    NOT NULL of the stored schema, values."""
+    NOT NULL of the stored schema (or ``not_null_mapping``: why this destination kind serves it nullable, as dlt's
+    own read does), values."""
     problems: list[str] = []
     notes: list[str] = []
     if sorted(truth.column_names) != sorted(served.column_names):
@@ -356,8 +461,13 @@ def compare_read(kind: str, truth: pa.Table, served: pa.Table, json_columns: Ite
             notes.append(f"'{name}' {t} -> {s} ({reason})")
             cast_to[name] = s
     dropped = [n for n in not_null if n in served.column_names and served.schema.field(n).nullable]
-    if dropped:
+    if dropped and not_null_mapping is None:
         problems.append("NOT NULL in the stored schema, served nullable: " + ", ".join(dropped))
+    elif dropped:
+        if any(not truth.schema.field(n).nullable for n in dropped):
+            problems.append("NOT NULL in dlt's own read, served nullable: " + ", ".join(
+                n for n in dropped if not truth.schema.field(n).nullable))
+        notes.append(f"NOT NULL of {', '.join(dropped)} served nullable ({not_null_mapping})")
     if not problems:
         if cast_to:
             try:
@@ -425,7 +535,7 @@ def snapshot_diff(before: dict[str, Any], after: dict[str, Any], limit: int = 4)
 _CELL_NAME = re.compile(r"\b[Cc]ell\d{3}[^\s:'\"`,;).]*")
 _PROBLEM = re.compile(r"; (?=[Cc]ell\d{3}|NOT NULL|type of|table |stored schema|row count|values differ|scd2 table)")
 _NUMBERS = re.compile(r"\b\d{6,}(\.\d+)?\b")
-_DATASET = re.compile(r"\bmx_(snake_case|sql_cs_v1|direct|duck_case|sql_ci_v1)\b")
+_DATASET = re.compile(r"\bmx_\w+?_(snake_case|sql_cs_v1|direct|duck_case|sql_ci_v1)\b")
 _VALUE = re.compile(r"\b(Val X|val_x|Val_X)")
 _LISTS = re.compile(r"\[('[^\]]*)\]")
 

@@ -34,6 +34,12 @@ REPORTS = "reports_dataset"
 SUITE_LOGINS = "  logins: {peer_failures: 100000, user_failures: 100000}\n"
 
 
+# the secure project's server.sql_timeout: short, so the test of a runaway query ends soon, but with room for
+# a sandbox worker to start and a small query to answer on a loaded 2-core machine running two test workers
+# (3 s was exceeded there by queries that take milliseconds when the machine is idle)
+SQL_TIMEOUT = 8
+
+
 def project_yaml(server_extra: str = "") -> str:
     users = "\n".join(
         f"  {name}: {{profile: {profile}, password_hash: \"{hash_password(PASSWORDS[name], n=1 << 10)}\"}}"
@@ -70,7 +76,7 @@ server:
   jwt_secret: "{{env.FLIGHT_SHARE_JWT_SECRET}}"
   batch_rows: 64
   sql_max_rows: 50000
-  sql_timeout: 3
+  sql_timeout: {SQL_TIMEOUT}
   sql_memory_limit: 512MB
 {"" if "logins:" in server_extra else SUITE_LOGINS}{server_extra}"""
 

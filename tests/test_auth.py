@@ -37,7 +37,7 @@ from tests.security import (
     REPORTS,
     SECRETS,
 )
-from flight_server.testing.servers import REPO, ServerProcess, cli
+from flight_server.testing.servers import REPO, ServerProcess, cli, wait_until
 
 AUTH_FAILED = protocol.AUTH_FAILED
 
@@ -347,7 +347,9 @@ def test_expired_ticket_is_refused_and_an_expired_token_renewed_within_its_sessi
     ticket = client.get_flight_info(flight.FlightDescriptor.for_path(EVENTS, "push_event"), bearer(token)).endpoints[0].ticket
     catalog = ttl_server.login("alice")
     table = catalog[EVENTS].push_event
-    time.sleep(2.5)
+    # past the token's expiry (2 s) but as early as possible within its session (5 s from the login)
+    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+    wait_until(lambda: time.time() > expires + 0.1, "the token's expiry", timeout=10)
     headers.received.clear()  # the token has expired, its session (5 s) has not: the call gets a fresh one
     assert {i.descriptor.path[0] for i in client.list_flights(b"", bearer(token))} == {EVENTS.encode()}
     assert _sent_bearers(headers)
@@ -358,8 +360,15 @@ def test_expired_ticket_is_refused_and_an_expired_token_renewed_within_its_sessi
         client.do_get(ticket, bearer(ttl_server.token("alice"))).read_all()
     assert table.arrow().num_rows > 0  # the client renews its token with the password it was given
     # server.audit_log: one JSON object per line in the file, none in the process log
-    time.sleep(0.3)
-    lines = [json.loads(x) for x in (ttl_server.proc.project.parent / "logs" / "audit.jsonl").read_text().splitlines()]
+    audit = ttl_server.proc.project.parent / "logs" / "audit.jsonl"
+
+    def audited() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+
+    wait_until(lambda: any(x["rpc"] == "do_get" and x["outcome"] == "PERMISSION_DENIED" and x["user"] == "alice"
+                           for x in audited()) and any(x["outcome"] == "UNAUTHENTICATED" for x in audited()),
+               "the refused calls in the audit file")
+    lines = audited()
     assert any(x["rpc"] == "do_get" and x["outcome"] == "PERMISSION_DENIED" and x["user"] == "alice" for x in lines)
     assert any(x["outcome"] == "UNAUTHENTICATED" for x in lines)
     assert "flight_share.audit" not in ttl_server.proc.output()
@@ -411,7 +420,7 @@ def test_calls_renew_the_token_over_the_wire_and_a_chain_outlives_the_ttl(ttl_se
         time.sleep(0.4)
     assert renewals >= 2 and token != first
     assert jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="secure_project")["exp"] <= session_end
-    time.sleep(max(0.0, session_end + 0.5 - time.time()))
+    wait_until(lambda: time.time() > session_end + 0.5, "the end of the session", timeout=10)
     for old in (first, token):
         with pytest.raises(flight.FlightUnauthenticatedError) as err:
             list(client.list_flights(b"", bearer(old)))
@@ -468,8 +477,7 @@ def test_api_token_logs_in_as_the_password_of_its_user(secure_server: Secured) -
         assert cur.fetchone()[0] > 0
     with secure_server.connect(username="bot", password=BOT_TOKEN) as catalog:
         assert (catalog.user, catalog.profile) == ("bot", "analysts")
-    time.sleep(0.3)
-    assert BOT_TOKEN not in secure_server.proc.output()
+    assert BOT_TOKEN not in secure_server.proc.settled_output()
 
 
 def test_tls_needs_the_servers_ca(tls_server: Secured, pki: security.Pki) -> None:
@@ -511,14 +519,12 @@ def test_serve_warns_loudly_about_plaintext_passwords_off_loopback(tmp_path: Pat
     project = _minimal_project(tmp_path / "a", "server: {}\n")
     env = {k: v for k, v in security.ENV.items() if k != "FLIGHT_SHARE_JWT_SECRET"}
     with ServerProcess(project, "--host", "0.0.0.0", env={**env, "FLIGHT_SHARE_JWT_SECRET": ""}) as proc:
-        time.sleep(0.3)
-        log = proc.output()
+        log = proc.settled_output()  # the warnings are written before the ready line
     assert "PLAINTEXT on 0.0.0.0: passwords and bearer tokens will cross the network unencrypted" in log
     assert "will not survive a restart" in log  # no signing secret configured: a random one
     with ServerProcess(project, "--host", "0.0.0.0", "--tls-cert", str(pki.server_cert), "--tls-key",
                        str(pki.server_key), env=security.ENV) as proc:
-        time.sleep(0.3)
-        assert proc.scheme == "grpc+tls" and "PLAINTEXT" not in proc.output()
+        assert proc.scheme == "grpc+tls" and "PLAINTEXT" not in proc.settled_output()
 
 
 def test_serve_refuses_unusable_security_settings(tmp_path: Path, pki: security.Pki) -> None:
@@ -589,8 +595,9 @@ def test_users_add_prints_an_entry_that_logs_in(tmp_path: Path) -> None:
 
 
 def _audit_lines(proc: ServerProcess) -> list[dict[str, Any]]:
+    """The audit lines of the process log, once everything the server has logged so far has been read."""
     lines = []
-    for line in proc.output().splitlines():
+    for line in proc.settled_output().splitlines():
         if "flight_share.audit " in line:
             lines.append(json.loads(line.split("flight_share.audit ", 1)[1]))
     return lines
@@ -611,8 +618,13 @@ def test_one_audit_line_per_call_with_user_profile_rows_and_outcome(secure_serve
         client.get_schema(flight.FlightDescriptor.for_path(EVENTS, "watch_event"), options)
     with pytest.raises(OSError, match="authentication failed"):
         client.get_schema(flight.FlightDescriptor.for_path(EVENTS, "watch_event"), header("Basic " + base64.b64encode(b"bob:x").decode()))
-    time.sleep(0.3)
-    lines = _audit_lines(secure_server.proc)
+    # a call is audited when it ends, which may be after its client saw the answer
+    wanted = (lambda x: x["user"] == "bob" and x["rpc"] == "do_get" and x["table"] == "watch_event",
+              lambda x: x["user"] == "bob" and x["rpc"] == "do_get" and x["table"] is None,
+              lambda x: x["user"] == "rita" and x["rpc"] == "get_schema",
+              lambda x: x["rpc"] == "get_schema" and x["outcome"] == "UNAUTHENTICATED")
+    lines = wait_until(lambda: (found := _audit_lines(secure_server.proc)) and all(
+        any(w(x) for x in found) for w in wanted) and found, "every call of this test in the audit log")
     assert all(set(line) >= {"time", "user", "profile", "rpc", "dataset", "table", "rows", "bytes", "outcome"} for line in lines)
     get = [x for x in lines if x["user"] == "bob" and x["rpc"] == "do_get" and x["table"] == "watch_event"][-1]
     assert get["profile"] == "analysts" and get["dataset"] == EVENTS and get["outcome"] == "ok"
@@ -636,8 +648,7 @@ def test_secrets_never_leave_the_server(secured: Secured) -> None:
     with pytest.raises(AuthenticationError) as err:
         secured.connect(token=JWT_SECRET)
     assert JWT_SECRET not in str(err.value)
-    time.sleep(0.3)
-    log = secured.proc.output()
+    log = secured.proc.settled_output()
     for secret in SECRETS:
         assert secret not in log
     assert "eyJ" not in log  # no bearer token (JWT) in any log line
@@ -651,6 +662,7 @@ def test_adbc_flight_sql_driver_logs_in_with_basic_and_uses_the_bearer(secure_se
         adbc.connect(secure_server.url, db_kwargs={"username": "alice", "password": "wrong"}).close()
     conn = adbc.connect(secure_server.url, db_kwargs={"username": "alice", "password": PASSWORDS["alice"]})
     conn.close()
-    time.sleep(0.3)
-    lines = _audit_lines(secure_server.proc)
+    lines = wait_until(lambda: (found := _audit_lines(secure_server.proc)) and any(
+        x["rpc"] == "handshake" and x["user"] == "alice" and x["outcome"] == "ok" for x in found) and found,
+        "alice's handshake in the audit log")
     assert any(x["rpc"] == "handshake" and x["user"] == "alice" and x["outcome"] == "ok" for x in lines)

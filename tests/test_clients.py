@@ -409,7 +409,7 @@ def test_sqlalchemy_adbc_reflects_and_queries(server: ServerProcess, expected: E
         inspector = sqlalchemy.inspect(engine)
         assert sorted(inspector.get_schema_names()) == expected.datasets
         # inspector.get_table_names(schema=EVENTS) is [] today: sqlalchemy-adbc keeps table_type == "table"
-        # (lowercase) and the server answers Flight SQL's "TABLE" (transport/flight_sql.py TABLE_TYPE)
+        # (lowercase) and the server answers Flight SQL's "TABLE" (transport/flight_sql/metadata.py TABLE_TYPE)
         assert [c["name"] for c in inspector.get_columns("issues_event", schema=EVENTS)] == expected.columns
         with engine.connect() as conn:
             assert [list(r) for r in conn.execute(sqlalchemy.text(QUERY)).fetchall()] == expected.rows
@@ -582,8 +582,7 @@ def test_node_flight_sql_client_browses_and_queries(node: str, server: ServerPro
 
 
 def _audit(server: ServerProcess) -> list[dict[str, Any]]:
-    time.sleep(0.3)
-    return [json.loads(line.split("flight_share.audit ", 1)[1]) for line in server.output().splitlines()
+    return [json.loads(line.split("flight_share.audit ", 1)[1]) for line in server.settled_output().splitlines()
             if "flight_share.audit " in line]
 
 
@@ -629,9 +628,8 @@ def test_node_flight_sql_client_past_the_token_ttl(node: str, ttl_server: Server
 
 def test_no_password_token_or_bearer_in_the_server_logs(server: ServerProcess, ttl_server: ServerProcess) -> None:
     """After every client above logged in every way: no password, API token, signing secret or JWT in a log."""
-    time.sleep(0.3)
     for proc in (server, ttl_server):
-        log = proc.output()
+        log = proc.settled_output()
         assert "flight_share.audit" in log  # the logs are there to look at
         for secret in (PASSWORD, TOKEN, JWT_SECRET, "eyJ"):
             assert secret not in log

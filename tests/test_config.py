@@ -63,6 +63,7 @@ def test_a_server_built_in_process_masks_the_projects_secrets(tmp_path: Path, mo
     an embedding application) put them into errors as they were."""
     from flight_server.domain.catalog import Catalog
     from flight_server.domain.masking import mask
+    from flight_server.storage import open_storage
 
     secret = "in-process-" + tmp_path.name  # unique: the masker is the process's
     monkeypatch.setenv("PG_PASSWORD", secret)
@@ -70,7 +71,7 @@ def test_a_server_built_in_process_masks_the_projects_secrets(tmp_path: Path, mo
                         "{host: 127.0.0.1, username: u, password: '{env.PG_PASSWORD}', database: db}}")
     project = load_project(write(tmp_path, text))
     assert secret in project.secrets and mask(f"failed with {secret}") == f"failed with {secret}"
-    Catalog(project)
+    Catalog(project, open_storage)
     assert mask(f"failed with {secret}") == "failed with ***"
 
 

@@ -109,8 +109,9 @@ class Destination:
 
     def pipelines_left(self) -> list[str]:
         """Pipeline folders the server left behind (pending packages would live there)."""
-        root = self.project.parent / ".flight-share" / "puts"
-        return sorted(p.name for p in root.iterdir()) if root.exists() else []
+        root = self.project.parent / ".flight-share" / "puts"  # one folder per server process (domain/workdir.py)
+        return sorted(p.name for d in root.iterdir() if d.is_dir() for p in d.iterdir() if p.name != ".lock") \
+            if root.exists() else []
 
     @contextlib.contextmanager
     def storage(self, dataset: str) -> Iterator[Any]:
@@ -419,7 +420,7 @@ def test_a_delta_replace_failing_after_its_commits_restores_every_table(tmp_path
                        + DESTINATIONS["delta_local"] + DATASETS)
     _load_events(project, {})
     limit = getattr(sys, "tracebacklimit", None)
-    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0")
+    server = FlightShareServer(load_project(project), "grpc://127.0.0.1:0", open_storage)
     threading.Thread(target=server.serve, daemon=True).start()
     try:
         url = f"grpc://127.0.0.1:{server.port}"

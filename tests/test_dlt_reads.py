@@ -22,28 +22,30 @@ import pytest
 from client import connect
 from flight_server.testing.servers import ServerProcess, environment
 
-pytestmark = pytest.mark.slow
+# (slow is set per test by tests/conftest.py: every test here that starts a process or a load)
 
 UTC = datetime.timezone.utc
 NAMINGS = ["snake_case", "sql_cs_v1", "direct", "duck_case", "sql_ci_v1"]
 
 
-def _project(root: Path, dataset: str, destination: str) -> Path:
-    """A flight-share project serving one dataset of one destination to anonymous callers."""
+def _project(root: Path, datasets: str | list[str], destination: str) -> Path:
+    """A flight-share project serving datasets of one destination to anonymous callers."""
+    names = [datasets] if isinstance(datasets, str) else datasets
     project = root / "dlt.yml"
-    project.write_text(textwrap.dedent(f"""\
+    project.write_text(textwrap.dedent("""\
         format_version: 1
-        project: {{name: reads}}
+        project: {name: reads}
         destinations:
-          dest: {destination}
+          dest: %s
         datasets:
-          {dataset}: {{destination: [dest]}}
+        %s
         profiles:
           access:
             datasets:
-              {dataset}: {{}}
-        server: {{anonymous_profile: access}}
-    """))
+        %s
+        server: {anonymous_profile: access}
+    """) % (destination, "\n".join(f"  {n}: {{destination: [dest]}}" for n in names),
+            "\n".join(f"      {n}: {{}}" for n in names)))
     return project
 
 
@@ -164,21 +166,7 @@ def named(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
                     _load(root, destination(), f"nm_{naming}", [{"CustomerId": 1, "FullName": "Ann Lee"},
                                                                 {"CustomerId": 2, "FullName": "Bo"}], env,
                           name="Customers")
-            project = root / "dlt.yml"
-            project.write_text(textwrap.dedent(f"""\
-                format_version: 1
-                project: {{name: naming}}
-                destinations:
-                  dest: {spec}
-                datasets:
-                %s
-                profiles:
-                  access:
-                    datasets:
-                %s
-                server: {{anonymous_profile: access}}
-            """) % ("\n".join(f"  nm_{n}: {{destination: [dest]}}" for n in NAMINGS),
-                    "\n".join(f"      nm_{n}: {{}}" for n in NAMINGS)))
+            project = _project(root, [f"nm_{n}" for n in NAMINGS], spec)
             server = ServerProcess(project, env=env)
             servers.append(server)
             out[kind] = (server, destination, env)

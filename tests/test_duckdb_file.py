@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -48,29 +49,35 @@ def test_an_idle_stream_never_stalls_a_save_and_a_save_never_stalls_reads_withou
     writer = threading.Thread(target=slow_save)
     writer.start()
     assert inside.wait(5)
-    with pytest.raises(Unavailable, match="busy with a save; retry"):
-        handle.acquire_read()
+    with handle.reading() as cursor:  # a read during a save does not wait for it (issue 22 §4)
+        assert cursor.execute("SELECT 42").fetchone() == (42,)
     release.set()
     writer.join(10)
-    with handle.reading() as cursor:
-        assert cursor.execute("SELECT 42").fetchone() == (42,)
 
 
 def _busy_readers(handle: duckdb_storage.FileHandle, stop: threading.Event, count: int) -> list[threading.Thread]:
     """``count`` threads that read the file back to back, overlapping, until ``stop``: the share never
     drops to zero by itself (review finding: 8 such readers kept the owner out for good)."""
+    reading = threading.Barrier(count + 1)  # returned once every reader is inside its first read
+
     def loop() -> None:
+        first = True
         while not stop.is_set():
             try:
                 with handle.reading() as cursor:
                     cursor.execute("SELECT sum(a) FROM t").fetchone()
-                    time.sleep(0.05)  # a stream that takes a while
+                    if first:
+                        first = False
+                        with contextlib.suppress(threading.BrokenBarrierError):
+                            reading.wait(30)
+                    time.sleep(0.05)  # a stream that takes a while (its length is the test's subject)
             except Unavailable:
                 pass  # busy with a save: a reader retries
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(count)]
     for thread in threads:
         thread.start()
+    reading.wait(30)
     return threads
 
 
@@ -85,9 +92,8 @@ def test_the_owners_process_gets_the_file_while_readers_never_stop(tmp_path: Pat
         con.execute("CREATE TABLE t AS SELECT range AS a FROM range(100000)")
     handle = duckdb_storage.FileHandle(path)
     stop = threading.Event()
-    threads = _busy_readers(handle, stop, 8)
+    threads = _busy_readers(handle, stop, 8)  # returns once all 8 are reading
     try:
-        time.sleep(0.5)
         owner = (
             "import duckdb, time, sys\n"
             "deadline = time.monotonic() + 15\n"
@@ -119,9 +125,8 @@ def test_a_save_gets_the_file_while_readers_never_stop(tmp_path: Path) -> None:
         con.execute("CREATE TABLE t AS SELECT range AS a FROM range(1000)")
     handle = duckdb_storage.FileHandle(path)
     stop = threading.Event()
-    threads = _busy_readers(handle, stop, 8)
+    threads = _busy_readers(handle, stop, 8)  # returns once all 8 are reading
     try:
-        time.sleep(0.5)
         started = time.monotonic()
         with handle.writing() as con:
             con.execute("INSERT INTO t VALUES (-1)")
@@ -165,3 +170,45 @@ def test_one_long_stream_does_not_make_other_reads_wait(tmp_path: Path) -> None:
         worst = max(worst, time.monotonic() - started)
     assert worst < 0.2, worst
     handle.release_read(long_stream)
+
+
+def test_a_read_during_a_save_sees_the_last_committed_data_without_waiting(tmp_path: Path) -> None:
+    """Regression (issue 22 §4): reads of a duckdb file waited for a save's write window and then got
+    UNAVAILABLE "busy with a save". A read during a save reads the save's own duckdb instance: the rows
+    committed before, none of the save's uncommitted ones; after the commit, all of them."""
+    path = str(tmp_path / "f.duckdb")
+    with duckdb.connect(path) as con:
+        con.execute("CREATE TABLE t AS SELECT range AS a FROM range(1000)")
+    handle = duckdb_storage.FileHandle(path)
+    inside, commit, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def save() -> None:
+        with handle.writing() as con:
+            load = con.duplicate()  # what dlt does with a borrowed connection
+            load.execute("BEGIN TRANSACTION")
+            load.execute("INSERT INTO t SELECT -1 FROM range(500)")
+            inside.set()
+            commit.wait(30)
+            load.execute("COMMIT")
+            load.close()
+            committed.set()
+            commit.wait(30)
+
+    writer = threading.Thread(target=save)
+    writer.start()
+    try:
+        assert inside.wait(30)
+        stream = handle.acquire_read()  # a stream that outlives the save
+        with handle.reading() as cursor:
+            assert cursor.execute("SELECT count(*) FROM t").fetchone() == (1000,)
+        commit.set()
+        assert committed.wait(30)
+        with handle.reading() as cursor:
+            assert cursor.execute("SELECT count(*) FROM t").fetchone() == (1500,)
+    finally:
+        commit.set()
+        writer.join(30)
+    assert stream.execute("SELECT count(*) FROM t").fetchone() == (1500,)
+    handle.release_read(stream)
+    other = duckdb.connect(path)  # all let go: the owner's pipeline may open the file
+    other.close()

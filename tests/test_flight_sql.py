@@ -810,6 +810,7 @@ def _like_reference(pattern: str, name: str) -> bool:
 _LIKE_ALPHABET = st.sampled_from(list("ab%_\\!"))
 
 
+@pytest.mark.slow  # 3,000 examples: seconds of CPU, kept out of the quick tier
 @settings(max_examples=3000, deadline=None)
 @given(pattern=st.text(_LIKE_ALPHABET, max_size=12), name=st.text(st.sampled_from(list("ab%_\\!")), max_size=12))
 def test_like_agrees_with_a_reference(pattern: str, name: str) -> None:

@@ -7,6 +7,7 @@ client reads.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -28,10 +29,13 @@ def node() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript reader test (apt-get install nodejs npm)"
     installed = JS_DIR / "node_modules" / ".package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < (JS_DIR / "package-lock.json").stat().st_mtime:
-        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
+    # one installer at a time: pytest-xdist workers share tests/js/node_modules (npm ci empties it first)
+    with open(JS_DIR / ".npm-ci.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not installed.exists() or installed.stat().st_mtime < (JS_DIR / "package-lock.json").stat().st_mtime:
+            result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
     return node
 
 

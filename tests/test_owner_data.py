@@ -16,6 +16,7 @@ import decimal
 import json
 import textwrap
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -109,48 +110,64 @@ def _project(root: Path, destination: str) -> None:
 
 
 def make_owner(kind: str, request: pytest.FixtureRequest, root: Path) -> Owner:
+    entry, owner = owner_destination(kind, request, root)
+    _project(root, entry)
+    return owner
+
+
+def owner_destination(kind: str, request: pytest.FixtureRequest, root: Path, name: str = "owner_dest",
+                      store: str = "shop", lake: str = "lake", s3_prefix: str = "owner_data_lake") -> tuple[str, Owner]:
+    """A destination of ``kind`` as a dlt+ project file declares it (the entry ``name:`` of its ``destinations``),
+    and the owner whose pipelines load into it. Kinds: those of :data:`KINDS`, and ``filesystem`` (dlt's plain
+    file layout, no table format). ``store``: the database file's stem; ``lake``: the local folder's name;
+    ``s3_prefix``: the folder in the S3 test server's bucket. The owner is picklable (``functools.partial``
+    destinations), so a worker process can run its pipelines."""
     if kind == "duckdb":
-        _project(root, "owner_dest: {type: duckdb, credentials: '{project_dir}/shop.duckdb'}")
-        return Owner(kind, root, lambda: dlt.destinations.duckdb(str(root / "shop.duckdb")))
+        return (f"{name}: {{type: duckdb, credentials: '{{project_dir}}/{store}.duckdb'}}\n",
+                Owner(kind, root, partial(dlt.destinations.duckdb, str(root / f"{store}.duckdb"))))
     if kind == "sqlite":
-        _project(root, "owner_dest: {type: sqlalchemy, credentials: 'sqlite:///{project_dir}/shop.db'}")
-        return Owner(kind, root, lambda: dlt.destinations.sqlalchemy(f"sqlite:///{root / 'shop.db'}"))
-    if kind in ("delta_local", "filesystem_delta"):
-        # dlt+'s own type for a folder of Delta tables; or dlt's plain filesystem type, tables found by their log
+        return (f"{name}: {{type: sqlalchemy, credentials: 'sqlite:///{{project_dir}}/{store}.db'}}\n",
+                Owner(kind, root, partial(dlt.destinations.sqlalchemy, f"sqlite:///{root / f'{store}.db'}")))
+    if kind in ("delta_local", "filesystem_delta", "filesystem"):
+        # dlt+'s own type for a folder of Delta tables; or dlt's plain filesystem type (Delta tables found by their
+        # log, or dlt's plain parquet/jsonl/csv layout)
         kind_type = "delta" if kind == "delta_local" else "filesystem"
-        _project(root, f"owner_dest: {{type: {kind_type}, bucket_url: '{{project_dir}}/lake'}}")
-        return Owner(kind, root, lambda: dlt.destinations.filesystem(str(root / "lake")), table_format="delta",
-                     delta_options={"_base": str(root / "lake")})
+        delta = kind != "filesystem"
+        return (f"{name}: {{type: {kind_type}, bucket_url: '{{project_dir}}/{lake}'}}\n",
+                Owner(kind, root, partial(dlt.destinations.filesystem, str(root / lake)),
+                      table_format="delta" if delta else None,
+                      delta_options={"_base": str(root / lake)} if delta else None))
     if kind == "delta_s3":
         s3 = request.getfixturevalue("s3")
-        _project(root, textwrap.dedent("""\
-            owner_dest:
+        entry = textwrap.dedent(f"""\
+            {name}:
               type: delta
-              bucket_url: 's3://{env.S3_BUCKET}/owner_data_lake'
+              bucket_url: 's3://{{env.S3_BUCKET}}/{s3_prefix}'
               credentials:
-                aws_access_key_id: '{env.AWS_ACCESS_KEY_ID}'
-                aws_secret_access_key: '{env.AWS_SECRET_ACCESS_KEY}'
-                endpoint_url: '{env.S3_ENDPOINT_URL}'
-                region_name: '{env.S3_REGION}'
-        """))
+                aws_access_key_id: '{{env.AWS_ACCESS_KEY_ID}}'
+                aws_secret_access_key: '{{env.AWS_SECRET_ACCESS_KEY}}'
+                endpoint_url: '{{env.S3_ENDPOINT_URL}}'
+                region_name: '{{env.S3_REGION}}'
+        """)
         options = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                    "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": s3.region, "AWS_ALLOW_HTTP": "true",
-                   "_base": f"s3://{s3.bucket}/owner_data_lake"}
-        return Owner(kind, root, lambda: dlt.destinations.filesystem(f"s3://{s3.bucket}/owner_data_lake",
-                                                                     credentials=s3.credentials),
-                     env=s3.env, table_format="delta", delta_options=options)
+                   "_base": f"s3://{s3.bucket}/{s3_prefix}"}
+        return entry, Owner(kind, root, partial(dlt.destinations.filesystem, f"s3://{s3.bucket}/{s3_prefix}",
+                                                credentials=s3.credentials),
+                            env=s3.env, table_format="delta", delta_options=options)
+    assert kind == "postgres", kind
     pg = request.getfixturevalue("postgres")
-    _project(root, textwrap.dedent("""\
-        owner_dest:
+    entry = textwrap.dedent(f"""\
+        {name}:
           type: postgres
           credentials:
-            host: '{env.PG_HOST}'
-            port: '{env.PG_PORT}'
-            username: '{env.PG_USER}'
-            password: '{env.PG_PASSWORD}'
-            database: '{env.PG_DATABASE}'
-    """))
-    return Owner(kind, root, lambda: dlt.destinations.postgres(pg.url), env=pg.env)
+            host: '{{env.PG_HOST}}'
+            port: '{{env.PG_PORT}}'
+            username: '{{env.PG_USER}}'
+            password: '{{env.PG_PASSWORD}}'
+            database: '{{env.PG_DATABASE}}'
+    """)
+    return entry, Owner(kind, root, partial(dlt.destinations.postgres, pg.url), env=pg.env)
 
 
 def orders(version: int) -> list[dict[str, Any]]:

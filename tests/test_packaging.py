@@ -21,7 +21,7 @@ from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES
 from flight_server.testing.servers import REPO, ServerProcess, cli
 from tests.test_write_path import FROZEN_COLUMN, FROZEN_TABLE
 
-pytestmark = pytest.mark.slow
+# (slow is set per test by tests/conftest.py: every test here that starts a process or a load)
 
 PACKAGE = "dlt_example_project"
 DLT_CLASS = "<class 'dlt.common.schema.exceptions.DataValidationError'>"

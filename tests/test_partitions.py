@@ -27,7 +27,7 @@ from client._transport import Connection
 from client.protocol import ReadCommand
 from flight_server.domain.config import ConfigError, load_project
 from flight_server.storage import open_storage
-from flight_server.storage.base import contiguous_groups
+from flight_server.domain.storage import contiguous_groups
 from flight_server.testing.servers import ServerProcess, environment
 
 KINDS = ["duckdb", "delta_local", "delta_s3", "postgres"]

@@ -63,7 +63,10 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     """The demo project served with the limits of issue 11."""
     project = make_project(tmp_path_factory.mktemp("sql-limits"), events=300)
     config = yaml.safe_load(project.read_text())
-    config["server"].update(sql_timeout=int(TIMEOUT), sql_memory_limit=f"{LIMIT_MB}MB", sql_max_rows=50_000)
+    # every worker for the one (anonymous) user: these tests run hostile queries side by side; the per-user
+    # share of the workers is tested in tests/test_fairness.py
+    config["server"].update(sql_timeout=int(TIMEOUT), sql_memory_limit=f"{LIMIT_MB}MB", sql_max_rows=50_000,
+                            sql_per_user=SANDBOX_WORKERS)
     project.write_text(yaml.safe_dump(config))
     with ServerProcess(project) as proc:
         yield proc
@@ -350,7 +353,7 @@ def test_idle_half_read_streams_do_not_hold_the_sandbox(tmp_path_factory: pytest
     client's next read says why. (Small batches, so a result is many batches - more than gRPC buffers.)"""
     project = make_project(tmp_path_factory.mktemp("sql-idle"), events=300)
     config = yaml.safe_load(project.read_text())
-    config["server"].update(sql_timeout=10, batch_rows=500)
+    config["server"].update(sql_timeout=10, batch_rows=500, sql_per_user=SANDBOX_WORKERS)  # one client, every worker
     project.write_text(yaml.safe_dump(config))
     command = encode_command(SqlCommand(EVENTS, "SELECT a.id, repeat('x', 2000) AS pad FROM push_event a, push_event b, push_event c"))
     with ServerProcess(project) as server:

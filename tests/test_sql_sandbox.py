@@ -17,9 +17,10 @@ from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.sql import CheckedQuery, SqlSandbox, check_query
 from flight_server.storage.duckdb import DuckDBStorage
 from tests.conftest import Secured
-from tests.security import EVENTS, INTERNAL
+from tests.security import EVENTS, INTERNAL, SQL_TIMEOUT
 
-OUT = Path(tempfile.gettempdir()) / f"flight-share-hostile-{os.getpid()}"
+# a folder nothing may create; named per run, the same in every pytest-xdist worker (its test ids hold it)
+OUT = Path(tempfile.gettempdir()) / f"flight-share-hostile-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
 
 HOSTILE = [
     # DDL and DML
@@ -97,7 +98,7 @@ HOSTILE = [
     "SELECT * FROM (WITH pg_settings AS (SELECT 1 a) SELECT a FROM pg_settings) t, pg_settings",
     "SELECT * FROM (WITH duckdb_databases AS (SELECT 1 a) SELECT a FROM duckdb_databases) t, duckdb_databases",
     'SELECT * FROM (WITH "/tmp/x.tmp" AS (SELECT 1 a) SELECT a FROM "/tmp/x.tmp") t, "/tmp/x.tmp"',
-    # blow-ups under the row (server.sql_max_rows: 50000), time (3 s) and memory (512MB) limits
+    # blow-ups under the row (server.sql_max_rows: 50000), time (security.SQL_TIMEOUT) and memory (512MB) limits
     "SELECT a.id FROM push_event a, push_event b, push_event c",
     "SELECT count(*) FROM push_event a, push_event b, push_event c, push_event d, push_event e",
     "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
@@ -144,7 +145,7 @@ def test_hostile_statements_changed_nothing(secure_server: Secured, before: dict
 
 @pytest.mark.parametrize("query, words", [
     ("SELECT a.id FROM push_event a, push_event b, push_event c", "exceeds the limit of 50,000 rows"),
-    ("SELECT count(*) FROM push_event a, push_event b, push_event c, push_event d, push_event e", "time limit of 3 s"),
+    ("SELECT count(*) FROM push_event a, push_event b, push_event c, push_event d, push_event e", f"time limit of {SQL_TIMEOUT} s"),
     ("DELETE FROM push_event", "only SELECT queries are allowed"),
     ("SELECT * FROM read_csv('/etc/passwd')", "function 'read_csv' is not allowed"),
     (f"SELECT * FROM {INTERNAL}.push_event", "outside dataset"),
@@ -303,6 +304,7 @@ def test_table_references_resolve_cte_names_by_scope(query: str, tables: list[st
     assert [t.sql() for t in table_references(sqlglot.parse_one(query, read="duckdb"))] == tables
 
 
+@pytest.mark.slow  # analyses 4,000 CTEs under tracemalloc: seconds of CPU, kept out of the quick tier
 def test_many_ctes_are_analysed_in_bounded_time_and_memory() -> None:
     """sqlglot's traverse_scope peaked at 480 MB (traced) for 4,000 CTEs; the scope walk stays small."""
     import time

@@ -26,6 +26,7 @@ from client import (
     connect,
     protocol,
 )
+from flight_server.domain import faults
 from flight_server.testing.servers import REPO, ServerProcess, make_project
 
 FROZEN_TABLE = (
@@ -38,7 +39,7 @@ FROZEN_COLUMN = (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # read-only, copied per test: no module state, so xdist may spread the tests
 def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("write-src"), REPO / "tests" / "write_project.yml", events=300)
 
@@ -46,19 +47,21 @@ def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class WriteServer:
     """A fresh copy of the loaded project and a server over it."""
 
-    def __init__(self, source: Path, folder: Path, server_settings: str = "{profile: access}") -> None:
+    def __init__(self, source: Path, folder: Path, server_settings: str = "{profile: access}",
+                 env: dict[str, str] | None = None) -> None:
         shutil.copytree(source.parent, folder)
         self.project = folder / "dlt.yml"
         text = self.project.read_text().replace("server: {profile: access}", f"server: {server_settings}")
         self.project.write_text(text)
         self.data = folder / "_data"
-        self.proc = ServerProcess(self.project)
+        self.proc = ServerProcess(self.project, env=env)
         self.url = self.proc.url
 
     def pipelines_left(self) -> list[str]:
         """Pipeline folders the server left behind (pending packages would live there)."""
-        root = self.project.parent / ".flight-share" / "puts"
-        return sorted(p.name for p in root.iterdir()) if root.exists() else []
+        root = self.project.parent / ".flight-share" / "puts"  # one folder per server process (domain/workdir.py)
+        return sorted(p.name for d in root.iterdir() if d.is_dir() for p in d.iterdir() if p.name != ".lock") \
+            if root.exists() else []
 
     def stop_and_inspect(self, file: str, sql: str) -> list[tuple] | None:
         """Stop the server and query a destination file directly (None: no save ever created the file)."""
@@ -256,6 +259,55 @@ def test_concurrent_saves_into_one_dataset_queue_and_all_succeed(ws: WriteServer
     assert data.num_rows == 1 + 4 * 3 * 200
     assert sorted(pc.value_counts(data.column("client")).to_pylist(), key=lambda c: c["values"]) == \
         [{"values": -1, "counts": 1}] + [{"values": k, "counts": 600} for k in range(4)]
+
+
+def test_reads_never_wait_on_saves_and_see_the_last_committed_data(loaded_project: Path, tmp_path: Path) -> None:
+    """Regression (issue 22 §4): readers of a duckdb dataset got UNAVAILABLE "the duckdb file ... is busy with
+    a save; retry" while saves held the file. A save is held inside its write window (the test-only fault
+    point ``load``, dlt's load step about to run on the read-write connection) while reads, SQL and the
+    catalog go on: they see the last committed data, then the save completes and is seen whole."""
+    release = tmp_path / "release"
+    ws = WriteServer(loaded_project, tmp_path / "project", env={faults.VARIABLE: f"load:hold:{release}"})
+    try:
+        catalog = connect(ws.url)
+        release.touch()  # the first save creates the table without a pause
+        catalog.open_dataset.save(pa.table({"i": [0]}), table_name="busy")
+        release.unlink()
+        outcome: list[object] = []
+        saving = threading.Thread(target=lambda: outcome.append(
+            connect(ws.url).open_dataset.save(pa.table({"i": list(range(1, 50_001))}), table_name="busy")))
+        saving.start()
+        held = ws.project.parent / ".flight-share" / "puts"
+        try:
+            for _ in range(3):  # three rounds of every kind of read, all during the save
+                assert connect(ws.url).open_dataset.busy.arrow().column("i").to_pylist() == [0]
+                assert catalog.open_dataset.sql("SELECT count(*) AS n FROM busy").arrow().column("n")[0].as_py() == 1
+                assert "busy" in catalog.open_dataset.refresh().tables
+            assert saving.is_alive() and any(held.iterdir())  # the save was still inside its write window
+        finally:
+            release.touch()
+            saving.join(120)
+        assert isinstance(outcome[0], LoadInfo)
+        assert catalog.open_dataset.busy.arrow().num_rows == 50_001
+    finally:
+        ws.proc.stop()
+
+
+def test_a_save_sent_again_with_its_save_id_is_stored_once(ws: WriteServer) -> None:
+    """Issue 22 §4: a client whose answer was lost sends the save again with the same save id; the server
+    answers as the first time and stores nothing more. The same id for another table is another save."""
+    rows = pa.table({"i": [1, 2, 3]})
+    dataset = connect(ws.url).open_dataset
+    first = dataset.save(rows, table_name="once", save_id="abc-1")
+    again = connect(ws.url).open_dataset.save(rows, table_name="once", save_id="abc-1")
+    assert again.load_ids == first.load_ids and again.rows == 3
+    assert connect(ws.url).open_dataset.once.arrow().num_rows == 3
+    other = dataset.save(rows, table_name="twice", save_id="abc-1")
+    assert other.load_ids != first.load_ids and connect(ws.url).open_dataset.twice.arrow().num_rows == 3
+    dataset.save(rows, table_name="once")  # a new save (a fresh id)
+    assert connect(ws.url).open_dataset.once.arrow().num_rows == 6
+    with pytest.raises(InvalidRequestError, match="save_id"):
+        dataset.save(rows, table_name="once", save_id="not/allowed")
 
 
 def test_read_only_profile_gets_permission_denied(ws: WriteServer) -> None:

@@ -35,7 +35,7 @@ CHILD = "push_event__payload__commits"
 OVERFLOW = {"id": ["x"], "repo__id": pa.array([2**64 - 1], pa.uint64())}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # read-only, copied per test: no module state, so xdist may spread the tests
 def loaded_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("safety-src"), REPO / "tests" / "write_project.yml", events=300)
 

@@ -91,6 +91,7 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
 
     project = _project(project_path)
     memory.enforce(project.server.memory_limit or memory.default_limit())  # re-executes this command once
+    from flight_server.storage import open_storage
     from flight_server.transport.server import FlightShareServer
 
     _logging(project)
@@ -118,7 +119,7 @@ def serve(project_path: str, host: str | None, port: int | None, profile: str | 
     scheme = "grpc+tls" if tls_kwargs else "grpc"
     tls.warn_if_exposed(host, bool(tls_kwargs), bool(project.users), anonymous)
     try:
-        server = FlightShareServer(project, f"{scheme}://{host}:{port}", profile=profile, **tls_kwargs)
+        server = FlightShareServer(project, f"{scheme}://{host}:{port}", open_storage, profile=profile, **tls_kwargs)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     health = None

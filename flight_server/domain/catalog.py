@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
-from flight_server.domain.config import DatasetAccess, ProjectConfig
+from flight_server.domain.config import DatasetAccess, DatasetConfig, ProjectConfig
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import Forbidden, NotFound, ServiceError
 from flight_server.domain.masking import mask
-from flight_server.storage import Storage, open_storage
+from flight_server.domain.storage import Storage
 
 log = logging.getLogger("flight_share.catalog")
+
+
+#: picks and opens the adapter of a dataset (``flight_server.storage.open_storage``: the composition root chooses)
+StorageOpener = Callable[[ProjectConfig, DatasetConfig], Storage]
 
 
 class Catalog:
     """All datasets of a project, opened once; views are filtered per profile."""
 
-    def __init__(self, project: ProjectConfig) -> None:
+    def __init__(self, project: ProjectConfig, open_storage: StorageOpener) -> None:
         self.project = project
+        self._open_storage = open_storage
         # whoever builds a server (the CLI, a test, an embedding application) masks the secrets the project
         # pulled from the environment in every error; the CLI also installs the masking log formatter
         mask.add(project.secrets)
@@ -30,7 +36,7 @@ class Catalog:
         """The adapter of a dataset (opened on first use)."""
         storage = self._storages.get(dataset)
         if storage is None:
-            storage = self._storages[dataset] = open_storage(self.project, self.project.datasets[dataset])
+            storage = self._storages[dataset] = self._open_storage(self.project, self.project.datasets[dataset])
         return storage
 
     def grant(self, profile: str, dataset: str) -> DatasetAccess:
@@ -90,6 +96,8 @@ class Catalog:
             log.warning("dataset %s cannot be read", dataset, exc_info=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             error = f"dataset '{dataset}' cannot be read right now: {first}"
+            if is_unreachable(exc):  # the library's text says where the store lives: name it instead
+                error = unreachable(self.project.datasets[dataset].destination, dataset).message
         config = self.project.destinations[self.project.datasets[dataset].destination]
         return DatasetInfo(
             name=dataset, destination=config.name, destination_type=config.type,

@@ -155,6 +155,12 @@ class ServerConfig:
     sql_max_rows: int = 10_000_000
     sql_timeout: float = 120.0  # seconds
     sql_memory_limit: str = "2GB"
+    # SQL sandbox workers one user may hold at once (None: half of them, rounded up; see domain/sql.py)
+    sql_per_user: int | None = None
+    # uploads (saves) one user may have open at once; more are refused "busy" (see domain/writer.py)
+    uploads_per_user: int = 8
+    # an upload whose client sends nothing for this many seconds is ended (transport/upload.py)
+    upload_idle_seconds: float = 60.0
     # ceiling on the Arrow memory of the whole server process (bytes; None: half the machine's memory),
     # enforced by Arrow's own pool: see flight_server/transport/memory.py
     memory_limit: int | None = None
@@ -525,7 +531,7 @@ _SERVER_KEYS = (
     "token_ttl", "ticket_ttl", "sql_max_rows", "sql_timeout", "sql_memory_limit", "tls_cert", "tls_key",
     "tls_client_ca", "audit_log", "endpoint_rows", "locations", "cache_bytes", "memory_limit",
     "sql_endpoint_rows",
-    "session_ttl", "logins",
+    "session_ttl", "logins", "sql_per_user", "uploads_per_user", "upload_idle_seconds",
 )
 _LOGIN_KEYS = ("concurrent", "peer_failures", "user_failures")
 
@@ -636,6 +642,9 @@ def _server(r: _Reader, raw: Any, profiles: Mapping[str, ProfileConfig], root: P
         sql_max_rows=r.positive(s, "sql_max_rows", d.sql_max_rows),
         sql_timeout=float(r.positive(s, "sql_timeout", d.sql_timeout, (int, float))),
         sql_memory_limit=memory,
+        sql_per_user=r.positive(s, "sql_per_user", d.sql_per_user) if "sql_per_user" in s else None,
+        uploads_per_user=r.positive(s, "uploads_per_user", d.uploads_per_user),
+        upload_idle_seconds=float(r.positive(s, "upload_idle_seconds", d.upload_idle_seconds, (int, float))),
         memory_limit=process_memory,
         tls_cert=path("tls_cert"),
         tls_key=path("tls_key"),

@@ -45,8 +45,6 @@ from typing import Any, Callable, Mapping
 
 import tomllib
 
-from dlt.common.utils import update_dict_nested
-
 DLT_PLUS_SECTIONS = ("project", "sources", "destinations", "datasets", "pipelines", "profiles", "runtime", "caches",
                      "transformations")
 FLIGHT_SHARE_SECTIONS = ("users", "server")
@@ -75,6 +73,9 @@ def is_dlt_plus(raw: Mapping[str, Any]) -> bool:
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """``override`` merged into a copy of ``base``: mappings key by key, anything else replaced (dlt+'s profile
     merge; dlt's own ``update_dict_nested``, on copies since it merges in place and shares values)."""
+    # imported here: the client-side CLI commands load the project file and must not pay for importing dlt
+    from dlt.common.utils import update_dict_nested
+
     return update_dict_nested(copy.deepcopy(dict(base)), copy.deepcopy(dict(override)))
 
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 from client.protocol import EndpointMetadata, ReadCommand
 from flight_server.domain.errors import InvalidRequest
-from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 
 SAMPLE_ROWS = 2048  # rows read to estimate the Arrow size of a result
 

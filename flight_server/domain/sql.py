@@ -34,8 +34,12 @@ Flight SQL statements are written against the whole project (catalog = project, 
 catalog=project)`` also accepts ``project.dataset.table``.
 
 Limits: ``server.sql_max_rows`` (more rows fail the query), ``server.sql_timeout`` (each call: the
-bind of GetFlightInfo / GetSchema; parse-to-last-batch of DoGet) and ``server.sql_memory_limit``
-(per query; at most :data:`SANDBOX_WORKERS` queries run at once, others wait within their time limit). A
+bind of GetFlightInfo / GetSchema; the run of DoGet to its last batch; counted from when the query has its
+worker) and ``server.sql_memory_limit`` (per query; at most :data:`SANDBOX_WORKERS` queries run at once).
+The workers and the parser are shared fairly (:mod:`flight_server.domain.fair`, issue 22): one user holds at
+most ``server.sql_per_user`` workers and one analysis at once; waiting queries are served round-robin by
+user and wait at most ``server.sql_timeout``, then are refused "busy" (UNAVAILABLE), never "exceeded the
+time limit". A
 row-wise query (:func:`row_wise_table`) may run as several independent queries, one per partition of its
 table (``SqlSandbox.run(..., partition=...)``, Flight SQL's partitioned results): the limits hold per partition.
 """
@@ -59,7 +63,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.ipc
@@ -68,7 +72,7 @@ from sqlglot import exp
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.domain.config import size_bytes
+from flight_server.domain.config import ServerConfig, size_bytes
 from flight_server.domain.errors import (
     Cancelled,
     InvalidRequest,
@@ -77,13 +81,11 @@ from flight_server.domain.errors import (
     SqlSyntaxError,
     Unavailable,
 )
+from flight_server.domain.fair import FairShare
 from flight_server.domain.masking import mask
 from flight_server.domain.pushdown import NOTHING, Pushdown, pushdown
 from flight_server.domain.sql_worker import END, MARK, pipe, recv_frame, send_frame
-
-if TYPE_CHECKING:
-    from flight_server.domain.config import ServerConfig
-    from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 
 # parsing and analysing cost CPU in proportion to the text: real queries are far shorter than this
 MAX_QUERY_CHARS = 100_000
@@ -125,20 +127,25 @@ class CheckedQuery:
 
 # Parsing runs in the server process (the allow-list decides what reaches a worker at all). Its time is
 # bounded by MAX_QUERY_CHARS (~2 s at most for 100,000 characters); its memory (sqlglot's tree, up to
-# ~100 MB for the longest query) by letting only this many analyses run at once.
+# ~100 MB for the longest query) by letting only this many analyses run at once - and, so that one user's
+# long queries cannot keep another's ``SELECT 1`` waiting (issue 22), at most one of them per user, the
+# waiting ones served round-robin by user (domain/fair.py), a few waiting per user at most.
 MAX_CONCURRENT_ANALYSES = 2
+ANALYSES_PER_USER = 1
+ANALYSES_WAITING_PER_USER = 4
 _ANALYSIS_WAIT_SECONDS = 30.0
-_ANALYSES = threading.BoundedSemaphore(MAX_CONCURRENT_ANALYSES)
+_ANALYSES = FairShare(MAX_CONCURRENT_ANALYSES, ANALYSES_PER_USER, ANALYSES_WAITING_PER_USER,
+                      "query analysis", "analyses per user", "query analyses")
 
 
 @contextlib.contextmanager
-def _analysing(dataset: str | None) -> Iterator[None]:
-    if not _ANALYSES.acquire(timeout=_ANALYSIS_WAIT_SECONDS):
-        raise Unavailable("the server is busy analysing other queries; try again", dataset=dataset)
+def _analysing(dataset: str | None, user: str | None) -> Iterator[None]:
+    key = user or ""
+    _ANALYSES.acquire(key, _ANALYSIS_WAIT_SECONDS, dataset=dataset)
     try:
         yield
     finally:
-        _ANALYSES.release()
+        _ANALYSES.release(key)
 
 
 def _parse_one(sql: str, dialect: str, dataset: str | None) -> exp.Expression:
@@ -260,21 +267,23 @@ def _names_cte_in_scope(table: exp.Table, cache: dict[int, dict[str, int]]) -> b
     return False
 
 
-def parse_statement(sql: str, dialect: str = "duckdb") -> exp.Expression:
+def parse_statement(sql: str, dialect: str = "duckdb", *, user: str | None = None) -> exp.Expression:
     """The one statement of ``sql``, parsed once per request: :func:`referenced_datasets`,
     :func:`parameter_count` and :func:`check_query` take the tree too (parsing is the costly part of
-    analysing a long statement, and runs in the server process)."""
-    with _analysing(None):
+    analysing a long statement, and runs in the server process). ``user``: the caller, for the fair share
+    of the parser (one analysis per user at a time)."""
+    with _analysing(None, user):
         return _parse_one(sql, dialect, None)
 
 
-def referenced_datasets(sql: "str | exp.Expression", dialect: str = "duckdb") -> tuple[set[str], list[str]]:
+def referenced_datasets(sql: "str | exp.Expression", dialect: str = "duckdb", *,
+                        user: str | None = None) -> tuple[set[str], list[str]]:
     """The schema (dataset) qualifiers a query's table references name, and its unqualified table names.
 
     CTE names are not table references. Nothing is checked here beyond parsing: the query still goes
     through :func:`check_query` for the dataset chosen.
     """
-    with _analysing(None):
+    with _analysing(None, user):
         return _referenced_datasets(sql, dialect)
 
 
@@ -284,7 +293,7 @@ MAX_PARAMETER_BYTES = 1 << 20
 _NUMBERED = re.compile(r"^\$(\d+)$")
 
 
-def parameter_count(sql: "str | exp.Expression", dialect: str = "duckdb") -> int:
+def parameter_count(sql: "str | exp.Expression", dialect: str = "duckdb", *, user: str | None = None) -> int:
     """How many values a statement binds: its ``?`` placeholders, or the highest ``$n``.
 
     Named parameters (``$name``) and a mix of ``?`` and ``$n`` are refused (values bind by position).
@@ -292,7 +301,7 @@ def parameter_count(sql: "str | exp.Expression", dialect: str = "duckdb") -> int
     if isinstance(sql, exp.Expression):
         tree = sql
     else:
-        with _analysing(None):
+        with _analysing(None, user):
             tree = _parse_one(sql, dialect, None)
     marks = [node.sql(dialect) for node in tree.find_all(exp.Placeholder, exp.Parameter)]
     numbered = [int(m.group(1)) for m in map(_NUMBERED.match, marks) if m]
@@ -372,13 +381,14 @@ def _referenced_datasets(sql: "str | exp.Expression", dialect: str) -> tuple[set
 
 
 def check_query(sql: "str | exp.Expression", dataset: str, tables: Mapping[str, Iterable[str] | None],
-                dialect: str = "duckdb", catalog: str | None = None) -> CheckedQuery:
+                dialect: str = "duckdb", catalog: str | None = None, *, user: str | None = None) -> CheckedQuery:
     """Check a query against the allow-list; ``tables`` maps each table of the dataset to its columns.
 
     ``sql``: the text, or its tree from :func:`parse_statement` (which this rewrites: pass it last).
     ``catalog``: a catalog qualifier the caller may write (``catalog.dataset.table``); any other is refused.
+    ``user``: the caller, for the fair share of the parser (:data:`ANALYSES_PER_USER`).
     """
-    with _analysing(dataset):
+    with _analysing(dataset, user):
         try:
             return _check_query(sql, dataset, tables, dialect, catalog)
         except RecursionError:
@@ -555,9 +565,14 @@ def _row_wise_table(tree: exp.Expression) -> str | None:
 
 # --- the locked-down engine: warm worker processes (flight_server/domain/sql_worker.py) ------------------------
 
-#: queries that run at once, each in its own worker process (more wait for a free one, within their
-#: time limit); the server's memory for SQL is bounded by this many times server.sql_memory_limit
+#: queries that run at once, each in its own worker process (more wait for a free one); the server's memory
+#: for SQL is bounded by this many times server.sql_memory_limit
 SANDBOX_WORKERS = 4
+#: the default of server.sql_per_user: the workers one user may hold at once (issue 22: one user's four slow
+#: queries held every worker, and everyone else's ``SELECT 1`` failed); the others stay for other users
+SQL_PER_USER = -(-SANDBOX_WORKERS // 2)
+#: a user's queries that may wait for a worker at once (each holds a server thread); more are refused "busy"
+SQL_WAITING_PER_USER = 8
 #: idle workers kept started (duckdb imported) so a query does not wait for a process to start; a worker
 #: whose query ended cleanly goes back to the idle ones (at most SANDBOX_WORKERS of them)
 WARM_WORKERS = 2
@@ -580,7 +595,7 @@ _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from flight_server.domain
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds flight_server/
 
 log = logging.getLogger("flight_share.server")
-_POOLS: dict[tuple[int, int], "WorkerPool"] = {}
+_POOLS: dict[tuple[int, int, int], "WorkerPool"] = {}
 _POOLS_LOCK = threading.Lock()
 
 
@@ -641,6 +656,7 @@ class _Worker:
         self.was_ready = False
         self.queries = 0
         self.job: _Job | None = None
+        self.user: str | None = None  # whose query holds it (its pool slot is that user's)
         threading.Thread(target=self._serve, name=f"sql-worker-{self.proc.pid}", daemon=True).start()
 
     @property
@@ -687,11 +703,17 @@ class _Worker:
 
 
 class WorkerPool:
-    """Warm sandbox workers: at most :data:`SANDBOX_WORKERS` busy, :data:`WARM_WORKERS` kept idle."""
+    """Warm sandbox workers: at most :data:`SANDBOX_WORKERS` busy, :data:`WARM_WORKERS` kept idle.
 
-    def __init__(self, memory_bytes: int, threads: int, size: int = SANDBOX_WORKERS, warm: int = WARM_WORKERS) -> None:
+    The busy ones are shared fairly (:class:`~flight_server.domain.fair.FairShare`): one user holds at most
+    ``per_user`` at once, and a freed worker goes to the next user in turn, not to the user with most
+    queries waiting."""
+
+    def __init__(self, memory_bytes: int, threads: int, size: int = SANDBOX_WORKERS, warm: int = WARM_WORKERS,
+                 per_user: int = SQL_PER_USER) -> None:
         self.memory_bytes, self.threads, self.warm = memory_bytes, threads, warm
-        self._slots = threading.BoundedSemaphore(size)
+        self._slots = FairShare(size, per_user, SQL_WAITING_PER_USER, "SQL query", "server.sql_per_user",
+                                "SQL queries")
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._starting = 0
@@ -721,22 +743,30 @@ class WorkerPool:
             if worker is not None:
                 worker.kill()
 
-    def acquire(self, deadline: float, timeout: float) -> _Worker:
-        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise Unavailable(f"every SQL sandbox is busy ({SANDBOX_WORKERS} queries running); "
-                              f"waited the query's whole time limit of {timeout:g} s (server.sql_timeout)")
+    def stats(self) -> dict[str, int]:
+        """Queries running in a worker, queries waiting for one, users doing either."""
+        return self._slots.stats()
+
+    def acquire(self, user: str, wait: float, cancelled: Callable[[], bool] | None = None,
+                dataset: str | None = None) -> _Worker:
+        """A ready worker for one query of ``user``, after waiting at most ``wait`` s for a free one (and for
+        it to start); the wait is not the query's time: its clock starts once it has the worker."""
+        self._slots.acquire(user, wait, cancelled, dataset)
+        deadline = time.monotonic() + wait
         try:
             for _attempt in range(3):  # an idle worker may have died since (the kernel, a crash): take another
                 worker = self._take_idle() or _Worker(self.memory_bytes, self.threads)  # none warm: start one
                 self.fill()
                 if not worker.ready.wait(max(deadline - time.monotonic(), 0)):
                     worker.kill()
-                    raise _time_limit(timeout, None)
+                    raise Unavailable(f"busy: no SQL sandbox process could be started within {wait:g} s; retry",
+                                      dataset=dataset)
                 if not worker.dead:
+                    worker.user = user
                     return worker
             raise Unavailable("the SQL sandbox could not start; see the server log")
         except BaseException:
-            self._slots.release()
+            self._slots.release(user)
             raise
 
     def _take_idle(self) -> _Worker | None:
@@ -750,6 +780,7 @@ class WorkerPool:
 
     def release(self, worker: _Worker, reuse: bool) -> None:
         worker.job = None
+        user, worker.user = worker.user, None
         worker.queries += 1
         keep = reuse and not worker.dead and not self.closed and worker.queries < MAX_QUERIES_PER_WORKER \
             and _rss(worker.pid) <= IDLE_WORKER_RSS
@@ -760,7 +791,8 @@ class WorkerPool:
                     self._idle.append(worker)
         if not keep:
             worker.kill()
-        self._slots.release()
+        if user is not None:
+            self._slots.release(user)
         if not keep and not self.closed:
             self.fill()
 
@@ -774,12 +806,12 @@ class WorkerPool:
 
 
 
-def _pool(memory_bytes: int, threads: int) -> WorkerPool:
+def _pool(memory_bytes: int, threads: int, per_user: int = SQL_PER_USER) -> WorkerPool:
     """One pool per limit per process (tests make many sandboxes with the same settings)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get((memory_bytes, threads))
+        pool = _POOLS.get((memory_bytes, threads, per_user))
         if pool is None or pool.closed:
-            pool = _POOLS[(memory_bytes, threads)] = WorkerPool(memory_bytes, threads)
+            pool = _POOLS[(memory_bytes, threads, per_user)] = WorkerPool(memory_bytes, threads, per_user=per_user)
         return pool
 
 
@@ -788,12 +820,11 @@ class _Job:
 
     def __init__(self, sandbox: "SqlSandbox", storage: "Storage", query: CheckedQuery, op: str,
                  cancelled: Callable[[], bool] | None, parameters: pa.Table | None = None,
-                 partition: "TablePartition | None" = None) -> None:
+                 partition: "TablePartition | None" = None, user: str | None = None) -> None:
         self.sandbox, self.storage, self.query, self.op = sandbox, storage, query, op
         self.parameters = parameters
         self.partition = partition
         self.cancelled = cancelled
-        self.deadline = time.monotonic() + sandbox.timeout
         self.idle_limit = min(SQL_IDLE_SECONDS, sandbox.timeout / 2)
         self.last_read = time.monotonic()  # when the caller last asked for a batch (see _watch)
         self.lock = threading.Lock()
@@ -804,7 +835,11 @@ class _Job:
         self.tables = sorted(query.tables.items())
         self.columns = [sandbox._columns(storage, t, c) for t, c in self.tables]
         self.pool = sandbox.pool
-        self.worker = self.pool.acquire(self.deadline, sandbox.timeout)
+        # waiting for a worker is bounded by the same number of seconds, but is not the query's time: a query
+        # that waited (others' queries held the workers) is refused "busy", never "exceeded the time limit"
+        self.worker = self.pool.acquire(user or "", sandbox.timeout, cancelled, query.dataset)
+        self.deadline = time.monotonic() + sandbox.timeout  # the query's own time starts with its worker
+        self.last_read = time.monotonic()
         self.worker.job = self
         try:
             self.reader = self._send()
@@ -893,7 +928,7 @@ class _Job:
         self.worker.proc.wait()
         timeout = self.sandbox.timeout
         if self.outcome == "timeout":
-            return _time_limit(timeout, self.query.dataset)
+            return SqlLimitExceeded.time_limit(timeout, self.query.dataset)
         if self.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
         if self.outcome == "idle":
@@ -916,7 +951,7 @@ class _Job:
             return SqlLimitExceeded(_MEMORY_TEXT, dataset=dataset, limit="server.sql_memory_limit",
                                     value=self.sandbox.memory_limit)
         if kind == "interrupt":
-            return _time_limit(self.sandbox.timeout, dataset)
+            return SqlLimitExceeded.time_limit(self.sandbox.timeout, dataset)
         if kind == "permission":
             return InvalidRequest("query tried to reach outside the dataset (files, network or settings)", dataset=dataset)
         if kind == "rows":
@@ -986,7 +1021,7 @@ Source = Callable[..., pa.RecordBatchReader]
 @dataclass(frozen=True)
 class TablePartition:
     """One partition of the table a row-wise query reads (:func:`row_wise_table`): the query runs over
-    those rows only. ``spec`` is a :class:`~flight_server.storage.base.Partition`'s spec, as the storage
+    those rows only. ``spec`` is a :class:`~flight_server.domain.storage.Partition`'s spec, as the storage
     adapter planned it: never one a client wrote (the transport seals it into the ticket)."""
 
     table: str
@@ -1010,11 +1045,6 @@ def _refuse_case_twins(storage: "Storage", table: str, names: list[str]) -> None
                 f"itself (it serves both)", dataset=storage.dataset.name, table=table)
 
 
-def _time_limit(timeout: float, dataset: str | None) -> SqlLimitExceeded:
-    return SqlLimitExceeded(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
-                            limit="server.sql_timeout", value=timeout)
-
-
 def _rss(pid: int) -> int:
     """Resident memory of a process (Linux ``/proc``); huge when unknown, so the worker is not kept."""
     try:
@@ -1033,11 +1063,34 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
+class SqlEngine(Protocol):
+    """What the surfaces use to run checked SQL: the sandbox, or the router that sends some queries to the
+    warehouse (:class:`flight_server.domain.warehouse.WarehouseRouter`)."""
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def max_rows(self) -> int: ...
+
+    def schema(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
+               parameters: pa.Table | None = None, *, user: str | None = None) -> pa.Schema: ...
+
+    def run(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
+            parameters: pa.Table | None = None, *, partition: TablePartition | None = None,
+            user: str | None = None) -> pa.RecordBatchReader: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
 class SqlSandbox:
     """Runs checked queries in warm, killable, memory-limited worker processes (see module doc)."""
 
     def __init__(self, max_rows: int = 10_000_000, timeout: float = 120.0, memory_limit: str = "2GB",
-                 batch_rows: int = 122_880, threads: int | None = None, source: Source | None = None) -> None:
+                 batch_rows: int = 122_880, threads: int | None = None, source: Source | None = None,
+                 per_user: int = SQL_PER_USER) -> None:
         self.max_rows = max_rows
         # where a query's tables come from: the adapter's reader, or the server's hot-table cache
         # (TableCache.sql_reader), with the columns the query uses and its pushed-down filters and limit
@@ -1047,19 +1100,23 @@ class SqlSandbox:
         self.batch_rows = batch_rows
         self.memory_limit = memory_limit
         self.memory_bytes = size_bytes(memory_limit)
-        self.pool = _pool(self.memory_bytes, threads or 0)
+        self.pool = _pool(self.memory_bytes, threads or 0, per_user)
         self._schemas: "OrderedDict[bytes, pa.Schema]" = OrderedDict()  # result schemas, see schema()
         self._schemas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, server: "ServerConfig", source: Source | None = None) -> "SqlSandbox":
         sandbox = cls(server.sql_max_rows, server.sql_timeout, server.sql_memory_limit, server.batch_rows,
-                      source=source)
+                      source=source, per_user=server.sql_per_user or SQL_PER_USER)
         sandbox.pool.fill()  # warm before the first query
         return sandbox
 
     def close(self) -> None:
         self.pool.close()
+
+    def stats(self) -> dict[str, int]:
+        """Queries running and waiting in the sandbox (reported by ``health``)."""
+        return self.pool.stats()
 
     @staticmethod
     def _columns(storage: "Storage", table: str, columns: frozenset[str] | None) -> list[str] | None:
@@ -1071,7 +1128,7 @@ class SqlSandbox:
         return names if columns is not None else None
 
     def schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
-               parameters: pa.Table | None = None) -> pa.Schema:
+               parameters: pa.Table | None = None, *, user: str | None = None) -> pa.Schema:
         """The result schema, from binding the query in a worker (no table data is read).
 
         ``parameters``: bound values (:func:`check_parameters`); the first row is bound. A result schema
@@ -1080,7 +1137,7 @@ class SqlSandbox:
         then GetFlightInfo); a table whose columns change is another key.
         """
         if parameters is not None:  # duckdb types a bound value by its value (1 INTEGER, 2**40 BIGINT): no memo
-            return self._bind_schema(storage, query, cancelled, parameters)
+            return self._bind_schema(storage, query, cancelled, parameters, user)
         digest = hashlib.sha256()  # the key: a digest (a memo of 100,000-character queries would hold them all)
         for part in (query.sql, query.dataset):
             digest.update(part.encode() + b"\0")
@@ -1092,7 +1149,7 @@ class SqlSandbox:
             if known is not None:
                 self._schemas.move_to_end(key)
                 return known
-        schema = self._bind_schema(storage, query, cancelled, None)
+        schema = self._bind_schema(storage, query, cancelled, None, user)
         if len(schema) > SCHEMA_MEMO_MAX_FIELDS:
             return schema
         with self._schemas_lock:
@@ -1102,8 +1159,8 @@ class SqlSandbox:
         return schema
 
     def _bind_schema(self, storage: "Storage", query: CheckedQuery, cancelled: Callable[[], bool] | None,
-                     parameters: pa.Table | None) -> pa.Schema:
-        job = _Job(self, storage, query, "schema", cancelled, parameters)
+                     parameters: pa.Table | None, user: str | None = None) -> pa.Schema:
+        job = _Job(self, storage, query, "schema", cancelled, parameters, user=user)
         clean = False
         try:
             schema = job.reader.schema
@@ -1116,8 +1173,10 @@ class SqlSandbox:
 
     def run(self, storage: "Storage", query: CheckedQuery,
             cancelled: Callable[[], bool] | None = None, parameters: pa.Table | None = None, *,
-            partition: TablePartition | None = None) -> pa.RecordBatchReader:
+            partition: TablePartition | None = None, user: str | None = None) -> pa.RecordBatchReader:
         """A streaming reader of the result; the limits hold while it binds, runs and is read.
+
+        ``user``: the caller, whose fair share of the workers the query takes (``server.sql_per_user``).
 
         ``cancelled``: the caller's ``context.is_cancelled``; polled only while the caller waits for
         the worker (so never after its call ended). ``parameters``: bound values, one row per
@@ -1129,7 +1188,7 @@ class SqlSandbox:
         if partition is not None and partition.table not in query.tables:
             raise InvalidRequest(f"a partition of table '{partition.table}' does not belong to this query",
                                  dataset=query.dataset)
-        job = _Job(self, storage, query, "run", cancelled, parameters, partition)
+        job = _Job(self, storage, query, "run", cancelled, parameters, partition, user)
         try:
             # the first batch (or the error of a query that fails to bind) before the stream starts:
             # an error then leaves as the call's status, not in the middle of a stream

@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import pyarrow as pa
 import sqlglot
@@ -64,11 +64,8 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
-from flight_server.domain.sql import _time_limit, case_sensitive, table_references
-
-if TYPE_CHECKING:
-    from flight_server.domain.sql import CheckedQuery, SqlSandbox
-    from flight_server.storage import Storage
+from flight_server.domain.sql import CheckedQuery, SqlSandbox, case_sensitive, table_references
+from flight_server.domain.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -394,8 +391,17 @@ def _ieee_division(x: exp.Expression, y: exp.Expression) -> exp.Expression:
         default=exp.Div(this=fx, expression=fy, typed=True, safe=False)))
 
 
+@runtime_checkable
+class Warehouse(Protocol):
+    """A storage adapter whose database can run a checked query itself (``PostgresStorage``)."""
+
+    def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
+                        guards: Sequence[str] = (), remaining: float | None = None) -> pa.RecordBatchReader: ...
+
+
 class WarehouseRouter:
-    """``SqlSandbox``'s interface: eligible queries on a warehouse adapter run there, all others in the sandbox."""
+    """A :class:`~flight_server.domain.sql.SqlEngine`: eligible queries on a :class:`Warehouse` adapter run there,
+    all others in the sandbox."""
 
     def __init__(self, sandbox: "SqlSandbox") -> None:
         self.sandbox = sandbox
@@ -409,17 +415,15 @@ class WarehouseRouter:
     def max_rows(self) -> int:
         return self.sandbox.max_rows
 
-    def __getattr__(self, name: str) -> Any:  # memory_limit, pool, batch_rows...: the sandbox's
-        if name == "sandbox":
-            raise AttributeError(name)
-        return getattr(self.sandbox, name)
+    def stats(self) -> dict[str, int]:
+        return self.sandbox.stats()
 
     def close(self) -> None:
         self.sandbox.close()
 
     def plan(self, storage: "Storage", query: "CheckedQuery", parameters: pa.Table | None = None) -> Plan | None:
         """The warehouse plan of a query, or None when it runs in the sandbox."""
-        if parameters is not None or getattr(storage, "warehouse_query", None) is None:
+        if parameters is not None or not isinstance(storage, Warehouse):
             return None
         try:
             decided = plan(storage, query)
@@ -434,35 +438,36 @@ class WarehouseRouter:
         return decided
 
     def schema(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
-               parameters: pa.Table | None = None) -> pa.Schema:
+               parameters: pa.Table | None = None, *, user: str | None = None) -> pa.Schema:
         """The sandbox's schema: a warehouse run is cast to exactly this (no table data is read)."""
-        return self.sandbox.schema(storage, query, cancelled, parameters)
+        return self.sandbox.schema(storage, query, cancelled, parameters, user=user)
 
     def run(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
-            parameters: pa.Table | None = None, *, partition: Any = None) -> pa.RecordBatchReader:
+            parameters: pa.Table | None = None, *, partition: Any = None, user: str | None = None) -> pa.RecordBatchReader:
         """The sandbox's answer: from the warehouse when :meth:`plan` allows, else from the sandbox.
 
         One ``server.sql_timeout`` covers the sandbox's bind of the schema and the warehouse run; a query
         PostgreSQL refuses before its first row then runs in the sandbox under the sandbox's own limit.
-        ``partition``: one endpoint of a split result (transport/flight_sql/statements.py): the sandbox reads that slice only.
+        ``partition``: one endpoint of a split result (transport/flight_sql/statements.py): the sandbox reads
+        that slice only. ``user``: the caller, whose fair share of the sandbox's workers the query takes.
         """
         if partition is not None:
-            return self.sandbox.run(storage, query, cancelled, parameters, partition=partition)
+            return self.sandbox.run(storage, query, cancelled, parameters, partition=partition, user=user)
         decided = self.plan(storage, query, parameters)
         if decided is None:
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         started = time.monotonic()
-        schema = self.sandbox.schema(storage, query, cancelled)
+        schema = self.sandbox.schema(storage, query, cancelled, user=user)
         sql = decided.final_sql(schema, self.sandbox.max_rows)
         if sql is None:
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         remaining = self.sandbox.timeout - (time.monotonic() - started)
         if remaining <= 0:
-            raise _time_limit(self.sandbox.timeout, query.dataset)
+            raise SqlLimitExceeded.time_limit(self.sandbox.timeout, query.dataset)
         reader = None
         try:
-            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled,  # type: ignore[attr-defined]
-                                             decided.guards, remaining)
+            assert isinstance(storage, Warehouse)  # plan() said so
+            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled, decided.guards, remaining)
             first = _next(reader)
             if first is not None:
                 first = conform(first, schema)
@@ -477,12 +482,12 @@ class WarehouseRouter:
                 reader.close()
             log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
                      query.dataset, exc)
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         except Exception:  # noqa: BLE001 - a bug on this path must not fail what the sandbox can answer
             if reader is not None:
                 reader.close()
             log.exception("warehouse query on %s failed unexpectedly; running it in the SQL sandbox", query.dataset)
-            return self.sandbox.run(storage, query, cancelled, parameters)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
         return pa.RecordBatchReader.from_batches(schema, self._limited(reader, first, schema, query.dataset))
 
     def _limited(self, reader: pa.RecordBatchReader, first: pa.RecordBatch | None, schema: pa.Schema,

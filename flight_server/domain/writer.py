@@ -2,8 +2,9 @@
 
 The one write path of both surfaces: a DoPut and a Flight SQL ``CommandStatementIngest`` both reach
 :meth:`Writer.put` (through the transport's ``save`` handlers in ``transport/plain.py`` and
-``transport/flight_sql.py``; the dispatch evicts the hot-table cache and fills the audit line). Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema
-versions, ``_dlt_loads`` and evolution are dlt's.
+``transport/flight_sql/ingest.py``; the dispatch evicts the hot-table cache and fills the audit line).
+Each put runs in a fresh pipelines folder with the dataset's stored schema, so schema versions,
+``_dlt_loads`` and evolution are dlt's.
 
 **A save is all-or-nothing** (issue 11). The owner's rows, child tables and schema version stay as
 they were whatever step fails - extract, normalize, load, or a client that vanishes:
@@ -15,7 +16,7 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
    2**64-1 into ``bigint``) is refused up front with INVALID_ARGUMENT naming the column. Cheap, and a
    clear answer; but it cannot know everything the destination enforces, hence:
 2. *SQL destinations (duckdb, PostgreSQL)*: ``replace`` runs with dlt's ``insert-from-staging``
-   strategy (``storage.base.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
+   strategy (``domain.storage.SQL_REPLACE_STRATEGY``): the rows go into the staging dataset, then one SQL
    job truncates the table and its child tables and inserts from staging in ONE transaction. A load
    that fails - in staging or in that job (a constraint, a type) - rolls back, and the real tables were
    never emptied. dlt's default ``truncate-and-insert`` empties them in a transaction of its own
@@ -37,6 +38,13 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
 6. *Once the load has committed*, the save has happened: what follows (the owner's hints put back,
    staging emptied, the new schema version read for the answer) is best effort and logged, and can
    no longer turn the client's answer into an error.
+7. *Across a crash* (issue 22 §4): dlt's load step is several commits (data jobs, then the ``_dlt_loads``
+   record), so before it the save is written to the journal (:mod:`flight_server.domain.save_journal`)
+   with its packages' folder, which is kept. At the next start (or before the dataset's next save) an
+   unfinished save is finished with dlt's own resume of its packages - wholly there, with its
+   ``_dlt_loads`` record and the owner's hints put back - and a save sent again with the same
+   ``save_id`` answers as the first time without storing anything. Only saves of a dead process are
+   recovered (replicas may share the data folder).
 
 **Concurrency: the client's stream is read without the dataset's lock** (optimistic). The contract
 is decided from the upload's Arrow schema against the stored schema *before any row is read*; then
@@ -60,11 +68,16 @@ file, and a save inside the file's write window that waited for that lock, deadl
 only in this order, and nothing waits for a lock while holding one of a lower rank:
 
 1. the dataset's write lock (``storage.write_lock``, a FIFO queue), for one load step;
-2. the destination's write window (``storage.writing()``: the duckdb file's read-write connection; readers
-   of the file wait at most ``BUSY_TIMEOUT``);
-3. short internal locks - the stored-schema cache, the adapters' handle maps - held only to read or swap
-   a reference, never while doing I/O or waiting for anything else (``Storage.stored_schemas`` reads the
-   destination with no lock held).
+2. the destination's write window (``storage.writing()``: the duckdb file's read-write connection; it waits
+   at most ``BUSY_TIMEOUT`` for read-only reads to end, and reads never wait for it: they read the same
+   duckdb instance and see the last committed data, issue 22 §4);
+3. short internal locks - the stored-schema cache, the adapters' handle maps, the writer's map of running
+   save ids, the journal's renames - held only to read or swap a reference, never while doing I/O or
+   waiting for anything else (``Storage.stored_schemas`` reads the destination with no lock held).
+
+A save sent again while its first attempt still runs waits for that attempt (an event, holding no lock).
+The journal entry's file lock (``SaveJournal.claim``, one recovery per entry across replicas) is taken
+under the write lock and never waited for (non-blocking: a claimed entry is skipped).
 
 A save that succeeds changes the owner's schema only by what the contract allows (new tables and
 columns under ``evolve``): the profile's contract is not left in the schema dlt stores
@@ -86,6 +99,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -104,9 +118,12 @@ from client.load_info import (
     LoadInfo,  # the one definition of what a put answers, shared with the client
 )
 from client.protocol import WriteCommand
-from flight_server.domain import uploads
+from flight_server.domain import faults, uploads
+from flight_server.domain.reachability import is_unreachable, unreachable
+from flight_server.domain.save_journal import SAVES, Entry, SaveJournal, running_elsewhere, this_process
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
+from flight_server.domain.fair import FairShare
 from flight_server.domain.errors import (
     ContractViolation,
     InvalidRequest,
@@ -115,8 +132,8 @@ from flight_server.domain.errors import (
     Unavailable,
     Unsupported,
 )
-from flight_server.storage.base import WRITE_LOCK_TIMEOUT
-from flight_server.storage.lifetime import isolated
+from flight_server.domain.storage import LOADS_TABLE, WRITE_LOCK_TIMEOUT, StoredSchema
+from flight_server.domain.lifetime import isolated
 
 log = logging.getLogger("flight_share.writer")
 
@@ -162,6 +179,18 @@ class Upload(Protocol):
     def batches(self) -> Iterator[pa.RecordBatch]: ...
 
 
+#: uploads open at once on one server, all users together
+MAX_UPLOADS = 64
+#: the default of server.uploads_per_user
+UPLOADS_PER_USER = 8
+#: a user's uploads that may wait for one of that user's open ones to end, and for how long; more, or
+#: longer, are refused "busy" (a waiting upload holds a server thread, not a folder)
+UPLOADS_WAITING_PER_USER = 16
+UPLOAD_WAIT_SECONDS = 30.0
+# answers kept in the journal between two prunings of it (save_journal.KEEP_SECONDS, KEEP_ENTRIES)
+PRUNE_EVERY = 256
+
+
 class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
@@ -174,24 +203,211 @@ def _load_id() -> str:
 class Writer:
     """Runs puts for the service; one load per dataset at a time (uploads are read concurrently)."""
 
-    def __init__(self, catalog: Catalog, work_dir: Path, max_bytes: int) -> None:
+    def __init__(self, catalog: Catalog, work_dir: Path, max_bytes: int, uploads_per_user: int = UPLOADS_PER_USER) -> None:
         self.catalog = catalog
         self.work_dir = work_dir
         self.max_bytes = max_bytes
         self.coalesce_bytes = COALESCE_BYTES  # the server lowers it under a small server.memory_limit
+        # open uploads: each holds a server thread and a folder for as long as its client sends (issue 22:
+        # 300 DoPuts that never sent stalled everyone); one user's share is bounded, a few more wait, the rest
+        # are refused before anything is read
+        self.uploads = FairShare(MAX_UPLOADS, uploads_per_user, UPLOADS_WAITING_PER_USER, "upload",
+                                 "server.uploads_per_user")
+        self.journal = SaveJournal(work_dir.parent / SAVES)  # crash recovery and save ids (save_journal.py)
+        self._running: dict[str, threading.Event] = {}  # journal key -> set when that put is done
+        self._running_lock = threading.Lock()  # lock rank 3: a dict swap only
+        self._unfinished: set[str] = set()  # datasets with saves a crash interrupted and not yet finished
+        self._answers = 0  # answers kept since the start: the journal is pruned every PRUNE_EVERY
+
+    def stats(self) -> dict[str, int]:
+        """Uploads open now (reported by ``health``)."""
+        return self.uploads.stats()
 
     def put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-            must_exist: str | None = None, must_be_new: str | None = None) -> LoadInfo:
-        """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`)."""
+            must_exist: str | None = None, must_be_new: str | None = None, *, user: str | None = None) -> LoadInfo:
+        """Check, then load one upload; raise a ServiceError on refusal (see :meth:`_put`).
+
+        ``user``: the caller; one user has at most ``server.uploads_per_user`` uploads open; a further one
+        waits (at most :data:`UPLOAD_WAIT_SECONDS`, :data:`UPLOADS_WAITING_PER_USER` of them) and is then
+        refused "busy" (UNAVAILABLE: it may succeed once one of them ends) before anything is read. A save whose
+        ``save_id`` was stored already (the client retries after a lost answer) answers as the first time
+        and stores nothing; one attempt of a save id runs at a time.
+        """
+        self.uploads.acquire(user or "", UPLOAD_WAIT_SECONDS, cancelled, dataset=command.dataset)
         try:
-            return self._put(profile, command, upload, cancelled, must_exist, must_be_new)
+            return self._put_once(profile, command, upload, cancelled, must_exist, must_be_new)
+        finally:
+            self.uploads.release(user or "")
+
+    def _put_once(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
+                  must_exist: str | None, must_be_new: str | None) -> LoadInfo:
+        """One attempt per save id at a time (see :meth:`put`)."""
+        key = self.journal.key(profile, command.dataset, command.table, command.save_id)
+        while True:
+            with self._running_lock:
+                earlier = self._running.get(key)
+                if earlier is None:
+                    done = self._running[key] = threading.Event()
+                    break
+            if not earlier.wait(WRITE_LOCK_TIMEOUT):
+                raise Unavailable(f"an earlier attempt of this save to '{command.dataset}.{command.table}' is still "
+                                  "running; retry with the same save id", dataset=command.dataset, table=command.table)
+        try:
+            if command.save_id:
+                answer = self._answered(profile, command, upload, cancelled, key)
+                if answer is not None:
+                    return answer
+            return self._put(profile, command, upload, cancelled, must_exist, must_be_new, key)
         except Unavailable as exc:  # the destination busy or away: always before the commit (see _load)
             if "nothing was written" not in exc.message:
                 exc.message += "; nothing was written"
             raise
+        finally:
+            with self._running_lock:
+                del self._running[key]
+            done.set()
+
+    def _answered(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
+                  key: str) -> LoadInfo | None:
+        """The first answer to a save sent again with the same id (finishing it first if a crash interrupted
+        it); None when no attempt of it reached its load step."""
+        entry = self.journal.get(key)
+        if entry is None:
+            return None
+        self.catalog.require_write(profile, command.dataset)  # a profile that lost the grant learns nothing
+        if entry.answer is None:
+            if running_elsewhere(entry) and list(entry.process) != list(this_process()):
+                raise Unavailable(f"an earlier attempt of this save to '{command.dataset}.{command.table}' is still "
+                                  "running on another server process; retry with the same save id",
+                                  dataset=command.dataset, table=command.table)
+            storage = self.catalog.storage(command.dataset)
+            with self._write_lock(storage, command.dataset, command.table, cancelled):
+                self._recover(entry, raise_errors=True)
+            entry = self.journal.get(key)
+            if entry is None or entry.answer is None:
+                return None  # undone: nothing of it is stored, it runs as a new save
+        for _ in upload.batches():  # the client's stream, read and dropped: its rows are stored already
+            pass
+        return LoadInfo.from_json(entry.answer)
+
+    def recover(self) -> None:
+        """At the server's start: finish every save a crash (of this or another process on this host that
+        shares the data folder) interrupted - see :mod:`flight_server.domain.save_journal`. A destination
+        that is away leaves its saves for the next save into the dataset."""
+        self.journal.prune()
+        for entry in self.journal.unfinished():
+            if running_elsewhere(entry):
+                continue
+            try:
+                storage = self.catalog.storage(entry.dataset)
+                with self._write_lock(storage, entry.dataset, entry.table, lambda: False):
+                    self._recover(entry)
+            except Exception:  # noqa: BLE001 - logged; tried again before the dataset's next save
+                log.exception("could not finish the interrupted save %s to %s.%s", entry.key, entry.dataset, entry.table)
+                self._unfinished.add(entry.dataset)
+
+    def _recover(self, entry: Entry, raise_errors: bool = False) -> None:
+        """Finish one interrupted save, under the dataset's write lock: its load committed (every load id in
+        ``_dlt_loads``) - only the bookkeeping is left; else dlt's own resume loads its packages from where
+        the load stopped (jobs done are skipped, then the ``_dlt_loads`` record). The answer goes into the
+        journal; the pipelines folder is removed once the save is whole."""
+        with self.journal.claim(entry.key) as mine:
+            if not mine:
+                return
+            current = self.journal.get(entry.key)
+            if current is None or current.answer is not None:
+                return
+            entry = current
+            storage = self.catalog.storage(entry.dataset)
+            before = (StoredSchema(Schema.from_dict(entry.before["schema"]), entry.before["version"],  # type: ignore[arg-type]
+                                   entry.before["version_hash"]) if entry.before else None)
+            started = time.monotonic()
+            storage.invalidate()
+            if not set(entry.load_ids) <= _recorded_loads(storage):
+                folder = Path(entry.folder)
+                if not folder.is_dir():
+                    log.error("interrupted save %s to %s.%s: its packages are gone, it cannot be finished",
+                              entry.key, entry.dataset, entry.table)
+                    self.journal.drop(entry.key)
+                    return
+                entry.attempts += 1
+                self.journal.write(entry)
+                try:
+                    with storage.writing():
+                        pipeline = dlt.pipeline(entry.pipeline_name, pipelines_dir=str(folder),
+                                                destination=storage.dlt_destination(), dataset_name=entry.dataset)
+                        pipeline.config.restore_from_destination = False
+                        if self._schema_moved_before_any_job(storage, entry, pipeline):
+                            pipeline.drop()  # nothing of it reached the destination: the save is not there
+                            self.journal.drop(entry.key)
+                            shutil.rmtree(entry.folder, ignore_errors=True)
+                            log.warning("dropped the save %s to %s.%s that a crash interrupted before its load: the "
+                                        "dataset's schema changed since", entry.key, entry.dataset, entry.table)
+                            return
+                        pipeline.load()
+                except BaseException:
+                    storage.invalidate()
+                    if raise_errors:
+                        raise
+                    log.exception("resuming the interrupted save %s to %s.%s failed", entry.key, entry.dataset,
+                                  entry.table)
+                    return
+                log.warning("finished the save %s to %s.%s that a crash interrupted (load ids %s)", entry.key,
+                            entry.dataset, entry.table, ", ".join(entry.load_ids))
+            self._keep_owner_table_hints(storage, before, entry.dataset, entry.load_ids)  # best effort
+            self._clear_staging(storage, [entry.table])
+            storage.invalidate()
+            self._answer(entry, self._load_info(storage, entry, time.monotonic() - started))
+            shutil.rmtree(entry.folder, ignore_errors=True)
+
+    @staticmethod
+    def _schema_moved_before_any_job(storage: Any, entry: Entry, pipeline: Any) -> bool:
+        """True when the dataset's schema changed since the save was checked (the owner's pipeline ran while
+        the server was down) and no job of the save had started: then resuming would store the package's
+        schema over the owner's newer one (the optimistic check of :meth:`_load`), and dropping it loses
+        nothing - dlt stores a package's schema and starts its jobs only in its load step."""
+        now = _newest_version(storage, entry.schema_name)
+        known = {entry.before["version_hash"] if entry.before else None, *entry.packaged}
+        if (now.version_hash if now else None) in known:
+            return False
+        packages = pipeline._get_load_storage().normalized_packages
+        for load_id in entry.load_ids:
+            jobs = packages.get_load_package_info(load_id).jobs
+            if jobs.get("started_jobs") or jobs.get("completed_jobs") or jobs.get("failed_jobs"):
+                return False
+        return True
+
+    def _answer(self, entry: Entry | None, info: LoadInfo, keep: bool = True) -> None:
+        """The save is whole: keep its answer for a retry with its id (``keep``), else forget it."""
+        if entry is None:
+            return
+        if not keep:  # sent without a save id: nothing can ask for it again
+            self.journal.drop(entry.key)
+            return
+        entry.answer, entry.before, entry.packaged = info.to_json(), None, []  # what a retry needs, no more
+        try:
+            self.journal.write(entry)
+        except OSError:  # the save is stored; only a retry with its id would store it again
+            log.exception("could not record the answer of save %s", entry.key)
+        self._answers += 1
+        if self._answers % PRUNE_EVERY == 0:
+            self.journal.prune()
+
+    @staticmethod
+    def _load_info(storage: Any, entry: Entry, seconds: float) -> LoadInfo:
+        try:
+            new_schema = storage.stored_schema(entry.table)
+        except Exception:  # noqa: BLE001 - the destination may be briefly unreachable; the save happened
+            new_schema = None
+        return LoadInfo(
+            pipeline_name=entry.pipeline_name, destination_name=storage.destination_config.name,
+            destination_type=storage.destination_config.type, dataset_name=entry.dataset,
+            location=storage.location, table_name=entry.table, load_ids=tuple(entry.load_ids),
+            load_seconds=round(seconds, 2), rows=entry.rows, bytes=entry.bytes, schema_name=entry.schema_name,
+            schema_version=new_schema.version if new_schema else None, failed_jobs=0)
 
     def _put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-             must_exist: str | None, must_be_new: str | None) -> LoadInfo:
+             must_exist: str | None, must_be_new: str | None, key: str) -> LoadInfo:
         """Check, then load one upload; raise a ServiceError on refusal.
 
         The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
@@ -306,7 +522,13 @@ class Writer:
             except PipelineStepFailed as exc:
                 raise self._step_error(exc, command.dataset, table) from None
             with self._write_lock(storage, command.dataset, table, cancelled):
-                info = self._load(storage, stored, schema.name, pipeline, packaged, command.dataset, table, cancelled)
+                if command.dataset in self._unfinished:  # saves a crash interrupted go first
+                    self._recover_dataset(command.dataset)
+                entry = Entry(key, command.dataset, table, pipeline_name, str(folder),
+                              list(pipeline.list_normalized_load_packages()), schema.name, _schema_json(stored),
+                              sorted(packaged), counts["rows"], counts["bytes"])
+                info = self._load(storage, stored, schema.name, pipeline, packaged, command.dataset, table, cancelled,
+                                  entry)
         except BaseException:
             self._discard_packages(pipeline)
             raise
@@ -320,7 +542,7 @@ class Writer:
             log.exception("could not read the schema of dataset %s after a save", command.dataset)
             new_schema = None
         started, finished = info.started_at, info.finished_at
-        return LoadInfo(
+        answer = LoadInfo(
             pipeline_name=pipeline_name,
             destination_name=storage.destination_config.name,
             destination_type=storage.destination_config.type,
@@ -335,6 +557,15 @@ class Writer:
             schema_version=new_schema.version if new_schema else None,
             failed_jobs=sum(len(p.jobs.get("failed_jobs", [])) for p in info.load_packages),
         )
+        self._answer(entry, answer, keep=bool(command.save_id))
+        return answer
+
+    def _recover_dataset(self, dataset: str) -> None:
+        """Finish the dataset's saves a crash interrupted (under its write lock); raises while it cannot."""
+        for entry in self.journal.unfinished(dataset):
+            if not running_elsewhere(entry):
+                self._recover(entry, raise_errors=True)
+        self._unfinished.discard(dataset)
 
     @staticmethod
     def _check_cancelled(cancelled: Callable[[], bool], dataset: str, table: str) -> None:
@@ -345,7 +576,7 @@ class Writer:
     @classmethod
     @contextlib.contextmanager
     def _write_lock(cls, storage: Any, dataset: str, table: str, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """The dataset's write lock, in arrival order (:class:`~flight_server.storage.base.FifoLock`), waited for
+        """The dataset's write lock, in arrival order (:class:`~flight_server.domain.storage.FifoLock`), waited for
         at most WRITE_LOCK_TIMEOUT (then UNAVAILABLE: busy, retry); a client that goes away leaves the queue."""
         lock = storage.write_lock
         ticket = lock.ticket()
@@ -366,7 +597,7 @@ class Writer:
             lock.release()
 
     def _load(self, storage: Any, stored: Any, schema_name: str, pipeline: Any, packaged: set[str], dataset: str,
-              table: str, cancelled: Callable[[], bool]) -> Any:
+              table: str, cancelled: Callable[[], bool], entry: Entry) -> Any:
         """Load the normalized packages; runs under the dataset's write lock, and returns only once the
         rows are committed (every error before that leaves the dataset as it was). ``stored``: the version
         of the save's schema (``schema_name``) the upload was checked against, None if it had none."""
@@ -391,13 +622,18 @@ class Writer:
                         | set(_table_family(pipeline.default_schema, table)))
         undo: Callable[[], None] | None = None
         committed = False
+        # from here a crash leaves the save to finish at the next start (save_journal.py); the journal
+        # entry names the packages, and the put's folder is kept until the save is whole
+        self.journal.write(entry)
         try:
             # the destination is held for the load step only (duckdb: its read-write connection,
-            # which dlt borrows; reads of the file wait meanwhile, the owner's pipelines before and after)
+            # which dlt borrows; reads of the file share it, the owner's pipelines wait before and after)
             with storage.writing():
                 undo = storage.savepoint(family)
+                faults.at("load")
                 info = pipeline.load()
                 committed = True
+                faults.at("loaded")
                 self._keep_owner_table_hints(storage, stored, dataset, info.loads_ids)  # best effort, never raises
                 self._clear_staging(storage, family)
         except PipelineStepFailed as exc:
@@ -408,7 +644,8 @@ class Writer:
             if exc.step == "load":
                 self._forget_failed_schema(storage, stored, pipeline, packaged)
             self._clear_staging(storage, family)
-            raise self._step_error(exc, dataset, table) from None
+            self.journal.drop(entry.key)  # undone: nothing of the save is stored
+            raise self._step_error(exc, dataset, table, storage.destination_config.name) from None
         except BaseException as exc:
             if committed and isinstance(exc, Exception):
                 log.exception("error after the load of a save to %s.%s was committed", dataset, table)
@@ -416,6 +653,7 @@ class Writer:
             self._undo(undo)
             self._forget_failed_schema(storage, stored, pipeline, packaged)
             self._clear_staging(storage, family)
+            self.journal.drop(entry.key)
             raise
         return info
 
@@ -566,7 +804,7 @@ class Writer:
             storage.invalidate()
 
     @staticmethod
-    def _step_error(exc: PipelineStepFailed, dataset: str, table: str) -> ServiceError:
+    def _step_error(exc: PipelineStepFailed, dataset: str, table: str, destination: str | None = None) -> ServiceError:
         inner = exc.exception
         cause: BaseException | None = inner
         while cause is not None:  # our own refusal, raised inside dlt's extract (wrapped by dlt)
@@ -596,6 +834,10 @@ class Writer:
                 "nothing was written and the table is as it was",
                 dataset=dataset, table=table, step=exc.step, reason=reason,
             )
+        if exc.step == "load" and is_unreachable(inner):  # its text says where the store lives: name it instead
+            error = unreachable(destination or dataset, dataset, f"saving to '{dataset}.{table}'")
+            error.fields.update(table=table, step=exc.step)
+            return error
         if exc.step == "load":  # the destination away or busy: a retry may succeed
             return Unavailable(
                 f"saving to '{dataset}.{table}' failed at step load: the destination did not take the rows "
@@ -764,6 +1006,24 @@ def _relink_loads(client: Any, load_ids: Sequence[str], schema_name: str, versio
     for load_id in load_ids:
         sql_client.execute_sql(f"UPDATE {table} SET schema_version_hash = %s WHERE load_id = %s AND schema_name = %s",
                                version_hash, load_id, schema_name)
+
+
+def _schema_json(stored: Any) -> dict[str, Any] | None:
+    """A stored schema as the journal keeps it (save_journal.Entry.before)."""
+    if stored is None:
+        return None
+    return {"schema": stored.schema.to_dict(bump_version=False), "version": stored.version,
+            "version_hash": stored.version_hash}
+
+
+def _recorded_loads(storage: Any) -> set[str]:
+    """The load ids of the dataset's ``_dlt_loads`` records, read as a client reads them (every adapter
+    serves the table)."""
+    try:
+        reader = storage.reader(LOADS_TABLE, ["load_id"], None)
+    except NotFound:
+        return set()
+    return {str(v) for v in reader.read_all().column("load_id").to_pylist()}
 
 
 def _newest_version(storage: Any, schema_name: str) -> Any:

@@ -9,7 +9,7 @@ from flight_server.domain.config import (
     ProjectConfig,
 )
 from flight_server.domain.errors import Unsupported
-from flight_server.storage.base import Storage, StoredSchema
+from flight_server.domain.storage import Storage, StoredSchema
 
 
 def open_storage(project: ProjectConfig, dataset: DatasetConfig) -> Storage:

@@ -32,7 +32,7 @@ from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, arrow_filter, dlt_types
-from flight_server.storage.base import (
+from flight_server.domain.storage import (
     LOADS_TABLE,
     conform,
     not_null_hints,
@@ -44,7 +44,7 @@ from flight_server.storage.base import (
     contiguous_groups,
     split_evenly,
 )
-from flight_server.storage.lifetime import isolated, owning_reader
+from flight_server.domain.lifetime import isolated, owning_reader
 
 log = logging.getLogger(__name__)
 

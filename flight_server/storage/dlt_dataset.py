@@ -24,11 +24,12 @@ import pyarrow as pa
 from dlt.common.destination import Destination
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import literal as _literal
 from flight_server.domain.masking import mask
 from flight_server.domain.pushdown import Predicate
-from flight_server.storage.base import (
+from flight_server.domain.storage import (
     LOADS_TABLE,
     SHARED_SCHEMA_TTL,
     Partition,
@@ -38,7 +39,7 @@ from flight_server.storage.base import (
     newest_schemas_sql,
     plain_arrow,
 )
-from flight_server.storage.lifetime import isolated
+from flight_server.domain.lifetime import isolated
 
 if TYPE_CHECKING:  # the annotation only: _delta_storage imports the Delta adapter where it is first needed
     from flight_server.storage.delta import DeltaStorage
@@ -60,7 +61,7 @@ def json_text(value: Any) -> str:
 class DltDatasetStorage(Storage):
     """One dataset on a destination dlt reaches with its SQL client."""
 
-    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+    serves_load_history = True  # _dlt_loads is a table here (domain/storage.py)
 
     schema_ttl = SHARED_SCHEMA_TTL  # the owner's pipelines load into the same destination
 
@@ -170,6 +171,8 @@ class DltDatasetStorage(Storage):
         return isolated(dlt.dataset, self.dlt_destination(), self.dataset.name, schema=schema)
 
     def _fail(self, exc: Exception, what: str) -> Exception:
+        if is_unreachable(exc):  # the driver's text names where it tried to connect
+            return unreachable(self.destination_config.name, self.dataset.name, what)
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         extension = re.search(r"install the required extension '(\w+)'", str(exc))
         if extension:  # dlt reads files on a bucket through duckdb, which downloads its extensions on first use
@@ -233,7 +236,7 @@ class DltDatasetStorage(Storage):
         """The plain filesystem layout: exactly what dlt's own read of the files gives (dlt reads them
         through duckdb views, whose types come from the files: a ``uint8`` or ``float32`` Parquet column
         stays one, a JSON column of a jsonl file is its text, every timestamp is microseconds) - taken
-        from a read of no rows. Other SQL destinations: dlt's mapping (storage/base.py), which is what
+        from a read of no rows. Other SQL destinations: dlt's mapping (domain/storage.py), which is what
         dlt's row-by-row read converts to."""
         if not self.plain_files or table == LOADS_TABLE:
             return super().served_schema(table, columns)

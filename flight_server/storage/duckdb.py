@@ -1,8 +1,8 @@
 """A dataset in a duckdb file: the embedded default destination.
 
 duckdb locks its file per process, and the file belongs to the owner's pipelines too: the server
-holds it only while a request needs it (:class:`FileHandle`) — reads share a read-only connection,
-a save's load step holds the read-write one (dlt borrows it). Reads stream duckdb's own Arrow C++
+holds it only while a request needs it (:class:`FileHandle`) — one connection, read-only for reads,
+read-write while a save's load step holds it (dlt borrows it; reads during the save share it). Reads stream duckdb's own Arrow C++
 reader (``to_arrow_reader``), kept alive with the file's share until the stream is done.
 """
 
@@ -24,7 +24,7 @@ from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
-from flight_server.storage.base import (
+from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
     conform,
     not_null_hints,
@@ -40,7 +40,7 @@ from flight_server.storage.base import (
     split_evenly,
     staging_dataset,
 )
-from flight_server.storage.lifetime import owning_reader
+from flight_server.domain.lifetime import owning_reader
 
 _STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
 
@@ -83,28 +83,40 @@ class FileHandle:
 
     duckdb locks a file per process: while this server holds any connection to it (even read-only),
     the owner's own ``pipeline.run()`` or ``dlt.dataset()`` cannot open it. So there is no connection
-    between requests. Readers share one read-only connection, opened by the first and closed by the
-    last (a stream keeps its share until it is read to the end or dropped); a write waits until no
-    request reads, then holds the one read-write connection for its load only. Opening waits with
-    backoff while another process holds the file, and gives up after :data:`BUSY_TIMEOUT` seconds
-    with UNAVAILABLE ("busy, retry"). A file that does not exist yet reads as empty; the first write
-    creates it.
+    between requests: the process holds ONE connection to the file (one duckdb database instance) while
+    any request needs it, opened by the first and closed by the last (a stream keeps its share until it
+    is read to the end or dropped). Reads open it read-only; a save opens it read-write and dlt borrows
+    it for the load (dlt's duckdb client takes a connection and works on ``duplicate()`` s of it, so the
+    load runs in this same database instance). duckdb cannot hold a file read-only and read-write in one
+    process at once, hence one instance, shared:
 
-    Fairness: while a save waits, new reads wait behind it; and overlapping reads never hold the
-    file longer than :data:`HOLD_SECONDS` at a stretch (then a gap of :data:`GAP_SECONDS` for other
-    processes). A thread that already holds a read never waits for a second one (re-entrant).
+    - *Reads never wait on saves* (issue 22 §4): while a save holds the read-write instance, a read takes
+      a cursor of that instance and sees the last committed data (duckdb's MVCC; the load's transaction
+      is invisible until it commits). The instance stays open until its last reader is done, and a save
+      arriving meanwhile uses it as it is.
+    - A save that finds the file open read-only waits until those reads end (new reads wait behind it, to
+      be served by the save's instance as soon as it is open; the save is not starved), at most
+      :data:`BUSY_TIMEOUT` (then the save gets UNAVAILABLE, "busy with reads", and the reads go on).
+    - Opening waits with backoff while another process holds the file and gives up after
+      :data:`BUSY_TIMEOUT` seconds with UNAVAILABLE ("held by another process, retry"). A file that
+      does not exist yet reads as empty; the first write creates it.
+
+    Fairness to other processes: overlapping reads never hold the file longer than :data:`HOLD_SECONDS`
+    at a stretch (then a gap of :data:`GAP_SECONDS`), unless a save holds it. A thread that already
+    holds a read never waits for a second one (re-entrant); inside its write window, a read is a cursor
+    of the write connection.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._cond = threading.Condition()
         self._readers = 0
-        self._read_con: duckdb.DuckDBPyConnection | None = None
-        self._write_con: duckdb.DuckDBPyConnection | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None  # the process's one connection to the file
+        self._writable = False  # the connection was opened read-write (by a save)
         self._writer: int | None = None  # the thread that holds the write window
         self._writers_waiting = 0
         self._holders: dict[int, tuple[int, float]] = {}  # id(cursor) -> (its thread, when taken)
-        self._opened_at = 0.0  # when the shared read connection was opened (or a drain given up)
+        self._opened_at = 0.0  # when the connection was opened (or a drain given up)
         self._drain_until = 0.0  # while in the future: no new reads, the open ones finish, the file closes
         self._free_until = 0.0  # the gap after a drain: the file stays closed until then
 
@@ -126,8 +138,10 @@ class FileHandle:
         """How long a new read (of a thread holding none) waits before it looks again; 0 when it may
         go ahead. Called under the condition."""
         if self._writer is not None or self._writers_waiting:
-            return BUSY_TIMEOUT
-        if self._read_con is None:
+            # a save holds or wants the file: join its read-write instance once it is open (MVCC: the
+            # last committed data); until then (it waits for read-only reads to end, or opens) wait
+            return 0.0 if self._con is not None and self._writable else BUSY_TIMEOUT
+        if self._con is None:
             return max(self._free_until - now, 0.0)
         if self._drain_until <= self._opened_at and now - self._opened_at > HOLD_SECONDS:
             oldest = min((taken for _, taken in self._holders.values()), default=now)
@@ -142,26 +156,40 @@ class FileHandle:
         return 0.0
 
     def acquire_read(self) -> duckdb.DuckDBPyConnection:
-        """A cursor on the shared read-only connection; :meth:`release_read` when done with it.
-        Inside this thread's write window, a cursor of the write connection (no second connection)."""
+        """A cursor on the process's connection to the file; :meth:`release_read` when done with it.
+        Inside this thread's write window, a cursor of the write connection (no share taken)."""
         me = threading.get_ident()
         with self._cond:
-            if self._writer == me:
-                return self._write_con.cursor()  # type: ignore[union-attr]
+            if self._writer == me and self._con is not None:
+                return self._con.cursor()
             if all(thread != me for thread, _ in self._holders.values()):
-                deadline = time.monotonic() + BUSY_TIMEOUT
+                # a save's wait is bounded (BUSY_TIMEOUT for reads to end, as long again to open the
+                # file): this deadline is only reached while another process holds the file
+                deadline = time.monotonic() + 3 * BUSY_TIMEOUT
                 while wait := self._read_wait(now := time.monotonic()):
                     left = deadline - now
                     if left <= 0:
-                        raise Unavailable(f"the duckdb file {self.path} is busy with a save; retry", path=self.path)
+                        raise Unavailable(f"the duckdb file {self.path} is held by another process; retry",
+                                          path=self.path)
                     self._cond.wait(min(left, max(wait, 0.01)))
-            if self._read_con is None:
-                self._read_con = self._connect(read_only=True)
+            if self._con is None:
+                self._con = self._connect(read_only=True)
+                self._writable = False
                 self._opened_at = time.monotonic()
             self._readers += 1
-            cursor = self._read_con.cursor()
+            cursor = self._con.cursor()
             self._holders[id(cursor)] = (me, time.monotonic())
             return cursor
+
+    def _close_if_unused(self) -> None:
+        """Close the connection when no read and no save needs it (under the condition)."""
+        if self._readers == 0 and self._writer is None and self._con is not None:
+            self._con.close()
+            self._con, self._writable = None, False
+            if self._drain_until > self._opened_at:  # a drain ended: the gap for other processes
+                self._free_until = time.monotonic() + GAP_SECONDS
+                self._drain_until = 0.0
+        self._cond.notify_all()
 
     def release_read(self, cursor: duckdb.DuckDBPyConnection) -> None:
         with self._cond:
@@ -169,13 +197,7 @@ class FileHandle:
             if self._holders.pop(id(cursor), None) is None:
                 return  # a cursor of the write connection: no read share was taken
             self._readers -= 1
-            if self._readers == 0 and self._read_con is not None:
-                self._read_con.close()
-                self._read_con = None
-                if self._drain_until > self._opened_at:  # a drain ended: the gap for other processes
-                    self._free_until = time.monotonic() + GAP_SECONDS
-                    self._drain_until = 0.0
-                self._cond.notify_all()
+            self._close_if_unused()
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -191,12 +213,14 @@ class FileHandle:
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:
-                yield self._write_con  # type: ignore[misc]
+                yield self._con  # type: ignore[misc]
                 return
             deadline = time.monotonic() + BUSY_TIMEOUT
             self._writers_waiting += 1  # new reads wait behind this save
             try:
-                while self._writer is not None or self._readers:
+                # read-only reads must end (one process cannot hold the file both ways); reads of a
+                # read-write instance go on while the save uses the same instance
+                while self._writer is not None or (self._readers and not self._writable):
                     left = deadline - time.monotonic()
                     if left <= 0:  # a stream still open (a slow or idle reader): never wait without bound
                         raise Unavailable(f"the duckdb file {self.path} is busy with reads; nothing was written, "
@@ -206,21 +230,24 @@ class FileHandle:
                 self._writers_waiting -= 1
                 self._cond.notify_all()
             self._writer = me
+            opened = self._con
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._write_con = self._connect(read_only=False)
-            yield self._write_con
+            if opened is None:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                con = self._connect(read_only=False)
+                with self._cond:
+                    self._con, self._writable, self._opened_at = con, True, time.monotonic()
+                    self._cond.notify_all()  # reads waiting for this save join its instance
+            yield self._con  # type: ignore[misc]
         finally:
             with self._cond:
-                if self._write_con is not None:
-                    self._write_con.close()
-                self._write_con, self._writer = None, None
-                self._cond.notify_all()
+                self._writer = None
+                self._close_if_unused()
 
     @property
     def write_connection(self) -> duckdb.DuckDBPyConnection | None:
         """The open write connection, when the calling thread holds the write window."""
-        return self._write_con if self._writer == threading.get_ident() else None
+        return self._con if self._writer == threading.get_ident() else None
 
 
 _handles: dict[str, FileHandle] = {}
@@ -236,7 +263,7 @@ def file_handle(path: str) -> FileHandle:
 class DuckDBStorage(Storage):
     """One dataset (a duckdb schema) inside one duckdb file."""
 
-    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+    serves_load_history = True  # _dlt_loads is a table here (domain/storage.py)
 
     def __init__(self, dataset: DatasetConfig, destination: DestinationConfig, batch_rows: int = 122_880) -> None:
         super().__init__(dataset, destination)
@@ -335,7 +362,7 @@ class DuckDBStorage(Storage):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         return dlt.destinations.duckdb(con if con is not None else self.path,
                                        destination_name=self.destination_config.name,
-                                       **SQL_SAVE_SETTINGS)  # all-or-nothing replace and merge (storage/base.py)
+                                       **SQL_SAVE_SETTINGS)  # all-or-nothing replace and merge (domain/storage.py)
 
     @property
     def location(self) -> str:

@@ -31,10 +31,11 @@ import dlt
 import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.errors import Cancelled, InvalidRequest, Unavailable
+from flight_server.domain.reachability import is_unreachable, unreachable
+from flight_server.domain.errors import Cancelled, InvalidRequest, SqlLimitExceeded, Unavailable
 from flight_server.domain.identifiers import literal as _literal, quote
 from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
-from flight_server.storage.base import (
+from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
     conform,
     not_null_hints,
@@ -48,7 +49,7 @@ from flight_server.storage.base import (
     split_evenly,
     staging_dataset,
 )
-from flight_server.storage.lifetime import _Lease, isolated, owning_reader
+from flight_server.domain.lifetime import _Lease, isolated, owning_reader
 
 WEI_ARROW = pa.decimal128(38, 0)  # dlt's dataset() read of a wei column (docs/type-mapping.md)
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
@@ -185,7 +186,7 @@ def _close_quietly(obj: Any) -> None:
 class PostgresStorage(Storage):
     """One dataset (a PostgreSQL schema) in one database."""
 
-    serves_load_history = True  # _dlt_loads is a table here (storage/base.py)
+    serves_load_history = True  # _dlt_loads is a table here (domain/storage.py)
 
     schema_ttl = SHARED_SCHEMA_TTL  # other replicas and pipelines load into the same database
 
@@ -199,7 +200,7 @@ class PostgresStorage(Storage):
     def dlt_destination(self) -> Any:
         return dlt.destinations.postgres(
             credentials=self.destination_config.credentials, destination_name=self.destination_config.name,
-            **SQL_SAVE_SETTINGS,  # all-or-nothing replace and merge (storage/base.py)
+            **SQL_SAVE_SETTINGS,  # all-or-nothing replace and merge (domain/storage.py)
         )
 
     def capabilities(self) -> Any:
@@ -252,6 +253,8 @@ class PostgresStorage(Storage):
         """A driver error as a domain error whose text holds no secret."""
         import adbc_driver_manager
 
+        if is_unreachable(exc):  # libpq names the host and port it tried: the destination is named instead
+            return unreachable(self.destination_config.name, self.dataset.name, what)
         detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         message = f"{what} failed on destination '{self.destination_config.name}': {detail}"
         if isinstance(exc, adbc_driver_manager.ProgrammingError):
@@ -530,14 +533,12 @@ class PostgresStorage(Storage):
         raise AssertionError("unreachable")
 
     def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
-        from flight_server.domain.sql import _time_limit
-
         if isinstance(exc, _GuardFailed):
             return InvalidRequest(f"the warehouse cannot run this query as the sandbox would ({exc})",
                                   dataset=self.dataset.name)
         text = str(exc)
         if watch.outcome == "timeout" or "statement timeout" in text:
-            return _time_limit(timeout, self.dataset.name)
+            return SqlLimitExceeded.time_limit(timeout, self.dataset.name)
         if watch.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.dataset.name)
         detail = self._scrub(_pg_message(text) or type(exc).__name__)

@@ -25,11 +25,33 @@ from typing import Iterator
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
 
+_WORKER_PORTS = 1000  # ports per pytest-xdist worker, from 20000 up: below Linux's ephemeral range (32768-)
+_next_port = 0
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A currently free TCP port on 127.0.0.1.
+
+    Under pytest-xdist (``PYTEST_XDIST_WORKER=gwN``) each worker takes its ports from a range of its own
+    below the kernel's ephemeral range: another worker's free_port() never returns the same port between
+    this check and the bind of the server it is for, and no port-0 bind (a Flight server's) takes it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    global _next_port
+    base = 20000 + int(worker[2:]) * _WORKER_PORTS
+    for _ in range(_WORKER_PORTS):
+        port = base + _next_port % _WORKER_PORTS
+        _next_port += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + _WORKER_PORTS - 1} for pytest-xdist worker {worker}")
 
 
 def _wait(check, what: str, timeout: float, log: Path | None = None) -> None:

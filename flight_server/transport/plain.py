@@ -17,14 +17,14 @@ from client.protocol import ReadCommand, SqlCommand, WriteCommand
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.partitions import LocationRing, ReadPlan, plan_read
-from flight_server.domain.sql import CheckedQuery, SqlSandbox, check_query
+from flight_server.domain.sql import CheckedQuery, SqlEngine, check_query
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.tickets import TicketSigner
-from flight_server.transport.upload import FlightUpload
+from flight_server.transport.upload import Uploads
 
 Handler = Callable[[Call, Request], Any]
 
@@ -32,9 +32,9 @@ Handler = Callable[[Call, Request], Any]
 class PlainSurface:
     """Handlers of flight-share's own requests, given the domain services they use."""
 
-    def __init__(self, project_name: str, endpoint_rows: int, catalog: Catalog, sql: SqlSandbox, writer: Writer,
+    def __init__(self, project_name: str, endpoint_rows: int, catalog: Catalog, sql: SqlEngine, writer: Writer,
                  cache: TableCache, tickets: TicketSigner, locations: LocationRing,
-                 calls: Callable[[], dict[str, int]]) -> None:
+                 calls: Callable[[], dict[str, int]], uploads: Uploads | None = None) -> None:
         self.project_name = project_name
         self.endpoint_rows = endpoint_rows
         self.catalog = catalog
@@ -44,6 +44,7 @@ class PlainSurface:
         self.tickets = tickets
         self.locations = locations
         self.calls = calls
+        self.uploads = uploads or Uploads()
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         return {
@@ -116,27 +117,28 @@ class PlainSurface:
     def _checked(self, call: Call, command: SqlCommand) -> tuple[Storage, CheckedQuery]:
         storage = self.catalog.open(call.profile, command.dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(command.query, command.dataset, columns)
+        return storage, check_query(command.query, command.dataset, columns, user=call.identity.user)
 
     def sql_info(self, call: Call, request: Request) -> flight.FlightInfo:
         storage, checked = self._checked(call, request.message)
-        schema = self.sql.schema(storage, checked, call.cancelled)
+        schema = self.sql.schema(storage, checked, call.cancelled, user=call.identity.user)
         plan = ReadPlan([request.message], [-1], -1, -1)
         return flight.FlightInfo(schema, call.descriptor, self._endpoints(call, plan), -1, -1)
 
     def sql_schema(self, call: Call, request: Request) -> flight.SchemaResult:
         storage, checked = self._checked(call, request.message)
-        return flight.SchemaResult(self.sql.schema(storage, checked, call.cancelled))
+        return flight.SchemaResult(self.sql.schema(storage, checked, call.cancelled, user=call.identity.user))
 
     def run_sql(self, call: Call, request: Request) -> flight.FlightDataStream:
         storage, checked = self._checked(call, request.message)
         # the sandbox already steps through batches (row limit, timeout): counting there is free
-        return call.stream(self.sql.run(storage, checked, call.cancelled))
+        return call.stream(self.sql.run(storage, checked, call.cancelled, user=call.identity.user))
 
     # --- writes -----------------------------------------------------------------------------------
     def save(self, call: Call, request: Request) -> None:
         command: WriteCommand = request.message
-        result = self.writer.put(call.profile, command, FlightUpload(call.reader, command.commit_marker), call.cancelled)
+        result = self.writer.put(call.profile, command, self.uploads.open(call, command.commit_marker), call.cancelled,
+                                 user=call.identity.user)
         call.loaded(result)
         call.writer.write(pa.py_buffer(protocol.PutResult(result.to_json()).to_bytes()))
 
@@ -171,5 +173,6 @@ class PlainSurface:
         return iter([dataclasses.replace(info, user=call.identity.user).to_bytes()])
 
     def health(self, call: Call, request: Request) -> Iterator[bytes]:
-        return iter([json.dumps({"status": "ok", "project": self.project_name, "calls": self.calls()}).encode()])
+        return iter([json.dumps({"status": "ok", "project": self.project_name, "calls": self.calls(),
+                                 "sql": self.sql.stats(), "uploads": self.writer.stats()}).encode()])
 

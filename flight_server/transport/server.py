@@ -14,18 +14,24 @@ sandbox, writer, cache); the domain knows nothing of Flight.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 import threading
 from typing import Any, Callable
 
 import pyarrow.flight as flight
 
-from flight_server.domain.catalog import Catalog
+from flight_server.domain.catalog import Catalog, StorageOpener
 from flight_server.domain.config import ProjectConfig
-from flight_server.domain.errors import InvalidRequest, Unsupported
+from flight_server.domain.errors import InvalidRequest, ServiceError, Unsupported
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
+from flight_server.domain.save_journal import SAVES, SaveJournal
+from flight_server.domain.workdir import claim_work_dir
+from flight_server.domain import faults
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, memory, session
 from flight_server.transport.auth import Security
@@ -34,33 +40,47 @@ from flight_server.transport.decode import RPC_NAMES, Request
 from flight_server.transport.flight_sql import FlightSqlSurface
 from flight_server.transport.plain import PlainSurface
 from flight_server.transport.status import to_flight_error
+from flight_server.transport.upload import Uploads
+
+log = logging.getLogger("flight_share.server")
 
 
 class FlightShareServer(flight.FlightServerBase):
     """Serves the datasets of one project over Arrow Flight and Flight SQL, on one port."""
 
-    def __init__(self, project: ProjectConfig, location: str, profile: str | None = None, **kwargs: Any) -> None:
-        """``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow (TLS)."""
+    def __init__(self, project: ProjectConfig, location: str, open_storage: StorageOpener, profile: str | None = None,
+                 **kwargs: Any) -> None:
+        """``open_storage`` picks the adapter of a dataset (``flight_server.storage.open_storage``; the transport
+        knows no adapter); ``profile`` overrides the project's ``server.anonymous_profile``; kwargs go to pyarrow
+        (TLS)."""
         self.project = project
         self.security = Security.for_project(project, anonymous_profile=profile)
         kwargs.setdefault("auth_handler", self.security.auth_handler())
         kwargs["middleware"] = {**(kwargs.get("middleware") or {}), **self.security.middleware(),
                                 session.MIDDLEWARE_KEY: session.SessionMiddlewareFactory()}
         super().__init__(location, **kwargs)
-        self.catalog = Catalog(project)
+        self.catalog = Catalog(project, open_storage)
         self.cache = TableCache(project.server.cache_bytes)  # hot tables as Arrow in memory
         # SQL in the warehouse when it can (domain/warehouse.py), else the sandbox fed by the adapters or the cache
         self.sql = WarehouseRouter(SqlSandbox.from_config(project.server, self.cache.sql_reader))
-        self.writer = Writer(self.catalog, project.data_dir / "puts", project.server.max_put_bytes)
+        faults.install()  # test-only fault points, off unless a test's environment names one
+        # each server process saves in a puts folder of its own; folders of processes that ended (a crash) go,
+        # except the packages of saves the crash interrupted: recover() below finishes those from there
+        puts = project.data_dir / "puts"
+        pending = [Path(entry.folder) for entry in SaveJournal(puts / SAVES).unfinished()]
+        self.writer = Writer(self.catalog, claim_work_dir(puts, keep=pending), project.server.max_put_bytes,
+                             project.server.uploads_per_user)
         if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
             self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
+        self.writer.recover()  # saves a crash interrupted are finished before anything is served
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
+        uploads = Uploads(project.server.upload_idle_seconds, lambda: self.port)  # DoPuts end when idle too long
         self.plain = PlainSurface(
             project.name, project.server.endpoint_rows, self.catalog, self.sql, self.writer, self.cache,
-            self.security.tickets, LocationRing(project.server.locations), self.calls)
+            self.security.tickets, LocationRing(project.server.locations), self.calls, uploads)
         self.flight_sql = FlightSqlSurface(project.name, self.catalog, self.sql, self.writer, session.SessionStore(),
-                                           self.security.tickets)
+                                           self.security.tickets, uploads=uploads)
         self.routes: dict[tuple[str, str], Callable[[Call, Request], Any]] = {
             **self.plain.routes(), **self.flight_sql.routes()}
 
@@ -81,10 +101,19 @@ class FlightShareServer(flight.FlightServerBase):
                 raise self._unsupported(request)
             return handler(call, request)
         except BaseException as exc:  # noqa: BLE001 - every error leaves through the mapping table
+            if not isinstance(exc, ServiceError) and is_unreachable(exc):
+                log.warning("a destination did not answer", exc_info=exc)  # the library's text: the log only
+                exc = self._unreachable(request)
             raise to_flight_error(exc) from None
         finally:
             if request is not None and request.writes and request.dataset is not None:
                 self.cache.evict(request.dataset)
+
+    def _unreachable(self, request: Request | None) -> ServiceError:
+        """A store that did not answer, named by the request's dataset's destination (never located)."""
+        dataset = request.dataset if request is not None else None
+        config = self.project.datasets.get(dataset) if dataset else None
+        return unreachable(config.destination if config else "of this dataset", dataset)
 
     def _unsupported(self, request: Request) -> Exception:
         """The answer for a request no handler takes, naming what is taken there instead."""

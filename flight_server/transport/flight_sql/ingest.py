@@ -14,7 +14,7 @@ from flight_server.domain.writer import Writer
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.flight_sql.wire import Routes, no_transaction
-from flight_server.transport.upload import FlightUpload
+from flight_server.transport.upload import Uploads
 
 _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
 
@@ -22,8 +22,9 @@ _INGEST = pb.CommandStatementIngest.TableDefinitionOptions
 class Ingest:
     """The handler of CommandStatementIngest."""
 
-    def __init__(self, catalog_name: str, catalog: Catalog, writer: Writer) -> None:
+    def __init__(self, catalog_name: str, catalog: Catalog, writer: Writer, uploads: Uploads) -> None:
         self.catalog_name = catalog_name
+        self.uploads = uploads  # ended when its client stops sending (server.upload_idle_seconds)
         self.catalog = catalog
         self.writer = writer
 
@@ -61,8 +62,9 @@ class Ingest:
         must_be_new = "ingest in append or replace mode" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_FAIL else None
         disposition: WriteDisposition = "replace" if options.if_exists == _INGEST.TABLE_EXISTS_OPTION_REPLACE else "append"
         # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
-        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition), FlightUpload(call.reader, False),
-                                 call.cancelled, must_exist=must_exist, must_be_new=must_be_new)
+        result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition),
+                                 self.uploads.open(call, False), call.cancelled, must_exist=must_exist,
+                                 must_be_new=must_be_new, user=call.identity.user)
         call.loaded(result)
         # DoPutUpdateResult goes back raw, not packed in Any
         call.writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))

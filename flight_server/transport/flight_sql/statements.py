@@ -47,7 +47,7 @@ from flight_server.domain.partitions import LocationRing
 from flight_server.domain.sql import (
     MAX_PARAMETER_BYTES,
     CheckedQuery,
-    SqlSandbox,
+    SqlEngine,
     TablePartition,
     check_parameters,
     check_query,
@@ -57,7 +57,7 @@ from flight_server.domain.sql import (
     referenced_datasets,
     row_wise_table,
 )
-from flight_server.storage import Storage
+from flight_server.domain.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request, short_name, unpack_any
 from flight_server.transport.flight_sql.handles import (
@@ -73,6 +73,7 @@ from flight_server.transport.flight_sql.sessions import SessionActions
 from flight_server.transport.flight_sql.wire import Routes, no_transaction, one_endpoint_info, pack
 from flight_server.transport.session import LastBound
 from flight_server.transport.tickets import TicketSigner
+from flight_server.transport.upload import Uploads
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ class _RowWise:
 class Statements:
     """The handlers of statements, prepared statements and CancelFlightInfo."""
 
-    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlSandbox, sessions: SessionActions,
-                 signer: TicketSigner, endpoint_rows: int, locations: LocationRing) -> None:
+    def __init__(self, catalog_name: str, catalog: Catalog, sql: SqlEngine, sessions: SessionActions,
+                 signer: TicketSigner, endpoint_rows: int, locations: LocationRing, uploads: Uploads) -> None:
         self.catalog_name = catalog_name
+        self.uploads = uploads  # bound values arrive as an upload: ended when its client stops sending
         self.catalog = catalog
         self.sql = sql
         self.sessions = sessions  # the caller's current db_schema, for unqualified tables
@@ -130,8 +132,9 @@ class Statements:
         reads row by row (:func:`row_wise_table`; None: it runs as one query)."""
         profile = call.profile
         query = statement.query
-        tree = parse_statement(query)  # once: the datasets, the placeholders and the check all read this tree
-        datasets, unqualified = referenced_datasets(tree)
+        # once: the datasets, the placeholders and the check all read this tree
+        tree = parse_statement(query, user=call.identity.user)
+        datasets, unqualified = referenced_datasets(tree, user=call.identity.user)
         visible = self.catalog.visible(profile)
         current = self.sessions.current_schema(call)
         if current is not None and current not in visible:
@@ -148,7 +151,7 @@ class Statements:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
-        count = parameter_count(tree)
+        count = parameter_count(tree, user=call.identity.user)
         values = statement.values()
         if values is not None:
             values = check_parameters(values, count)
@@ -161,7 +164,7 @@ class Statements:
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        checked = check_query(tree, dataset, columns, catalog=self.catalog_name)
+        checked = check_query(tree, dataset, columns, catalog=self.catalog_name, user=call.identity.user)
         table = row_wise_table(tree)  # the checked tree: its one table is one of the dataset's
         row_wise = _RowWise(table, tree.args.get("where") is not None) \
             if table is not None and set(checked.tables) == {table} else None
@@ -169,7 +172,7 @@ class Statements:
 
     def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
         storage, checked, values, _ = self._prepare(call, statement)
-        return self.sql.schema(storage, checked, call.cancelled, values)
+        return self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
@@ -182,7 +185,7 @@ class Statements:
         replicas round-robin, and their order means nothing (``ordered=False``)."""
         statement = dataclasses.replace(statement, partition=None)  # a ticket's handle sent back: plan anew
         storage, checked, values, row_wise = self._prepare(call, statement)
-        schema = self.sql.schema(storage, checked, call.cancelled, values)
+        schema = self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
         run = a_run_of(statement)
         if not self.endpoint_rows:
             row_wise = None  # splitting is off (server.sql_endpoint_rows): no partition plan either
@@ -223,7 +226,7 @@ class Statements:
             self._running.setdefault(key, set()).add(stop)
         try:
             reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values,
-                                  partition=partition)
+                                  partition=partition, user=call.identity.user)
         except BaseException:
             self._unregister(key, stop)
             raise
@@ -267,7 +270,7 @@ class Statements:
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         no_transaction(request.message)
         query = request.message.query
-        count = parameter_count(query)
+        count = parameter_count(query, user=call.identity.user)
         if count:
             # the result's schema before any value is bound: the parameters bound as NULLs
             nulls = pa.table([pa.nulls(1)] * count, schema=parameter_schema(count))
@@ -311,22 +314,16 @@ class Statements:
         """
         statement = self._decode(request.message.prepared_statement_handle)
         batches, size = [], 0
-        while True:
-            try:
-                chunk = call.reader.read_chunk()
-            except StopIteration:
-                break
-            if chunk.data is None:
-                continue
-            size += chunk.data.nbytes
+        for batch in self.uploads.open(call, False).batches():  # a client that stops sending is ended when idle
+            size += batch.nbytes
             if size > MAX_PARAMETER_BYTES:
                 raise InvalidRequest(f"the bound values take more than {MAX_PARAMETER_BYTES:,} bytes; "
                                      "bind fewer rows per execution")
-            batches.append(chunk.data)
+            batches.append(batch)
         if call.cancelled():
             raise Cancelled("the upload of bound values was cancelled")
         values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
-                                  parameter_count(statement.query))
+                                  parameter_count(statement.query, user=call.identity.user))
         bound = Statement(statement.query, ipc_stream(values))
         self._bound.remember(call.identity.user, call.context.peer(), request.message.prepared_statement_handle,
                              bound.parameters or b"")

@@ -1,4 +1,9 @@
-"""The one interface every destination adapter implements.
+"""The one interface every destination adapter implements: the domain's port to its storage.
+
+The domain owns it (and the value types it speaks: :class:`StoredSchema`, :class:`Partition`); the adapters in
+``flight_server/storage/`` implement it and import only the domain; the one place that builds a server (the
+CLI's ``serve``, the test fixtures) picks the adapters by destination kind (``flight_server.storage.open_storage``)
+and hands that choice to the :class:`~flight_server.domain.catalog.Catalog`.
 
 An adapter knows one dataset on one destination: its stored dlt schema, the Arrow schema of each
 table, cheap row counts, and Arrow C++ readers that the Flight service hands straight to
@@ -26,7 +31,7 @@ from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound
 from flight_server.domain.identifiers import quote
 from flight_server.domain.pushdown import Predicate
-from flight_server.storage.lifetime import isolated
+from flight_server.domain.lifetime import isolated
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""Issue 22, "one caller can starve everyone": what another user gets while one user is greedy.
+
+    .venv/bin/python benchmarks/fairness.py [--output benchmarks/results/fairness.json] [--seconds 20]
+
+Starts the demo project (300 events, ``sql_timeout: 10`` as in the issue) as a real server process with
+two users, ann and ben (static tokens). Phases, each ``--seconds`` long while ben measures:
+
+1. ``idle``: ben's ``SELECT 1`` (GetFlightInfo + DoGet on one connection) with nothing else running;
+2. ``slow_queries``: ann runs 4 queries that run until the time limit, again and again;
+3. ``long_queries``: ann sends 100,000-character queries from 8 threads, again and again;
+4. ``stalled_uploads``: ann opens 300 DoPuts that send their schema and then nothing; ben's
+   ``list_flights`` is measured instead.
+
+Per phase: ben's latencies (median, p99, max) and errors, and the errors ann got; over the run the
+server's peak RSS (the server process; its SQL workers separately) and peak thread count. Figures
+are for comparing runs on the same machine (before/after a change), not absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pyarrow as pa
+import pyarrow.flight as flight
+import yaml
+
+from client import connect
+from client.protocol import WriteCommand, encode_command
+from flight_server.domain.credentials import hash_token
+from flight_server.testing.servers import ServerProcess, make_project
+
+EVENTS = "github_events_dataset"
+TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789"}
+SLOW = "SELECT count(*) AS n FROM push_event a, push_event b, push_event c, push_event d, push_event e"
+
+
+def long_query(i: int) -> str:
+    """A valid query of almost 100,000 characters: costly to parse (a long IN list), cheap to run."""
+    values, size, n = [], 60, 0
+    while size < 100_000 - 80:
+        values.append(str(n))
+        size += len(str(n)) + 2
+        n += 1
+    return f"SELECT {i} AS one WHERE {i} IN ({', '.join(values)})"
+
+
+def options(user: str, timeout: float | None = None) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {TOKENS[user]}".encode())], timeout=timeout)
+
+
+class Peaks:
+    """Samples the server's RSS (process and SQL workers) and thread count every 0.1 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.rss = self.workers_rss = self.threads = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.rss = max(self.rss, self.process.memory_info().rss)
+                self.threads = max(self.threads, self.process.num_threads())
+                self.workers_rss = max(self.workers_rss, sum(c.memory_info().rss for c in self.process.children()))
+            except psutil.Error:
+                pass
+            self.stop.wait(0.1)
+
+
+def measure(seconds: float, probe: Callable[[], Any]) -> dict[str, Any]:
+    latencies, errors = [], []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.perf_counter()
+        try:
+            probe()
+            latencies.append(time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - counted
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            latencies.append(time.perf_counter() - started)
+    latencies.sort()
+    return {"n": len(latencies), "median_s": round(statistics.median(latencies), 4),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 4),
+            "max_s": round(latencies[-1], 4), "errors": len(errors), "error_samples": sorted(set(errors))[:3]}
+
+
+def greedy(url: str, threads: int, work: Callable[[Any, int], Any], stop: threading.Event) -> tuple[list[threading.Thread], list[str]]:
+    """ann's load: ``threads`` threads, each on its own connection, calling ``work`` until ``stop``."""
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        with connect(url, token=TOKENS["ann"]) as catalog:
+            while not stop.is_set():
+                try:
+                    work(catalog, i)
+                except Exception as exc:  # noqa: BLE001 - counted
+                    errors.append(str(exc).splitlines()[0][:160])
+
+    pool = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    return pool, errors
+
+
+def summary(errors: list[str]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for e in errors:
+        key = "busy" if "busy" in e else "time limit" if "time limit" in e else e[:80]
+        kinds[key] = kinds.get(key, 0) + 1
+    return kinds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp) / "p", events=300)
+        config = yaml.safe_load(project.read_text())
+        config["users"] = {n: {"profile": "access", "token_hash": hash_token(t)} for n, t in TOKENS.items()}
+        config["server"].update(sql_timeout=10)
+        project.write_text(yaml.safe_dump(config))
+        with ServerProcess(project) as server:
+            peaks = Peaks(server.proc.pid)
+            ben = connect(server.url, token=TOKENS["ben"])
+            select_one = lambda: ben[EVENTS].sql("SELECT 1 AS one").arrow()  # noqa: E731
+            results["idle"] = measure(args.seconds / 2, select_one)
+
+            for phase, threads, work in (
+                ("slow_queries", 4, lambda catalog, i: catalog[EVENTS].sql(SLOW).arrow()),
+                ("long_queries", 8, lambda catalog, i: catalog[EVENTS].sql(long_query(i)).arrow()),
+            ):
+                stop = threading.Event()
+                pool, errors = greedy(server.url, threads, work, stop)
+                time.sleep(1.0)  # a benchmark: let ann's load build up
+                results[phase] = measure(args.seconds, select_one)
+                stop.set()
+                for t in pool:
+                    t.join(60)
+                results[phase]["ann_errors"] = summary(errors)
+
+            # 300 DoPuts that never send
+            schema = pa.schema([("id", pa.int64())])
+            descriptor = flight.FlightDescriptor.for_command(
+                encode_command(WriteCommand("reports_dataset", "stalled", commit_marker=True)))
+            opened, started = [], time.perf_counter()
+            for _ in range(30):
+                client = flight.connect(server.url)
+                for _ in range(10):
+                    writer, reader = client.do_put(descriptor, schema, options=options("ann", timeout=600))
+                    opened.append((client, writer, reader))
+            open_s = time.perf_counter() - started
+            lister = flight.connect(server.url)
+            results["stalled_uploads"] = measure(args.seconds, lambda: list(lister.list_flights(options=options("ben"))))
+            results["stalled_uploads"]["open_300_s"] = round(open_s, 3)
+            results["stalled_uploads"]["server_threads_peak"] = peaks.threads
+            for client, writer, reader in opened:
+                client.close()
+            lister.close()
+            ben.close()
+            peaks.stop.set()
+            results["server_peak_rss_mb"] = round(peaks.rss / 2**20, 1)
+            results["workers_peak_rss_mb"] = round(peaks.workers_rss / 2**20, 1)
+            results["server_peak_threads"] = peaks.threads
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Issue 22, "one caller can starve everyone": fair shares per user, against a real server process.
+
+Two users, ann and ben (static API tokens), on the demo project. ann plays the greedy or careless
+client: slow queries on every worker she can get, floods of 100,000-character queries, hundreds of
+uploads that never send. Each test asserts what ben gets meanwhile (an answer) and what ann gets
+beyond her share ("busy", UNAVAILABLE, never "exceeded the time limit" for time spent waiting).
+Conditions are polled with deadlines (the server's ``health`` counters); no sleeps, no timings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import yaml
+
+from client import connect
+from client.errors import ServerUnavailableError
+from client.protocol import WriteCommand, encode_command
+from flight_server.domain.credentials import hash_token
+from flight_server.domain.sql import MAX_QUERY_CHARS, SANDBOX_WORKERS
+from flight_server.domain.writer import UPLOADS_WAITING_PER_USER
+from flight_server.testing.servers import ServerProcess, make_project
+
+EVENTS = "github_events_dataset"
+REPORTS = "reports_dataset"
+TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789"}
+TIMEOUT = 10  # server.sql_timeout
+PER_USER = 2  # server.sql_per_user
+UPLOADS_PER_USER = 4
+IDLE_SECONDS = 5  # server.upload_idle_seconds
+# runs until the time limit: 300^5 rows
+SLOW = "SELECT count(*) AS n FROM push_event a, push_event b, push_event c, push_event d, push_event e"
+
+
+def _project(folder: Path, **server: Any) -> Path:
+    project = make_project(folder, events=300)
+    config = yaml.safe_load(project.read_text())
+    config["users"] = {name: {"profile": "access", "token_hash": hash_token(token)} for name, token in TOKENS.items()}
+    config["server"].update(server)
+    project.write_text(yaml.safe_dump(config))
+    return project
+
+
+@pytest.fixture(scope="module")
+def fair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    project = _project(tmp_path_factory.mktemp("fair"), sql_timeout=TIMEOUT, sql_per_user=PER_USER,
+                       uploads_per_user=UPLOADS_PER_USER, upload_idle_seconds=IDLE_SECONDS)
+    with ServerProcess(project) as server:
+        yield server
+        assert server.alive, server.output()
+
+
+def _options(user: str, timeout: float | None = None) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {TOKENS[user]}".encode())], timeout=timeout)
+
+
+def _sql(server: ServerProcess, user: str, query: str) -> pa.Table:
+    with connect(server.url, token=TOKENS[user]) as catalog:
+        return catalog[EVENTS].sql(query).arrow()
+
+
+def _flight_sql(server: ServerProcess, user: str, query: str) -> list[Any]:
+    with flight_sql.connect(server.url, db_kwargs={"username": user, "password": TOKENS[user]},
+                            autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        return cur.fetchall()
+
+
+def _health(server: ServerProcess) -> dict[str, Any]:
+    with connect(server.url, token=TOKENS["ben"]) as catalog:
+        return catalog.health()
+
+
+def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds  # a bound against hanging, not a timing
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached: {what}"
+        time.sleep(0.05)
+
+
+def _in_threads(count: int, work: Callable[[int], Any]) -> tuple[list[threading.Thread], list[Any]]:
+    outcomes: list[Any] = []
+
+    def run(i: int) -> None:
+        try:
+            outcomes.append(work(i))
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+def _calls(server: ServerProcess, rpc: str) -> int:
+    return int(_health(server)["calls"].get(rpc, 0))
+
+
+def test_one_users_slow_queries_leave_workers_for_others(fair: ServerProcess) -> None:
+    """Regression (issue 22): ann's four slow queries held every worker, and ben's ``SELECT 1`` failed after
+    10 s with "query exceeded the time limit". ann holds at most her share; ben's query runs meanwhile."""
+    before = _calls(fair, "do_get")
+    threads, outcomes = _in_threads(SANDBOX_WORKERS, lambda _: _sql(fair, "ann", SLOW))
+    _wait_for(lambda: _calls(fair, "do_get") >= before + PER_USER, "ann's queries reached the sandbox")
+    assert _sql(fair, "ben", "SELECT 1 AS one").column("one").to_pylist() == [1]
+    assert _flight_sql(fair, "ben", f"SELECT count(*) > 0 FROM {EVENTS}.push_event") == [(True,)]
+    for thread in threads:
+        thread.join(4 * TIMEOUT + 60)
+    assert len(outcomes) == SANDBOX_WORKERS
+    for outcome in outcomes:  # each ran its own time, or waited for a worker and was told so
+        assert isinstance(outcome, Exception), outcome
+        assert f"time limit of {TIMEOUT} s" in str(outcome) or "busy" in str(outcome), outcome
+
+
+def test_a_query_beyond_the_users_share_waits_and_is_told_busy(fair: ServerProcess) -> None:
+    """ann's queries beyond her share wait for one of her own to end - not for the time limit of the query
+    that waits - and more than a few waiting are refused at once: UNAVAILABLE "busy", a retry may succeed."""
+    before = _calls(fair, "do_get")
+    slow, slow_outcomes = _in_threads(PER_USER, lambda _: _sql(fair, "ann", SLOW))
+    _wait_for(lambda: _calls(fair, "do_get") >= before + PER_USER, "ann's slow queries reached the sandbox")
+    cheap, cheap_outcomes = _in_threads(12, lambda _: _sql(fair, "ann", "SELECT 1 AS one"))
+    for thread in slow + cheap:
+        thread.join(4 * TIMEOUT + 60)
+    errors = [o for o in cheap_outcomes if isinstance(o, Exception)]
+    answers = [o for o in cheap_outcomes if not isinstance(o, Exception)]
+    assert errors, "ann's queries beyond her share and her queue were all accepted"
+    for error in errors:
+        assert isinstance(error, ServerUnavailableError), error  # UNAVAILABLE: a retry may succeed
+        assert "busy" in str(error) and "time limit" not in str(error), error
+    for answer in answers:
+        assert answer.column("one").to_pylist() == [1]
+    for outcome in slow_outcomes:
+        assert f"time limit of {TIMEOUT} s" in str(outcome), outcome
+
+
+def _long_query(i: int) -> str:
+    """A valid query of almost 100,000 characters: costly to parse (a long IN list), cheap to run."""
+    values, size, n = [], 60, 0
+    while size < 100_000 - 80:
+        values.append(str(n))
+        size += len(str(n)) + 2
+        n += 1
+    return f"SELECT {i} AS one WHERE {i} IN ({', '.join(values)})"
+
+
+def test_long_queries_of_one_user_leave_the_parser_to_others(fair: ServerProcess) -> None:
+    """Regression (issue 22): ann's 100,000-character queries took the parser (two analyses at once, any
+    user) and pushed ben's ``SELECT 1`` to seconds. ann analyses one query at a time and queues a few; the
+    rest are refused "busy" at once, and ben's query is analysed meanwhile."""
+    before = _calls(fair, "get_flight_info")
+    threads, outcomes = _in_threads(12, lambda i: _sql(fair, "ann", _long_query(i)).num_rows)
+    _wait_for(lambda: _calls(fair, "get_flight_info") >= before + 12, "ann's long queries reached the server")
+    assert _sql(fair, "ben", "SELECT 1 AS one").column("one").to_pylist() == [1]
+    answered_before_ben = sum(1 for o in list(outcomes) if not isinstance(o, Exception))
+    for thread in threads:
+        thread.join(600)
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    answered = [o for o in outcomes if not isinstance(o, Exception)]
+    # ben's query was analysed while ann's accepted ones still waited (round-robin), not after all of them
+    assert answered_before_ben < len(answered), (answered_before_ben, len(answered), refused[:2])
+    assert refused, "all of ann's concurrent long queries were accepted"
+    for error in refused:
+        assert isinstance(error, ServerUnavailableError) and "busy" in str(error), error
+    assert all(o == 1 for o in answered)
+
+
+def _stalled_puts(server: ServerProcess, user: str, count: int, per_connection: int = 10) -> list[Any]:
+    """``count`` DoPuts that send their schema and then nothing, never committing; over several connections."""
+    schema = pa.schema([("id", pa.int64())])
+    descriptor = flight.FlightDescriptor.for_command(encode_command(WriteCommand(REPORTS, "stalled", commit_marker=True)))
+    opened = []
+    for start in range(0, count, per_connection):
+        client = flight.connect(server.url)
+        for _ in range(min(per_connection, count - start)):
+            writer, reader = client.do_put(descriptor, schema, options=_options(user, timeout=120))
+            opened.append((client, writer, reader))
+    return opened
+
+
+def test_stalled_uploads_do_not_hold_the_server(fair: ServerProcess) -> None:
+    """Regression (issue 22): 300 DoPuts opened at once that never sent stalled everyone's ``list_flights``,
+    and each held a thread and a folder for as long as its client stayed. ann may have a few uploads open;
+    the rest are refused "busy" at once; ben lists and saves meanwhile; ann's open ones end when idle."""
+    before = _calls(fair, "do_put")
+    stalled = _stalled_puts(fair, "ann", 300)
+    _wait_for(lambda: _calls(fair, "do_put") >= before + 300, "ann's uploads reached the server")
+    client = flight.connect(fair.url)
+    assert {f.descriptor.path[0].decode() for f in client.list_flights(options=_options("ben"))} >= {EVENTS}
+    client.close()
+    with connect(fair.url, token=TOKENS["ben"]) as catalog:
+        assert catalog[REPORTS].save(pa.table({"id": [1, 2, 3]}), "ben_saved").rows == 3
+    outcomes: list[Any] = []
+    for _client, writer, reader in stalled:  # ann never sends; what did the server make of her uploads?
+        try:
+            reader.read()  # returns once the call has ended (its status comes with close)
+            writer.close()
+            outcomes.append("accepted")
+        except flight.FlightError as exc:
+            outcomes.append(exc)
+    busy = [o for o in outcomes if isinstance(o, flight.FlightUnavailableError) and "busy" in str(o)]
+    assert len(busy) >= 300 - UPLOADS_PER_USER - UPLOADS_WAITING_PER_USER, outcomes[:5]
+    for outcome in outcomes:
+        assert isinstance(outcome, flight.FlightError), outcome
+        assert not isinstance(outcome, flight.FlightTimedOutError), outcome  # the server ended it, not our deadline
+    _wait_for(lambda: _health(fair)["uploads"]["running"] == 0, "ann's idle uploads ended")
+    for client in {id(c): c for c, _w, _r in stalled}.values():
+        client.close()
+
+
+def test_upload_folders_left_by_a_crash_are_removed_at_start(tmp_path: Path) -> None:
+    """A server killed while an upload is open leaves the upload's folder under ``puts/``; the next start
+    removes it (a replica still running on the same data folder keeps its own)."""
+    project = _project(tmp_path / "crash", upload_idle_seconds=600)
+    puts = project.parent / ".flight-share" / "puts"
+
+    def saves() -> list[Path]:
+        return sorted(puts.glob("**/save_*_pipeline-*")) if puts.exists() else []
+
+    server = ServerProcess(project)
+    try:
+        client = flight.connect(server.url)
+        descriptor = flight.FlightDescriptor.for_command(encode_command(WriteCommand(REPORTS, "crashed", commit_marker=True)))
+        writer, _reader = client.do_put(descriptor, pa.schema([("id", pa.int64())]), options=_options("ann", timeout=300))
+        writer.write_batch(pa.record_batch([pa.array([1, 2, 3])], names=["id"]))
+        _wait_for(lambda: bool(saves()), "the upload's folder exists")
+        left = saves()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(30)
+        assert all(p.exists() for p in left)
+        client.close()
+    finally:
+        server.stop()
+    with ServerProcess(project) as again:
+        assert not any(p.exists() for p in left), left
+        with connect(again.url, token=TOKENS["ben"]) as catalog:
+            assert catalog[REPORTS].save(pa.table({"id": [7]}), "after_crash")
+        assert saves() == []
