@@ -89,7 +89,7 @@ def running_elsewhere(entry: Entry) -> bool:
         return False
     except PermissionError:
         return True
-    return _started(int(pid)) == started
+    return bool(_started(int(pid)) == started)
 
 
 class SaveJournal:

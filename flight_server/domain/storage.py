@@ -20,7 +20,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import pyarrow as pa
 from dlt.common.libs.pyarrow import columns_to_arrow
@@ -87,7 +87,7 @@ def int_range(spec: Any, key: str) -> tuple[int, int | None]:
     ok = (isinstance(value, list) and len(value) == 2
           and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in value)
           and value[0] is not None and (value[1] is None or value[1] >= value[0]))
-    if not ok:
+    if not ok or value is None:
         raise InvalidRequest(f"ticket partition must be {{\"{key}\": [start, stop or null]}}, got {spec!r}")
     return value[0], value[1]
 
@@ -140,7 +140,7 @@ class StoredSchema:
 # (:data:`SQL_SAVE_SETTINGS`): a replace or merge is then all-or-nothing. Checked in dlt 1.31 and by
 # tests/test_write_safety.py and test_destination_writes.py.
 SQL_REPLACE_STRATEGY = "insert-from-staging"
-SQL_SAVE_SETTINGS = {"replace_strategy": SQL_REPLACE_STRATEGY, "supports_transactions": True}
+SQL_SAVE_SETTINGS: dict[str, Any] = {"replace_strategy": SQL_REPLACE_STRATEGY, "supports_transactions": True}
 
 LOADS_TABLE = "_dlt_loads"  # dlt's load history
 
@@ -294,7 +294,7 @@ class Storage(ABC):
         """Data tables (no dlt internals) that hold data, in schema order, of every stored schema."""
         names: list[str] = []
         for stored in self.stored_schemas():
-            names += [t["name"] for t in stored.schema.data_tables(seen_data_only=True)
+            names += [str(t["name"]) for t in stored.schema.data_tables(seen_data_only=True)
                       if has_table_seen_data(t) and t["name"] not in names]
         return names
 
@@ -435,7 +435,7 @@ class Storage(ABC):
 
     @abstractmethod
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None,
+               partition: Mapping[str, Any] | None = None,
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         """A streaming Arrow reader over a table, or over one of its :meth:`partitions`.
 

@@ -30,7 +30,7 @@ what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, cast
 
 import duckdb
 import pyarrow as pa
@@ -42,6 +42,7 @@ from dlt.common.libs.pyarrow import (
 )
 from dlt.common.normalizers.json.helpers import normalize_table_identifier
 from dlt.common.schema import Schema
+from dlt.common.schema.typing import TColumnSchema
 from dlt.common.schema.utils import is_complete_column
 
 from client.protocol import MAX_COLUMNS, MAX_NAME_CHARS
@@ -255,7 +256,7 @@ def shape(schema: Schema, dataset: str, table: str, incoming: pa.Schema, capabil
             # integers and decimals are where the same dlt type can hold values the stored one cannot
             may_overflow = pa.types.is_integer(f.type) or pa.types.is_decimal(f.type)
             if (may_overflow and _dlt_type(f.type) == kept.get("data_type")) or (coerce and name in coerce):
-                target = columns_to_arrow({name: dict(kept)}, capabilities, "UTC").field(name).type
+                target = columns_to_arrow({name: cast(TColumnSchema, dict(kept))}, capabilities, "UTC").field(name).type
                 if target != f.type and not as_read:
                     casts[name] = target
         sent = casts.get(name, f.type)  # a stored decimal column's type, if the upload is cast to it

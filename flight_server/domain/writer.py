@@ -103,13 +103,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, cast
 
 import dlt
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.schema import Schema
+from dlt.common.schema.typing import TWriteDisposition
 from dlt.common.schema.exceptions import DataValidationError
 from dlt.common.schema.utils import generate_version_hash, get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
@@ -319,7 +320,7 @@ class Writer:
                 return
             entry = current
             storage = self.catalog.storage(entry.dataset)
-            before = (StoredSchema(Schema.from_dict(entry.before["schema"]), entry.before["version"],  # type: ignore[arg-type]
+            before = (StoredSchema(Schema.from_dict(entry.before["schema"]), entry.before["version"],
                                    entry.before["version_hash"]) if entry.before else None)
             started = time.monotonic()
             storage.invalidate()
@@ -481,11 +482,12 @@ class Writer:
 
         disposition, primary_key, merge_key = _write_mode(schema, command, table, exists, shape.schema.names)
         _refuse_nested_merge(schema, command.dataset, table, disposition, exists)
-        resource = dlt.resource(
-            items(), name=table, write_disposition=disposition,
-            primary_key=primary_key or None, merge_key=merge_key or None, table_format=storage.table_format,
-            columns=list(shape.hints.values()) or None,  # the stored hints (uploads.shape)
-        )
+        # hints left out where the save has none (dlt's defaults), rather than passed as None
+        hints: dict[str, Any] = {"primary_key": primary_key, "merge_key": merge_key,
+                                 "table_format": storage.table_format,
+                                 "columns": list(shape.hints.values())}  # the stored hints (uploads.shape)
+        resource = dlt.resource(items(), name=table, write_disposition=cast(TWriteDisposition, disposition),
+                                **{k: v for k, v in hints.items() if v})
         # a new table is refused or allowed by the dataset's newest schema (its name in dlt's message, as
         # dlt+ words it: "In schema: events ... new tables are frozen"); it is loaded into the saves' schema
         judge = owner.schema if owner is not None and table not in schema.tables else schema
@@ -949,10 +951,11 @@ def _element_sizes(array: Any) -> np.ndarray:
     if pa.types.is_dictionary(dtype):
         values = _element_sizes(array.dictionary)
         indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return values[indices] if len(values) else np.zeros(n, np.int64)
+        sizes: np.ndarray = values[indices] if len(values) else np.zeros(n, np.int64)
+        return sizes
     if pa.types.is_binary(dtype) or pa.types.is_string(dtype) or pa.types.is_large_binary(dtype) \
             or pa.types.is_large_string(dtype):
-        lengths = pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        lengths: np.ndarray = pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         return lengths + (8 if pa.types.is_large_binary(dtype) or pa.types.is_large_string(dtype) else 4)
     if pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype) or pa.types.is_list(dtype) \
             or pa.types.is_large_list(dtype) or pa.types.is_map(dtype):
@@ -1096,7 +1099,7 @@ def _refuse_nested_merge(schema: Schema, dataset: str, table: str, disposition: 
     stored = schema.tables.get(table) if exists else None
     if stored is None or disposition != "merge":
         return
-    children = [t["name"] for t in get_nested_tables(schema.tables, table) if t["name"] != table]
+    children = [str(t["name"]) for t in get_nested_tables(schema.tables, table) if t["name"] != table]
     if children and stored.get("x-merge-strategy", "delete-insert") in _REPLACES_NESTED:
         raise InvalidRequest(
             f"table '{dataset}.{table}' has nested data in child table(s) {', '.join(children)}: a merge replaces "
@@ -1110,4 +1113,4 @@ def _table_family(schema: Schema | None, table: str) -> list[str]:
     """The table and its child tables in a schema (what dlt's replace empties, or creates)."""
     if schema is None or table not in schema.tables:
         return [table]
-    return [t["name"] for t in get_nested_tables(schema.tables, table)]
+    return [str(t["name"]) for t in get_nested_tables(schema.tables, table)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
 import dlt
@@ -476,7 +476,7 @@ class DeltaStorage(Storage):
         with lock:
             return pinned.to_pyarrow_dataset()
 
-    def _partition_dataset(self, table: str, partition: dict[str, Any]) -> pads.Dataset:
+    def _partition_dataset(self, table: str, partition: Mapping[str, Any]) -> pads.Dataset:
         version, files = partition.get("version"), partition.get("files")
         valid = (isinstance(version, int) and not isinstance(version, bool) and version >= 0 and isinstance(files, list)
                  and bool(files) and all(
@@ -506,7 +506,7 @@ class DeltaStorage(Storage):
         return pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None,
+               partition: Mapping[str, Any] | None = None,
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         if table == LOADS_TABLE:
             loads = self._load_history().select(self.arrow_schema(table, columns).names)

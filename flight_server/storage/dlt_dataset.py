@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import dlt
 import pyarrow as pa
@@ -260,7 +260,7 @@ class DltDatasetStorage(Storage):
         return int(n)
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None,
+               partition: Mapping[str, Any] | None = None,
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         if self.is_delta(table):
             return self._delta_storage().reader(table, columns, limit, partition, where)

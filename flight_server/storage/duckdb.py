@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import dlt
 import duckdb
@@ -373,7 +373,7 @@ class DuckDBStorage(Storage):
     def version_stamp(self) -> Any:
         """The file's and its WAL's (mtime, size, inode): every write, by this server or another process,
         appends to the WAL or rewrites the file. None while either was modified within :data:`RACY_NS`."""
-        now, stamp = time.time_ns(), []
+        now, stamp = time.time_ns(), list[tuple[int, int, int] | None]()
         for path in (self.path, self.path + ".wal"):
             try:
                 st = os.stat(path)
@@ -446,7 +446,7 @@ class DuckDBStorage(Storage):
         return parts
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None,
+               partition: Mapping[str, Any] | None = None,
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
         conditions = []
@@ -455,8 +455,9 @@ class DuckDBStorage(Storage):
             conditions.append(f"rowid >= {start}" + (f" AND rowid < {stop}" if stop is not None else ""))
         if where:  # a SQL query's filters: duckdb skips row groups by their zone maps
             kept, complete = applicable(where, self.arrow_schema(table), _dlt_types(self.table_columns(table)))
-            if kept:
-                conditions.append(where_sql(kept, quote))
+            clause = where_sql(kept, quote) if kept else None
+            if clause:
+                conditions.append(clause)
             if not complete:
                 limit = None  # a row limit holds only over the query's full filter
         sql = select_sql(self.dataset.name, table, [quote(c) for c in schema.names],

@@ -25,7 +25,7 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import dlt
 import pyarrow as pa
@@ -424,7 +424,7 @@ class PostgresStorage(Storage):
         return parts
 
     def reader(self, table: str, columns: Sequence[str] | None, limit: int | None,
-               partition: dict[str, Any] | None = None,
+               partition: Mapping[str, Any] | None = None,
                where: Sequence[Predicate] | None = None) -> pa.RecordBatchReader:
         schema = self.arrow_schema(table, columns)
         conditions = []

@@ -70,8 +70,9 @@ class FlightShareServer(flight.FlightServerBase):
         pending = [Path(entry.folder) for entry in SaveJournal(puts / SAVES).unfinished()]
         self.writer = Writer(self.catalog, claim_work_dir(puts, keep=pending), project.server.max_put_bytes,
                              project.server.uploads_per_user)
-        if memory.active_limit() is not None:  # gathered batches stay a small share of the Arrow ceiling
-            self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, memory.active_limit() // 16)
+        ceiling = memory.active_limit()
+        if ceiling is not None:  # gathered batches stay a small share of the Arrow ceiling
+            self.writer.coalesce_bytes = min(self.writer.coalesce_bytes, ceiling // 16)
         self.writer.recover()  # saves a crash interrupted are finished before anything is served
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
@@ -172,7 +173,7 @@ class FlightShareServer(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Any:
         return self._dispatch(context, lambda _call: decode.action(action))
 
-    def shutdown(self) -> None:  # type: ignore[override]
+    def shutdown(self) -> None:
         super().shutdown()
         self.sql.close()
         self.catalog.close()
