@@ -14,7 +14,7 @@ Times are best-of-``--repeat`` (noise on shared cores only ever slows a run). Th
 within 10% of plain DoGet: both end in the same sandbox reader handed to Flight; Flight SQL adds one
 prepare round trip and a LIMIT 0 schema query per statement.
 
-SQL runs in the server's locked-down sandbox duckdb (flight_server/domain/sql.py) on both server paths; the
+SQL runs in the server's locked-down sandbox duckdb (flight_server/domain/sql/) on both server paths; the
 plain path reads every endpoint of its GetFlightInfo, in order (signed tickets, never built by hand).
 Figures: benchmarks/README.md ("Flight SQL").
 """

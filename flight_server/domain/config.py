@@ -155,7 +155,7 @@ class ServerConfig:
     sql_max_rows: int = 10_000_000
     sql_timeout: float = 120.0  # seconds
     sql_memory_limit: str = "2GB"
-    # SQL sandbox workers one user may hold at once (None: half of them, rounded up; see domain/sql.py)
+    # SQL sandbox workers one user may hold at once (None: half of them, rounded up; see domain/sql/workers.py)
     sql_per_user: int | None = None
     # uploads (saves) one user may have open at once; more are refused "busy" (see domain/writer.py)
     uploads_per_user: int = 8

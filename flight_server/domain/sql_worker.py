@@ -25,7 +25,9 @@ The result pipe carries one Arrow IPC stream: the result schema, the result batc
 means the worker died (killed by the server, or by the kernel).
 
 It imports only :mod:`flight_server.domain.identifiers` from the server (which imports nothing), so it starts
-fast, and it holds no secret: the server passes it an empty environment.
+fast, and it holds no secret: the server passes it an empty environment. It sits beside the
+:mod:`flight_server.domain.sql` package, not in it: importing a module of a package first runs the package's
+``__init__`` (the parser and the checks).
 """
 
 from __future__ import annotations

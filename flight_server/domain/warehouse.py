@@ -64,7 +64,9 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
-from flight_server.domain.sql import CheckedQuery, SqlSandbox, case_sensitive, table_references
+from flight_server.domain.sql.check import CheckedQuery, case_sensitive
+from flight_server.domain.sql.references import table_references
+from flight_server.domain.sql.sandbox import SqlSandbox
 from flight_server.domain.storage import Storage
 
 log = logging.getLogger(__name__)

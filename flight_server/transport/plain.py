@@ -17,7 +17,8 @@ from client.protocol import ReadCommand, SqlCommand, WriteCommand
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.partitions import LocationRing, ReadPlan, plan_read
-from flight_server.domain.sql import CheckedQuery, SqlEngine, check_query
+from flight_server.domain.sql.check import CheckedQuery, check_query
+from flight_server.domain.sql.engine import SqlEngine
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
 from flight_server.domain.storage import Storage

@@ -26,7 +26,7 @@ from flight_server.domain.config import ProjectConfig
 from flight_server.domain.errors import InvalidRequest, ServiceError, Unsupported
 from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.partitions import LocationRing
-from flight_server.domain.sql import SqlSandbox
+from flight_server.domain.sql.sandbox import SqlSandbox
 from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.save_journal import SAVES, SaveJournal

@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from flight_server.domain.errors import InvalidRequest
-from flight_server.domain.sql import MAX_PARAMETER_BYTES, MAX_QUERY_CHARS
+from flight_server.domain.sql.parameters import MAX_PARAMETER_BYTES
+from flight_server.domain.sql.parse import MAX_QUERY_CHARS
 from flight_server.transport.tickets import TicketSigner
 
 _HANDLE_PREFIX = b"flight-share/statement/v1:"

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from client import __version__
-from flight_server.domain.sql import MAX_QUERY_CHARS
+from flight_server.domain.sql.parse import MAX_QUERY_CHARS
 
 SERVER_NAME = "flight-share"
 

@@ -8,7 +8,7 @@ import secrets
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.errors import Unsupported
 from flight_server.domain.partitions import LocationRing
-from flight_server.domain.sql import SqlEngine
+from flight_server.domain.sql.engine import SqlEngine
 from flight_server.domain.writer import Writer
 from flight_server.transport.call import Call
 from flight_server.transport.decode import ACTION_BODIES, RAW_ACTION_BODIES
