@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install install-test bench demo test lock
+.PHONY: check install install-test bench demo test lock
 
 # the bootstrap: a virtual environment with uv in it (uv then manages everything else from the lock)
 $(UV):
@@ -47,8 +47,14 @@ demo: install
 # two workers (pytest-xdist): a test mostly waits on a server, PostgreSQL or a load in another process, so a
 # second worker fills the idle core; tests sharing a module fixture stay on one worker (tests/conftest.py)
 PYTEST_WORKERS ?= 2
-test: install-test
+test: check
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# lint (ruff) and types (mypy, strict on domain/ and storage/), configured in pyproject.toml; `make test`
+# runs it first, so CI fails on either
+check: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # after changing a dependency in pyproject.toml: re-resolve and write uv.lock (commit both)
 lock: $(UV)

@@ -33,8 +33,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         results = {
-            "benchmark": "destinations", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "benchmark": "destinations", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine(), "repeats": args.repeats, "quick": args.quick,
             "delta": delta_benchmark(args.rows, args.repeats, work),
             "postgres": postgres_benchmark(args.pg_rows, args.repeats, work),
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["wall_s"] = round(time.perf_counter() - started, 1)
-    out = args.out or RESULTS / f"destinations-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"destinations-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))

@@ -24,8 +24,9 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pyarrow as pa
@@ -165,7 +166,7 @@ def main() -> None:
             results["stalled_uploads"] = measure(args.seconds, lambda: list(lister.list_flights(options=options("ben"))))
             results["stalled_uploads"]["open_300_s"] = round(open_s, 3)
             results["stalled_uploads"]["server_threads_peak"] = peaks.threads
-            for client, writer, reader in opened:
+            for client, _writer, _reader in opened:
                 client.close()
             lister.close()
             ben.close()

@@ -40,9 +40,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -181,7 +182,7 @@ class RssSampler:
             self.samples.append(self.proc.memory_info().rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.before = self.proc.memory_info().rss
         self._thread.start()
         return self
@@ -232,7 +233,7 @@ class Target:
 
 
 def flight_share_tickets(client: flight.FlightClient, descriptor: flight.FlightDescriptor,
-                         target: "Target | None" = None) -> list[flight.Ticket]:
+                         target: Target | None = None) -> list[flight.Ticket]:
     """GetFlightInfo, then the tickets of every endpoint in order (never built by hand)."""
     t0 = time.perf_counter()
     info = client.get_flight_info(descriptor)
@@ -344,7 +345,7 @@ def warm_cache(server: ServerProcess, client: flight.FlightClient, descriptor: f
                 raise RuntimeError(f"no '{marker}' in the server log within {timeout}s")
             time.sleep(0.05)
     fill_seconds = time.perf_counter() - t0
-    line = next(l for l in out.splitlines() if marker in l)
+    line = next(text for text in out.splitlines() if marker in text)
     cached_bytes = int(line.split(marker, 1)[1].split(" rows, ", 1)[1].split(" bytes", 1)[0])
     info = client.get_flight_info(descriptor)
     if len(info.endpoints) != 1 or info.total_bytes != cached_bytes:
@@ -391,7 +392,8 @@ def _gbps(nbytes: int, seconds: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     layouts = [int(x) for x in args.layouts.split(",")]
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="flight_share_bench_"))
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    def log(*a: object) -> None:
+        print(*a, file=sys.stderr, flush=True)
 
     t = time.perf_counter()
     generated = generate_table(args.rows, args.seed)

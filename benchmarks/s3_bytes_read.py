@@ -35,10 +35,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import adbc_driver_flightsql.dbapi as flight_sql  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from sql_latency import LOADER, STORES, dataset_of, make_table  # noqa: E402
 
 from flight_server.testing.servers import ServerProcess  # noqa: E402
 from flight_server.testing.services import S3Server  # noqa: E402
-from sql_latency import LOADER, STORES, dataset_of, make_table  # noqa: E402
 
 KIND = "delta_s3"
 QUERIES = {

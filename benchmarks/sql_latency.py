@@ -54,8 +54,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Any] = []
     env: dict[str, str] = {}
     results: dict[str, Any] = {
-        "benchmark": "sql_latency", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "sql_latency", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/sql_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": args.rows, "repeat": args.repeat, "machine": machine(), "load_average_start": load_average(),
         "queries": {q: s.format(t="t") for q, (s, _) in QUERIES.items()}, "destinations": {},

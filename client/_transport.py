@@ -11,10 +11,11 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Generator, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa

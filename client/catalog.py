@@ -10,9 +10,10 @@ from __future__ import annotations
 import html
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -75,7 +76,7 @@ class Relation:
         """Read everything into a pyarrow Table."""
         return self._connection.table(self._command)
 
-    def df(self) -> "pandas.DataFrame":
+    def df(self) -> pandas.DataFrame:
         """Read everything into a pandas DataFrame."""
         return self.arrow().to_pandas()
 
@@ -99,29 +100,29 @@ class Table(Relation):
     def name(self) -> str:
         return self._command.table
 
-    def select(self, *columns: str) -> "Table":
+    def select(self, *columns: str) -> Table:
         """Only these columns."""
         return replace(self, _command=replace(self._command, columns=tuple(columns)))
 
-    def limit(self, n: int) -> "Table":
+    def limit(self, n: int) -> Table:
         """At most n rows."""
         return replace(self, _command=replace(self._command, limit=int(n)))
 
-    def head(self, n: int = 5) -> "pandas.DataFrame":
+    def head(self, n: int = 5) -> pandas.DataFrame:
         """The first n rows as pandas."""
         return self.limit(n).df()
 
-    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> "Query":
+    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> Query:
         """Rows that match, as dlt's ``Relation.where``: ``where("id", "gt", 10)`` (operators eq, ne, gt, lt,
         gte, lte, in, not_in; ``eq``/``ne`` with None mean IS [NOT] NULL) or a SQL condition,
         ``where("id > 10")``. The server pushes plain filters to the destination."""
         return self._query().where(column_or_expr, operator, value)
 
-    def order_by(self, column_name: str, direction: str = "asc") -> "Query":
+    def order_by(self, column_name: str, direction: str = "asc") -> Query:
         """Rows in this order, as dlt's ``Relation.order_by``."""
         return self._query().order_by(column_name, direction)
 
-    def _query(self) -> "Query":
+    def _query(self) -> Query:
         return Query.of(self._connection, self._command.dataset, self.name, tuple(self._command.columns or ()),
                         limit=self._command.limit)
 
@@ -193,7 +194,7 @@ class Query(Relation):
 
     @classmethod
     def of(cls, connection: Connection, dataset: str, table: str, columns: tuple[str, ...] = (),
-           conditions: tuple[str, ...] = (), order: tuple[str, ...] = (), limit: int | None = None) -> "Query":
+           conditions: tuple[str, ...] = (), order: tuple[str, ...] = (), limit: int | None = None) -> Query:
         sql = f"SELECT {', '.join(map(_identifier, columns)) or '*'} FROM {_identifier(table)}"
         if conditions:
             sql += " WHERE " + " AND ".join(f"({c})" for c in conditions)
@@ -203,12 +204,12 @@ class Query(Relation):
             sql += f" LIMIT {int(limit)}"
         return cls(connection, SqlCommand(dataset, sql), table, columns, conditions, order, limit)
 
-    def _with(self, **changes: Any) -> "Query":
+    def _with(self, **changes: Any) -> Query:
         fields: dict[str, Any] = {"columns": self._columns, "conditions": self._conditions, "order": self._order, "limit": self._limit}
         fields.update(changes)
         return Query.of(self._connection, self._command.dataset, self._table, **fields)
 
-    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> "Query":
+    def where(self, column_or_expr: str, operator: str | None = None, value: Any = None) -> Query:
         if operator is None and value is None:
             return self._with(conditions=(*self._conditions, column_or_expr))
         if operator in ("in", "not_in"):
@@ -227,18 +228,18 @@ class Query(Relation):
             raise ValueError(f"operator {operator!r} is not one of {', '.join([*_OPERATORS, 'in', 'not_in'])}")
         return self._with(conditions=(*self._conditions, condition))
 
-    def order_by(self, column_name: str, direction: str = "asc") -> "Query":
+    def order_by(self, column_name: str, direction: str = "asc") -> Query:
         if direction.lower() not in ("asc", "desc"):
             raise ValueError(f"direction must be 'asc' or 'desc', got {direction!r}")
         return self._with(order=(*self._order, f"{_identifier(column_name)} {direction.upper()}"))
 
-    def select(self, *columns: str) -> "Query":
+    def select(self, *columns: str) -> Query:
         return self._with(columns=tuple(columns))
 
-    def limit(self, n: int) -> "Query":
+    def limit(self, n: int) -> Query:
         return self._with(limit=int(n))
 
-    def head(self, n: int = 5) -> "pandas.DataFrame":
+    def head(self, n: int = 5) -> pandas.DataFrame:
         return self.limit(n).df()
 
     def __repr__(self) -> str:
@@ -264,7 +265,7 @@ class Dataset:
     def tables(self) -> list[str]:
         return list(self._info.tables)
 
-    def refresh(self) -> "Dataset":
+    def refresh(self) -> Dataset:
         """Re-read this dataset's tables and schema version from the server."""
         body = protocol.ListDatasetsRequest((self.name,)).to_bytes()
         info = CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS, body)).datasets[0]
@@ -376,7 +377,7 @@ class Catalog:
     def _load(self) -> CatalogInfo:
         return CatalogInfo.from_bytes(self._connection.action(protocol.ACTION_LIST_DATASETS))
 
-    def refresh(self) -> "Catalog":
+    def refresh(self) -> Catalog:
         """Re-read the dataset list from the server."""
         self._info = self._load()
         self._datasets.clear()
@@ -437,7 +438,7 @@ class Catalog:
     def close(self) -> None:
         self._connection.close()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from client.catalog import open_catalog
 from client.environment import ConnectionSettings, env_prefix, resolve
@@ -65,7 +66,7 @@ class PackageConfig:
     format: int = PACKAGE_FORMAT
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PackageConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> PackageConfig:
         version = d.get("format", PACKAGE_FORMAT)
         if version > PACKAGE_FORMAT:
             raise UnsupportedError(
@@ -106,7 +107,7 @@ class PackageContext:
     def url(self) -> str:
         return self.connection().url
 
-    def catalog(self, **overrides: Any) -> "Catalog":
+    def catalog(self, **overrides: Any) -> Catalog:
         """Open the catalog on the package's server."""
         return open_catalog(self.connection(**overrides))
 
@@ -133,7 +134,7 @@ class DataPackage:
         """Import the package."""
         return importlib.import_module(self.name)
 
-    def catalog(self) -> "Catalog":
+    def catalog(self) -> Catalog:
         """The package's ``catalog()``."""
         return self.load().catalog()
 

@@ -16,9 +16,9 @@ command line is not mixed with a token from the environment. Nothing here is eve
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from client.protocol import (
     DEFAULT_URL,

@@ -94,7 +94,7 @@ class PipelineStepFailed(FlightShareError):
     load_id: str | None
 
     @classmethod
-    def wrapping(cls, inner: FlightShareError, step: str, load_id: str | None) -> "PipelineStepFailed":
+    def wrapping(cls, inner: FlightShareError, step: str, load_id: str | None) -> PipelineStepFailed:
         text = (
             f"Pipeline execution failed at stage {step} when processing package {load_id} with exception:\n\n"
             f"{DLT_DATA_VALIDATION_ERROR if isinstance(inner, DataValidationError) else type(inner)}\n{inner.message}"

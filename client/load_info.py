@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class LoadInfo:
     failed_jobs: int
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "LoadInfo":
+    def from_json(cls, d: Mapping[str, Any]) -> LoadInfo:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         fields["load_ids"] = tuple(d.get("load_ids", ()))
         return cls(**fields)

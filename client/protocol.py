@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal
 
 PROTOCOL_VERSION = 1
 
@@ -139,7 +140,7 @@ class WriteCommand:
     op: Literal["write"] = field(default="write", init=False)
 
 
-Command = Union[ReadCommand, SqlCommand, WriteCommand]
+Command = ReadCommand | SqlCommand | WriteCommand
 
 MAX_COMMAND_BYTES = 1 << 20
 MAX_NAME_CHARS = 255
@@ -277,7 +278,7 @@ class DatasetInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "DatasetInfo":
+    def from_json(cls, d: Mapping[str, Any]) -> DatasetInfo:
         return cls(
             name=d["name"],
             destination=d["destination"],
@@ -308,7 +309,7 @@ class CatalogInfo:
         return json.dumps(body).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CatalogInfo":
+    def from_bytes(cls, data: bytes) -> CatalogInfo:
         d = json.loads(data)
         return cls(d["project"], d["profile"], tuple(DatasetInfo.from_json(x) for x in d["datasets"]), d.get("user"))
 
@@ -325,7 +326,7 @@ class ErrorDetail:
         return json.dumps(asdict(self), default=str).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes | None) -> "ErrorDetail | None":
+    def from_bytes(cls, data: bytes | None) -> ErrorDetail | None:
         if not data:
             return None
         try:
@@ -355,7 +356,7 @@ class ListDatasetsRequest:
         return b"" if self.datasets is None else json.dumps({"datasets": list(self.datasets)}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ListDatasetsRequest":
+    def from_bytes(cls, data: bytes) -> ListDatasetsRequest:
         if not data:
             return cls()
         usage = 'list-datasets body must be empty or JSON like {"datasets": ["name"]}'
@@ -384,7 +385,7 @@ class EndpointMetadata:
         return json.dumps({"partition": self.partition, "records": self.records}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EndpointMetadata":
+    def from_bytes(cls, data: bytes) -> EndpointMetadata:
         d = json.loads(data)
         return cls(int(d["partition"]), int(d["records"]))
 
@@ -399,7 +400,7 @@ class PutResult:
         return json.dumps({"load_info": dict(self.load_info)}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes | None) -> "PutResult":
+    def from_bytes(cls, data: bytes | None) -> PutResult:
         d = json.loads(data) if data else {}
         if not isinstance(d, dict) or not isinstance(d.get("load_info"), dict):
             raise ProtocolError("the server's put result carries no load_info", "load_info")

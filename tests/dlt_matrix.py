@@ -17,8 +17,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -40,7 +41,7 @@ DIMENSIONS: dict[str, list[str]] = {"kind": KINDS, "type": TYPES, "disposition":
 VALUE = "Val X"  # the column under test: a name the naming conventions treat differently
 NESTED = "Items"
 SUBS = "Subs"
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 # dlt's own columns (the same under every naming convention used here)
 DLT_COLUMNS = ("_dlt_id", "_dlt_load_id", "_dlt_parent_id", "_dlt_root_id", "_dlt_list_idx", "_dlt_valid_from",
                "_dlt_valid_to")

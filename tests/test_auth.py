@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 import pyarrow as pa
@@ -25,6 +26,7 @@ from client import (
 )
 from client.protocol import ReadCommand, SqlCommand, encode_command
 from flight_server.domain.config import ConfigError, load_project
+from flight_server.testing.servers import REPO, ServerProcess, cli, wait_until
 from flight_server.transport.auth import Authenticator
 from tests import security
 from tests.conftest import Secured
@@ -37,7 +39,6 @@ from tests.security import (
     REPORTS,
     SECRETS,
 )
-from flight_server.testing.servers import REPO, ServerProcess, cli, wait_until
 
 AUTH_FAILED = protocol.AUTH_FAILED
 
@@ -396,7 +397,7 @@ def test_a_token_past_half_its_life_is_renewed_and_an_expired_one_is_not(secure_
         authenticator.verify_renewing(ended)
 
 
-def _sent_bearers(headers: "_Headers") -> list[str]:
+def _sent_bearers(headers: _Headers) -> list[str]:
     return [v.split(" ", 1)[1] for h in headers.received for v in h.get("authorization", []) if v.startswith("Bearer ")]
 
 

@@ -22,17 +22,18 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as adbc
-from adbc_driver_flightsql import DatabaseOptions
 import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pytest
 import sqlalchemy
+from adbc_driver_flightsql import DatabaseOptions
 
 from client import connect, protocol
 from flight_server.domain.credentials import hash_password, hash_token

@@ -17,8 +17,9 @@ sends on its own) stores the rows exactly once.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dlt
 import pyarrow as pa

@@ -15,9 +15,10 @@ import gc
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -392,7 +393,7 @@ def _typed_rows() -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     row = {
         "i": 1, "f": 1.5, "d": decimal.Decimal("12.345"), "t": "x", "b": True,
-        "ts": datetime.datetime(2024, 1, 1, 12, 30, tzinfo=datetime.timezone.utc),
+        "ts": datetime.datetime(2024, 1, 1, 12, 30, tzinfo=datetime.UTC),
         "dt": datetime.date(2024, 1, 2), "tm": datetime.time(3, 4, 5), "bin": b"\x00\x01",
         "js": {"a": [1, 2]}, "w": decimal.Decimal(10**20), "n": None,
     }

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import dlt
 import pyarrow as pa

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime
 import decimal
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import dlt
@@ -24,7 +25,7 @@ from flight_server.testing.servers import ServerProcess, environment
 
 # (slow is set per test by tests/conftest.py: every test here that starts a process or a load)
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 NAMINGS = ["snake_case", "sql_cs_v1", "direct", "duck_case", "sql_ci_v1"]
 
 

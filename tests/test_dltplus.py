@@ -504,7 +504,7 @@ def test_the_owners_pipeline_keeps_loading_while_the_server_serves(tmp_path: Pat
         try:
             big = [{"id": i, "name": "x" * 50, "tags": [{"t": "z"}]} for i in range(100, 20_100)]
             for _ in range(3):
-                for attempt in range(50):  # the owner's pipeline meets a read now and then: dlt fails fast, it retries
+                for _attempt in range(50):  # the owner's pipeline meets a read now and then: dlt fails fast, it retries
                     try:
                         owner.run(big, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
                         break

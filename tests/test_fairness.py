@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import pyarrow as pa
@@ -26,7 +27,7 @@ from client import connect
 from client.errors import ServerUnavailableError
 from client.protocol import WriteCommand, encode_command
 from flight_server.domain.credentials import hash_token
-from flight_server.domain.sql import MAX_QUERY_CHARS, SANDBOX_WORKERS
+from flight_server.domain.sql import SANDBOX_WORKERS
 from flight_server.domain.writer import UPLOADS_WAITING_PER_USER
 from flight_server.testing.servers import ServerProcess, make_project
 

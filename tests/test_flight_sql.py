@@ -6,7 +6,7 @@ through the same contracts as the plain DoPut (the demo's github_events_dataset 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import pyarrow as pa
@@ -15,13 +15,13 @@ import pytest
 
 from client import connect
 from flight_server._vendor import FlightSql_pb2 as pb
+from flight_server.testing.servers import ServerProcess, make_project
 from flight_server.transport.flight_sql import (
     SQL_INFO_SCHEMA,
     like,
     pack,
     sql_info_table,
 )
-from flight_server.testing.servers import ServerProcess, make_project
 
 PROJECT = "dlt_example_project"
 EVENTS = "github_events_dataset"
@@ -576,7 +576,6 @@ def test_cancel_stops_a_running_query(sql_server: ServerProcess, how: str) -> No
     action from another connection): the server's CPU is back to idle well before server.sql_timeout (120 s),
     the query's own end. Polled with deadlines (no fixed sleeps, no timing): it passed under load too."""
     import threading
-    import time
 
     assert _time_to_idle(sql_server, CANCELLED_WITHIN) < CANCELLED_WITHIN  # quiet before
     errors: list[BaseException] = []

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -17,9 +18,9 @@ from hypothesis import strategies as st
 
 from client import protocol
 from client.protocol import ReadCommand, SqlCommand, encode_command
+from flight_server.testing.servers import REPO
 from tests.conftest import Secured
 from tests.security import EVENTS, SECRETS
-from flight_server.testing.servers import REPO
 
 # what a client mistake may come back as: never INTERNAL, never UNKNOWN
 CLIENT_MISTAKES = (pa.ArrowInvalid, pa.ArrowKeyError, pa.ArrowNotImplementedError,
@@ -106,7 +107,7 @@ def test_malformed_actions(secure_server: Secured) -> None:
     for action in (flight.Action("x" * 10_000, b""), flight.Action("", b""),
                    flight.Action("list-datasets", b"{not json"), flight.Action("list-datasets", b'{"datasets": "abc"}'),
                    flight.Action("list-datasets", b'{"datasets": [[1]]}'), flight.Action("list-datasets", b"[" * 100_000)):
-        error = assert_refused_cleanly(lambda: list(client.do_action(action, options)), secure_server)
+        error = assert_refused_cleanly(lambda: list(client.do_action(action, options)), secure_server)  # noqa: B023
         assert error is not None and len(str(error)) < 5000
 
 

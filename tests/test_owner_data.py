@@ -15,10 +15,11 @@ import datetime
 import decimal
 import json
 import textwrap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import dlt
 import pyarrow as pa
@@ -30,7 +31,7 @@ from flight_server.testing.servers import ServerProcess, cli, environment
 KINDS = ["duckdb", "sqlite", "delta_local", "delta_s3", "filesystem_delta", "postgres"]
 DATASET = "owner_data"
 DLT_COLUMNS = ("_dlt_id", "_dlt_load_id", "_dlt_parent_id", "_dlt_root_id", "_dlt_list_idx")
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @dataclass

@@ -14,9 +14,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -26,8 +27,8 @@ from client import InvalidRequestError, connect, protocol
 from client._transport import Connection
 from client.protocol import ReadCommand
 from flight_server.domain.config import ConfigError, load_project
-from flight_server.storage import open_storage
 from flight_server.domain.storage import contiguous_groups
+from flight_server.storage import open_storage
 from flight_server.testing.servers import ServerProcess, environment
 
 KINDS = ["duckdb", "delta_local", "delta_s3", "postgres"]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dlt
 import pandas as pd

@@ -9,8 +9,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jwt
 import pyarrow.flight as flight
@@ -21,7 +22,6 @@ from flight_server.domain.credentials import hash_password, hash_token
 from flight_server.testing.servers import ServerProcess
 from flight_server.transport.logins import FailureCounts, peer_key
 from tests import security
-from tests.conftest import Secured
 from tests.security import BOT_TOKEN, EVENTS, JWT_SECRET, PASSWORDS
 
 AUDIENCE = "secure_project"

@@ -14,8 +14,9 @@ import base64
 import json
 import re
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as adbc
 import dlt
@@ -308,7 +309,7 @@ def test_a_flight_client_reads_each_endpoint_from_any_replica(served: Served) ->
     assert len(info.endpoints) > 1 and info.total_records == -1 and not info.ordered
     replicas = [s.url for s in served.servers]
     parts = []
-    for i, endpoint in enumerate(info.endpoints):
+    for endpoint in info.endpoints:
         if served.kind == "duckdb":
             assert endpoint.locations == []
         else:  # round-robin over server.locations

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from client import connect
-from flight_server.domain.table_cache import TableCache
 from flight_server.domain.storage import SHARED_SCHEMA_TTL
+from flight_server.domain.table_cache import TableCache
 from flight_server.testing.servers import ServerProcess
 from tests.test_pushdown import destination_named_nums
 

@@ -8,8 +8,8 @@ for a PostgreSQL destination whose port is closed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pytest

@@ -14,8 +14,9 @@ import os
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import dlt
@@ -40,7 +41,7 @@ BIG_ROWS = 1_000_000
 def _rows() -> list[dict[str, Any]]:
     rng = np.random.default_rng(11)
     names = [f"name_{i}" for i in range(40)] + ["Zed", "apple", "émile", "Émile", "name\\_1x"]
-    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
     rows = []
     for i in range(ROWS):
         rows.append({
@@ -449,10 +450,10 @@ def test_at_most_a_few_queries_hold_a_postgresql_connection_at_once(rig) -> None
     """Review: a flood of clients held a PostgreSQL connection each (57 for 140 clients). Open streams hold a
     slot until they end; one more waits within its time limit, then is UNAVAILABLE (the router then asks the
     sandbox), and a slot comes back when a stream ends or is dropped."""
+    import gc
+
     from flight_server.domain.errors import Unavailable
     from flight_server.storage.postgres import WAREHOUSE_QUERIES
-
-    import gc
 
     gc.collect()  # streams of earlier tests that pytest's kept exceptions still reference (their tracebacks)
     pg = rig[0].storage

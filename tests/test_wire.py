@@ -11,9 +11,10 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import pyarrow as pa
@@ -23,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import connect
 from flight_server._vendor import FlightSql_pb2 as sql_pb
+from flight_server.testing.servers import REPO, ServerProcess, make_project
 from flight_server.transport.flight_sql import pack
 from tests import wire
-from flight_server.testing.servers import REPO, ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
 REPORTS = "reports_dataset"

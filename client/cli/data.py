@@ -7,7 +7,8 @@ Names and shapes follow dlt's ``dlt dataset`` commands: ``show``, ``head`` with 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 import pyarrow as pa

@@ -16,8 +16,9 @@ import functools
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
 

@@ -12,8 +12,9 @@ import decimal
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import pyarrow as pa
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import tempfile
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dlt
@@ -79,7 +79,7 @@ EVENT_WEIGHTS: dict[str, float] = {
 }
 
 PAGE_SIZE = 5_000
-BASE_TIME = datetime(2024, 3, 4, 6, 0, 0, tzinfo=timezone.utc)
+BASE_TIME = datetime(2024, 3, 4, 6, 0, 0, tzinfo=UTC)
 SPAN_SECONDS = 3 * 24 * 3600  # events are spread over three days
 BASE_EVENT_ID = 36_000_000_000
 API = "https://api.github.com"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 
 from client.protocol import CatalogInfo, DatasetInfo
 from flight_server.domain.config import DatasetAccess, DatasetConfig, ProjectConfig
-from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import Forbidden, NotFound, ServiceError
 from flight_server.domain.masking import mask
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.storage import Storage
 
 log = logging.getLogger("flight_share.catalog")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Union
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -55,7 +56,7 @@ _USER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$")
 _ENV_ONLY = re.compile(r"^\{env\.([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 ContractMode = Literal["evolve", "freeze", "discard_row", "discard_value"]
-Contract = Union[ContractMode, Mapping[str, ContractMode], None]
+Contract = ContractMode | Mapping[str, ContractMode] | None
 
 
 class ConfigError(ValueError):

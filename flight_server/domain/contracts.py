@@ -11,8 +11,9 @@ dlt+ workflow, so :func:`violation_message` formats the documented text from the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 from dlt.common.destination.capabilities import (

@@ -127,5 +127,5 @@ def fingerprint(secret: bytes, user: str, stored: str) -> str:
 
     Checked on every call against the project file's current entry, so a token dies when its user's
     password or API token changes or the user is removed - with no state kept by the server."""
-    mac = hmac.new(secret, f"{user}\0{stored}".encode("utf-8"), hashlib.sha256).digest()[:12]
+    mac = hmac.new(secret, f"{user}\0{stored}".encode(), hashlib.sha256).digest()[:12]
     return base64.urlsafe_b64encode(mac).decode("ascii")

@@ -40,10 +40,10 @@ from __future__ import annotations
 import copy
 import os
 import re
-from pathlib import Path
-from typing import Any, Callable, Mapping
-
 import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 DLT_PLUS_SECTIONS = ("project", "sources", "destinations", "datasets", "pipelines", "profiles", "runtime", "caches",
                      "transformations")

@@ -52,7 +52,7 @@ class SqlLimitExceeded(InvalidRequest):
     """A query stopped at one of the sandbox's limits: ``limit`` names the server key, ``value`` its setting."""
 
     @classmethod
-    def time_limit(cls, timeout: float, dataset: str | None) -> "SqlLimitExceeded":
+    def time_limit(cls, timeout: float, dataset: str | None) -> SqlLimitExceeded:
         """The query ran past ``server.sql_timeout`` (in the sandbox or in the warehouse: one text)."""
         return cls(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
                    limit="server.sql_timeout", value=timeout)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from collections.abc import Callable
 
 from flight_server.domain.errors import Cancelled, Unavailable
 
@@ -49,7 +49,7 @@ class FairShare:
         self.plural = plural or f"{what}s"
         self._lock = threading.Condition()
         self._running: dict[str, int] = {}
-        self._queues: "OrderedDict[str, deque[_Ticket]]" = OrderedDict()  # users in turn order
+        self._queues: OrderedDict[str, deque[_Ticket]] = OrderedDict()  # users in turn order
 
     def stats(self) -> dict[str, int]:
         """Slots in use, callers waiting, users holding or waiting for a slot (for ``health``)."""

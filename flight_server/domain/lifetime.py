@@ -17,7 +17,8 @@ on a fresh thread, so only that thread's own frames can be pinned.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pyarrow as pa
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from client.protocol import EndpointMetadata, ReadCommand
 from flight_server.domain.errors import InvalidRequest

@@ -19,8 +19,9 @@ Delta as a pyarrow dataset filter (files and row groups skipped by their statist
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 from sqlglot import exp

@@ -19,8 +19,9 @@ import json
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 from dlt.common.libs.pyarrow import columns_to_arrow
@@ -30,8 +31,8 @@ from dlt.common.schema.utils import has_table_seen_data, is_complete_column
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound
 from flight_server.domain.identifiers import quote
-from flight_server.domain.pushdown import Predicate
 from flight_server.domain.lifetime import isolated
+from flight_server.domain.pushdown import Predicate
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class StoredSchema:
     version_hash: str
 
     @classmethod
-    def from_row(cls, version: int, version_hash: str, schema_json: str | dict[str, Any]) -> "StoredSchema":
+    def from_row(cls, version: int, version_hash: str, schema_json: str | dict[str, Any]) -> StoredSchema:
         body = json.loads(schema_json) if isinstance(schema_json, str) else schema_json
         return cls(Schema.from_dict(body), int(version), version_hash)
 
@@ -419,7 +420,7 @@ class Storage(ABC):
         by hand or by dbt, which no dlt schema of the dataset describes); None: none, or unknown."""
         return None
 
-    def clear_staging(self, tables: Sequence[str]) -> None:
+    def clear_staging(self, tables: Sequence[str]) -> None:  # noqa: B027 - a hook: most adapters stage nothing
         """After a load, whatever its outcome: empty the tables of dlt's staging dataset that the load
         used (``insert-from-staging`` replace and merge leave the rows there). Best effort."""
 
@@ -471,5 +472,5 @@ class Storage(ABC):
         "read it as one stream". The default: never split."""
         return [Partition({}, self.row_count(table))]
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: adapters without connections hold nothing to close
         """Release connections."""

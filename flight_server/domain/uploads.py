@@ -29,8 +29,9 @@ what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, cast
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa

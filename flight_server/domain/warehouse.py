@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 import sqlglot
@@ -182,7 +183,7 @@ def pg_cast(dtype: pa.DataType) -> str | None:
     return None
 
 
-def _column_types(storage: "Storage", query: "CheckedQuery") -> dict[str, dict[str, exp.DataType.Type | None]]:
+def _column_types(storage: Storage, query: CheckedQuery) -> dict[str, dict[str, exp.DataType.Type | None]]:
     """Each table's columns and their sqlglot types (None: a type the warehouse does not read)."""
     tables: dict[str, dict[str, exp.DataType.Type | None]] = {}
     for table in query.tables:
@@ -220,7 +221,7 @@ def _unsupported(tree: exp.Expression) -> str | None:
     return None
 
 
-def plan(storage: "Storage", query: "CheckedQuery") -> Plan | str:
+def plan(storage: Storage, query: CheckedQuery) -> Plan | str:
     """The query as PostgreSQL SQL, or why it stays in the sandbox (a short reason, for the log)."""
     types = _column_types(storage, query)
     try:
@@ -258,7 +259,7 @@ _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeE
                 exp.In)
 
 
-def _nan_guards(tree: exp.Expression, query: "CheckedQuery",
+def _nan_guards(tree: exp.Expression, query: CheckedQuery,
                 types: Mapping[str, Mapping[str, exp.DataType.Type | None]],
                 physical: Mapping[int, tuple[str, str]]) -> tuple[str, ...]:
     """NaN compares differently: PostgreSQL (and duckdb's own operators) order it above every number and
@@ -289,7 +290,7 @@ def _quoted(name: str) -> str:
     return exp.to_identifier(name, quoted=True).sql("postgres")
 
 
-def _sources(tree: exp.Expression, query: "CheckedQuery") -> dict[int, str] | str:
+def _sources(tree: exp.Expression, query: CheckedQuery) -> dict[int, str] | str:
     """id of each ``exp.Table`` that names a table of the dataset -> its name; a reason if one names anything else."""
     out: dict[int, str] = {}
     # the sandbox check's own resolution: a CTE's name hides a table only inside the CTE's scope
@@ -323,7 +324,7 @@ def _literal_reason(literal: exp.Literal, texts: Mapping[int, exp.Column]) -> st
     return None
 
 
-def _check_and_rewrite(tree: exp.Expression, query: "CheckedQuery",
+def _check_and_rewrite(tree: exp.Expression, query: CheckedQuery,
                        types: Mapping[str, Mapping[str, exp.DataType.Type | None]]) -> str | tuple[str, ...]:
     """Why the qualified tree may not be sent, or (rewritten in place for PostgreSQL) its NaN guards."""
     sources = _sources(tree, query)
@@ -405,7 +406,7 @@ class WarehouseRouter:
     """A :class:`~flight_server.domain.sql.SqlEngine`: eligible queries on a :class:`Warehouse` adapter run there,
     all others in the sandbox."""
 
-    def __init__(self, sandbox: "SqlSandbox") -> None:
+    def __init__(self, sandbox: SqlSandbox) -> None:
         self.sandbox = sandbox
 
     # what callers use on the sandbox
@@ -423,7 +424,7 @@ class WarehouseRouter:
     def close(self) -> None:
         self.sandbox.close()
 
-    def plan(self, storage: "Storage", query: "CheckedQuery", parameters: pa.Table | None = None) -> Plan | None:
+    def plan(self, storage: Storage, query: CheckedQuery, parameters: pa.Table | None = None) -> Plan | None:
         """The warehouse plan of a query, or None when it runs in the sandbox."""
         if parameters is not None or not isinstance(storage, Warehouse):
             return None
@@ -439,12 +440,12 @@ class WarehouseRouter:
             return None
         return decided
 
-    def schema(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
+    def schema(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
                parameters: pa.Table | None = None, *, user: str | None = None) -> pa.Schema:
         """The sandbox's schema: a warehouse run is cast to exactly this (no table data is read)."""
         return self.sandbox.schema(storage, query, cancelled, parameters, user=user)
 
-    def run(self, storage: "Storage", query: "CheckedQuery", cancelled: Callable[[], bool] | None = None,
+    def run(self, storage: Storage, query: CheckedQuery, cancelled: Callable[[], bool] | None = None,
             parameters: pa.Table | None = None, *, partition: Any = None, user: str | None = None) -> pa.RecordBatchReader:
         """The sandbox's answer: from the warehouse when :meth:`plan` allows, else from the sandbox.
 

@@ -102,16 +102,17 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, cast
+from typing import Any, Protocol, cast
 
 import dlt
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.schema import Schema
-from dlt.common.schema.typing import TWriteDisposition
 from dlt.common.schema.exceptions import DataValidationError
+from dlt.common.schema.typing import TWriteDisposition
 from dlt.common.schema.utils import generate_version_hash, get_nested_tables
 from dlt.pipeline.exceptions import PipelineStepFailed
 
@@ -120,11 +121,8 @@ from client.load_info import (
 )
 from client.protocol import WriteCommand
 from flight_server.domain import faults, uploads
-from flight_server.domain.reachability import is_unreachable, unreachable
-from flight_server.domain.save_journal import SAVES, Entry, SaveJournal, running_elsewhere, this_process
 from flight_server.domain.catalog import Catalog
 from flight_server.domain.contracts import check_write, spell_out_nullability
-from flight_server.domain.fair import FairShare
 from flight_server.domain.errors import (
     ContractViolation,
     InvalidRequest,
@@ -133,8 +131,11 @@ from flight_server.domain.errors import (
     Unavailable,
     Unsupported,
 )
-from flight_server.domain.storage import LOADS_TABLE, WRITE_LOCK_TIMEOUT, StoredSchema
+from flight_server.domain.fair import FairShare
 from flight_server.domain.lifetime import isolated
+from flight_server.domain.reachability import is_unreachable, unreachable
+from flight_server.domain.save_journal import SAVES, Entry, SaveJournal, running_elsewhere, this_process
+from flight_server.domain.storage import LOADS_TABLE, WRITE_LOCK_TIMEOUT, StoredSchema
 
 log = logging.getLogger("flight_share.writer")
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import dlt
@@ -31,20 +32,20 @@ import pyarrow.dataset as pads
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import InvalidRequest, NotFound, Unavailable
 from flight_server.domain.identifiers import quote
+from flight_server.domain.lifetime import isolated, owning_reader
 from flight_server.domain.pushdown import Predicate, applicable, arrow_filter, dlt_types
 from flight_server.domain.storage import (
     LOADS_TABLE,
-    conform,
-    not_null_hints,
-    plain_arrow,
     SHARED_SCHEMA_TTL,
     Partition,
     Storage,
     StoredSchema,
+    conform,
     contiguous_groups,
+    not_null_hints,
+    plain_arrow,
     split_evenly,
 )
-from flight_server.domain.lifetime import isolated, owning_reader
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class DeltaStorage(Storage):
         self._tables: dict[str, Any] = {}  # table -> deltalake.DeltaTable (kept, updated incrementally)
         self._table_locks: dict[str, threading.Lock] = {}
         # (table, version) -> DeltaTable at that version, for tickets planned against an older version
-        self._versions: "OrderedDict[tuple[str, int], Any]" = OrderedDict()
+        self._versions: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._row_bytes: dict[tuple[str, int, tuple[str, ...]], float | None] = {}  # see row_bytes
         # the load history's files read so far, and their records (see _load_history)
         self._loads_seen: tuple[frozenset[str], pa.Table] = (frozenset(), pa.table({}))

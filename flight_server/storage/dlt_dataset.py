@@ -17,29 +17,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import dlt
 import pyarrow as pa
 from dlt.common.destination import Destination
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import InvalidRequest, Unavailable
 from flight_server.domain.identifiers import literal as _literal
+from flight_server.domain.lifetime import isolated
 from flight_server.domain.masking import mask
 from flight_server.domain.pushdown import Predicate
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.storage import (
     LOADS_TABLE,
     SHARED_SCHEMA_TTL,
     Partition,
     Storage,
     StoredSchema,
-    conform,
     newest_schemas_sql,
     plain_arrow,
 )
-from flight_server.domain.lifetime import isolated
 
 if TYPE_CHECKING:  # the annotation only: _delta_storage imports the Delta adapter where it is first needed
     from flight_server.storage.delta import DeltaStorage

@@ -13,8 +13,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import dlt
 import duckdb
@@ -23,24 +24,25 @@ import pyarrow as pa
 from flight_server.domain.config import DatasetConfig, DestinationConfig
 from flight_server.domain.errors import Unavailable
 from flight_server.domain.identifiers import quote
-from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
+from flight_server.domain.lifetime import owning_reader
+from flight_server.domain.pushdown import Predicate, applicable, where_sql
+from flight_server.domain.pushdown import dlt_types as _dlt_types
 from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
-    conform,
-    not_null_hints,
-    plain_arrow,
-    with_not_null,
     SQL_SAVE_SETTINGS,
-    newest_schemas_sql,
     Partition,
     Storage,
     StoredSchema,
+    conform,
     int_range,
+    newest_schemas_sql,
+    not_null_hints,
+    plain_arrow,
     select_sql,
     split_evenly,
     staging_dataset,
+    with_not_null,
 )
-from flight_server.domain.lifetime import owning_reader
 
 _STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
 

@@ -25,31 +25,34 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import dlt
 import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.errors import Cancelled, InvalidRequest, SqlLimitExceeded, Unavailable
-from flight_server.domain.identifiers import literal as _literal, quote
-from flight_server.domain.pushdown import Predicate, applicable, dlt_types as _dlt_types, where_sql
+from flight_server.domain.identifiers import literal as _literal
+from flight_server.domain.identifiers import quote
+from flight_server.domain.lifetime import _Lease, isolated, owning_reader
+from flight_server.domain.pushdown import Predicate, applicable, where_sql
+from flight_server.domain.pushdown import dlt_types as _dlt_types
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
-    conform,
-    not_null_hints,
     SQL_SAVE_SETTINGS,
-    newest_schemas_sql,
     Partition,
     Storage,
     StoredSchema,
+    conform,
     int_range,
+    newest_schemas_sql,
+    not_null_hints,
     select_sql,
     split_evenly,
     staging_dataset,
 )
-from flight_server.domain.lifetime import _Lease, isolated, owning_reader
 
 WEI_ARROW = pa.decimal128(38, 0)  # dlt's dataset() read of a wei column (docs/type-mapping.md)
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
@@ -284,7 +287,7 @@ class PostgresStorage(Storage):
             if not reader.schema.equals(bare, check_metadata=True):
                 reader = reader.cast(bare)
             return owning_reader(reader, con, cur,
-                                 on_close=lambda: self._release(con, cur, read_only_transaction, reader))
+                                 on_close=lambda: self._release(con, cur, read_only_transaction, reader))  # noqa: B023 - returned within this iteration
         raise AssertionError("unreachable")
 
     def _release(self, con: Any, cur: Any, in_transaction: bool, reader: Any = None) -> bool:
@@ -481,7 +484,7 @@ class PostgresStorage(Storage):
                             "SET LOCAL standard_conforming_strings = on"):
                 cur.execute(setting)
             for guard in guards:
-                if watch.waiting(lambda: (cur.execute(guard), cur.fetchone())[1])[0]:
+                if watch.waiting(lambda: (cur.execute(guard), cur.fetchone())[1])[0]:  # noqa: B023 - called at once
                     raise _GuardFailed(guard)
             reader = watch.waiting(lambda: (cur.execute(sql), cur.fetch_record_batch())[1])
         except Exception as exc:  # noqa: BLE001
@@ -532,7 +535,7 @@ class PostgresStorage(Storage):
             return con, cur
         raise AssertionError("unreachable")
 
-    def _warehouse_error(self, exc: Exception, watch: "_Watch", timeout: float) -> Exception:
+    def _warehouse_error(self, exc: Exception, watch: _Watch, timeout: float) -> Exception:
         if isinstance(exc, _GuardFailed):
             return InvalidRequest(f"the warehouse cannot run this query as the sandbox would ({exc})",
                                   dataset=self.dataset.name)

@@ -9,15 +9,16 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import struct
+import subprocess
 import sys
 import tempfile
 import termios
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: the folder holding flight_server/
 _READY = re.compile(r"serving project \S+ on (grpc(?:\+tls)?)://[^:]+:(\d+)")
@@ -188,7 +189,7 @@ class ServerProcess:
         for reader in self._readers:  # the pipes are at end of file: every line the server wrote is in the log
             reader.join(10)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,7 +235,7 @@ class InProcessServer:
         self.server.shutdown()
         self._thread.join(10)
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self) -> InProcessServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

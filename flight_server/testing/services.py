@@ -18,9 +18,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
@@ -117,7 +117,7 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         assert self.root is not None
         self.data.mkdir()
         self.sock.mkdir()
@@ -198,7 +198,7 @@ class S3Server:
     access_key: str = "AKIA" + secrets.token_hex(8).upper()
     secret_key: str = "secret-" + secrets.token_hex(16)
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         self.port = self.port or free_port()
         self.log = Path(tempfile.mkstemp(prefix="flight_share_moto_", suffix=".log")[1])
         self._log_file = self.log.open("w")

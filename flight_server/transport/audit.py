@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -92,7 +93,7 @@ class AuditRecord:
 
     def to_json(self) -> str:
         body: dict[str, Any] = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "user": self.user,
             "profile": self.profile,
             "rpc": self.rpc,

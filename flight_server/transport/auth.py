@@ -52,10 +52,11 @@ import binascii
 import logging
 import os
 import secrets
-import time
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import jwt
 import pyarrow.flight as flight
@@ -307,7 +308,7 @@ def _refusal(exc: BaseException, record: AuditRecord, tried: str | None) -> Base
 class CallMiddleware(flight.ServerMiddleware):
     """Per call: the caller's identity (settled by :meth:`identity`), a token to send back, the audit record."""
 
-    def __init__(self, authenticator: "Authenticator", headers: Mapping[str, Any], record: AuditRecord,
+    def __init__(self, authenticator: Authenticator, headers: Mapping[str, Any], record: AuditRecord,
                  identity: Identity | None = None, issued: str | None = None, settled: bool = False) -> None:
         self.authenticator, self.headers, self.record = authenticator, headers, record
         self.identity, self.issued, self.settled = identity, issued, settled
@@ -351,7 +352,7 @@ class CallMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Audits every call; authenticates a Handshake or GetSchema as it starts (refusals audited too), every
     other call when its handler asks (:meth:`Security.identity`: no handler runs for a caller it has not checked)."""
 
-    def __init__(self, authenticator: "Authenticator") -> None:
+    def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> CallMiddleware:
@@ -425,7 +426,7 @@ class Security:
     tickets: TicketSigner
 
     @classmethod
-    def for_project(cls, project: ProjectConfig, anonymous_profile: str | None = None) -> "Security":
+    def for_project(cls, project: ProjectConfig, anonymous_profile: str | None = None) -> Security:
         secret, generated = resolve_secret(project)
         if generated:
             log.warning("no signing secret configured (%s or server.jwt_secret): using a random one for this "

@@ -10,8 +10,9 @@ may do what is the handlers' business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.flight as flight
 from google.protobuf import any_pb2

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from flight_server.domain.config import LoginLimits
 from flight_server.domain.errors import Unauthenticated, Unavailable

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -19,9 +20,9 @@ from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.partitions import LocationRing, ReadPlan, plan_read
 from flight_server.domain.sql.check import CheckedQuery, check_query
 from flight_server.domain.sql.engine import SqlEngine
+from flight_server.domain.storage import Storage
 from flight_server.domain.table_cache import TableCache
 from flight_server.domain.writer import Writer
-from flight_server.domain.storage import Storage
 from flight_server.transport.call import Call
 from flight_server.transport.decode import Request
 from flight_server.transport.tickets import TicketSigner

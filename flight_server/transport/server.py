@@ -15,23 +15,24 @@ sandbox, writer, cache); the domain knows nothing of Flight.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pyarrow.flight as flight
 
+from flight_server.domain import faults
 from flight_server.domain.catalog import Catalog, StorageOpener
 from flight_server.domain.config import ProjectConfig
 from flight_server.domain.errors import InvalidRequest, ServiceError, Unsupported
-from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.partitions import LocationRing
-from flight_server.domain.sql.sandbox import SqlSandbox
-from flight_server.domain.warehouse import WarehouseRouter
-from flight_server.domain.table_cache import TableCache
+from flight_server.domain.reachability import is_unreachable, unreachable
 from flight_server.domain.save_journal import SAVES, SaveJournal
+from flight_server.domain.sql.sandbox import SqlSandbox
+from flight_server.domain.table_cache import TableCache
+from flight_server.domain.warehouse import WarehouseRouter
 from flight_server.domain.workdir import claim_work_dir
-from flight_server.domain import faults
 from flight_server.domain.writer import Writer
 from flight_server.transport import audit, decode, memory, session
 from flight_server.transport.auth import Security

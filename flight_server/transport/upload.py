@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -22,7 +22,6 @@ from flight_server.domain.errors import InvalidRequest
 from flight_server.transport import connections, memory
 from flight_server.transport.call import Call
 from flight_server.transport.status import over_memory_limit
-
 
 #: a batch whose decoding (decompression) took more than this share of server.memory_limit from the
 #: Arrow pool is refused, and so is any batch while the pool holds more than ADMIT_SHARE of it: the write
