@@ -34,7 +34,7 @@ from client.errors import FlightShareError
 from flight_server.cli.demo import load_demo
 from flight_server.domain.config import load_project
 from flight_server.storage import open_storage
-from flight_server.testing.servers import ServerProcess, environment
+from flight_server.testing.servers import ServerProcess, environment, save_folders_left
 from tests.test_write_path import (  # the documented texts, defined once
     FROZEN_COLUMN,
     FROZEN_TABLE,
@@ -110,9 +110,7 @@ class Destination:
 
     def pipelines_left(self) -> list[str]:
         """Pipeline folders the server left behind (pending packages would live there)."""
-        root = self.project.parent / ".flight-share" / "puts"  # one folder per server process (domain/workdir.py)
-        return sorted(p.name for d in root.iterdir() if d.is_dir() for p in d.iterdir() if p.name != ".lock") \
-            if root.exists() else []
+        return save_folders_left(self.project)
 
     @contextlib.contextmanager
     def storage(self, dataset: str) -> Iterator[Any]:

@@ -72,7 +72,7 @@ def test_a_stopped_s3_store_is_named_not_located(request: pytest.FixtureRequest,
         catalog = connect(server.url)
         assert catalog[DATASET].table("items").arrow().num_rows == 2
         s3.stop()
-        hidden = [s3.endpoint_url, f"{s3.host}:{s3.port}", s3.bucket, "owner_data_lake", "s3://", "http://"]
+        hidden = [s3.endpoint_url, f"{s3.host}:{s3.port}", s3.bucket, owner.delta_options["_base"].rsplit("/", 1)[-1], "s3://", "http://"]
         _failures(connect(server.url), hidden)
         assert server.alive, server.output()
 

@@ -27,8 +27,7 @@ from client import (
     protocol,
 )
 from flight_server.domain import faults
-from flight_server.domain.save_journal import SAVES
-from flight_server.testing.servers import REPO, ServerProcess, make_project
+from flight_server.testing.servers import REPO, ServerProcess, make_project, save_folders_left
 
 FROZEN_TABLE = (
     "In schema: events: In Schema: events Table: aggregated_issues. Contract on tables with mode freeze is violated. "
@@ -59,11 +58,8 @@ class WriteServer:
         self.url = self.proc.url
 
     def pipelines_left(self) -> list[str]:
-        """Pipeline folders the server left behind (pending packages would live there); the saves' journal
-        beside them holds answers to saves (for retries with the same save id), not packages."""
-        root = self.project.parent / ".flight-share" / "puts"  # one folder per server process (domain/workdir.py)
-        return sorted(p.name for d in root.iterdir() if d.is_dir() and d.name != SAVES
-                      for p in d.iterdir() if p.name != ".lock") if root.exists() else []
+        """Pipeline folders the server left behind (pending packages would live there)."""
+        return save_folders_left(self.project)
 
     def stop_and_inspect(self, file: str, sql: str) -> list[tuple] | None:
         """Stop the server and query a destination file directly (None: no save ever created the file)."""

@@ -21,6 +21,11 @@ _TEXT = re.compile(
     r"name or service not known|temporary failure in name resolution|could not resolve host|"
     r"server closed the connection|connection to server at|endpoint ?connection ?error|"
     r"connect ?timeout|unable to connect|network is unreachable", re.IGNORECASE)
+# a store that answered and refused (libpq words it "connection to server at ... failed: FATAL: password
+# authentication failed"): not unreachable - the caller's own error says why (a wrong password)
+_REFUSED = re.compile(r"authentication failed|password|permission denied|role \S+ does not exist|"
+                      r"database \S+ does not exist|access denied|invalidaccesskeyid|signaturedoesnotmatch",
+                      re.IGNORECASE)
 _ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH,
            errno.ETIMEDOUT, errno.EPIPE}
 _TYPES = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
@@ -39,7 +44,10 @@ def is_unreachable(exc: BaseException) -> bool:
             return True
         if {k.__name__ for k in type(cause).__mro__} & _TYPES:
             return True
-        if _TEXT.search(str(getattr(cause, "failed_message", None) or cause)):
+        text = str(getattr(cause, "failed_message", None) or cause)
+        if _REFUSED.search(text):
+            return False
+        if _TEXT.search(text):
             return True
         cause = cause.__cause__ or cause.__context__
     return False

@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from flight_server.domain.save_journal import SAVES
+from flight_server.domain.workdir import LOCK
+
 REPO = Path(__file__).resolve().parents[2]  # the checkout: the folder holding flight_server/
 _READY = re.compile(r"serving project \S+ on (grpc(?:\+tls)?)://[^:]+:(\d+)")
 
@@ -97,6 +100,16 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def save_folders_left(project: Path) -> list[str]:
+    """What saves left in the server processes' puts folders (``<project>/.flight-share/puts/<process>/``,
+    domain/workdir.py) - pending packages would live there; the saves' journal beside them
+    (domain/save_journal.py) holds answers for retries, not packages, and the lock files are the processes'."""
+    root = project.parent / ".flight-share" / "puts"
+    if not root.exists():
+        return []
+    return sorted(p.name for d in root.iterdir() if d.is_dir() and d.name != SAVES for p in d.iterdir() if p.name != LOCK)
 
 
 class ServerProcess:

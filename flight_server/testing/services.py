@@ -7,8 +7,10 @@ install (``.ci/run`` installs it on a fresh Debian machine).
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -137,6 +139,24 @@ class PostgresServer:
             f"CREATE DATABASE {self.database} OWNER {self.user}",
         )
         return self
+
+    def database_named(self, name: str) -> PostgresServer:
+        """The same server seen through a database of its own (created, owned by the same user), so tests
+        sharing this server (one per test worker) cannot see each other's datasets."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+            raise ValueError(f"not a plain PostgreSQL database name: {name!r}")
+        con = self._admin_connect()
+        try:
+            con.autocommit = True
+            with con.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE DATABASE {name} OWNER {self.user}")
+        finally:
+            con.close()
+        other = copy.copy(self)
+        other.database = name
+        return other
 
     def _admin_connect(self, database: str = "postgres"):
         import psycopg2
