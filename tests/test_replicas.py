@@ -140,7 +140,11 @@ def test_a_replica_that_went_away_does_not_break_a_read(replicas: Replicas) -> N
         assert sorted(data.column("i").to_pylist()) == list(range(ROWS))
         batches = list(catalog.shared_dataset.events.iter_batches())
         assert pa.Table.from_batches(batches).equals(data)
-        # every endpoint, twice, from the server asked (its counter moves when each call has ended there)
-        wait_until(lambda: replicas.do_gets(replicas.a) - before == 8, "8 DoGets counted on replica a")
+        # both reads were served by the replica still there: each endpoint from it, or (the client's fallback
+        # when an endpoint's location does not answer) the rest of the read in fewer calls; its counter moves
+        # when each call has ended there
+        served = wait_until(lambda: replicas.do_gets(replicas.a) - before >= 2 and replicas.do_gets(replicas.a),
+                            "replica a served both reads")
+        assert served - before <= 8  # never more than every endpoint of both reads
     finally:
         replicas.b = ServerProcess(replicas.project, env=replicas.env, port=replicas.ports[1])
