@@ -36,21 +36,12 @@ import yaml
 from client import connect
 from client.protocol import WriteCommand, encode_command
 from flight_server.domain.credentials import hash_token
+from flight_server.testing.queries import long_query
 from flight_server.testing.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
 TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789"}
 SLOW = "SELECT count(*) AS n FROM push_event a, push_event b, push_event c, push_event d, push_event e"
-
-
-def long_query(i: int) -> str:
-    """A valid query of almost 100,000 characters: costly to parse (a long IN list), cheap to run."""
-    values, size, n = [], 60, 0
-    while size < 100_000 - 80:
-        values.append(str(n))
-        size += len(str(n)) + 2
-        n += 1
-    return f"SELECT {i} AS one WHERE {i} IN ({', '.join(values)})"
 
 
 def options(user: str, timeout: float | None = None) -> flight.FlightCallOptions:

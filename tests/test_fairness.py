@@ -29,6 +29,7 @@ from client.protocol import WriteCommand, encode_command
 from flight_server.domain.credentials import hash_token
 from flight_server.domain.sql import SANDBOX_WORKERS
 from flight_server.domain.writer import UPLOADS_WAITING_PER_USER
+from flight_server.testing.queries import long_query
 from flight_server.testing.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
@@ -144,22 +145,12 @@ def test_a_query_beyond_the_users_share_waits_and_is_told_busy(fair: ServerProce
         assert f"time limit of {TIMEOUT} s" in str(outcome), outcome
 
 
-def _long_query(i: int) -> str:
-    """A valid query of almost 100,000 characters: costly to parse (a long IN list), cheap to run."""
-    values, size, n = [], 60, 0
-    while size < 100_000 - 80:
-        values.append(str(n))
-        size += len(str(n)) + 2
-        n += 1
-    return f"SELECT {i} AS one WHERE {i} IN ({', '.join(values)})"
-
-
 def test_long_queries_of_one_user_leave_the_parser_to_others(fair: ServerProcess) -> None:
     """Regression (issue 22): ann's 100,000-character queries took the parser (two analyses at once, any
     user) and pushed ben's ``SELECT 1`` to seconds. ann analyses one query at a time and queues a few; the
     rest are refused "busy" at once, and ben's query is analysed meanwhile."""
     before = _calls(fair, "get_flight_info")
-    threads, outcomes = _in_threads(12, lambda i: _sql(fair, "ann", _long_query(i)).num_rows)
+    threads, outcomes = _in_threads(12, lambda i: _sql(fair, "ann", long_query(i)).num_rows)
     _wait_for(lambda: _calls(fair, "get_flight_info") >= before + 12, "ann's long queries reached the server")
     assert _sql(fair, "ben", "SELECT 1 AS one").column("one").to_pylist() == [1]
     answered_before_ben = sum(1 for o in list(outcomes) if not isinstance(o, Exception))
