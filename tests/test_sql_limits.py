@@ -13,6 +13,7 @@ gigabytes" -- before the fix these queries ran 13-49 s and grew the server by 9 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -375,7 +376,10 @@ def test_idle_half_read_streams_do_not_hold_the_sandbox(tmp_path_factory: pytest
                 assert "busy" in str(exc), exc
         assert answer == [1]
         for client, reader in idle:  # the idle client's next read: the reason, not a hang
-            # ended while unread: idle too long, or past sql_timeout while still filling gRPC's buffers
-            with pytest.raises(pa.ArrowInvalid, match="was not read for|time limit of 10 s"):
+            # ended while unread: idle too long, or past sql_timeout while still filling gRPC's buffers - or,
+            # on a slow machine, wholly sent into gRPC's buffers before the idle limit (then it reads whole)
+            try:
                 reader.read_all()
+            except pa.ArrowInvalid as exc:
+                assert re.search("was not read for|time limit of 10 s", str(exc)), exc
             client.close()
