@@ -56,14 +56,19 @@ def sweep(root: Path, keep: Path | None = None, pending: Iterable[Path] = ()) ->
                 continue
         elif not _LEGACY.match(entry.name):
             continue  # not a folder this code made: left alone
-        if entry.resolve() in kept:
+        folder = entry.resolve()
+        if folder in kept:
             continue
-        inside = {p for p in kept if entry.resolve() in p.parents}
+        inside = {p for p in kept if folder in p.parents}
         if inside:
             for child in entry.iterdir():
-                if child.name != LOCK and child.resolve() not in inside:
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-                    removed.append(child)
+                if child.name == LOCK or child.resolve() in inside:
+                    continue
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+                removed.append(child)
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
