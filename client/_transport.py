@@ -290,6 +290,12 @@ class Connection:
                 writer.close()
         except _SourceFailed as failed:
             raise failed.__cause__ from None  # type: ignore[misc]
+        except ServerUnavailableError as exc:
+            if not any(mark in exc.message for mark in _HUNG_UP):
+                raise
+            # the server ends an upload that leaves it waiting (it can only hang up: the status it sets
+            # cannot reach a client that is not reading); say so instead of gRPC's "Socket closed"
+            raise ServerUnavailableError(_HUNG_UP_MESSAGE, **{**exc.fields, **_context(command)}) from None
         except DataValidationError as exc:
             raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
         return LoadInfo.from_json(protocol.PutResult.from_bytes(answer.to_pybytes() if answer is not None else None).load_info)
@@ -298,6 +304,14 @@ class Connection:
         for client in self.__dict__.pop("_location_clients", {}).values():
             client.close()
         self.client.close()
+
+
+#: gRPC's words for a connection the server closed while a call was open
+_HUNG_UP = ("Socket closed", "Stream removed", "Connection reset")
+_HUNG_UP_MESSAGE = ("the server closed the connection while the save was uploading, so nothing was saved: it ends an "
+                    "upload that sends nothing for server.upload_idle_seconds (send the data as it is read, or "
+                    "read it into a table first), or the server restarted; a retry with the same save_id is "
+                    "stored once")
 
 
 class _SourceFailed(Exception):

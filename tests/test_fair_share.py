@@ -78,3 +78,37 @@ def test_a_caller_that_goes_away_leaves_the_queue() -> None:
     assert share.stats()["waiting"] == 0
     share.release("ann")
     share.acquire("ben", 0)
+
+
+class _Context:
+    """What a Call asks of pyarrow's ServerCallContext for its share key: the peer."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+def test_callers_without_credentials_are_claimants_by_address() -> None:
+    """All callers without credentials are one user name; as one claimant of the fair shares, one anonymous
+    notebook's slow queries took every other anonymous caller's turn. Each address (an IPv6 address by its
+    /64, as the login throttle counts) is a claimant of its own; a user is one claimant from anywhere."""
+    from flight_server.transport.auth import ANONYMOUS, Identity
+    from flight_server.transport.call import Call
+
+    def key(identity: Identity, peer: str) -> str:
+        return Call(_Context(peer), identity).share_key  # type: ignore[arg-type]
+
+    nobody = Identity(ANONYMOUS, "access", "anonymous")
+    first, second = key(nobody, "ipv4:10.0.0.1:50001"), key(nobody, "ipv4:10.0.0.2:50001")
+    assert first != second
+    assert key(nobody, "ipv4:10.0.0.1:60000") == first  # another connection from the same address
+    assert key(nobody, "ipv6:[2001:db8::1]:443") == key(nobody, "ipv6:[2001:db8::2]:443")  # one /64
+    ann = Identity("ann", "access", "token")
+    assert key(ann, "ipv4:10.0.0.1:1") == key(ann, "ipv4:10.0.0.2:1") == "ann"
+    share = FairShare(4, 1, 0, "SQL query", "server.sql_per_user", "SQL queries")
+    share.acquire(first, 0)
+    with pytest.raises(Unavailable, match="busy"):
+        share.acquire(key(nobody, "ipv4:10.0.0.1:60000"), 0)
+    share.acquire(second, 0)  # another address is not refused for the first one's query

@@ -209,6 +209,31 @@ def test_stalled_uploads_do_not_hold_the_server(fair: ServerProcess) -> None:
         client.close()
 
 
+def test_a_save_whose_source_stalls_is_told_why_it_ended(fair: ServerProcess) -> None:
+    """A save whose own data source stops sending past ``server.upload_idle_seconds``: the server can only
+    hang up on it (the status of a call the client does not read never arrives), and the client said
+    "Stream removed (Socket closed)". It says which limit ended the upload, that nothing was saved, and
+    that a retry with the same save id is stored once."""
+    before = _calls(fair, "do_put")
+
+    def stalling() -> Iterator[pa.RecordBatch]:
+        yield pa.record_batch([pa.array([1, 2])], names=["id"])
+        # the upload is open on the server; the source goes quiet until the server has ended it
+        _wait_for(lambda: _calls(fair, "do_put") > before and _health(fair)["uploads"]["running"] == 0,
+                  "the server ended the idle upload")
+        yield pa.record_batch([pa.array([3])], names=["id"])
+
+    reader = pa.RecordBatchReader.from_batches(pa.schema([("id", pa.int64())]), stalling())
+    with connect(fair.url, token=TOKENS["ann"]) as catalog:
+        with pytest.raises(ServerUnavailableError) as raised:
+            catalog[REPORTS].save(reader, "stalled_source")
+        assert "server.upload_idle_seconds" in str(raised.value) and "nothing was saved" in str(raised.value)
+        assert "Socket closed" not in str(raised.value)
+        save_id = raised.value.fields["save_id"]
+        assert catalog[REPORTS].save(pa.table({"id": [1, 2, 3]}), "stalled_source", save_id=save_id).rows == 3
+        assert catalog[REPORTS]["stalled_source"].arrow().column("id").to_pylist() == [1, 2, 3]
+
+
 def test_upload_folders_left_by_a_crash_are_removed_at_start(tmp_path: Path) -> None:
     """A server killed while an upload is open leaves the upload's folder under ``puts/``; the next start
     removes it (a replica still running on the same data folder keeps its own)."""

@@ -57,6 +57,13 @@ class SqlLimitExceeded(InvalidRequest):
         return cls(f"query exceeded the time limit of {timeout:g} s (server.sql_timeout)", dataset=dataset,
                    limit="server.sql_timeout", value=timeout)
 
+    @classmethod
+    def idle_result(cls, seconds: float, dataset: str | None) -> SqlLimitExceeded:
+        """The caller stopped reading the result for ``seconds`` (in the sandbox or in the warehouse: one text)."""
+        return cls(f"the query's result was not read for {seconds:g} s, so the query was ended and its "
+                   "resources given to others; read a result as it arrives (or aggregate, or add a LIMIT)",
+                   dataset=dataset, limit="idle result stream", value=seconds)
+
 
 class MemoryLimitExceeded(InvalidRequest):
     """A request whose data needs more Arrow memory than the server process may hold (``server.memory_limit``;

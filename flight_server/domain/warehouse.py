@@ -52,6 +52,7 @@ which may differ from duckdb's in the last bit.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ from sqlglot.optimizer.annotate_types import annotate_types
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
-from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded
+from flight_server.domain.errors import Cancelled, InvalidRequest, ServiceError, SqlLimitExceeded, Unavailable
+from flight_server.domain.fair import FairShare
 from flight_server.domain.sql.check import CheckedQuery, case_sensitive
+from flight_server.domain.sql.jobs import idle_limit
 from flight_server.domain.sql.references import table_references
 from flight_server.domain.sql.sandbox import SqlSandbox
 from flight_server.domain.storage import Storage
@@ -114,6 +117,13 @@ _ALLOWED_ARGS: dict[type, frozenset[str]] = {
     exp.Offset: frozenset({"expression"}),
 }
 _ALLOWED_ARGS[exp.Intersect] = _ALLOWED_ARGS[exp.Except] = _ALLOWED_ARGS[exp.Union]
+
+#: queries of one server process running in PostgreSQL at once (the adapter's own bound: storage/postgres.py)
+WAREHOUSE_QUERIES = 4
+#: of those, what one user (an address, for callers without credentials) holds at once: a user's streams
+#: that are slow or not read leave the other slots to others (issue 22); beyond it a query is answered
+#: by the sandbox, under the sandbox's own fair share
+WAREHOUSE_PER_USER = 2
 
 MAX_DIVISIONS = 16  # each is spelled out as a CASE (IEEE at a zero divisor): text grows with each
 
@@ -399,7 +409,8 @@ class Warehouse(Protocol):
     """A storage adapter whose database can run a checked query itself (``PostgresStorage``)."""
 
     def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
-                        guards: Sequence[str] = (), remaining: float | None = None) -> pa.RecordBatchReader: ...
+                        guards: Sequence[str] = (), remaining: float | None = None,
+                        idle: float | None = None) -> pa.RecordBatchReader: ...
 
 
 class WarehouseRouter:
@@ -408,6 +419,10 @@ class WarehouseRouter:
 
     def __init__(self, sandbox: SqlSandbox) -> None:
         self.sandbox = sandbox
+        # never waited for (a query that finds none runs in the sandbox) and never held while waiting for
+        # another lock or slot: the sandbox's share is taken before (schema) or after (a fallback) it
+        self.slots = FairShare(WAREHOUSE_QUERIES, WAREHOUSE_PER_USER, 0, "warehouse query", "warehouse per user",
+                               "warehouse queries")
 
     # what callers use on the sandbox
     @property
@@ -467,34 +482,42 @@ class WarehouseRouter:
         remaining = self.sandbox.timeout - (time.monotonic() - started)
         if remaining <= 0:
             raise SqlLimitExceeded.time_limit(self.sandbox.timeout, query.dataset)
+        claimant = user or ""
+        try:
+            self.slots.acquire(claimant, 0, dataset=query.dataset)
+        except Unavailable:  # this user's warehouse share (or every slot) is in use: the sandbox answers
+            log.debug("warehouse share of %r in use; query on %s runs in the SQL sandbox", claimant, query.dataset)
+            return self.sandbox.run(storage, query, cancelled, parameters, user=user)
+        release = _once(lambda: self.slots.release(claimant))
         reader = None
         try:
             assert isinstance(storage, Warehouse)  # plan() said so
-            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled, decided.guards, remaining)
+            reader = storage.warehouse_query(sql, self.sandbox.timeout, cancelled, decided.guards, remaining,
+                                             idle=idle_limit(self.sandbox.timeout))
             first = _next(reader)
             if first is not None:
                 first = conform(first, schema)
         except (SqlLimitExceeded, Cancelled):
-            if reader is not None:
-                reader.close()
+            _close(reader, release)
             raise
         except (ServiceError, pa.ArrowException) as exc:
             # PostgreSQL refused what the sandbox may answer (an overflow, a comparison of two types), or
             # a value does not fit the sandbox's type: the sandbox's answer, or its error in its own words
-            if reader is not None:
-                reader.close()
+            _close(reader, release)
             log.info("warehouse query on %s failed before its first row, running it in the SQL sandbox: %s",
                      query.dataset, exc)
             return self.sandbox.run(storage, query, cancelled, parameters, user=user)
-        except Exception:  # noqa: BLE001 - a bug on this path must not fail what the sandbox can answer
-            if reader is not None:
-                reader.close()
+        except BaseException as exc:
+            _close(reader, release)
+            if not isinstance(exc, Exception):
+                raise
+            # a bug on this path must not fail what the sandbox can answer
             log.exception("warehouse query on %s failed unexpectedly; running it in the SQL sandbox", query.dataset)
             return self.sandbox.run(storage, query, cancelled, parameters, user=user)
-        return pa.RecordBatchReader.from_batches(schema, self._limited(reader, first, schema, query.dataset))
+        return pa.RecordBatchReader.from_batches(schema, self._limited(reader, first, schema, query.dataset, release))
 
     def _limited(self, reader: pa.RecordBatchReader, first: pa.RecordBatch | None, schema: pa.Schema,
-                 dataset: str) -> Iterator[pa.RecordBatch]:
+                 dataset: str, release: Callable[[], None]) -> Iterator[pa.RecordBatch]:
         rows = 0
         batch = first
         max_rows = self.sandbox.max_rows
@@ -514,7 +537,26 @@ class WarehouseRouter:
                         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                         raise InvalidRequest(f"SQL error: {text[:500]}", dataset=dataset) from None
         finally:
+            _close(reader, release)
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action``, run at most once however often it is called (a slot is given back once)."""
+    done = threading.Lock()
+
+    def run() -> None:
+        if done.acquire(blocking=False):
+            action()
+    return run
+
+
+def _close(reader: pa.RecordBatchReader | None, release: Callable[[], None]) -> None:
+    """End a warehouse stream (its transaction and connection), then give its warehouse slot back."""
+    try:
+        if reader is not None:
             reader.close()
+    finally:
+        release()
 
 
 def _next(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:

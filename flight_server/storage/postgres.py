@@ -21,6 +21,8 @@ own plus the driver's message with the connection URI scrubbed.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import queue
 import re
 import threading
@@ -53,12 +55,15 @@ from flight_server.domain.storage import (
     split_evenly,
     staging_dataset,
 )
+from flight_server.domain.warehouse import WAREHOUSE_QUERIES
+
+log = logging.getLogger(__name__)
 
 WEI_ARROW = pa.decimal128(38, 0)  # dlt's dataset() read of a wei column (docs/type-mapping.md)
 POOL_SIZE = 4  # idle connections kept; more are opened under load and closed when returned to a full pool
 # queries of this process running in PostgreSQL at once (warehouse_query; like the sandbox's SANDBOX_WORKERS):
-# a flood of clients must not hold a connection each (review finding: 57 connections for 140 clients)
-WAREHOUSE_QUERIES = 4
+# a flood of clients must not hold a connection each (review finding: 57 connections for 140 clients); the
+# router shares them fairly between users (domain/warehouse.py), this bounds every caller together
 _WAREHOUSE_SLOTS = threading.BoundedSemaphore(WAREHOUSE_QUERIES)
 WAREHOUSE_WAIT = 1.0  # seconds a query waits for a slot
 
@@ -95,11 +100,32 @@ class _Pool:
     def __init__(self, uri: str, size: int = POOL_SIZE) -> None:
         self._uri = uri
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue(size)
+        self._pids: dict[int, int] = {}  # id(connection) -> its backend's process id, for live connections
 
     def connect(self) -> Any:
         import adbc_driver_postgresql.dbapi as pg
 
-        return pg.connect(self._uri, autocommit=True)
+        con = pg.connect(self._uri, autocommit=True)
+        try:
+            cur = con.cursor()
+            try:
+                cur.execute("SELECT pg_backend_pid()")
+                self._pids[id(con)] = int(cur.fetchone()[0])
+            finally:
+                _close_quietly(cur)
+        except BaseException:
+            _close_quietly(con)
+            raise
+        return con
+
+    def pid(self, con: Any) -> int | None:
+        """The process id of ``con``'s backend (to end it from another connection)."""
+        return self._pids.get(id(con))
+
+    def discard(self, con: Any) -> None:
+        """Close a connection that is not coming back to the pool."""
+        self._pids.pop(id(con), None)
+        _close_quietly(con)
 
     def take(self) -> Any:
         try:
@@ -111,17 +137,24 @@ class _Pool:
         try:
             self._idle.put_nowait(con)
         except queue.Full:
-            _close_quietly(con)
+            self.discard(con)
 
     def close(self) -> None:
         while True:
             try:
-                _close_quietly(self._idle.get_nowait())
+                self.discard(self._idle.get_nowait())
             except queue.Empty:
                 return
 
 
 _WATCH_SECONDS = 0.05
+# a statement cancelled by the watch that is still on after this is ended with its backend: PostgreSQL
+# does not act on a cancel while it waits to write to a client that stopped reading (ClientWrite), so such
+# a statement would hold its snapshot and its table locks (the owner's next load waits) for ever
+_CANCEL_GRACE_SECONDS = 1.0
+#: a plain read (not SQL) whose consumer takes no batch for this long is ended the same way: a client that
+#: stops reading a table must not hold a PostgreSQL session and its locks (issue 22; SQL has its idle limit)
+READ_IDLE_SECONDS = 60.0
 
 
 class _GuardFailed(Exception):
@@ -129,12 +162,16 @@ class _GuardFailed(Exception):
 
 
 class _Watch:
-    """Cancels a cursor's statement at a deadline, or when the caller cancels while it waits for rows."""
+    """Cancels a cursor's statement at a deadline, when the caller cancels while it waits for rows, or when
+    the caller has not asked for rows for ``idle`` seconds."""
 
-    def __init__(self, cur: Any, deadline: float, cancelled: Callable[[], bool] | None) -> None:
-        self.cur, self.deadline, self.cancelled = cur, deadline, cancelled
-        self.outcome: str | None = None  # "timeout" | "cancelled"
+    def __init__(self, cur: Any, deadline: float, cancelled: Callable[[], bool] | None,
+                 idle: float | None = None, terminate: Callable[[], object] | None = None) -> None:
+        self.cur, self.deadline, self.cancelled, self.idle = cur, deadline, cancelled, idle
+        self._terminate = terminate
+        self.outcome: str | None = None  # "timeout" | "cancelled" | "idle"
         self._waiting = False
+        self._last = time.monotonic()  # when the caller last had its rows
         self._done = threading.Event()
         self._lock = threading.Lock()
         threading.Thread(target=self._run, name="flight-share-warehouse-watch", daemon=True).start()
@@ -147,6 +184,7 @@ class _Watch:
         finally:
             with self._lock:
                 self._waiting = False
+                self._last = time.monotonic()
 
     def _run(self) -> None:
         while not self._done.wait(_WATCH_SECONDS):
@@ -157,12 +195,20 @@ class _Watch:
                     self.outcome = "timeout"
                 elif self._waiting and self.cancelled is not None and self.cancelled():
                     self.outcome = "cancelled"  # polled only while the caller's call is still on
+                elif not self._waiting and self.idle is not None and time.monotonic() - self._last >= self.idle:
+                    self.outcome = "idle"  # a stream its caller does not read: the statement ends (PostgreSQL
+                    # then ends the transaction too: idle_in_transaction_session_timeout, see warehouse_query)
                 if self.outcome:
                     try:
                         self.cur.adbc_cancel()
                     except Exception:  # noqa: BLE001 - the statement ended meanwhile
                         pass
-                    return
+                    break
+        if self.outcome and self._terminate is not None and not self._done.wait(_CANCEL_GRACE_SECONDS):
+            try:
+                self._terminate()  # still not given back: the backend waits on its client (see above)
+            except Exception:  # noqa: BLE001 - the database may be gone too; the stream's end cleans up
+                log.warning("could not end a PostgreSQL backend whose stream is not read", exc_info=True)
 
     def stop(self) -> None:
         with self._lock:  # after this, no cancel is on its way to the connection's next statement
@@ -286,9 +332,38 @@ class PostgresStorage(Storage):
             bare = _plain_schema(reader.schema)
             if not reader.schema.equals(bare, check_metadata=True):
                 reader = reader.cast(bare)
-            return owning_reader(reader, con, cur,
-                                 on_close=lambda: self._release(con, cur, read_only_transaction, reader))  # noqa: B023 - returned within this iteration
+            watch = _Watch(cur, math.inf, None, READ_IDLE_SECONDS, self._terminator(con))
+
+            def end(con: Any = con, cur: Any = cur, reader: Any = reader, watch: _Watch = watch) -> None:
+                watch.stop()
+                self._release(con, cur, read_only_transaction, reader)
+            return owning_reader(self._watched(reader, watch, what), con, cur, on_close=end)
         raise AssertionError("unreachable")
+
+    def _terminator(self, con: Any) -> Callable[[], object] | None:
+        """Ends ``con``'s backend from another connection (a role may end its own backends)."""
+        pid = self.pool().pid(con)
+        if pid is None:
+            return None
+        return lambda: self._execute([f"SELECT pg_terminate_backend({int(pid)})"], "ending an unread stream")
+
+    def _watched(self, reader: pa.RecordBatchReader, watch: _Watch, what: str) -> pa.RecordBatchReader:
+        """``reader``, each batch taken under ``watch`` (the idle limit); its errors in the domain's words."""
+        def batches() -> Iterator[pa.RecordBatch]:
+            while True:
+                try:
+                    batch = watch.waiting(reader.read_next_batch)
+                except StopIteration:
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    if watch.outcome == "idle":
+                        raise InvalidRequest(
+                            f"the {what} was not read for {watch.idle:g} s, so the server ended it; read a "
+                            "stream as it arrives", dataset=self.dataset.name, limit="idle read stream",
+                            value=watch.idle) from None
+                    raise self._fail(exc, what) from None
+                yield batch
+        return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
     def _release(self, con: Any, cur: Any, in_transaction: bool, reader: Any = None) -> bool:
         """Return a connection to the pool (rolled back, reset); True if it was broken instead."""
@@ -304,7 +379,7 @@ class PostgresStorage(Storage):
             finally:
                 _close_quietly(c)
         except Exception:  # noqa: BLE001 - a broken connection is dropped
-            _close_quietly(con)
+            self.pool().discard(con)
             return True
         self.pool().give(con)
         return False
@@ -346,7 +421,7 @@ class PostgresStorage(Storage):
             finally:
                 _close_quietly(cur)
         except Exception as exc:  # noqa: BLE001
-            _close_quietly(con)
+            self.pool().discard(con)
             raise self._fail(exc, what) from None
         self.pool().give(con)
         return rows
@@ -448,7 +523,8 @@ class PostgresStorage(Storage):
 
     # --- SQL in the warehouse (domain/warehouse.py) -------------------------------------------------
     def warehouse_query(self, sql: str, timeout: float, cancelled: Callable[[], bool] | None = None,
-                        guards: Sequence[str] = (), remaining: float | None = None) -> pa.RecordBatchReader:
+                        guards: Sequence[str] = (), remaining: float | None = None,
+                        idle: float | None = None) -> pa.RecordBatchReader:
         """Run one query that :mod:`flight_server.domain.warehouse` wrote, read-only, time-limited, cancellable.
 
         Inside ``BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY`` (nothing can be written,
@@ -464,6 +540,10 @@ class PostgresStorage(Storage):
         ``guards``: queries of one boolean each, run first in the same snapshot; if one answers true the
         query is not run (``InvalidRequest``: the caller runs it elsewhere). ``remaining``: the seconds
         left of ``timeout`` (``server.sql_timeout``, which the time-limit error names) when part of it is spent.
+        ``idle``: a stream its caller does not read for this long is ended (statement cancelled, and
+        ``idle_in_transaction_session_timeout`` ends the transaction and its locks in PostgreSQL even if the
+        caller never comes back): an unread result must not hold a connection, nor locks that the owner's
+        next load waits for.
         """
         deadline = time.monotonic() + (timeout if remaining is None else min(remaining, timeout))
         # a short wait: when every slot is busy the router answers from the sandbox (its own bounded pool)
@@ -475,10 +555,12 @@ class PostgresStorage(Storage):
         except BaseException:
             _WAREHOUSE_SLOTS.release()
             raise
-        watch = _Watch(cur, deadline, cancelled)
+        watch = _Watch(cur, deadline, cancelled, idle, self._terminator(con))
         try:
             remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            idle_ms = max(int(idle * 1000), 1) if idle is not None else 0  # 0: PostgreSQL's "no limit"
             for setting in (f"SET LOCAL statement_timeout = {remaining_ms}", "SET LOCAL search_path = pg_catalog, pg_temp",
+                            f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}",
                             "SET LOCAL TimeZone = 'UTC'",
                             # the SQL's string literals are written for it (a backslash is a character)
                             "SET LOCAL standard_conforming_strings = on"):
@@ -540,10 +622,14 @@ class PostgresStorage(Storage):
             return InvalidRequest(f"the warehouse cannot run this query as the sandbox would ({exc})",
                                   dataset=self.dataset.name)
         text = str(exc)
+        if watch.outcome == "idle" and watch.idle is not None:  # the watch's own cause first: what it ended
+            return SqlLimitExceeded.idle_result(watch.idle, self.dataset.name)
         if watch.outcome == "timeout" or "statement timeout" in text:
             return SqlLimitExceeded.time_limit(timeout, self.dataset.name)
         if watch.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.dataset.name)
+        if watch.idle is not None and "idle-in-transaction timeout" in text:
+            return SqlLimitExceeded.idle_result(watch.idle, self.dataset.name)
         detail = self._scrub(_pg_message(text) or type(exc).__name__)
         return InvalidRequest(f"SQL error: {detail[:500]}", dataset=self.dataset.name)
 

@@ -11,6 +11,7 @@ import pyarrow.flight as flight
 from client.load_info import LoadInfo
 from flight_server.transport import audit, status
 from flight_server.transport.auth import Identity
+from flight_server.transport.logins import peer_key
 
 
 @dataclass
@@ -26,6 +27,15 @@ class Call:
     @property
     def profile(self) -> str:
         return self.identity.profile
+
+    @property
+    def share_key(self) -> str:
+        """Whose fair share of the server this call takes: its user, or for callers without credentials
+        their address (all anonymous callers are one user name, but not one claimant: one notebook's burst
+        must not take every other anonymous caller's turn)."""
+        if not self.identity.anonymous:
+            return self.identity.user
+        return f"{self.identity.user} {peer_key(self.context.peer()) or '?'}"
 
     def cancelled(self) -> bool:
         return bool(self.context.is_cancelled())

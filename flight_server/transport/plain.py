@@ -119,28 +119,28 @@ class PlainSurface:
     def _checked(self, call: Call, command: SqlCommand) -> tuple[Storage, CheckedQuery]:
         storage = self.catalog.open(call.profile, command.dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        return storage, check_query(command.query, command.dataset, columns, user=call.identity.user)
+        return storage, check_query(command.query, command.dataset, columns, user=call.share_key)
 
     def sql_info(self, call: Call, request: Request) -> flight.FlightInfo:
         storage, checked = self._checked(call, request.message)
-        schema = self.sql.schema(storage, checked, call.cancelled, user=call.identity.user)
+        schema = self.sql.schema(storage, checked, call.cancelled, user=call.share_key)
         plan = ReadPlan([request.message], [-1], -1, -1)
         return flight.FlightInfo(schema, call.descriptor, self._endpoints(call, plan), -1, -1)
 
     def sql_schema(self, call: Call, request: Request) -> flight.SchemaResult:
         storage, checked = self._checked(call, request.message)
-        return flight.SchemaResult(self.sql.schema(storage, checked, call.cancelled, user=call.identity.user))
+        return flight.SchemaResult(self.sql.schema(storage, checked, call.cancelled, user=call.share_key))
 
     def run_sql(self, call: Call, request: Request) -> flight.FlightDataStream:
         storage, checked = self._checked(call, request.message)
         # the sandbox already steps through batches (row limit, timeout): counting there is free
-        return call.stream(self.sql.run(storage, checked, call.cancelled, user=call.identity.user))
+        return call.stream(self.sql.run(storage, checked, call.cancelled, user=call.share_key))
 
     # --- writes -----------------------------------------------------------------------------------
     def save(self, call: Call, request: Request) -> None:
         command: WriteCommand = request.message
         result = self.writer.put(call.profile, command, self.uploads.open(call, command.commit_marker), call.cancelled,
-                                 user=call.identity.user)
+                                 user=call.share_key)
         call.loaded(result)
         call.writer.write(pa.py_buffer(protocol.PutResult(result.to_json()).to_bytes()))
 
@@ -172,7 +172,7 @@ class PlainSurface:
         for dataset in datasets or ():
             self.catalog.grant(call.profile, dataset)
         info = self.catalog.info(call.profile, datasets)
-        return iter([dataclasses.replace(info, user=call.identity.user).to_bytes()])
+        return iter([dataclasses.replace(info, user=call.share_key).to_bytes()])
 
     def health(self, call: Call, request: Request) -> Iterator[bytes]:
         return iter([json.dumps({"status": "ok", "project": self.project_name, "calls": self.calls(),

@@ -108,6 +108,11 @@ def _refuse_case_twins(storage: Storage, table: str, names: list[str]) -> None:
                 f"itself (it serves both)", dataset=storage.dataset.name, table=table)
 
 
+def idle_limit(timeout: float) -> float:
+    """How long a query's result may go unread before the query is ended (sandbox and warehouse alike)."""
+    return min(SQL_IDLE_SECONDS, timeout / 2)
+
+
 class Job:
     """One query on one worker: its deadline, its caller's cancellation, the table data it asks for."""
 
@@ -118,7 +123,7 @@ class Job:
         self.parameters = parameters
         self.partition = partition
         self.cancelled = cancelled
-        self.idle_limit = min(SQL_IDLE_SECONDS, sandbox.timeout / 2)
+        self.idle_limit = idle_limit(sandbox.timeout)
         self.last_read = time.monotonic()  # when the caller last asked for a batch (see _watch)
         self.lock = threading.Lock()
         self.waiting = False  # the caller's thread is blocked on the worker (only then is its context polled)
@@ -225,10 +230,7 @@ class Job:
         if self.outcome == "cancelled":
             return Cancelled("the query was cancelled by its caller", dataset=self.query.dataset)
         if self.outcome == "idle":
-            return SqlLimitExceeded(
-                f"the query's result was not read for {self.idle_limit:g} s, so the query was ended and its "
-                "sandbox given to others; read a result as it arrives (or aggregate, or add a LIMIT)",
-                dataset=self.query.dataset, limit="idle result stream", value=self.idle_limit)
+            return SqlLimitExceeded.idle_result(self.idle_limit, self.query.dataset)
         if self.source_error is not None:
             return self.source_error
         # killed by the kernel (the memory limit) or crashed under it

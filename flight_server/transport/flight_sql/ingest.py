@@ -64,7 +64,7 @@ class Ingest:
         # the same write path as DoPut: name and type checks, contract, load (the dispatch evicts the cache)
         result = self.writer.put(profile, WriteCommand(command.schema, command.table, disposition),
                                  self.uploads.open(call, False), call.cancelled, must_exist=must_exist,
-                                 must_be_new=must_be_new, user=call.identity.user)
+                                 must_be_new=must_be_new, user=call.share_key)
         call.loaded(result)
         # DoPutUpdateResult goes back raw, not packed in Any
         call.writer.write(pa.py_buffer(pb.DoPutUpdateResult(record_count=result.rows).SerializeToString()))

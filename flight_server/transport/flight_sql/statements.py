@@ -133,8 +133,8 @@ class Statements:
         profile = call.profile
         query = statement.query
         # once: the datasets, the placeholders and the check all read this tree
-        tree = parse_statement(query, user=call.identity.user)
-        datasets, unqualified = referenced_datasets(tree, user=call.identity.user)
+        tree = parse_statement(query, user=call.share_key)
+        datasets, unqualified = referenced_datasets(tree, user=call.share_key)
         visible = self.catalog.visible(profile)
         current = self.sessions.current_schema(call)
         if current is not None and current not in visible:
@@ -151,7 +151,7 @@ class Statements:
             raise InvalidRequest(f"a statement reads one dataset; this one names {', '.join(sorted(datasets))}")
         if not datasets and not visible:
             raise NotFound(f"profile {profile} sees no dataset of project {self.catalog_name}")
-        count = parameter_count(tree, user=call.identity.user)
+        count = parameter_count(tree, user=call.share_key)
         values = statement.values()
         if values is not None:
             values = check_parameters(values, count)
@@ -164,7 +164,7 @@ class Statements:
         dataset = next(iter(datasets)) if datasets else (current or visible[0])
         storage = self.catalog.open(profile, dataset)
         columns = {t: list(storage.table_columns(t)) for t in storage.readable_tables()}
-        checked = check_query(tree, dataset, columns, catalog=self.catalog_name, user=call.identity.user)
+        checked = check_query(tree, dataset, columns, catalog=self.catalog_name, user=call.share_key)
         table = row_wise_table(tree)  # the checked tree: its one table is one of the dataset's
         row_wise = _RowWise(table, tree.args.get("where") is not None) \
             if table is not None and set(checked.tables) == {table} else None
@@ -172,7 +172,7 @@ class Statements:
 
     def _query_schema(self, call: Call, statement: Statement) -> pa.Schema:
         storage, checked, values, _ = self._prepare(call, statement)
-        return self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
+        return self.sql.schema(storage, checked, call.cancelled, values, user=call.share_key)
 
     def _statement_info(self, call: Call, request: Request) -> flight.FlightInfo:
         command = request.message
@@ -185,7 +185,7 @@ class Statements:
         replicas round-robin, and their order means nothing (``ordered=False``)."""
         statement = dataclasses.replace(statement, partition=None)  # a ticket's handle sent back: plan anew
         storage, checked, values, row_wise = self._prepare(call, statement)
-        schema = self.sql.schema(storage, checked, call.cancelled, values, user=call.identity.user)
+        schema = self.sql.schema(storage, checked, call.cancelled, values, user=call.share_key)
         run = a_run_of(statement)
         if not self.endpoint_rows:
             row_wise = None  # splitting is off (server.sql_endpoint_rows): no partition plan either
@@ -226,7 +226,7 @@ class Statements:
             self._running.setdefault(key, set()).add(stop)
         try:
             reader = self.sql.run(storage, checked, lambda: stop.is_set() or call.cancelled(), values,
-                                  partition=partition, user=call.identity.user)
+                                  partition=partition, user=call.share_key)
         except BaseException:
             self._unregister(key, stop)
             raise
@@ -270,7 +270,7 @@ class Statements:
     def _create_prepared(self, call: Call, request: Request) -> Iterator[bytes]:
         no_transaction(request.message)
         query = request.message.query
-        count = parameter_count(query, user=call.identity.user)
+        count = parameter_count(query, user=call.share_key)
         if count:
             # the result's schema before any value is bound: the parameters bound as NULLs
             nulls = pa.table([pa.nulls(1)] * count, schema=parameter_schema(count))
@@ -323,7 +323,7 @@ class Statements:
         if call.cancelled():
             raise Cancelled("the upload of bound values was cancelled")
         values = check_parameters(pa.Table.from_batches(batches, schema=call.reader.schema),
-                                  parameter_count(statement.query, user=call.identity.user))
+                                  parameter_count(statement.query, user=call.share_key))
         bound = Statement(statement.query, ipc_stream(values))
         self._bound.remember(call.identity.user, call.context.peer(), request.message.prepared_statement_handle,
                              bound.parameters or b"")
