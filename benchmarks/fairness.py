@@ -9,7 +9,11 @@ two users, ann and ben (static tokens). Phases, each ``--seconds`` long while be
 2. ``slow_queries``: ann runs 4 queries that run until the time limit, again and again;
 3. ``long_queries``: ann sends 100,000-character queries from 8 threads, again and again;
 4. ``stalled_uploads``: ann opens 300 DoPuts that send their schema and then nothing; ben's
-   ``list_flights`` is measured instead.
+   ``list_flights`` is measured instead;
+5. ``half_read``: ann opens 4 SQL result streams, reads one batch of each and stops reading;
+6. ``login_flood``: 96 threads send wrong passwords for carl (a password user) as fast as they can;
+7. ``concurrent_saves``: 4 clients save 200 rows into one dataset 3 times each, at once; ben's
+   ``SELECT 1`` meanwhile, and each save's latency and outcome.
 
 Per phase: ben's latencies (median, p99, max) and errors, and the errors ann got; over the run the
 server's peak RSS (the server process; its SQL workers separately) and peak thread count. Figures
@@ -34,8 +38,8 @@ import pyarrow.flight as flight
 import yaml
 
 from client import connect
-from client.protocol import WriteCommand, encode_command
-from flight_server.domain.credentials import hash_token
+from client.protocol import SqlCommand, WriteCommand, encode_command
+from flight_server.domain.credentials import hash_password, hash_token
 from flight_server.testing.queries import long_query
 from flight_server.testing.servers import ServerProcess, make_project
 
@@ -111,6 +115,87 @@ def summary(errors: list[str]) -> dict[str, int]:
     return kinds
 
 
+def half_read(server: ServerProcess, seconds: float, probe: Callable[[], Any]) -> dict[str, Any]:
+    """ann's 4 SQL streams, one batch read of each, then left unread while ben measures."""
+    big = "SELECT a.id, b.id AS other, a.payload__ref FROM push_event a, push_event b"
+    readers = []
+    for _ in range(4):
+        client = flight.connect(server.url)
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(
+            encode_command(SqlCommand(EVENTS, big))),
+            options=options("ann"))
+        reader = client.do_get(info.endpoints[0].ticket, options=options("ann"))
+        reader.read_chunk()
+        readers.append((client, reader))
+    result = measure(seconds, probe)
+    outcomes = []
+    for client, reader in readers:
+        try:
+            reader.read_all()
+            outcomes.append("read whole")
+        except flight.FlightError as exc:
+            outcomes.append(str(exc).splitlines()[0][:100])
+        client.close()
+    result["ann_outcomes"] = summary(outcomes)
+    return {"half_read": result}
+
+
+def login_flood(server: ServerProcess, seconds: float, probe: Callable[[], Any]) -> dict[str, Any]:
+    """96 threads of wrong passwords for carl while ben measures; then carl's right password."""
+    stop = threading.Event()
+    refused: list[str] = []
+
+    def guess(i: int) -> None:
+        client = flight.connect(server.url)
+        while not stop.is_set():
+            try:
+                client.authenticate_basic_token("carl", f"wrong-{i}")
+            except flight.FlightError as exc:
+                refused.append(type(exc).__name__)
+        client.close()
+
+    pool = [threading.Thread(target=guess, args=(i,), daemon=True) for i in range(96)]
+    for t in pool:
+        t.start()
+    result = measure(seconds, probe)
+    stop.set()
+    for t in pool:
+        t.join(60)
+    result["refused_guesses"] = len(refused)
+    result["refusals"] = {k: refused.count(k) for k in set(refused)}
+    return {"login_flood": result}
+
+
+def concurrent_saves(server: ServerProcess, probe: Callable[[], Any]) -> dict[str, Any]:
+    """4 clients x 3 saves of 200 rows into reports_dataset at once; ben's SELECT 1 meanwhile."""
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def saver(i: int) -> None:
+        with connect(server.url, token=TOKENS["ann"]) as catalog:
+            for n in range(3):
+                started = time.perf_counter()
+                try:
+                    catalog["reports_dataset"].save(pa.table({"id": list(range(200)), "n": [n] * 200}), f"saves_{i}")
+                except Exception as exc:  # noqa: BLE001 - counted
+                    errors.append(str(exc).splitlines()[0][:160])
+                latencies.append(time.perf_counter() - started)
+
+    pool = [threading.Thread(target=saver, args=(i,), daemon=True) for i in range(4)]
+    for t in pool:
+        t.start()
+    probes = []
+    while any(t.is_alive() for t in pool):
+        started = time.perf_counter()
+        probe()
+        probes.append(time.perf_counter() - started)
+    latencies.sort()
+    return {"concurrent_saves": {"saves": len(latencies), "errors": len(errors), "error_samples": sorted(set(errors))[:3],
+                                 "save_median_s": round(statistics.median(latencies), 3),
+                                 "save_max_s": round(latencies[-1], 3),
+                                 "ben_select_1_max_s": round(max(probes), 4) if probes else None}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -121,6 +206,7 @@ def main() -> None:
         project = make_project(Path(tmp) / "p", events=300)
         config = yaml.safe_load(project.read_text())
         config["users"] = {n: {"profile": "access", "token_hash": hash_token(t)} for n, t in TOKENS.items()}
+        config["users"]["carl"] = {"profile": "access", "password_hash": hash_password("carl-secret-password")}
         config["server"].update(sql_timeout=10)
         project.write_text(yaml.safe_dump(config))
         with ServerProcess(project) as server:
@@ -160,6 +246,9 @@ def main() -> None:
             for client, _writer, _reader in opened:
                 client.close()
             lister.close()
+            results.update(half_read(server, args.seconds, select_one))
+            results.update(login_flood(server, args.seconds, select_one))
+            results.update(concurrent_saves(server, select_one))
             ben.close()
             peaks.stop.set()
             results["server_peak_rss_mb"] = round(peaks.rss / 2**20, 1)

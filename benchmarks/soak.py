@@ -32,19 +32,27 @@ from flight_server.testing.servers import REPO, ServerProcess, make_project  # n
 DATASET, FROZEN = "reports_dataset", "github_events_dataset"
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of the server and its children (the SQL sandbox workers)."""
-    total = 0
+def _rss_parts(pid: int) -> tuple[int, int]:
+    """Resident bytes of the server process, and of its children (the SQL sandbox workers) together."""
+    own = children = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             stat = (proc / "stat").read_text().split()
-            if int(proc.name) == pid or int(stat[3]) == pid:
-                total += int(stat[23]) * os.sysconf("SC_PAGE_SIZE")
+            resident = int(stat[23]) * os.sysconf("SC_PAGE_SIZE")
+            if int(proc.name) == pid:
+                own += resident
+            elif int(stat[3]) == pid:
+                children += resident
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return own, children
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of the server and its children (the SQL sandbox workers)."""
+    return sum(_rss_parts(pid))
 
 
 def main() -> int:
@@ -72,6 +80,8 @@ def _soak(server: ServerProcess, args: argparse.Namespace) -> int:
     lock = threading.Lock()
     stop = time.monotonic() + args.seconds
     rss = {"start": _rss(server.proc.pid), "peak": 0}
+    samples: list[tuple[float, int, int]] = []  # (seconds since start, server process, workers)
+    began = time.monotonic()
 
     def client(number: int) -> None:
         rng = random.Random(args.seed * 1000 + number)
@@ -111,7 +121,9 @@ def _soak(server: ServerProcess, args: argparse.Namespace) -> int:
 
     def watch() -> None:
         while time.monotonic() < stop:
-            rss["peak"] = max(rss["peak"], _rss(server.proc.pid))
+            own, workers = _rss_parts(server.proc.pid)
+            rss["peak"] = max(rss["peak"], own + workers)
+            samples.append((time.monotonic() - began, own, workers))
             time.sleep(0.5)  # a sampling interval, not synchronisation
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
@@ -139,6 +151,12 @@ def _soak(server: ServerProcess, args: argparse.Namespace) -> int:
           f"({len(missing)} not)")
     print(f"  server RSS (with sandbox workers): start {rss['start'] >> 20} MiB, peak {rss['peak'] >> 20} MiB, "
           f"end {rss['end'] >> 20} MiB")
+    if len(samples) >= 8:  # growth or a plateau: the server process alone, quarter by quarter (max of each)
+        quarter = len(samples) // 4
+        parts = [samples[i * quarter:(i + 1) * quarter] for i in range(4)]
+        print("  server process RSS by quarter (max): " + ", ".join(
+            f"{max(s[1] for s in part) >> 20}" for part in parts) + " MiB; workers: " + ", ".join(
+            f"{max(s[2] for s in part) >> 20}" for part in parts) + " MiB")
     return 0 if server.alive and not missing and not any(errors.values()) else 1
 
 

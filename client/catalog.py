@@ -322,7 +322,8 @@ class Dataset:
         a save whose answer was lost (the connection or the server went away: ``ServerUnavailableError``,
         whose ``save_id`` field names it) may be sent again with the same ``save_id`` and is not stored
         twice. Data that can be sent again (a table, a DataFrame, record batches) is retried once by
-        itself after a lost connection, with the same id."""
+        itself after a lost connection, with the same id, and after a refusal because another save changed
+        the same table at the same moment (nothing of it was written; it is checked again)."""
         keys = (primary_key,) if isinstance(primary_key, str) else tuple(primary_key or ())
         command = WriteCommand(self.name, table_name, write_disposition, keys,  # type: ignore[arg-type]
                                save_id=save_id or uuid.uuid4().hex)
@@ -339,7 +340,10 @@ class Dataset:
             except ServerUnavailableError as exc:
                 exc.fields.setdefault("save_id", command.save_id)
                 exc.save_id = command.save_id  # type: ignore[attr-defined]
-                if attempt == 2 or not replayable or "nothing was written" in exc.message:
+                # a lost connection may have stored it (the same id makes that safe); a save refused because
+                # another changed the same table at the same time stored nothing and is checked anew
+                conflict = exc.fields.get("retry") == "conflict"
+                if attempt == 2 or not replayable or ("nothing was written" in exc.message and not conflict):
                     raise
         self.refresh()
         return info

@@ -12,6 +12,7 @@ at dlt's *load* step, after dlt had already stored its new schema version.
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -479,4 +480,54 @@ def test_a_failed_save_into_a_new_table_leaves_no_table_behind(dest: Destination
     dest.catalog().open_dataset.save(pa.table({"k": [2], "ts": pa.array([0], pa.timestamp("s"))}),
                                      table_name="stamps_new")
     assert dest.catalog().open_dataset.stamps_new.arrow().column("k").to_pylist() == [2]
+    assert dest.pipelines_left() == []
+
+
+def test_concurrent_saves_and_reads_queue_and_all_succeed(dest: Destination) -> None:
+    """Issue 22 item 0 on every destination kind: four clients saving into one dataset at once (three saves
+    each, two of them into one table), while two others read and run SQL. Every save succeeds (they queue
+    in arrival order), every row is there once, and the readers never see an error."""
+    table = f"busy_{uuid.uuid4().hex[:6]}"
+    dest.catalog()["open_dataset"].save(pa.table({"client": [-1], "i": [0]}), table)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def saver(client: int) -> None:
+        try:
+            with connect(dest.server.url) as catalog:
+                for round_ in range(3):
+                    rows = pa.table({"client": [client] * 100, "i": list(range(round_ * 100, round_ * 100 + 100))})
+                    catalog["open_dataset"].save(rows, table if client < 2 else f"{table}_{client}")
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            errors.append(exc)
+
+    def reader(sql: bool) -> None:
+        with connect(dest.server.url) as catalog:
+            while not done.is_set():
+                try:
+                    if sql:
+                        catalog["open_dataset"].sql(f"SELECT count(*) AS n FROM {table}").arrow()
+                    else:
+                        catalog["open_dataset"][table].arrow()
+                except BaseException as exc:  # noqa: BLE001 - the outcome under test
+                    errors.append(exc)
+                    return
+
+    savers = [threading.Thread(target=saver, args=(k,)) for k in range(4)]
+    readers = [threading.Thread(target=reader, args=(sql,)) for sql in (False, True)]
+    for thread in [*readers, *savers]:
+        thread.start()
+    for thread in savers:
+        thread.join(600)
+    done.set()
+    for thread in readers:
+        thread.join(120)
+    assert errors == []
+    catalog = dest.catalog()
+    shared = catalog["open_dataset"][table].arrow()
+    assert sorted(zip(shared["client"].to_pylist(), shared["i"].to_pylist())) == \
+        [(-1, 0)] + [(c, i) for c in (0, 1) for i in range(300)]
+    for client in (2, 3):
+        own = catalog["open_dataset"][f"{table}_{client}"].arrow()
+        assert sorted(own["i"].to_pylist()) == list(range(300)) and set(own["client"].to_pylist()) == {client}
     assert dest.pipelines_left() == []

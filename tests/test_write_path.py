@@ -233,6 +233,8 @@ def test_concurrent_saves_into_one_dataset_queue_and_all_succeed(ws: WriteServer
             for round_ in range(3):
                 rows = pa.table({"client": [client] * 200, "i": list(range(round_ * 200, round_ * 200 + 200))})
                 connect(ws.url).open_dataset.save(rows, table_name="busy")
+                # and a new table of its own each round: schema changes of several saves at once
+                connect(ws.url).open_dataset.save(rows, table_name=f"busy_{client}_{round_}")
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -257,6 +259,11 @@ def test_concurrent_saves_into_one_dataset_queue_and_all_succeed(ws: WriteServer
     assert data.num_rows == 1 + 4 * 3 * 200
     assert sorted(pc.value_counts(data.column("client")).to_pylist(), key=lambda c: c["values"]) == \
         [{"values": -1, "counts": 1}] + [{"values": k, "counts": 600} for k in range(4)]
+    catalog = connect(ws.url)
+    for k in range(4):
+        for round_ in range(3):
+            own = catalog.open_dataset[f"busy_{k}_{round_}"].arrow()
+            assert sorted(own.column("i").to_pylist()) == list(range(round_ * 200, round_ * 200 + 200))
 
 
 def test_reads_never_wait_on_saves_and_see_the_last_committed_data(loaded_project: Path, tmp_path: Path) -> None:

@@ -612,6 +612,13 @@ class Writer:
             # the same new table with the same columns): loading it loses nothing and changes nothing
             # the contract would have to allow - the stored schema is the base of the load from here
             stored, changed = now, False
+        if changed and now is not None:
+            rebased = self._rebase(pipeline, stored, now)
+            if rebased is not None:  # the others changed other tables: this save's changes go on top of theirs
+                packaged.clear()
+                packaged.update(rebased)
+                stored, changed = now, False
+                entry.before, entry.packaged = _schema_json(now), sorted(rebased)
         if changed:
             # optimistic concurrency: the upload was checked and normalized against a schema that is
             # no longer the dataset's (another save, or the owner's pipeline, changed it meanwhile)
@@ -699,6 +706,45 @@ class Writer:
             pipeline.drop()
         except Exception:  # noqa: BLE001 - the folder is removed after the put anyway
             log.exception("could not drop the pipeline of a failed put")
+
+    @staticmethod
+    def _rebase(pipeline: Any, stored: Any, now: Any) -> set[str] | None:
+        """Put this save's schema changes on top of the version stored meanwhile, or None when they meet.
+
+        Saves into one dataset are checked and normalized without its lock (above), so another save (or
+        the owner) may have stored a new version of the schema by the time this one loads: a save that
+        created table ``a`` while this one created ``b``. Loading this package as it is would store a
+        version without ``a``. When every table this save changed (compared with ``stored``, the version
+        it was checked against) is in ``now`` exactly as it was in ``stored``, and the schema's settings
+        (the owner's contract) are too, the contract decision is the same against ``now``: the package's
+        schema becomes ``now`` with this save's tables put in, as one more version. dlt's load then
+        creates only what the package needs (its schema update) and stores that version. Otherwise
+        (both changed one table, or the contract changed) the save is refused for a retry. The hashes
+        of the rebased package schemas are returned."""
+        base = stored.schema if stored is not None else None
+        base_settings = base.settings if base is not None else {}
+        packages = pipeline._get_load_storage().normalized_packages
+        rebased: dict[str, Schema] = {}
+        for load_id in pipeline.list_normalized_load_packages():
+            package = packages.load_schema(load_id)
+            own = {name: table for name, table in package.tables.items()
+                   if base is None or base.tables.get(name) != table}
+            system = {package.version_table_name, package.loads_table_name, package.state_table_name}
+            if base is not None and now.schema.settings != base_settings:
+                return None
+            merged = now.schema.clone()
+            for name, table in own.items():
+                if name in system and name in merged.tables:
+                    continue  # dlt's own tables: the same in every schema of the dataset
+                if now.schema.tables.get(name) != (base.tables.get(name) if base is not None else None):
+                    return None  # another save or the owner changed this table too: its contract decision may differ
+                merged.tables[name] = copy.deepcopy(table)
+            if package.settings != base_settings and base is not None:
+                return None  # the save changed the schema's settings (never expected): not replayed
+            rebased[load_id] = Schema.from_dict(merged.to_dict(bump_version=True), bump_version=False)
+        for load_id, schema in rebased.items():
+            packages.save_schema(load_id, schema)
+        return {schema.version_hash for schema in rebased.values()}
 
     @staticmethod
     def _keep_owner_contract(pipeline: Any, before: Any) -> set[str]:
