@@ -625,7 +625,7 @@ class Writer:
             raise Unavailable(
                 f"dataset '{dataset}' changed during the upload to '{dataset}.{table}' (its schema is now version "
                 f"{now.version if now else 'none'}); nothing was written, retry the save",
-                dataset=dataset, table=table)
+                dataset=dataset, table=table, retry="conflict")
         self._check_cancelled(cancelled, dataset, table)
         # what the load may touch: the table and its child tables, stored or new (a replace empties them)
         family = sorted(set(_table_family(stored.schema if stored else None, table))
@@ -713,14 +713,16 @@ class Writer:
 
         Saves into one dataset are checked and normalized without its lock (above), so another save (or
         the owner) may have stored a new version of the schema by the time this one loads: a save that
-        created table ``a`` while this one created ``b``. Loading this package as it is would store a
-        version without ``a``. When every table this save changed (compared with ``stored``, the version
-        it was checked against) is in ``now`` exactly as it was in ``stored``, and the schema's settings
-        (the owner's contract) are too, the contract decision is the same against ``now``: the package's
-        schema becomes ``now`` with this save's tables put in, as one more version. dlt's load then
-        creates only what the package needs (its schema update) and stores that version. Otherwise
-        (both changed one table, or the contract changed) the save is refused for a retry. The hashes
-        of the rebased package schemas are returned."""
+        created table ``a`` while this one created ``b``, or added column ``x`` to a table where this one
+        added ``y``. Loading this package as it is would store a version without ``a`` (or ``x``). When
+        everything this save changed (tables, columns, hints, compared with ``stored``, the version it was
+        checked against) is in ``now`` as it was in ``stored`` (:func:`_three_way`), and the schema's settings
+        (the owner's contract) are too, the contract decision is the same against ``now`` - a column new
+        to ``stored`` is new to ``now`` - so the package's schema becomes ``now`` with this save's changes
+        put in, as one more version. dlt's load then creates only what the package needs (its schema
+        update) and stores that version. Otherwise (both changed one column or hint, both created one
+        table, or the contract changed) the save is refused for a retry, which is checked anew. The
+        hashes of the rebased package schemas are returned."""
         base = stored.schema if stored is not None else None
         base_settings = base.settings if base is not None else {}
         packages = pipeline._get_load_storage().normalized_packages
@@ -736,9 +738,11 @@ class Writer:
             for name, table in own.items():
                 if name in system and name in merged.tables:
                     continue  # dlt's own tables: the same in every schema of the dataset
-                if now.schema.tables.get(name) != (base.tables.get(name) if base is not None else None):
-                    return None  # another save or the owner changed this table too: its contract decision may differ
-                merged.tables[name] = copy.deepcopy(table)
+                result = _three_way(base.tables.get(name) if base is not None else None, now.schema.tables.get(name),
+                                    table)
+                if result is None:
+                    return None  # both changed one column or hint, or both created the table: may decide otherwise
+                merged.tables[name] = result
             if package.settings != base_settings and base is not None:
                 return None  # the save changed the schema's settings (never expected): not replayed
             rebased[load_id] = Schema.from_dict(merged.to_dict(bump_version=True), bump_version=False)
@@ -1056,6 +1060,31 @@ def _relink_loads(client: Any, load_ids: Sequence[str], schema_name: str, versio
     for load_id in load_ids:
         sql_client.execute_sql(f"UPDATE {table} SET schema_version_hash = %s WHERE load_id = %s AND schema_name = %s",
                                version_hash, load_id, schema_name)
+
+
+def _three_way(base: dict[str, Any] | None, now: dict[str, Any] | None, mine: dict[str, Any]) -> dict[str, Any] | None:
+    """One table of this save (``mine``) put on top of ``now``, both descended from ``base``; None when they
+    changed the same thing differently (or both created the table). Columns and hints this save did not
+    change are ``now``'s; what it changed comes in when ``now`` has it as ``base`` had it (or already equal)."""
+    if now == base:
+        return copy.deepcopy(mine)
+    if base is None or now is None:
+        return None
+    merged = copy.deepcopy(now)
+    for key, value in mine.items():
+        if key == "columns" or value == base.get(key):
+            continue
+        if now.get(key) not in (base.get(key), value):
+            return None
+        merged[key] = copy.deepcopy(value)
+    columns, before = merged.setdefault("columns", {}), base.get("columns", {})
+    for name, column in mine.get("columns", {}).items():
+        if column == before.get(name):
+            continue
+        if columns.get(name) not in (before.get(name), column):
+            return None  # both changed (or added) this column, differently
+        columns[name] = copy.deepcopy(column)
+    return merged
 
 
 def _schema_json(stored: Any) -> dict[str, Any] | None:
