@@ -14,6 +14,23 @@ import flight_server.storage.duckdb as duckdb_storage
 from flight_server.domain.errors import Unavailable
 
 
+class _Waits(threading.Condition):
+    """A FileHandle's condition that records the timeout of every wait on it (None: a wait without bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+def _recording_waits(handle: duckdb_storage.FileHandle) -> _Waits:
+    handle._cond = _Waits()
+    return handle._cond
+
+
 def test_between_requests_another_process_may_open_the_file_read_write(tmp_path: Path) -> None:
     path = str(tmp_path / "f.duckdb")
     handle = duckdb_storage.FileHandle(path)
@@ -31,12 +48,13 @@ def test_an_idle_stream_never_stalls_a_save_and_a_save_never_stalls_reads_withou
     path = str(tmp_path / "f.duckdb")
     duckdb.connect(path).close()
     handle = duckdb_storage.FileHandle(path)
+    waits = _recording_waits(handle)
     cursor = handle.acquire_read()  # a stream its client never reads
-    started = time.monotonic()
     with pytest.raises(Unavailable, match="busy with reads; nothing was written"):
         with handle.writing():
             pass
-    assert time.monotonic() - started < 5
+    # the save gave up at its deadline: every wait it made was bounded by BUSY_TIMEOUT
+    assert waits.timeouts and all(t is not None and t <= duckdb_storage.BUSY_TIMEOUT for t in waits.timeouts), waits.timeouts
     handle.release_read(cursor)
 
     inside, release = threading.Event(), threading.Event()
@@ -127,14 +145,15 @@ def test_a_save_gets_the_file_while_readers_never_stop(tmp_path: Path) -> None:
     stop = threading.Event()
     threads = _busy_readers(handle, stop, 8)  # returns once all 8 are reading
     try:
-        started = time.monotonic()
+        # a save starved past BUSY_TIMEOUT raises Unavailable ("busy with reads"): getting through is the proof
         with handle.writing() as con:
             con.execute("INSERT INTO t VALUES (-1)")
-        assert time.monotonic() - started < duckdb_storage.BUSY_TIMEOUT
     finally:
         stop.set()
         for thread in threads:
             thread.join(20)
+    with handle.reading() as cursor:
+        assert cursor.execute("SELECT count(*) FROM t WHERE a = -1").fetchone() == (1,)
 
 
 def test_a_thread_that_holds_a_read_may_read_again_while_others_wait(tmp_path: Path) -> None:
@@ -146,9 +165,9 @@ def test_a_thread_that_holds_a_read_may_read_again_while_others_wait(tmp_path: P
     handle = duckdb_storage.FileHandle(path)
     first = handle.acquire_read()
     handle._opened_at -= 60  # held for a long time: new readers from other threads may wait now
-    started = time.monotonic()
+    waits = _recording_waits(handle)
     second = handle.acquire_read()
-    assert time.monotonic() - started < 1
+    assert waits.timeouts == []  # the second read never waited
     handle.release_read(second)
     handle.release_read(first)
 
@@ -161,14 +180,15 @@ def test_one_long_stream_does_not_make_other_reads_wait(tmp_path: Path) -> None:
         con.execute("CREATE TABLE t AS SELECT 1 AS a")
     handle = duckdb_storage.FileHandle(path)
     long_stream = handle.acquire_read()
-    time.sleep(duckdb_storage.HOLD_SECONDS + 0.2)
-    worst = 0.0
+    # the stream (and the file's connection) held past HOLD_SECONDS and DRAIN_SECONDS, as after a long wait
+    aged = duckdb_storage.HOLD_SECONDS + duckdb_storage.DRAIN_SECONDS + 1.0
+    handle._opened_at -= aged
+    handle._holders = {key: (thread, taken - aged) for key, (thread, taken) in handle._holders.items()}
+    waits = _recording_waits(handle)
     for _ in range(20):
-        started = time.monotonic()
         with handle.reading() as cursor:
             cursor.execute("SELECT 1").fetchone()
-        worst = max(worst, time.monotonic() - started)
-    assert worst < 0.2, worst
+    assert waits.timeouts == []  # no read waited for a drain
     handle.release_read(long_stream)
 
 

@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 
 from client import InvalidRequestError, PipelineStepFailed, connect
 from client.errors import FlightShareError
-from flight_server.testing.servers import REPO, ServerProcess, make_project
+from flight_server.testing.servers import REPO, ServerProcess, make_project, wait_until
 from tests.test_write_path import WriteServer
 
 EVENTS = "github_events_dataset"
@@ -176,10 +175,7 @@ def test_a_replace_whose_client_vanishes_keeps_the_table(ws: WriteServer) -> Non
         'flight.FlightDescriptor.for_command(b\'{"v":1,"op":"write","dataset":"github_events_dataset",'
         '"table":"push_event","write_disposition":"replace"}\')')
     subprocess.run([sys.executable, "-c", script, ws.url], check=True, timeout=60)
-    for _ in range(100):
-        if ws.pipelines_left() == []:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: ws.pipelines_left() == [], "the vanished client's save folder removed")
     assert snapshot(ws.url) == before
     assert ws.proc.alive
 
@@ -262,12 +258,13 @@ def test_ingest_replace_evicts_the_hot_table_cache(ws: WriteServer) -> None:
 def test_ingest_and_doput_leave_the_same_audit_line(ws: WriteServer) -> None:
     connect(ws.url).open_dataset.save(pa.table({"k": [1, 2]}), table_name="audited")
     ingest(ws.url, "audited", pa.table({"k": [3, 4, 5]}), "append", dataset="open_dataset")
-    deadline = time.monotonic() + 10
-    lines: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and len(lines) < 2:
+
+    def audited() -> list[dict[str, Any]]:
         lines = [json.loads(m.group(1)) for m in re.finditer(r"flight_share\.audit (\{.*\})", ws.proc.output())]
-        lines = [r for r in lines if r["rpc"] == "do_put" and r["table"] == "audited"]
-        time.sleep(0.1)
+        return [r for r in lines if r["rpc"] == "do_put" and r["table"] == "audited"]
+
+    wait_until(lambda: len(audited()) >= 2, "both saves' audit lines")
+    lines = audited()
     assert [(r["dataset"], r["rows"], r["outcome"]) for r in lines] == [("open_dataset", 2, "ok"),
                                                                         ("open_dataset", 3, "ok")]
 
@@ -557,8 +554,17 @@ class _StalledPut:
             self.client.close()
 
 
-def _timed(fn: Any, limit: float) -> float:
-    """Run ``fn`` in a thread; fail if it takes longer than ``limit`` seconds (a save blocked by another)."""
+def _reading(ws: WriteServer, table: str) -> None:
+    """Wait until the server reads a stalled upload to ``table``: its save's dlt pipeline has begun extracting
+    (an extract package exists in the put's folder), so the upload was checked against the stored schema."""
+    puts = ws.project.parent / ".flight-share" / "puts"
+    pattern = f"*/save_{table}_pipeline-*/save_{table}_pipeline/normalize/extracted"
+    wait_until(lambda: any(puts.glob(pattern)), f"the server reading the stalled upload to {table}")
+
+
+def _while_stalled(ws: WriteServer, fn: Any) -> None:
+    """Run ``fn`` (a save) to its end while a stalled upload is open on the server: the save answered while
+    that upload still held its slot, so it was not blocked by it (a deadline only against hanging)."""
     import threading
 
     errors: list[BaseException] = []
@@ -569,14 +575,13 @@ def _timed(fn: Any, limit: float) -> float:
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    started = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    thread.join(limit)
-    assert not thread.is_alive(), f"a save was blocked for more than {limit} s by a stalled upload"
+    thread.join(120)
+    assert not thread.is_alive(), "a save was blocked by a stalled upload"
     if errors:
         raise errors[0]
-    return time.monotonic() - started
+    assert connect(ws.url).health()["uploads"]["running"] >= 1, "the stalled upload ended before the other save answered"
 
 
 def test_a_stalled_upload_does_not_block_other_saves_to_the_dataset(ws: WriteServer) -> None:
@@ -584,28 +589,16 @@ def test_a_stalled_upload_does_not_block_other_saves_to_the_dataset(ws: WriteSer
     catalog.open_dataset.save(pa.table({"k": [1]}), table_name="shared")
     stalled = _StalledPut(ws.url, "open_dataset", "shared", pa.table({"k": [100]}))
     try:
-        time.sleep(1.0)  # the server has the stream and reads from it
-        _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2]}), table_name="other"), 20)
-        _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [3]}), table_name="shared"), 20)
+        _reading(ws, "shared")  # the server has the stream and reads from it
+        _while_stalled(ws, lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2]}), table_name="other"))
+        _while_stalled(ws, lambda: connect(ws.url).open_dataset.save(pa.table({"k": [3]}), table_name="shared"))
     finally:
         answer = stalled.finish(commit=False)  # closed without the commit: nothing of it is stored
     assert answer is not None and "nothing was written" in str(answer)
     ds = connect(ws.url).open_dataset
     assert sorted(ds.shared.arrow().column("k").to_pylist()) == [1, 3]
     assert ds.other.arrow().column("k").to_pylist() == [2]
-    for _ in range(100):
-        if ws.pipelines_left() == []:
-            break
-        time.sleep(0.1)
-    assert ws.pipelines_left() == []
-
-
-def _upload_open(ws: WriteServer) -> None:
-    """Until the server has a stalled upload open (its health counters), with a deadline."""
-    deadline = time.monotonic() + 120  # a bound against hanging, not a timing
-    while connect(ws.url).health()["uploads"]["running"] < 1:
-        assert time.monotonic() < deadline, "the stalled upload never reached the server"
-        time.sleep(0.05)
+    wait_until(lambda: ws.pipelines_left() == [], "the stalled upload's save folder removed")
 
 
 def test_an_upload_whose_dataset_changed_meanwhile_goes_on_top_of_the_change(ws: WriteServer) -> None:
@@ -616,8 +609,9 @@ def test_an_upload_whose_dataset_changed_meanwhile_goes_on_top_of_the_change(ws:
     catalog = connect(ws.url)
     catalog.open_dataset.save(pa.table({"k": [1]}), table_name="shared")
     stalled = _StalledPut(ws.url, "open_dataset", "shared", pa.table({"k": [100], "a": ["from A"]}))
-    _upload_open(ws)
-    _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2], "b": ["from B"]}), table_name="shared"), 20)
+    _reading(ws, "shared")  # checked against the schema as it was: before B's column
+    _while_stalled(ws, lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2], "b": ["from B"]}),
+                                                                 table_name="shared"))
     version = connect(ws.url).open_dataset.info.schema_version
     assert stalled.finish(commit=True) is None
     ds = connect(ws.url).open_dataset
@@ -638,8 +632,8 @@ def test_an_upload_that_changed_what_another_save_changed_is_refused_as_retryabl
     catalog = connect(ws.url)
     catalog.open_dataset.save(pa.table({"k": [1]}), table_name="clash")
     stalled = _StalledPut(ws.url, "open_dataset", "clash", pa.table({"k": [100], "c": ["text"]}))
-    _upload_open(ws)
-    _timed(lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2], "c": [7]}), table_name="clash"), 20)
+    _reading(ws, "clash")  # checked against the schema as it was: before B's column
+    _while_stalled(ws, lambda: connect(ws.url).open_dataset.save(pa.table({"k": [2], "c": [7]}), table_name="clash"))
     version = connect(ws.url).open_dataset.info.schema_version
     answer = stalled.finish(commit=True)
     assert isinstance(answer, flight.FlightUnavailableError), answer
