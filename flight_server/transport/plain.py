@@ -172,7 +172,7 @@ class PlainSurface:
         for dataset in datasets or ():
             self.catalog.grant(call.profile, dataset)
         info = self.catalog.info(call.profile, datasets)
-        return iter([dataclasses.replace(info, user=call.share_key).to_bytes()])
+        return iter([dataclasses.replace(info, user=call.identity.user).to_bytes()])
 
     def health(self, call: Call, request: Request) -> Iterator[bytes]:
         return iter([json.dumps({"status": "ok", "project": self.project_name, "calls": self.calls(),
