@@ -20,6 +20,7 @@ own plus the driver's message with the connection URI scrubbed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -337,7 +338,8 @@ class PostgresStorage(Storage):
             def end(con: Any = con, cur: Any = cur, reader: Any = reader, watch: _Watch = watch) -> None:
                 watch.stop()
                 self._release(con, cur, read_only_transaction, reader)
-            return owning_reader(self._watched(reader, watch, what), con, cur, on_close=end)
+            watched = self._watched(reader, watch, functools.partial(self._read_error, watch=watch, what=what))
+            return owning_reader(watched, con, cur, on_close=end)
         raise AssertionError("unreachable")
 
     def _terminator(self, con: Any) -> Callable[[], object] | None:
@@ -347,8 +349,10 @@ class PostgresStorage(Storage):
             return None
         return lambda: self._execute([f"SELECT pg_terminate_backend({int(pid)})"], "ending an unread stream")
 
-    def _watched(self, reader: pa.RecordBatchReader, watch: _Watch, what: str) -> pa.RecordBatchReader:
-        """``reader``, each batch taken under ``watch`` (the idle limit); its errors in the domain's words."""
+    @staticmethod
+    def _watched(reader: pa.RecordBatchReader, watch: _Watch,
+                 error: Callable[[Exception], Exception]) -> pa.RecordBatchReader:
+        """``reader``, each batch taken under ``watch`` (its deadline and idle limit); ``error`` words its errors."""
         def batches() -> Iterator[pa.RecordBatch]:
             while True:
                 try:
@@ -356,14 +360,17 @@ class PostgresStorage(Storage):
                 except StopIteration:
                     return
                 except Exception as exc:  # noqa: BLE001
-                    if watch.outcome == "idle":
-                        raise InvalidRequest(
-                            f"the {what} was not read for {watch.idle:g} s, so the server ended it; read a "
-                            "stream as it arrives", dataset=self.dataset.name, limit="idle read stream",
-                            value=watch.idle) from None
-                    raise self._fail(exc, what) from None
+                    raise error(exc) from None
                 yield batch
         return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+    def _read_error(self, exc: Exception, watch: _Watch, what: str) -> Exception:
+        """A plain read's error in the domain's words (the idle limit's own when the watch ended it)."""
+        if watch.outcome == "idle" and watch.idle is not None:
+            return InvalidRequest(f"the {what} was not read for {watch.idle:g} s, so the server ended it; read a "
+                                  "stream as it arrives", dataset=self.dataset.name, limit="idle read stream",
+                                  value=watch.idle)
+        return self._fail(exc, what)
 
     def _release(self, con: Any, cur: Any, in_transaction: bool, reader: Any = None) -> bool:
         """Return a connection to the pool (rolled back, reset); True if it was broken instead."""
@@ -583,16 +590,12 @@ class PostgresStorage(Storage):
             finally:
                 _WAREHOUSE_SLOTS.release()
 
+        watched = self._watched(reader, watch, lambda exc: self._warehouse_error(exc, watch, timeout))
+
         def batches(lease: _Lease) -> Iterator[pa.RecordBatch]:
             # the lease ends the transaction when the stream ends, fails, or is dropped (even unread)
             try:
-                while True:
-                    try:
-                        batch = watch.waiting(reader.read_next_batch)
-                    except StopIteration:
-                        return
-                    except Exception as exc:  # noqa: BLE001
-                        raise self._warehouse_error(exc, watch, timeout) from None
+                for batch in watched:
                     yield batch if batch.schema.equals(bare) else batch.cast(bare)
             finally:
                 lease.release()
