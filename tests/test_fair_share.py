@@ -32,14 +32,63 @@ def _waiter(share: FairShare, user: str, granted: list[str]) -> threading.Thread
     return thread
 
 
-def test_a_user_holds_at_most_her_share_and_others_take_the_rest() -> None:
+def test_a_user_holds_at_most_her_share_while_others_wait() -> None:
+    share = FairShare(5, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share.acquire("ann", 0)
+    share.acquire("ann", 0)
+    share.acquire("ben", 0)
+    share.acquire("cid", 0)  # 4 in use, 1 free: kept for a user who holds none
+    granted: list[str] = []
+    _waiter(share, "ben", granted)
+    _waiter(share, "ann", granted)
+    share.release("cid")  # 2 free: ben's, who is within his share; ann, beyond hers, waits
+    _until(lambda: granted == ["ben"])
+    share.release("ben")
+    share.release("ben")  # 3 free and nobody within a share waits: ann's
+    _until(lambda: granted == ["ben", "ann"])
+    assert share.stats() == {"running": 3, "waiting": 0, "users": 1}
+
+
+def test_a_lone_user_uses_the_idle_server_but_leaves_a_slot_for_a_newcomer() -> None:
+    """Review of issue 22, F5: a lone user was capped at her share while workers stood idle."""
     share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
-    share.acquire("ann", 0)
-    share.acquire("ann", 0)
-    with pytest.raises(Unavailable, match=r"busy: you already have 2 SQL queries at once.*server.sql_per_user: 2"):
+    for _ in range(3):
+        share.acquire("ann", 0)  # beyond her share of 2: nobody else waits
+    with pytest.raises(Unavailable, match="the last free SQL query slot is kept for a user who has none"):
         share.acquire("ann", 0)
-    share.acquire("ben", 0)  # free slots are not ann's
-    assert share.stats() == {"running": 3, "waiting": 0, "users": 2}
+    share.acquire("ben", 0)  # the newcomer's slot, at once
+    assert share.stats() == {"running": 4, "waiting": 0, "users": 2}
+
+
+def test_greedy_users_leave_a_newcomer_a_slot() -> None:
+    """Review of issue 22, F5: two users at their share of 2 took all 4 workers; a third waited ~11 s."""
+    share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    granted: list[str] = []
+    share.acquire("ann", 0)
+    share.acquire("ann", 0)
+    share.acquire("ben", 0)
+    _waiter(share, "ben", granted)  # ben's second would take the last free slot: he waits
+    share.acquire("cid", 0)  # cid holds none: the last free slot is his at once
+    share.release("ann")
+    share.release("ann")  # 2 free: ben's turn, one stays free
+    _until(lambda: granted == ["ben"])
+    share.acquire("dan", 0)
+    assert share.stats() == {"running": 4, "waiting": 0, "users": 3}
+
+
+def test_beyond_the_share_only_while_nobody_within_hers_waits() -> None:
+    share = FairShare(6, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    for _ in range(3):
+        share.acquire("ann", 0)  # beyond her share: nobody waits
+    share.acquire("ben", 0)
+    share.acquire("ben", 0)  # 5 in use, 1 free: kept for a user who holds none
+    granted: list[str] = []
+    _waiter(share, "ann", granted)  # first in turn, but beyond her share
+    _waiter(share, "ben", granted)
+    share.release("ben")  # 2 free: ben, within his share, before ann
+    _until(lambda: granted == ["ben"])
+    share.acquire("cid", 0)  # the kept slot, at once
+    assert share.stats() == {"running": 6, "waiting": 1, "users": 3}
 
 
 def test_freed_slots_go_round_robin_by_user() -> None:
@@ -107,8 +156,8 @@ def test_callers_without_credentials_are_claimants_by_address() -> None:
     assert key(nobody, "ipv6:[2001:db8::1]:443") == key(nobody, "ipv6:[2001:db8::2]:443")  # one /64
     ann = Identity("ann", "access", "token")
     assert key(ann, "ipv4:10.0.0.1:1") == key(ann, "ipv4:10.0.0.2:1") == "ann"
-    share = FairShare(4, 1, 0, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(2, 1, 0, "SQL query", "server.sql_per_user", "SQL queries")
     share.acquire(first, 0)
-    with pytest.raises(Unavailable, match="busy"):
+    with pytest.raises(Unavailable, match="busy"):  # the last slot is kept for a claimant who holds none
         share.acquire(key(nobody, "ipv4:10.0.0.1:60000"), 0)
     share.acquire(second, 0)  # another address is not refused for the first one's query

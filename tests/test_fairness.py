@@ -27,14 +27,15 @@ from client import connect
 from client.errors import ServerUnavailableError
 from client.protocol import WriteCommand, encode_command
 from flight_server.domain.credentials import hash_token
-from flight_server.domain.sql import SANDBOX_WORKERS
+from flight_server.domain.sql import ANALYSES_WAITING_PER_USER, SANDBOX_WORKERS
 from flight_server.domain.writer import UPLOADS_WAITING_PER_USER
 from flight_server.testing.queries import long_query
 from flight_server.testing.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
 REPORTS = "reports_dataset"
-TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789"}
+TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789",
+          "cid": "fst_cid-token-0123456789abcdef0123456789"}
 TIMEOUT = 10  # server.sql_timeout
 PER_USER = 2  # server.sql_per_user
 UPLOADS_PER_USER = 4
@@ -124,12 +125,31 @@ def test_one_users_slow_queries_leave_workers_for_others(fair: ServerProcess) ->
         assert f"time limit of {TIMEOUT} s" in str(outcome) or "busy" in str(outcome), outcome
 
 
-def test_a_query_beyond_the_users_share_waits_and_is_told_busy(fair: ServerProcess) -> None:
-    """ann's queries beyond her share wait for one of her own to end - not for the time limit of the query
-    that waits - and more than a few waiting are refused at once: UNAVAILABLE "busy", a retry may succeed."""
+def test_greedy_users_leave_a_worker_for_a_newcomer(fair: ServerProcess) -> None:
+    """Review of issue 22, F5: ann and ben at their share of 2 each took all 4 workers, and cid's ``SELECT 1``
+    waited ~11 s for one of their slow queries to end. The last free worker is kept for a user who holds
+    none: ann and ben wait for it rather than take it, and cid's query runs in it."""
     before = _calls(fair, "do_get")
-    slow, slow_outcomes = _in_threads(PER_USER, lambda _: _sql(fair, "ann", SLOW))
-    _wait_for(lambda: _calls(fair, "do_get") >= before + PER_USER, "ann's slow queries reached the sandbox")
+    threads, outcomes = _in_threads(2 * SANDBOX_WORKERS, lambda i: _sql(fair, ("ann", "ben")[i % 2], SLOW))
+    _wait_for(lambda: _calls(fair, "do_get") >= before + SANDBOX_WORKERS - 1, "their queries reached the sandbox")
+    _wait_for(lambda: _health(fair)["sql"]["waiting"] > 0, "some of their queries wait")
+    sql = _health(fair)["sql"]
+    assert sql["running"] == SANDBOX_WORKERS - 1 and sql["waiting"] > 0, sql  # one worker idle while they wait
+    assert _sql(fair, "cid", "SELECT 1 AS one").column("one").to_pylist() == [1]
+    for thread in threads:
+        thread.join(8 * TIMEOUT + 60)
+    for outcome in outcomes:
+        assert f"time limit of {TIMEOUT} s" in str(outcome) or "busy" in str(outcome), outcome
+
+
+def test_a_query_beyond_the_users_share_waits_and_is_told_busy(fair: ServerProcess) -> None:
+    """ann alone uses the idle workers beyond her share but one, kept for a user who has none; her queries
+    beyond that wait for one of her own to end - not for the time limit of the query that waits - and more
+    than a few waiting are refused at once: UNAVAILABLE "busy", a retry may succeed."""
+    before = _calls(fair, "do_get")
+    held = SANDBOX_WORKERS - 1
+    slow, slow_outcomes = _in_threads(held, lambda _: _sql(fair, "ann", SLOW))
+    _wait_for(lambda: _calls(fair, "do_get") >= before + held, "ann's slow queries reached the sandbox")
     cheap, cheap_outcomes = _in_threads(12, lambda _: _sql(fair, "ann", "SELECT 1 AS one"))
     for thread in slow + cheap:
         thread.join(4 * TIMEOUT + 60)
@@ -147,11 +167,12 @@ def test_a_query_beyond_the_users_share_waits_and_is_told_busy(fair: ServerProce
 
 def test_long_queries_of_one_user_leave_the_parser_to_others(fair: ServerProcess) -> None:
     """Regression (issue 22): ann's 100,000-character queries took the parser (two analyses at once, any
-    user) and pushed ben's ``SELECT 1`` to seconds. ann analyses one query at a time and queues a few; the
-    rest are refused "busy" at once, and ben's query is analysed meanwhile."""
+    user) and pushed ben's ``SELECT 1`` to seconds. ann analyses one query at a time and queues a dozen (a
+    dashboard's burst); the rest are refused "busy" at once, and ben's query is analysed meanwhile."""
     before = _calls(fair, "get_flight_info")
-    threads, outcomes = _in_threads(12, lambda i: _sql(fair, "ann", long_query(i)).num_rows)
-    _wait_for(lambda: _calls(fair, "get_flight_info") >= before + 12, "ann's long queries reached the server")
+    count = 1 + ANALYSES_WAITING_PER_USER + 3
+    threads, outcomes = _in_threads(count, lambda i: _sql(fair, "ann", long_query(i)).num_rows)
+    _wait_for(lambda: _calls(fair, "get_flight_info") >= before + count, "ann's long queries reached the server")
     assert _sql(fair, "ben", "SELECT 1 AS one").column("one").to_pylist() == [1]
     answered_before_ben = sum(1 for o in list(outcomes) if not isinstance(o, Exception))
     for thread in threads:

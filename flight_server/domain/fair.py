@@ -1,9 +1,14 @@
 """Slots shared fairly between users: the SQL sandbox's workers, the parser, open uploads (issue 22).
 
-A :class:`FairShare` has ``size`` slots. One user holds at most ``per_user`` of them at once, so one
-user's burst never takes all of them; callers that find no slot wait in a queue of their own user, and
-a freed slot goes to the next *user* in turn (round-robin over users, oldest caller first within a
-user), not to whoever asked most often. A wait is bounded twice: a user may have at most
+A :class:`FairShare` has ``size`` slots, and it is work-conserving with a reserve: a user may take a free
+slot when she holds none, and else only while one more slot stays free afterwards - the last free slot is
+kept for a user who holds nothing, so any number of greedy users leave a newcomer's ``SELECT 1`` a slot.
+Within that, a user holds at most ``per_user`` slots while other users within theirs wait, and more only
+while none does (a lone user uses the idle server; review of issue 22, finding F5). The price: while
+every user holds a slot, one slot stays idle for the next user who comes. An operator who lets one user
+hold every slot (``per_user`` = ``size``) keeps no slot in reserve. Callers that find no slot
+wait in a queue of their own user, and a freed slot goes to the next *user* in turn (round-robin over
+users, oldest caller first within a user), not to whoever asked most often. A wait is bounded twice: a user may have at most
 ``waiting_per_user`` callers queued (each one holds a server thread), and a caller waits at most the
 time it is given. Either bound refuses with :class:`~flight_server.domain.errors.Unavailable` saying
 "busy": a retry can succeed once others finish.
@@ -64,14 +69,16 @@ class FairShare:
         ``cancelled``: the caller's cancellation, polled while it waits (a caller that left frees its place).
         """
         with self._lock:
-            if not self._queues.get(user) and self._running.get(user, 0) < self.per_user and self._free() > 0:
+            if not self._queues.get(user) and self._may_take(user):
                 self._running[user] = self._running.get(user, 0) + 1
                 return
             mine = self._running.get(user, 0)
             if wait <= 0:  # no queue: refused at once
-                why = (f"you already have {mine} {self.plural} at once, the most one user may ({self.setting}: "
-                       f"{self.per_user})" if mine >= self.per_user else
-                       f"all {self.size} {self.what} slots of the server are in use by other users")
+                why = (f"you already have {mine} {self.plural} at once, the most one user may while others wait "
+                       f"({self.setting}: {self.per_user})" if mine >= self.per_user and self._free() > 1 else
+                       f"you already have {mine} {self.plural} at once and the last free {self.what} slot is kept "
+                       f"for a user who has none" if mine and self._free() == 1 else
+                       f"all {self.size} {self.what} slots of the server are in use")
                 raise Unavailable(f"busy: {why}; retry when one has ended", dataset=dataset, limit=self.setting,
                                   value=self.per_user)
             queue = self._queues.setdefault(user, deque())
@@ -97,7 +104,7 @@ class FairShare:
                     raise Unavailable(
                         f"busy: the server waited {wait:g} s for one of its {self.size} {self.what} slots "
                         f"({running} in use; you hold {self._running.get(user, 0)}, at most {self.per_user} "
-                        f"at once, {self.setting}); retry", dataset=dataset, limit=self.setting, value=self.per_user)
+                        f"while others wait, {self.setting}); retry", dataset=dataset, limit=self.setting, value=self.per_user)
                 self._lock.wait(min(left, _POLL_SECONDS) if cancelled is not None else left)
 
     def release(self, user: str) -> None:
@@ -113,11 +120,24 @@ class FairShare:
     def _free(self) -> int:
         return self.size - sum(self._running.values())
 
+    def _may_take(self, user: str) -> bool:
+        """Whether ``user`` may take a free slot now (the rule in the module docstring)."""
+        free, held = self._free(), self._running.get(user, 0)
+        if free <= 0:
+            return False
+        if held == 0:
+            return True
+        if free < 2 and self.per_user < self.size:  # the last free slot is kept for a user who holds none
+            return False
+        # beyond the share only while no other user waits who is within hers
+        return held < self.per_user or all(self._running.get(waiting, 0) >= self.per_user
+                                           for waiting in self._queues if waiting != user)
+
     def _grant(self) -> None:
         """Hand free slots to waiting callers: each time the first user in turn that may take one."""
         granted = False
         while self._free() > 0:
-            user = next((u for u in self._queues if self._running.get(u, 0) < self.per_user), None)
+            user = next((u for u in self._queues if self._may_take(u)), None)
             if user is None:
                 break
             queue = self._queues[user]
