@@ -33,7 +33,7 @@ def _waiter(share: FairShare, user: str, granted: list[str]) -> threading.Thread
 
 
 def test_a_user_holds_at_most_her_share_while_others_wait() -> None:
-    share = FairShare(5, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(5, 2, 8, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     share.acquire("ann", 0)
     share.acquire("ann", 0)
     share.acquire("ben", 0)
@@ -51,7 +51,7 @@ def test_a_user_holds_at_most_her_share_while_others_wait() -> None:
 
 def test_a_lone_user_uses_the_idle_server_but_leaves_a_slot_for_a_newcomer() -> None:
     """Review of issue 22, F5: a lone user was capped at her share while workers stood idle."""
-    share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     for _ in range(3):
         share.acquire("ann", 0)  # beyond her share of 2: nobody else waits
     with pytest.raises(Unavailable, match="the last free SQL query slot is kept for a user who has none"):
@@ -62,7 +62,7 @@ def test_a_lone_user_uses_the_idle_server_but_leaves_a_slot_for_a_newcomer() -> 
 
 def test_greedy_users_leave_a_newcomer_a_slot() -> None:
     """Review of issue 22, F5: two users at their share of 2 took all 4 workers; a third waited ~11 s."""
-    share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(4, 2, 8, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     granted: list[str] = []
     share.acquire("ann", 0)
     share.acquire("ann", 0)
@@ -77,7 +77,7 @@ def test_greedy_users_leave_a_newcomer_a_slot() -> None:
 
 
 def test_beyond_the_share_only_while_nobody_within_hers_waits() -> None:
-    share = FairShare(6, 2, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(6, 2, 8, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     for _ in range(3):
         share.acquire("ann", 0)  # beyond her share: nobody waits
     share.acquire("ben", 0)
@@ -93,7 +93,7 @@ def test_beyond_the_share_only_while_nobody_within_hers_waits() -> None:
 
 def test_freed_slots_go_round_robin_by_user() -> None:
     """ann queued three, then ben one: ann's first, then ben's, then ann's others - not ann's three in a row."""
-    share = FairShare(1, 1, 8, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(1, 1, 8, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     share.acquire("zoe", 0)
     granted: list[str] = []
     threads = [_waiter(share, "ann", granted) for _ in range(3)] + [_waiter(share, "ben", granted)]
@@ -108,7 +108,7 @@ def test_freed_slots_go_round_robin_by_user() -> None:
 
 
 def test_waiting_is_bounded_and_says_busy() -> None:
-    share = FairShare(1, 1, 1, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(1, 1, 1, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     share.acquire("ann", 0)
     granted: list[str] = []
     _waiter(share, "ann", granted)
@@ -120,7 +120,7 @@ def test_waiting_is_bounded_and_says_busy() -> None:
 
 
 def test_a_caller_that_goes_away_leaves_the_queue() -> None:
-    share = FairShare(1, 1, 4, "SQL query", "server.sql_per_user", "SQL queries")
+    share = FairShare(1, 1, 4, "SQL query", "server.sql_per_user", "SQL queries", lend_idle=True)
     share.acquire("ann", 0)
     with pytest.raises(Cancelled):
         share.acquire("ben", 60, cancelled=lambda: True)
@@ -161,3 +161,13 @@ def test_callers_without_credentials_are_claimants_by_address() -> None:
     with pytest.raises(Unavailable, match="busy"):  # the last slot is kept for a claimant who holds none
         share.acquire(key(nobody, "ipv4:10.0.0.1:60000"), 0)
     share.acquire(second, 0)  # another address is not refused for the first one's query
+
+
+def test_a_share_that_does_not_lend_caps_a_lone_user() -> None:
+    """Uploads hold threads and folders: one user holds at most her share even on an idle server."""
+    share = FairShare(8, 2, 0, "upload", "server.uploads_per_user", "uploads")
+    share.acquire("ann", 0)
+    share.acquire("ann", 0)
+    with pytest.raises(Unavailable, match=r"busy: you already have 2 uploads at once, the most one user may "
+                                          r"\(server.uploads_per_user: 2\)"):
+        share.acquire("ann", 0)

@@ -3,8 +3,10 @@
 A :class:`FairShare` has ``size`` slots, and it is work-conserving with a reserve: a user may take a free
 slot when she holds none, and else only while one more slot stays free afterwards - the last free slot is
 kept for a user who holds nothing, so any number of greedy users leave a newcomer's ``SELECT 1`` a slot.
-Within that, a user holds at most ``per_user`` slots while other users within theirs wait, and more only
-while none does (a lone user uses the idle server; review of issue 22, finding F5). The price: while
+Within that, a user holds at most ``per_user`` slots; a share built with ``lend_idle`` (the SQL workers)
+lends more while no other user within her share waits (a lone user uses the idle server; review of issue
+22, finding F5). Uploads and warehouse connections do not lend: what they hold is threads and folders,
+or has a fallback. The price: while
 every user holds a slot, one slot stays idle for the next user who comes. An operator who lets one user
 hold every slot (``per_user`` = ``size``) keeps no slot in reserve. Callers that find no slot
 wait in a queue of their own user, and a freed slot goes to the next *user* in turn (round-robin over
@@ -46,8 +48,9 @@ class FairShare:
     """
 
     def __init__(self, size: int, per_user: int, waiting_per_user: int, what: str, setting: str,
-                 plural: str | None = None) -> None:
+                 plural: str | None = None, lend_idle: bool = False) -> None:
         self.size = size
+        self.lend_idle = lend_idle
         self.per_user = max(1, min(per_user, size))
         self.waiting_per_user = waiting_per_user
         self.what, self.setting = what, setting
@@ -74,8 +77,8 @@ class FairShare:
                 return
             mine = self._running.get(user, 0)
             if wait <= 0:  # no queue: refused at once
-                why = (f"you already have {mine} {self.plural} at once, the most one user may while others wait "
-                       f"({self.setting}: {self.per_user})" if mine >= self.per_user and self._free() > 1 else
+                why = (f"you already have {mine} {self.plural} at once, the most one user may"
+                       f"{' while others wait' if self.lend_idle else ''} ({self.setting}: {self.per_user})" if mine >= self.per_user and self._free() > 1 else
                        f"you already have {mine} {self.plural} at once and the last free {self.what} slot is kept "
                        f"for a user who has none" if mine and self._free() == 1 else
                        f"all {self.size} {self.what} slots of the server are in use")
@@ -104,7 +107,7 @@ class FairShare:
                     raise Unavailable(
                         f"busy: the server waited {wait:g} s for one of its {self.size} {self.what} slots "
                         f"({running} in use; you hold {self._running.get(user, 0)}, at most {self.per_user} "
-                        f"while others wait, {self.setting}); retry", dataset=dataset, limit=self.setting, value=self.per_user)
+                        f"{'while others wait' if self.lend_idle else 'at once'}, {self.setting}); retry", dataset=dataset, limit=self.setting, value=self.per_user)
                 self._lock.wait(min(left, _POLL_SECONDS) if cancelled is not None else left)
 
     def release(self, user: str) -> None:
@@ -130,8 +133,8 @@ class FairShare:
         if free < 2 and self.per_user < self.size:  # the last free slot is kept for a user who holds none
             return False
         # beyond the share only while no other user waits who is within hers
-        return held < self.per_user or all(self._running.get(waiting, 0) >= self.per_user
-                                           for waiting in self._queues if waiting != user)
+        return held < self.per_user or self.lend_idle and all(self._running.get(waiting, 0) >= self.per_user
+                                                              for waiting in self._queues if waiting != user)
 
     def _grant(self) -> None:
         """Hand free slots to waiting callers: each time the first user in turn that may take one."""

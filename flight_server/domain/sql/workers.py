@@ -179,7 +179,7 @@ class WorkerPool:
                  per_user: int = SQL_PER_USER) -> None:
         self.memory_bytes, self.threads, self.warm = memory_bytes, threads, warm
         self._slots = FairShare(size, per_user, SQL_WAITING_PER_USER, "SQL query", "server.sql_per_user",
-                                "SQL queries")
+                                "SQL queries", lend_idle=True)
         self._lock = threading.Lock()
         self._idle: list[Worker] = []
         self._starting = 0
