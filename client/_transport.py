@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import queue
+import random
 import threading
 import time
 import warnings
@@ -30,9 +31,10 @@ from client.errors import (
     translate,
 )
 from client.load_info import LoadInfo
-from client.protocol import Command, WriteCommand
+from client.protocol import Command, ErrorDetail, WriteCommand
 
 PUT_BATCH_ROWS = 65_536
+LOGIN_PATIENCE_SECONDS = 30.0  # how long a login retries a server busy checking other logins
 PARALLEL_ENDPOINTS = 4  # endpoints of one read fetched at once
 PREFETCH_BATCHES = 8  # batches buffered per endpoint ahead of the consumer (iter_batches)
 _REUSE_CONNECTION = "arrow-flight-reuse-connection:"
@@ -77,6 +79,34 @@ def _token_expiry(token: str) -> float | None:
         return None
 
 
+def _server_said(exc: BaseException) -> bool:
+    """Whether a failed call carries the server's own answer (its error detail), not a channel failure."""
+    return ErrorDetail.from_bytes(getattr(exc, "extra_info", None)) is not None
+
+
+class _Renewals(flight.ClientMiddlewareFactory):
+    """Adopts the fresh bearer token the server sends in the headers of an answer (token renewal)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def start_call(self, info: flight.CallInfo) -> flight.ClientMiddleware:
+        return _Renewal(self.connection)
+
+
+class _Renewal(flight.ClientMiddleware):
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def received_headers(self, headers: dict[str, Any]) -> None:
+        for value in headers.get(protocol.AUTH_HEADER, ()):
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            if text.startswith(protocol.BEARER_PREFIX) and self.connection._token is not None:
+                token = text.removeprefix(protocol.BEARER_PREFIX)
+                if token != self.connection._token and _token_expiry(token) is not None:
+                    self.connection._adopt(token)
+
+
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -90,11 +120,14 @@ class Connection:
         for key in ("tls_root_certs", "cert_chain", "private_key"):
             if client_kwargs.get(key) is not None:
                 client_kwargs[key] = _pem(client_kwargs[key])
-        self.client = flight.FlightClient(url, **client_kwargs)
+        self._renewals = _Renewals(self)
+        middleware = [*(client_kwargs.pop("middleware", None) or []), self._renewals]
+        self.client = flight.FlightClient(url, middleware=middleware, **client_kwargs)
         self._username = username
         self._password = password
         self._token = token
         self._expires: float | None = None
+        self._login_lock = threading.Lock()
         if password is not None and url.startswith("grpc://") and not _is_loopback(urlsplit(url).hostname or ""):
             warnings.warn(f"sending a password over plaintext {url}; use grpc+tls://", stacklevel=3)
         self._client_kwargs = client_kwargs  # for the clients of replica locations (client_for)
@@ -102,28 +135,52 @@ class Connection:
         self._login()
 
     def _login(self) -> None:
-        """Exchange user name and password for a bearer token (the Flight Handshake), or use a token."""
+        """Exchange user name and password for a bearer token (the Flight Handshake), or use a token.
+
+        A server busy checking other logins (UNAVAILABLE, "busy") is asked again with backoff for up to
+        :data:`LOGIN_PATIENCE_SECONDS`: a team's notebooks started together all get in."""
         if self._username is not None or self._password is not None:
-            try:
-                _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                error = translate(exc)
-                if isinstance(error, AuthenticationError):
-                    raise error from None
-                # the first call of a connection: a failure here is almost always the channel (TLS, address)
-                raise ServerUnavailableError(
-                    f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, and for "
-                    "grpc+tls:// does tls_root_certs name the server's CA?)") from None
-            self._token = value.decode().removeprefix(protocol.BEARER_PREFIX)
-            self._expires = _token_expiry(self._token)
-        if self._token is not None:
-            header = (protocol.AUTH_HEADER.encode(), (protocol.BEARER_PREFIX + self._token).encode())
-            self.options = flight.FlightCallOptions(headers=[header])
+            deadline, pause = time.monotonic() + LOGIN_PATIENCE_SECONDS, 0.1
+            while True:
+                try:
+                    _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
+                    break
+                except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                    error = translate(exc)
+                    if isinstance(error, AuthenticationError):
+                        raise error from None
+                    if _server_said(exc):  # the server answered: busy, or too many failed logins
+                        retry_after = float(getattr(error, "fields", {}).get("retry_after") or pause)
+                        if "busy" in str(error) and time.monotonic() + retry_after < deadline:
+                            time.sleep(retry_after * random.uniform(1.0, 1.5))
+                            pause = min(2 * pause, 2.0)
+                            continue
+                        raise error from None
+                    # no answer from the server: the channel (address, TLS)
+                    raise ServerUnavailableError(
+                        f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, "
+                        "and for grpc+tls:// does tls_root_certs name the server's CA?)") from None
+            self._adopt(value.decode().removeprefix(protocol.BEARER_PREFIX))
+        elif self._token is not None:
+            self._adopt(self._token)
+
+    def _adopt(self, token: str) -> None:
+        """Carry ``token`` from now on (after a login, or a renewal the server sent with an answer)."""
+        self._token = token
+        self._expires = _token_expiry(token)
+        header = (protocol.AUTH_HEADER.encode(), (protocol.BEARER_PREFIX + token).encode())
+        self.options = flight.FlightCallOptions(headers=[header])
 
     def _fresh(self) -> flight.FlightCallOptions:
-        """Call options with a token that is not about to expire (logs in again when it is)."""
+        """Call options with a token that is not about to expire.
+
+        The server renews a token past half its life in the headers of any answer (adopted by
+        :class:`_Renewals`), so a connection in use never logs in again; one idle past its token's life logs
+        in with its password - once, whichever of its threads asks first."""
         if self._expires is not None and self._password is not None and time.time() > self._expires - 30:
-            self._login()
+            with self._login_lock:
+                if self._expires is not None and time.time() > self._expires - 30:
+                    self._login()
         return self.options
 
     def action(self, name: str, body: bytes = b"") -> bytes:

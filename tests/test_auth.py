@@ -132,9 +132,13 @@ def test_wrong_password_and_unknown_user_look_the_same_to_the_client(secured: Se
     assert str(wrong.value) == str(unknown.value) == AUTH_FAILED
 
 
-def test_unknown_user_costs_the_same_scrypt_work(secure_server: Secured, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process: a login for a missing user verifies against a hash with the users' own cost."""
+def test_an_unknown_user_waits_as_long_as_a_check_without_the_work(secure_server: Secured,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: a login for a missing user answers as slowly as a wrong password, but without scrypt's
+    work or a check slot (review of issue 22, F1: a spray of made-up names kept real users' checks waiting).
+    The first one, before any real check was timed, runs a real check against a hash of the users' cost."""
     import flight_server.transport.auth as auth
+    import flight_server.transport.logins as logins
 
     for key, value in security.ENV.items():
         monkeypatch.setenv(key, value)
@@ -143,10 +147,14 @@ def test_unknown_user_costs_the_same_scrypt_work(secure_server: Secured, monkeyp
     costs: list[tuple[int, int, int]] = []
     real = auth.verify_password
     monkeypatch.setattr(auth, "verify_password", lambda pw, h: costs.append((h.n, h.r, h.p)) or real(pw, h))
-    for user in ("alice", "nobody"):
+    slept: list[float] = []
+    monkeypatch.setattr(logins, "_sleep", slept.append)
+    for user in ("nobody", "alice", "nobody-else"):
         with pytest.raises(Exception, match="authentication failed"):
             authenticator.login(user, "wrong")
-    assert len(costs) == 2 and costs[0] == costs[1]
+    assert len(costs) == 2 and costs[0] == costs[1]  # "nobody" (uncalibrated) and alice: real work, same cost
+    typical = authenticator.guard._check_seconds
+    assert typical is not None and len(slept) == 1 and 0.85 * typical <= slept[0] <= 1.15 * typical
 
 
 def test_basic_handshake_returns_a_bearer_jwt(secured: Secured) -> None:

@@ -17,10 +17,10 @@ import jwt
 import pyarrow.flight as flight
 import pytest
 
-from client import protocol
+from client import connect, protocol
 from flight_server.domain.credentials import hash_password, hash_token
 from flight_server.testing.servers import ServerProcess
-from flight_server.transport.logins import FailureCounts, peer_key
+from flight_server.transport.logins import WAITING_PER_SLOT, FailureCounts, peer_key
 from tests import security
 from tests.security import BOT_TOKEN, EVENTS, JWT_SECRET, PASSWORDS
 
@@ -218,15 +218,15 @@ def test_repeated_failures_are_throttled_per_address_then_per_user_name(tmp_path
 
 
 def test_parallel_password_checks_are_capped_and_the_rest_told_busy(tmp_path: Path, secure_data: Path) -> None:
-    """One check at a time (logins.concurrent 1) with a real-cost hash (scrypt n=2^14, 16 MiB): of 24 wrong
-    logins sent at once, those that find the queue full are UNAVAILABLE "busy" without any work; every other
-    is UNAUTHENTICATED. Before the cap each ran its own scrypt at once (96 of them: 1.7 GB)."""
+    """One check at a time (logins.concurrent 1) with a real-cost hash (scrypt n=2^14, 16 MiB): of 1 + 32
+    waiting + 8 wrong logins sent at once, those that find the queue full are UNAVAILABLE "busy" without any
+    work; every other is UNAUTHENTICATED. Before the cap each ran its own scrypt at once (96: 1.7 GB)."""
     project = security.secure_project(tmp_path / "p", secure_data,
                                       "  logins: {concurrent: 1, peer_failures: 1000, user_failures: 1000}\n")
     costly = hash_password("carols-password")  # the default cost
     project.write_text(project.read_text().replace("users:\n", f'users:\n  carol: {{profile: analysts, password_hash: "{costly}"}}\n', 1))
     with ServerProcess(project, env=security.ENV) as proc:
-        clients = [flight.connect(proc.url) for _ in range(24)]
+        clients = [flight.connect(proc.url) for _ in range(1 + WAITING_PER_SLOT + 8)]
         start = threading.Barrier(len(clients))
         outcomes: list[str] = []
 
@@ -245,10 +245,78 @@ def test_parallel_password_checks_are_capped_and_the_rest_told_busy(tmp_path: Pa
             t.start()
         for t in threads:
             t.join(120)
-        assert len(outcomes) == 24 and set(outcomes) <= {"busy", "refused"}, outcomes
+        assert len(outcomes) == len(clients) and set(outcomes) <= {"busy", "refused"}, outcomes
         assert outcomes.count("busy") >= 1 and outcomes.count("refused") >= 1, outcomes
         assert _datasets(proc, _login(proc, "carol", "carols-password")) == {EVENTS.encode()}
         assert proc.alive
+
+
+def test_a_spray_of_made_up_user_names_leaves_the_checks_to_real_users(tmp_path: Path, secure_data: Path) -> None:
+    """Review of issue 22, F1: a caller without credentials sprayed Handshake logins with random user names
+    (a new name each time, so no user name's throttle applies; the Handshake has no peer address) and filled
+    the check slot and its queue: 1 of 10 of carol's correct logins got in, 9 were "busy". A name nobody has
+    now checks no password and holds no slot: every one of carol's logins gets in during the spray."""
+    project = security.secure_project(tmp_path / "p", secure_data,
+                                      "  logins: {concurrent: 1, peer_failures: 1000, user_failures: 1000}\n")
+    costly = hash_password("carols-password")  # the default cost
+    project.write_text(project.read_text().replace("users:\n", f'users:\n  carol: {{profile: analysts, password_hash: "{costly}"}}\n', 1))
+    with ServerProcess(project, env=security.ENV) as proc:
+        _login(proc, "carol", "carols-password")  # one real check: the server knows what one costs
+        stop, sprayed, busy = threading.Event(), [0], [0]
+
+        def spray(i: int) -> None:
+            client = flight.connect(proc.url)
+            while not stop.is_set():
+                try:
+                    client.authenticate_basic_token(f"nobody-{i}-{sprayed[0]}", "wrong")
+                except flight.FlightUnavailableError:
+                    busy[0] += 1
+                except flight.FlightUnauthenticatedError:
+                    pass
+                sprayed[0] += 1
+
+        threads = [threading.Thread(target=spray, args=(i,), daemon=True) for i in range(2 * WAITING_PER_SLOT)]
+        for t in threads:
+            t.start()
+        try:
+            while sprayed[0] < 100:  # the spray is under way
+                time.sleep(0.01)
+            tokens = [_login(proc, "carol", "carols-password") for _ in range(5)]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert all(_datasets(proc, token) == {EVENTS.encode()} for token in tokens)
+        assert busy[0] == 0, busy  # made-up names wait out a check's time; none needed a slot
+        assert proc.alive
+
+
+def test_a_team_logging_in_at_once_all_get_in(tmp_path: Path, secure_data: Path) -> None:
+    """Review of issue 22, F4: 16 correct logins at once, 7 refused "busy" and the client gave up (with a
+    hint about TLS). Now more wait, and the client asks a busy server again: more notebooks than the queue
+    holds all connect."""
+    project = security.secure_project(tmp_path / "p", secure_data, "  logins: {concurrent: 1}\n")
+    costly = hash_password("carols-password")  # the default cost
+    project.write_text(project.read_text().replace("users:\n", f'users:\n  carol: {{profile: analysts, password_hash: "{costly}"}}\n', 1))
+    with ServerProcess(project, env=security.ENV) as proc:
+        count = 1 + WAITING_PER_SLOT + 8
+        start = threading.Barrier(count)
+        outcomes: list[Any] = []
+
+        def notebook() -> None:
+            start.wait()
+            try:
+                with connect(proc.url, username="carol", password="carols-password") as catalog:
+                    outcomes.append(sorted(catalog.datasets))
+            except Exception as exc:  # noqa: BLE001 - the outcome under test
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=notebook) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert outcomes == [[EVENTS]] * count, [o for o in outcomes if isinstance(o, Exception)][:3]
 
 
 # --- in-process: the throttle's arithmetic ---------------------------------------------------------------

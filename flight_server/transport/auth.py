@@ -173,8 +173,8 @@ class Authenticator:
             if self._tokens.get(digest) == username:
                 return self._identity(username, "token", self._credential[digest])
         stored = self._passwords.get(username)
-        with self.guard.check(username, peer):
-            ok = verify_password(password, stored or self._dummy)
+        with self.guard.check(username, peer, known=stored is not None) as check:
+            ok = verify_password(password, stored or self._dummy) if check else False
             if stored is None or not ok:
                 raise Unauthenticated(protocol.AUTH_FAILED)
         return self._identity(username, "password", self._credential[username])
