@@ -141,6 +141,26 @@ def test_an_idle_connection_past_the_token_ttl_gets_a_fresh_token_within_its_ses
     assert _datasets(guarded, fresh) == {EVENTS.encode()}
 
 
+def test_the_python_client_adopts_the_renewed_token_instead_of_logging_in_again(guarded: ServerProcess) -> None:
+    """Review of issue 22, F4: the Python client ignored the token the server renews in its answers and
+    logged in again with the password before expiry - every notebook of a team started together at once,
+    each of its threads too. It now carries the renewed token; no Handshake follows."""
+    from client._transport import Connection
+
+    connection = Connection(guarded.url, username="alice", password=PASSWORDS["alice"])
+    now = int(time.time())
+    aged = _resigned(connection._token or "", sst=now - 2000, iat=now - 2000, exp=now + 1600)  # past half its life
+    connection._adopt(aged)
+    logins = len(_audited(guarded, 0, rpc="handshake"))
+    connection.action(protocol.ACTION_LIST_DATASETS)
+    renewed = connection._token
+    assert renewed != aged and _claims(renewed or "")["exp"] > now + 1600
+    connection.action(protocol.ACTION_LIST_DATASETS)  # carries the renewed token
+    assert connection._token == renewed
+    assert len(_audited(guarded, 0, rpc="handshake")) == logins
+    connection.close()
+
+
 def test_renewal_never_passes_the_session_lifetime(guarded: ServerProcess) -> None:
     """A token from a login 2 h ago (session_ttl) is refused even if it has not expired; one near the end of
     its session is renewed only up to that end."""
