@@ -232,3 +232,57 @@ def test_a_read_during_a_save_sees_the_last_committed_data_without_waiting(tmp_p
     handle.release_read(stream)
     other = duckdb.connect(path)  # all let go: the owner's pipeline may open the file
     other.close()
+
+
+def test_saves_to_datasets_of_one_file_queue_for_the_window_in_arrival_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of issue 22, F10: while one dataset's long save held the file's write window, a save into
+    another dataset of the same file waited BUSY_TIMEOUT and failed "the duckdb file /path/… is busy with
+    reads". Saves wait for each other in arrival order (WRITE_LOCK_TIMEOUT, as saves to one dataset do);
+    BUSY_TIMEOUT bounds only the wait for read-only reads. Errors name the destination, not the path."""
+    monkeypatch.setattr(duckdb_storage, "BUSY_TIMEOUT", 0.0)  # a save waiting on a save must not use it
+    path = str(tmp_path / "f.duckdb")
+    handle = duckdb_storage.FileHandle(path, "warehouse")
+    inside, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    failures: list[BaseException] = []
+
+    def save(name: str, hold: bool = False) -> None:
+        try:
+            with handle.writing() as con:
+                con.execute(f"CREATE TABLE {name} AS SELECT 1 AS a")
+                order.append(name)
+                if hold:
+                    inside.set()
+                    release.wait(30)
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=save, args=("first", True))]
+    threads[0].start()
+    assert inside.wait(10)
+    for name in ("second", "third"):
+        threads.append(threading.Thread(target=save, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 30  # a bound against hanging, not a timing
+        while len(handle._write_queue) < len(threads) - 1:
+            assert time.monotonic() < deadline and not failures, failures
+            time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert not failures and order == ["first", "second", "third"], (failures, order)
+
+    monkeypatch.setattr(duckdb_storage, "WRITE_LOCK_TIMEOUT", 0.0)
+    inside.clear()
+    release.clear()
+    holder = threading.Thread(target=save, args=("fourth", True))
+    holder.start()
+    assert inside.wait(10)
+    with pytest.raises(Unavailable, match="the duckdb file of destination 'warehouse' is busy with another save; "
+                                          "nothing was written") as refused:
+        with handle.writing():
+            pass
+    assert str(tmp_path) not in str(refused.value)
+    release.set()
+    holder.join(30)

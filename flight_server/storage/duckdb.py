@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from flight_server.domain.pushdown import dlt_types as _dlt_types
 from flight_server.domain.storage import (
     SHARED_SCHEMA_TTL,
     SQL_SAVE_SETTINGS,
+    WRITE_LOCK_TIMEOUT,
     Partition,
     Storage,
     StoredSchema,
@@ -47,21 +49,27 @@ from flight_server.domain.storage import (
 _STORAGE_VERSION = re.compile(r"version number (\d+), but we can only read versions between (\d+) and (\d+)")
 
 
-def open_error(path: str, exc: duckdb.Error) -> Unavailable:
-    """Why a duckdb file cannot be opened, in the user's terms."""
+def open_error(label: str, exc: duckdb.Error) -> Unavailable:
+    """Why a duckdb file cannot be opened, in the user's terms: ``label`` names the file by its destination
+    (errors say which destination, not where it lives: issue 22 §1)."""
     text = str(exc)
     versions = _STORAGE_VERSION.search(text)
     if versions:
         found, low, high = versions.groups()
         return Unavailable(
-            f"the duckdb file {path} was written by a newer duckdb (storage version {found}); this server's "
+            f"{label} was written by a newer duckdb (storage version {found}); this server's "
             f"duckdb {duckdb.__version__} reads storage versions {low} to {high}. dlt 1.31 needs duckdb < 2, so "
             f"load it with duckdb 1.x (pip install 'duckdb<2'), or export it to a file this server reads",
-            path=path, storage_version=int(found))
+            storage_version=int(found))
     if "Could not set lock" in text:
-        return Unavailable(f"the duckdb file {path} is held by another process; retry", path=path)
+        return Unavailable(f"{label} is held by another process; retry")
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return Unavailable(f"cannot open the duckdb file {path}: {first}", path=path)
+    return Unavailable(f"cannot open {label}: {_without(first, label)}")
+
+
+def _without(text: str, label: str) -> str:
+    """duckdb's message with file paths in it replaced by ``label``."""
+    return re.sub(r'"[^"]*\.duckdb[^"]*"|\S*/\S*\.duckdb\S*', label, text)
 
 
 # How long a request waits for the file while another process (the owner's pipeline) holds it
@@ -78,6 +86,7 @@ GAP_SECONDS = 0.3
 # a file modified less than this long ago may change again within the same file-system timestamp
 # tick without its size changing: its stamp is not trusted yet (git's "racily clean" index entries)
 RACY_NS = 1_000_000_000
+
 
 
 class FileHandle:
@@ -109,9 +118,12 @@ class FileHandle:
     of the write connection.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, destination: str | None = None) -> None:
         self.path = path
+        # how errors name the file: by its destination, not by where it lives
+        self.label = f"the duckdb file of destination '{destination}'" if destination else "the duckdb file"
         self._cond = threading.Condition()
+        self._write_queue: deque[int] = deque()  # threads waiting for the write window, in arrival order
         self._readers = 0
         self._con: duckdb.DuckDBPyConnection | None = None  # the process's one connection to the file
         self._writable = False  # the connection was opened read-write (by a save)
@@ -129,7 +141,7 @@ class FileHandle:
                 return duckdb.connect(self.path, read_only=read_only)
             except duckdb.Error as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() + delay > deadline:
-                    raise open_error(self.path, exc) from None
+                    raise open_error(self.label, exc) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -171,8 +183,7 @@ class FileHandle:
                 while wait := self._read_wait(now := time.monotonic()):
                     left = deadline - now
                     if left <= 0:
-                        raise Unavailable(f"the duckdb file {self.path} is held by another process; retry",
-                                          path=self.path)
+                        raise Unavailable(f"{self.label} is held by another process; retry")
                     self._cond.wait(min(left, max(wait, 0.01)))
             if self._con is None:
                 self._con = self._connect(read_only=True)
@@ -217,18 +228,27 @@ class FileHandle:
             if self._writer == me:
                 yield self._con  # type: ignore[misc]
                 return
-            deadline = time.monotonic() + BUSY_TIMEOUT
             self._writers_waiting += 1  # new reads wait behind this save
+            self._write_queue.append(me)
             try:
+                # saves to other datasets of this file queue for the window in arrival order, as saves to
+                # one dataset do (review of issue 22, F10: the second failed "busy with reads" after 10 s)
+                deadline = time.monotonic() + WRITE_LOCK_TIMEOUT
+                while self._writer is not None or self._write_queue[0] != me:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Unavailable(f"{self.label} is busy with another save; nothing was written, retry")
+                    self._cond.wait(left)
                 # read-only reads must end (one process cannot hold the file both ways); reads of a
                 # read-write instance go on while the save uses the same instance
-                while self._writer is not None or (self._readers and not self._writable):
+                deadline = time.monotonic() + BUSY_TIMEOUT
+                while self._readers and not self._writable:
                     left = deadline - time.monotonic()
                     if left <= 0:  # a stream still open (a slow or idle reader): never wait without bound
-                        raise Unavailable(f"the duckdb file {self.path} is busy with reads; nothing was written, "
-                                          "retry", path=self.path)
+                        raise Unavailable(f"{self.label} is busy with reads; nothing was written, retry")
                     self._cond.wait(left)
             finally:
+                self._write_queue.remove(me)
                 self._writers_waiting -= 1
                 self._cond.notify_all()
             self._writer = me
@@ -256,10 +276,13 @@ _handles: dict[str, FileHandle] = {}
 _handles_lock = threading.Lock()
 
 
-def file_handle(path: str) -> FileHandle:
-    """The process-wide handle of one duckdb file."""
+def file_handle(path: str, destination: str | None = None) -> FileHandle:
+    """The process-wide handle of one duckdb file (``destination``: how its errors name it)."""
     with _handles_lock:
-        return _handles.setdefault(path, FileHandle(path))
+        handle = _handles.get(path)
+        if handle is None:
+            handle = _handles[path] = FileHandle(path, destination)
+        return handle
 
 
 class DuckDBStorage(Storage):
@@ -272,7 +295,7 @@ class DuckDBStorage(Storage):
         assert destination.location is not None
         self.path = destination.location
         self.batch_rows = batch_rows
-        self.file = file_handle(self.path)
+        self.file = file_handle(self.path, destination.name)
         self._data_version: tuple[Any, Any] | None = None  # (version_stamp, data_version), see data_version()
 
     # the owner's pipelines load into the same file between our requests: re-read the schema like
