@@ -7,11 +7,14 @@ two users, ann and ben (static tokens). Phases, each ``--seconds`` long while be
 
 1. ``idle``: ben's ``SELECT 1`` (GetFlightInfo + DoGet on one connection) with nothing else running;
 2. ``slow_queries``: ann runs 4 queries that run until the time limit, again and again;
+   ``two_greedy_users``: ann and dan each run 4 such queries;
 3. ``long_queries``: ann sends 100,000-character queries from 8 threads, again and again;
 4. ``stalled_uploads``: ann opens 300 DoPuts that send their schema and then nothing; ben's
    ``list_flights`` is measured instead;
 5. ``half_read``: ann opens 4 SQL result streams, reads one batch of each and stops reading;
 6. ``login_flood``: 96 threads send wrong passwords for carl (a password user) as fast as they can;
+   ``name_spray``: 40 threads send Handshake logins for made-up user names; carl's correct login is measured;
+   ``dashboard_burst``: ben sends 10 cheap queries at once, 5 times, on an otherwise idle server;
 7. ``concurrent_saves``: 4 clients save 200 rows into one dataset 3 times each, at once; ben's
    ``SELECT 1`` meanwhile, and each save's latency and outcome.
 
@@ -44,7 +47,8 @@ from flight_server.testing.queries import long_query
 from flight_server.testing.servers import ServerProcess, make_project
 
 EVENTS = "github_events_dataset"
-TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789"}
+TOKENS = {"ann": "fst_ann-token-0123456789abcdef0123456789", "ben": "fst_ben-token-0123456789abcdef0123456789",
+          "dan": "fst_dan-token-0123456789abcdef0123456789"}
 SLOW = "SELECT count(*) AS n FROM push_event a, push_event b, push_event c, push_event d, push_event e"
 
 
@@ -89,12 +93,14 @@ def measure(seconds: float, probe: Callable[[], Any]) -> dict[str, Any]:
             "max_s": round(latencies[-1], 4), "errors": len(errors), "error_samples": sorted(set(errors))[:3]}
 
 
-def greedy(url: str, threads: int, work: Callable[[Any, int], Any], stop: threading.Event) -> tuple[list[threading.Thread], list[str]]:
-    """ann's load: ``threads`` threads, each on its own connection, calling ``work`` until ``stop``."""
+def greedy(url: str, threads: int, work: Callable[[Any, int], Any], stop: threading.Event,
+           users: tuple[str, ...] = ("ann",)) -> tuple[list[threading.Thread], list[str]]:
+    """ann's load (or ``users``' in turn): ``threads`` threads, each on its own connection, calling ``work``
+    until ``stop``."""
     errors: list[str] = []
 
     def run(i: int) -> None:
-        with connect(url, token=TOKENS["ann"]) as catalog:
+        with connect(url, token=TOKENS[users[i % len(users)]]) as catalog:
             while not stop.is_set():
                 try:
                     work(catalog, i)
@@ -166,6 +172,58 @@ def login_flood(server: ServerProcess, seconds: float, probe: Callable[[], Any])
     return {"login_flood": result}
 
 
+def name_spray(server: ServerProcess, seconds: float) -> dict[str, Any]:
+    """40 threads of Handshake logins with made-up user names (no credential needed); carl's correct
+    Handshake login is the probe (review of issue 22, F1: 1 of 10 got in)."""
+    stop = threading.Event()
+    sprayed = [0]
+
+    def spray(i: int) -> None:
+        client = flight.connect(server.url)
+        while not stop.is_set():
+            try:
+                client.authenticate_basic_token(f"nobody-{i}-{sprayed[0]}", "wrong")
+            except flight.FlightError:
+                pass
+            sprayed[0] += 1
+        client.close()
+
+    pool = [threading.Thread(target=spray, args=(i,), daemon=True) for i in range(40)]
+    for t in pool:
+        t.start()
+    carl = flight.connect(server.url)
+    result = measure(seconds, lambda: carl.authenticate_basic_token("carl", "carl-secret-password"))
+    stop.set()
+    for t in pool:
+        t.join(60)
+    carl.close()
+    result["sprayed"] = sprayed[0]
+    return {"name_spray": result}
+
+
+def dashboard_burst(ben: Any, rounds: int = 5) -> dict[str, Any]:
+    """ben's dashboard: 10 cheap queries at once on an otherwise idle server, ``rounds`` times (F5)."""
+    refused, latencies = [], []
+
+    def tile(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            ben[EVENTS].sql(f"SELECT {i} AS tile").arrow()
+        except Exception as exc:  # noqa: BLE001 - counted
+            refused.append(str(exc).splitlines()[0][:120])
+        latencies.append(time.perf_counter() - started)
+
+    for _ in range(rounds):
+        pool = [threading.Thread(target=tile, args=(i,)) for i in range(10)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(120)
+    latencies.sort()
+    return {"dashboard_burst": {"queries": len(latencies), "refused": len(refused), "samples": sorted(set(refused))[:2],
+                                "median_s": round(statistics.median(latencies), 4), "max_s": round(latencies[-1], 4)}}
+
+
 def concurrent_saves(server: ServerProcess, probe: Callable[[], Any]) -> dict[str, Any]:
     """4 clients x 3 saves of 200 rows into reports_dataset at once; ben's SELECT 1 meanwhile."""
     latencies: list[float] = []
@@ -215,12 +273,13 @@ def main() -> None:
             select_one = lambda: ben[EVENTS].sql("SELECT 1 AS one").arrow()  # noqa: E731
             results["idle"] = measure(args.seconds / 2, select_one)
 
-            for phase, threads, work in (
-                ("slow_queries", 4, lambda catalog, i: catalog[EVENTS].sql(SLOW).arrow()),
-                ("long_queries", 8, lambda catalog, i: catalog[EVENTS].sql(long_query(i)).arrow()),
+            for phase, threads, work, users in (
+                ("slow_queries", 4, lambda catalog, i: catalog[EVENTS].sql(SLOW).arrow(), ("ann",)),
+                ("two_greedy_users", 8, lambda catalog, i: catalog[EVENTS].sql(SLOW).arrow(), ("ann", "dan")),
+                ("long_queries", 8, lambda catalog, i: catalog[EVENTS].sql(long_query(i)).arrow(), ("ann",)),
             ):
                 stop = threading.Event()
-                pool, errors = greedy(server.url, threads, work, stop)
+                pool, errors = greedy(server.url, threads, work, stop, users)
                 time.sleep(1.0)  # a benchmark: let ann's load build up
                 results[phase] = measure(args.seconds, select_one)
                 stop.set()
@@ -248,6 +307,8 @@ def main() -> None:
             lister.close()
             results.update(half_read(server, args.seconds, select_one))
             results.update(login_flood(server, args.seconds, select_one))
+            results.update(name_spray(server, args.seconds))
+            results.update(dashboard_burst(ben))
             results.update(concurrent_saves(server, select_one))
             ben.close()
             peaks.stop.set()
