@@ -25,9 +25,11 @@ from client import (
     protocol,
 )
 from client.protocol import ReadCommand, SqlCommand, encode_command
+from flight_server._vendor import FlightSql_pb2 as pb
 from flight_server.domain.config import ConfigError, load_project
 from flight_server.testing.servers import REPO, ServerProcess, cli, wait_until
 from flight_server.transport.auth import Authenticator
+from flight_server.transport.flight_sql import pack
 from tests import security
 from tests.conftest import Secured
 from tests.security import (
@@ -336,15 +338,38 @@ def test_tickets_are_signed_bound_to_the_user_and_expire(secured: Secured) -> No
             client.do_get(flight.Ticket(forged), alice).read_all()
 
 
+def _statement(query: str) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(pack(pb.CommandStatementQuery(query=query)))
+
+
+def test_flight_sql_tickets_are_bound_to_the_user(secure_server: Secured) -> None:
+    """Regression (review 22, F2): a Flight SQL statement's ticket is signed for its caller like a plain one; another
+    user's DoGet of it is refused as INVALID_ARGUMENT in the user's terms (that ticket can never work for them)."""
+    client = secure_server.raw()
+    alice = bearer(secure_server.token("alice"))
+    info = client.get_flight_info(_statement(f"SELECT id FROM {EVENTS}.push_event LIMIT 5"), alice)
+    endpoint = info.endpoints[0]
+    for options in (bearer(secure_server.token("bob")), bearer(BOT_TOKEN)):  # the same profile, other users
+        with pytest.raises(pa.ArrowInvalid, match="ticket was issued to another caller; run the query yourself"):
+            client.do_get(endpoint.ticket, options).read_all()
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        client.do_get(endpoint.ticket).read_all()
+    assert client.do_get(endpoint.ticket, alice).read_all().num_rows == 5
+    assert endpoint.expiration_time is not None
+    assert 800 < endpoint.expiration_time.as_py().timestamp() - time.time() <= 900  # server.ticket_ttl default
+
+
 TTL_SESSION = 5
+TTL_SQL_ENDPOINT_ROWS = 40  # a few endpoints over push_event
 
 
 @pytest.fixture(scope="module")
 def ttl_server(tmp_path_factory: pytest.TempPathFactory, secure_data: Path) -> Any:
-    """Bearer tokens and tickets that expire after 2 seconds, sessions after 5; the audit log goes to a file."""
+    """Bearer tokens and tickets that expire after 2 seconds, sessions after 5; the audit log goes to a file; Flight
+    SQL results of more than a few rows split into partitions."""
     project = security.secure_project(tmp_path_factory.mktemp("ttl"), secure_data,
                                       f"  token_ttl: 2\n  ticket_ttl: 2\n  session_ttl: {TTL_SESSION}\n"
-                                      "  audit_log: logs/audit.jsonl\n")
+                                      f"  audit_log: logs/audit.jsonl\n  sql_endpoint_rows: {TTL_SQL_ENDPOINT_ROWS}\n")
     with ServerProcess(project, env=security.ENV) as proc:
         yield Secured(proc, "plain")
 
@@ -381,6 +406,25 @@ def test_expired_ticket_is_refused_and_an_expired_token_renewed_within_its_sessi
     assert any(x["rpc"] == "do_get" and x["outcome"] == "PERMISSION_DENIED" and x["user"] == "alice" for x in lines)
     assert any(x["outcome"] == "UNAUTHENTICATED" for x in lines)
     assert "flight_share.audit" not in ttl_server.proc.output()
+
+
+def test_flight_sql_tickets_and_partitions_expire(ttl_server: Secured) -> None:
+    """Regression (review 22, F2): the tickets of a Flight SQL result - of one endpoint, and of every partition of a
+    split one - expire after server.ticket_ttl like plain tickets (their endpoints say when): an old partition,
+    of a table its owner may have replaced since, cannot be read after that (INVALID_ARGUMENT: run it again)."""
+    client = ttl_server.raw()
+    alice = lambda: bearer(ttl_server.token("alice"))  # noqa: E731 - a fresh login per call: sessions last 5 s here
+    split = client.get_flight_info(_statement(f"SELECT id FROM {EVENTS}.push_event"), alice())
+    one = client.get_flight_info(_statement(f"SELECT count(*) AS n FROM {EVENTS}.push_event"), alice())
+    assert len(split.endpoints) > 1 and len(one.endpoints) == 1
+    answered = time.time()  # every ticket expires by then + server.ticket_ttl (2 s)
+    endpoints = [*split.endpoints, *one.endpoints]
+    wait_until(lambda: time.time() > answered + 2 + 0.1, "the tickets' expiry", timeout=10)
+    for endpoint in endpoints:
+        with pytest.raises(pa.ArrowInvalid, match=r"ticket has expired \(they are valid for 2 s, server.ticket_ttl\); "
+                                                  "run the query again"):
+            client.do_get(endpoint.ticket, alice()).read_all()
+    assert all(e.expiration_time is not None and e.expiration_time.as_py().timestamp() < time.time() for e in endpoints)
 
 
 def test_a_token_past_half_its_life_is_renewed_and_an_expired_one_is_not(secure_server: Secured,

@@ -156,6 +156,55 @@ def test_the_status_table_hides_the_unexpected_and_masks_secrets() -> None:
 
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("boom"), errors.Forbidden("not yours"), errors.Unavailable("down"), errors.Unauthenticated("who"),
+    flight.FlightUnavailableError("a library's own"), errors.InvalidRequest("x\ud800y"), errors.NotFound("no \udfff"),
+], ids=["internal", "forbidden", "unavailable", "unauthenticated", "flight", "surrogate", "notfound"])
+def test_no_rpc_answers_with_a_traceback_or_a_library_encoding_error(
+        unit: InProcessServer, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Regression (review 22, F9): pyarrow's GetSchema wrapper turns whatever it gets - a FlightError too - into a
+    Python error with its formatted traceback (the server's file names); other RPCs turn a FlightError into its
+    status themselves, but choke on a message that is not UTF-8. Whatever a handler raises, every RPC answers its
+    text (lone surrogates escaped), and at most the status's name after it. (CANCELLED is left out: pyarrow's
+    client turns it into a KeyboardInterrupt of the test process.)"""
+    def fail(*_args: object) -> None:
+        raise error
+
+    for key in [("get_schema", "read"), ("get_flight_info", "read"), ("do_action", protocol.ACTION_LIST_DATASETS),
+                ("list_actions", ""), ("do_get", "read")]:
+        monkeypatch.setitem(unit.server.routes, key, fail)
+    client = _client(unit)
+    descriptor = flight.FlightDescriptor.for_path("shop", "orders")
+    ticket = flight.Ticket(unit.server.security.tickets.sign(protocol.encode_command(protocol.ReadCommand("shop", "orders")),
+                                                             "(anonymous)")[0])
+    calls = {"get_schema": lambda: client.get_schema(descriptor), "get_flight_info": lambda: client.get_flight_info(descriptor),
+             "do_action": lambda: list(client.do_action(flight.Action(protocol.ACTION_LIST_DATASETS, b""))),
+             "list_actions": lambda: client.list_actions(), "do_get": lambda: client.do_get(ticket).read_all()}
+    for rpc, call in calls.items():
+        with pytest.raises(pa.ArrowException) as err:
+            call()
+        text = str(err.value)
+        assert "Traceback" not in text and 'File "' not in text and ".py" not in text and "codec" not in text, (rpc, text)
+        expected = "internal server error; see the server log" if isinstance(error, RuntimeError) \
+            else str(error).encode("utf-8", "backslashreplace").decode()
+        assert protocol.server_message(text).count(expected) == 1, (rpc, text)
+
+
+def test_every_mapped_error_refuses_to_be_formatted() -> None:
+    """What leaves the status table cannot be formatted with a traceback: pyarrow then says the status's name."""
+    import traceback
+
+    for error in (errors.NotFound("x"), errors.InvalidRequest("x"), errors.Unsupported("x"), errors.Forbidden("x"),
+                  errors.Unauthenticated("x"), errors.Unavailable("x"), errors.Cancelled("x"), RuntimeError("x"),
+                  flight.FlightInternalError("x"), flight.FlightTimedOutError("x"), flight.FlightServerError("x"),
+                  flight.FlightUnauthorizedError("x"), flight.FlightCancelledError("x")):
+        mapped = status.to_flight_error(error)
+        with pytest.raises(LookupError):
+            traceback.format_exception(mapped)
+        assert status.to_flight_error(mapped) is mapped
+        assert type(error) in type(mapped).__mro__ or not isinstance(error, flight.FlightError)
+
+
 def test_the_load_history_is_readable_and_read_only(unit: InProcessServer) -> None:
     """dlt's ``_dlt_loads`` (the lineage consumers need): ``dataset.loads()`` and SQL; never listed, never written."""
     from client import InvalidRequestError, connect

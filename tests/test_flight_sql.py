@@ -729,6 +729,43 @@ def test_statement_ticket_streams_and_handles_are_checked(sql_server: ServerProc
             client.do_get(flight.Ticket(forged)).read_all()
 
 
+def test_text_that_is_not_utf8_is_refused_in_words_on_the_flight_sql_surface(sql_server: ServerProcess) -> None:
+    """Regression (review 22, F9): Flight SQL strings are protobuf strings (their parser refuses bad UTF-8), but a
+    statement handle is JSON, where a lone surrogate (\\ud800) is valid: refused INVALID_ARGUMENT, never INTERNAL
+    or GetSchema's traceback."""
+    from google.protobuf import any_pb2
+
+    def raw(message: type, field: bytes) -> bytes:  # a message whose first string field holds bytes that are not UTF-8
+        wrapped = any_pb2.Any(type_url="type.googleapis.com/" + message.DESCRIPTOR.full_name, value=field)
+        return wrapped.SerializeToString()
+
+    def words(error: BaseException) -> str:
+        text = str(error)
+        assert "Traceback" not in text and 'File "' not in text and "codec" not in text, text
+        return text
+
+    handle = b'flight-share/statement/v1:{"query": "SELECT \'\\ud800\' AS x"}'
+    prepared = flight.FlightDescriptor.for_command(pack(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)))
+    with _flight(sql_server) as client:
+        for call in (lambda: client.get_flight_info(prepared), lambda: client.get_schema(prepared),
+                     lambda: list(client.do_action(flight.Action("ClosePreparedStatement", pack(
+                         pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle)))))):
+            with pytest.raises(pa.ArrowInvalid) as info:
+                call()
+            assert "the statement's query is not text: it holds \\ud800, a lone UTF-16 surrogate" in words(info.value)
+        bad = b"SELECT '\xed\xa0\x80'"  # a surrogate in UTF-8's form, which UTF-8 forbids
+        for command in (raw(pb.CommandStatementQuery, b"\x0a" + bytes([len(bad)]) + bad),
+                        raw(pb.CommandGetTables, b"\x12\x03\xff\xfeA")):  # db_schema_filter_pattern
+            for call in (client.get_flight_info, client.get_schema):
+                with pytest.raises(pa.ArrowInvalid) as info:
+                    call(flight.FlightDescriptor.for_command(command))
+                assert "does not decode (a text field is not UTF-8)" in words(info.value)
+        create = raw(pb.ActionCreatePreparedStatementRequest, b"\x0a" + bytes([len(bad)]) + bad)
+        with pytest.raises(pa.ArrowInvalid) as info:
+            list(client.do_action(flight.Action("CreatePreparedStatement", create)))
+        assert "does not decode (a text field is not UTF-8)" in words(info.value)
+
+
 def test_get_tables_include_schema_and_sql_info_over_flight(sql_server: ServerProcess) -> None:
     tables = pack(pb.CommandGetTables(db_schema_filter_pattern=EVENTS, table_name_filter_pattern="issues_event",
                                       include_schema=True))

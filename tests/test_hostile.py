@@ -102,6 +102,50 @@ def test_malformed_and_oversized_commands(secured: Secured, command: bytes) -> N
         assert assert_refused_cleanly(call, secured) is not None
 
 
+SURROGATES = {  # valid JSON whose text is not: a lone UTF-16 surrogate (\ud800..\udfff) in any key or value
+    "query": b'{"op": "sql", "dataset": "github_events_dataset", "query": "SELECT \'\\ud800\' AS x"}',
+    "identifier": b'{"op": "sql", "dataset": "github_events_dataset", "query": "SELECT 1 AS \\"\\udfff\\""}',
+    "sql dataset": b'{"op": "sql", "dataset": "github_\\ud800", "query": "SELECT 1"}',
+    "table": b'{"op": "read", "dataset": "github_events_dataset", "table": "push\\ud800"}',
+    "dataset": b'{"op": "read", "dataset": "gh\\ud800", "table": "push_event"}',
+    "column": b'{"op": "read", "dataset": "github_events_dataset", "table": "push_event", "columns": ["id", "\\udc00"]}',
+    "nested key": b'{"op": "read", "dataset": "github_events_dataset", "table": "push_event", "partition": {"a": [{"\\ud800": 1}]}}',
+}
+
+
+def _refused_as_not_text(call: Callable[[], Any], server: Secured) -> None:
+    error = assert_refused_cleanly(call, server)
+    assert isinstance(error, pa.ArrowInvalid), error
+    assert "lone UTF-16 surrogate" in str(error) and "codec" not in str(error) and "Python exception: Unicode" not in str(error)
+
+
+@pytest.mark.parametrize("name", SURROGATES)
+def test_a_lone_surrogate_anywhere_in_a_command_is_refused_in_words(secure_server: Secured, name: str) -> None:
+    """Regression (review 22, F9): a lone surrogate in a command's JSON was INTERNAL (sql), a traceback through
+    GetSchema, or a library's UnicodeEncodeError (names): now INVALID_ARGUMENT at decode, naming the key."""
+    client, options = secure_server.raw(), bearer(secure_server.token())
+    descriptor = flight.FlightDescriptor.for_command(SURROGATES[name])
+    _refused_as_not_text(lambda: client.get_flight_info(descriptor, options), secure_server)
+    _refused_as_not_text(lambda: client.get_schema(descriptor, options), secure_server)
+
+
+def test_a_lone_surrogate_in_a_save_or_an_action_is_refused_in_words(secure_server: Secured) -> None:
+    client, options = secure_server.raw(), bearer(secure_server.token("rita"))
+    data = pa.table({"a": [1]})
+
+    def save() -> None:
+        command = b'{"op": "write", "dataset": "reports_dataset", "table": "t\\ud800", "commit_marker": true}'
+        writer, reader = client.do_put(flight.FlightDescriptor.for_command(command), data.schema, options)
+        writer.write_table(data)
+        writer.done_writing()
+        reader.read()
+        writer.close()
+
+    _refused_as_not_text(save, secure_server)
+    _refused_as_not_text(lambda: list(client.do_action(flight.Action("list-datasets", b'{"datasets": ["r\\ud800"]}'),
+                                                       options)), secure_server)
+
+
 def test_malformed_actions(secure_server: Secured) -> None:
     client, options = secure_server.raw(), bearer(secure_server.token())
     for action in (flight.Action("x" * 10_000, b""), flight.Action("", b""),

@@ -5,7 +5,8 @@ Which statements split is decided from sqlglot's tree (:func:`row_wise_table`, u
 servers over duckdb, Delta (local) and PostgreSQL - data loaded by ordinary dlt pipelines - ADBC's
 ``adbc_execute_partitions`` gets several partitions, each readable on its own (also on a fresh connection, and
 from the other replica), whose union is the single-stream answer and duckdb's over the same rows; anything
-else answers one endpoint. A partition is sealed into its ticket: a tampered one is refused.
+else answers one endpoint. A partition is signed into its ticket with the statement, for the caller, with an expiry:
+a tampered one, another caller's or an expired one is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import json
 import re
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,15 @@ from flight_server.domain.errors import InvalidRequest
 from flight_server.domain.sql import DUCKDB_AGGREGATES, check_query, parse_statement, row_wise_table
 from flight_server.testing.servers import ServerProcess
 from flight_server.testing.services import free_port
-from flight_server.transport.flight_sql import Statement, decode_handle, encode_handle, pack
+from flight_server.transport.auth import ANONYMOUS
+from flight_server.transport.flight_sql import (
+    Statement,
+    decode_handle,
+    decode_ticket,
+    encode_handle,
+    encode_ticket,
+    pack,
+)
 from flight_server.transport.tickets import TicketSigner
 from tests.test_js_reader import node  # noqa: F401 - the fixture that installs the npm packages
 from tests.test_pushdown import ROWS, _canonical, _data, destination_named_nums
@@ -125,32 +135,62 @@ def test_the_aggregate_list_covers_the_installed_duckdb() -> None:
             assert name.lower() in DUCKDB_AGGREGATES, name
 
 
-# --- sealed partitions in statement handles --------------------------------------------------------------
+# --- partitions in signed statement tickets ---------------------------------------------------------------
 
-def test_a_partition_is_sealed_with_its_statement() -> None:
+def _payload(ticket: bytes) -> dict[str, Any]:
+    """The signed body of a statement ticket (``flight-share/ticket/v1:fst1.<payload>.<mac>``: readable, not secret)."""
+    payload = ticket.split(b":", 1)[1][len(b"fst1."):].split(b".")[0]
+    return json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+
+
+def _with_payload(ticket: bytes, body: dict[str, Any]) -> bytes:
+    """``ticket`` with another body and its old MAC (what a client could forge)."""
+    prefix, _, signed = ticket.partition(b":")
+    _, _, mac = signed[len(b"fst1."):].partition(b".")
+    payload = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=")
+    return prefix + b":fst1." + payload + b"." + mac
+
+
+def test_a_partition_is_signed_with_its_statement_for_its_caller_until_it_expires() -> None:
     signer = TicketSigner(b"k" * 32, 60)
     part = {"dataset": "ds", "table": "t", "spec": {"rowid": [0, 10]}}
     statement = Statement("SELECT * FROM ds.t", None, "run1", part)
-    handle = encode_handle(statement, signer)
-    assert decode_handle(handle, signer) == statement
-    body = json.loads(handle.split(b":", 1)[1])
+    ticket, expires = encode_ticket(statement, signer, "alice")
+    assert decode_ticket(ticket, signer, "alice") == statement
+    body = _payload(ticket)
+    handle = json.loads(body["c"])
     for forged in ({**part, "spec": {"rowid": [0, 10_000_000]}},
                    {**part, "spec": {"version": 1, "files": [["/etc/passwd"]]}},
                    {**part, "table": "other"}, {**part, "dataset": "other"}):
-        with pytest.raises(InvalidRequest, match="partition is not sealed"):
-            decode_handle(b"flight-share/statement/v1:" + json.dumps({**body, "partition": forged}).encode(), signer)
-    with pytest.raises(InvalidRequest, match="partition is not sealed"):  # the statement changed under the partition
-        decode_handle(b"flight-share/statement/v1:" + json.dumps({**body, "query": "SELECT 1 FROM ds.t"}).encode(), signer)
-    with pytest.raises(InvalidRequest, match="partition is not sealed"):  # another server's (another secret)
-        decode_handle(handle, TicketSigner(b"j" * 32, 60))
-    with pytest.raises(InvalidRequest, match="not a statement handle"):  # not the shape of a partition
-        decode_handle(b"flight-share/statement/v1:" + json.dumps({**body, "partition": [1]}).encode(), signer)
-    # with bound values: one seal covers values and partition
-    values = Statement("SELECT * FROM ds.t WHERE id = ?", b"\x01\x02", None, part)
-    assert decode_handle(encode_handle(values, signer), signer) == values
-    plain = json.loads(encode_handle(Statement(values.query, b"\x01\x02"), signer).split(b":", 1)[1])
-    with pytest.raises(InvalidRequest, match="partition is not sealed"):  # a values-only seal does not cover a partition
+        with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):
+            decode_ticket(_with_payload(ticket, {**body, "c": json.dumps({**handle, "partition": forged})}), signer, "alice")
+    for changed in ({**handle, "query": "SELECT 1 FROM ds.t"}, {k: v for k, v in handle.items() if k != "partition"}):
+        with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):
+            decode_ticket(_with_payload(ticket, {**body, "c": json.dumps(changed)}), signer, "alice")
+    with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):  # another user, unsigned
+        decode_ticket(_with_payload(ticket, {**body, "u": "bob"}), signer, "bob")
+    with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):  # another server's secret
+        decode_ticket(ticket, TicketSigner(b"j" * 32, 60), "alice")
+    with pytest.raises(InvalidRequest, match="issued to another caller; run the query yourself"):
+        decode_ticket(ticket, signer, "bob")
+    with pytest.raises(InvalidRequest, match=r"ticket has expired \(they are valid for 60 s, server.ticket_ttl\); "
+                                             "run the query again") as expired:
+        decode_ticket(ticket, signer, "alice", now=expires)
+    assert expired.value.fields == {"limit": "server.ticket_ttl", "value": 60}
+    # with bound values: the one signature covers values and partition
+    values = Statement("SELECT * FROM ds.t WHERE id = ?", b"\x01\x02", "run2", part)
+    assert decode_ticket(encode_ticket(values, signer, "alice")[0], signer, "alice") == values
+    # a prepared statement's handle is no ticket, and carries no partition (nor a ticket a handle's)
+    handle_bytes = encode_handle(Statement(values.query, b"\x01\x02"), signer)
+    with pytest.raises(InvalidRequest, match="a statement's ticket comes from GetFlightInfo"):
+        decode_ticket(handle_bytes, signer, "alice")
+    with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):
+        decode_handle(ticket, signer)
+    plain = json.loads(handle_bytes.split(b":", 1)[1])
+    with pytest.raises(InvalidRequest, match="not a statement handle issued by this server"):
         decode_handle(b"flight-share/statement/v1:" + json.dumps({**plain, "partition": part}).encode(), signer)
+    with pytest.raises(ValueError):
+        encode_handle(statement, signer)
 
 
 # --- through real servers, on each destination -----------------------------------------------------------
@@ -326,42 +366,67 @@ def test_a_flight_client_reads_each_endpoint_from_any_replica(served: Served) ->
     assert len(whole.endpoints) > 1 and whole.total_records == ROWS
 
 
-def _handle_of(ticket: flight.Ticket) -> tuple[dict[str, Any], bytes]:
+def _handle_of(ticket: flight.Ticket) -> bytes:
     from google.protobuf import any_pb2
 
     wrapped = any_pb2.Any()
     wrapped.ParseFromString(ticket.ticket)
     inner = pb.TicketStatementQuery()
     wrapped.Unpack(inner)
-    prefix, _, body = inner.statement_handle.partition(b":")
-    return json.loads(body), prefix + b":"
+    return inner.statement_handle
 
 
-def _ticket(body: dict[str, Any], prefix: bytes) -> flight.Ticket:
-    handle = prefix + json.dumps(body).encode()
+def _ticket(handle: bytes) -> flight.Ticket:
     return flight.Ticket(pack(pb.TicketStatementQuery(statement_handle=handle)))
 
 
 def test_a_tampered_partition_is_refused(served: Served) -> None:
     info = _statement_info(served.url, _q("SELECT * FROM t WHERE id >= 0"))
     client = flight.connect(served.url)
-    body, prefix = _handle_of(info.endpoints[0].ticket)
-    other, _ = _handle_of(info.endpoints[1].ticket)
+    ticket = _handle_of(info.endpoints[0].ticket)
+    body = _payload(ticket)
+    handle = json.loads(body["c"])
+    other = json.loads(_payload(_handle_of(info.endpoints[1].ticket))["c"])
     specs = [other["partition"]["spec"],  # another endpoint's slice
              {"version": 0, "files": [["/etc/passwd"]]}, {"rowid": [0, None]}, {"pages": [0, None]}]
     forged = [
-        *({**body, "partition": {**body["partition"], "spec": spec}} for spec in specs),
-        {**body, "query": _q("SELECT name FROM t WHERE id >= 0")},  # another statement over the sealed partition
-        {**body, "seal": base64.b64encode(b"\0" * 32).decode()},
-        {k: v for k, v in body.items() if k != "seal"},
+        *({**handle, "partition": {**handle["partition"], "spec": spec}} for spec in specs),
+        {**handle, "query": _q("SELECT name FROM t WHERE id >= 0")},  # another statement over the signed partition
+        {k: v for k, v in handle.items() if k != "partition"},  # the whole table
     ]
-    for ticket in forged:
+    for changed in forged:
         with pytest.raises(pa.ArrowInvalid, match="not a statement handle issued by this server"):
-            client.do_get(_ticket(ticket, prefix)).read_all()
-    # the genuine ticket still reads; without a partition it is the whole statement, as a one-endpoint ticket
-    assert client.do_get(info.endpoints[0].ticket).read_all().num_rows > 0
-    whole = {k: v for k, v in body.items() if k not in ("partition", "seal")}
-    assert client.do_get(_ticket(whole, prefix)).read_all().num_rows == ROWS
+            client.do_get(_ticket(_with_payload(ticket, {**body, "c": json.dumps(changed)}))).read_all()
+    flipped = ticket[:-10] + (b"A" if ticket[-10:-9] != b"A" else b"B") + ticket[-9:]  # a byte of the MAC
+    with pytest.raises(pa.ArrowInvalid, match="not a statement handle issued by this server"):
+        client.do_get(_ticket(flipped)).read_all()
+    assert client.do_get(info.endpoints[0].ticket).read_all().num_rows > 0  # the genuine ticket still reads
+
+
+def test_a_partition_is_its_callers_and_expires(served: Served) -> None:
+    """A partition's ticket is signed for the caller with an expiry (server.ticket_ttl), as a plain DoGet ticket
+    is: signed again (the test knows the server's secret) for another user or as expired, the very same
+    partition is refused - an old partition of a table the owner replaced since is no longer readable by anyone."""
+    info = _statement_info(served.url, _q("SELECT * FROM t WHERE id >= 0"))
+    assert len(info.endpoints) > 1
+    ttl = 900  # server.ticket_ttl's default
+    for endpoint in info.endpoints:
+        assert endpoint.expiration_time is not None
+        assert 0 < endpoint.expiration_time.as_py().timestamp() - time.time() <= ttl
+    signer = TicketSigner(SECRET.encode(), ttl)
+    client = flight.connect(served.url)
+    ticket = _handle_of(info.endpoints[0].ticket)
+    prefix, _, signed = ticket.partition(b":")
+    command = signer.open(signed, ANONYMOUS, limit=len(signed))  # the caller: anonymous (server.anonymous_profile)
+    bobs = prefix + b":" + signer.sign(command, "bob")[0]
+    with pytest.raises(pa.ArrowInvalid, match="issued to another caller; run the query yourself"):
+        client.do_get(_ticket(bobs)).read_all()
+    old = prefix + b":" + signer.sign(command, ANONYMOUS, now=time.time() - ttl - 60)[0]
+    with pytest.raises(pa.ArrowInvalid, match=r"ticket has expired \(they are valid for 900 s, server.ticket_ttl\); "
+                                              "run the query again"):
+        client.do_get(_ticket(old)).read_all()
+    current = prefix + b":" + signer.sign(command, ANONYMOUS)[0]
+    assert client.do_get(_ticket(current)).read_all().num_rows == client.do_get(info.endpoints[0].ticket).read_all().num_rows
 
 
 # --- every Flight SQL client of tests/test_clients.py over a split answer ------------------------------------

@@ -6,11 +6,17 @@ commands (:mod:`client.protocol`) have the kinds ``read``, ``sql`` and ``write``
 ``google.protobuf.Any`` has the short name of its message (``CommandStatementQuery``...); an action
 has its type (``list-datasets``, ``CreatePreparedStatement``...). Decoding checks the form only; who
 may do what is the handlers' business.
+
+Text is UTF-8 everywhere: a JSON command may spell a lone UTF-16 surrogate (``"\\ud800"``, valid JSON), which
+decodes to a Python string that no name, query, library or status message can take, so :func:`check_text`
+refuses it here, in any key or value, nested. Flight SQL's strings are protobuf ``string`` fields, whose
+parser refuses what is not UTF-8.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +89,36 @@ class Request:
         return self.kind in ("write", "CommandStatementIngest")
 
 
+def check_text(value: Any, what: str) -> None:
+    """Refuse ``value`` - a string, or lists, tuples, mappings (keys too) and dataclasses of them, nested - if
+    any of its text cannot be UTF-8 (a lone surrogate, as a JSON ``\\ud800`` escape makes): INVALID_ARGUMENT
+    naming ``what`` and the character, never a library's encoding error later."""
+    stack = [value]
+    while stack:  # not recursive: a command's JSON may be nested as deeply as json allows
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequest(f"{what} is not text: it holds \\u{ord(item[exc.start]):04x}, a lone UTF-16 "
+                                     "surrogate (half of a pair); send Unicode text, as UTF-8") from None
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+
+
+def _command(data: bytes) -> protocol.Command:
+    """One of flight-share's JSON commands, its text UTF-8 throughout."""
+    command = protocol.decode_command(data)
+    for key in dataclasses.fields(command):
+        check_text(getattr(command, key.name), f"command key '{key.name}'")
+    return command
+
+
 def short_name(url: str) -> str:
     """``type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery`` -> ``CommandStatementQuery``."""
     return url.rsplit("/", 1)[-1].removeprefix(SQL_PACKAGE)
@@ -108,8 +144,9 @@ def _flight_sql(rpc: str, wrapped: any_pb2.Any) -> Request:
     message = cls()
     try:
         message.ParseFromString(wrapped.value)
-    except DecodeError:
-        raise InvalidRequest(f"Flight SQL {name} does not decode") from None
+    except DecodeError as exc:  # protobuf's parser also refuses a string field that is not UTF-8
+        text = " (a text field is not UTF-8)" if "UTF-8" in str(exc) else ""
+        raise InvalidRequest(f"Flight SQL {name} does not decode{text}") from None
     return Request(rpc, name, message, flight_sql=True)
 
 
@@ -121,7 +158,7 @@ def descriptor(rpc: str, descriptor: flight.FlightDescriptor) -> Request:
     wrapped = unpack_any(descriptor.command)
     if wrapped is not None:
         return _flight_sql(rpc, wrapped)
-    command = protocol.decode_command(descriptor.command)
+    command = _command(descriptor.command)
     return Request(rpc, command.op, command)
 
 
@@ -130,13 +167,18 @@ def ticket(data: bytes, open_signed: Callable[[bytes], bytes]) -> Request:
     wrapped = unpack_any(data)
     if wrapped is not None:
         return _flight_sql("do_get", wrapped)
-    command = protocol.decode_command(open_signed(data))
+    command = _command(open_signed(data))
     return Request("do_get", command.op, command)
 
 
 def action(act: flight.Action) -> Request:
-    """DoAction: ours take a JSON body (bytes as sent); Flight SQL's an Any-packed message."""
+    """DoAction: ours take a JSON body (``list-datasets``: decoded; others: bytes as sent); Flight SQL's an
+    Any-packed message."""
     body = act.body.to_pybytes() if act.body is not None else b""
+    if act.type == protocol.ACTION_LIST_DATASETS:
+        listing = protocol.ListDatasetsRequest.from_bytes(body)
+        check_text(listing.datasets, "a dataset name in the list-datasets body")
+        return Request("do_action", act.type, listing)
     if act.type not in FLIGHT_SQL_ACTIONS:
         return Request("do_action", act.type, body)
     raw = RAW_ACTION_BODIES.get(act.type)

@@ -168,7 +168,7 @@ class PlainSurface:
         return list(protocol.ACTIONS.items())
 
     def list_datasets(self, call: Call, request: Request) -> Iterator[bytes]:
-        datasets = protocol.ListDatasetsRequest.from_bytes(request.message).datasets
+        datasets = request.message.datasets  # a ListDatasetsRequest (decode.action)
         for dataset in datasets or ():
             self.catalog.grant(call.profile, dataset)
         info = self.catalog.info(call.profile, datasets)

@@ -64,8 +64,63 @@ class _WireUnimplemented(_Unformattable, NotImplementedError):
     pass
 
 
-for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented")):
+# pyarrow's Flight classes as they leave: unformattable too. Every RPC but GetSchema turns a FlightError into
+# its status itself; GetSchema's wrapper (``_get_schema`` in pyarrow's ``_flight.pyx``) has no such ``except``
+# and formats whatever it raises as any Python error - the traceback with the server's file names, under
+# UNKNOWN. These leave GetSchema as UNKNOWN too (its wrapper knows no other code for them), with their own
+# text and their status's name, and no traceback.
+class _WireInternal(_Unformattable, flight.FlightInternalError):
+    pass
+
+
+class _WireTimedOut(_Unformattable, flight.FlightTimedOutError):
+    pass
+
+
+class _WireCancelled(_Unformattable, flight.FlightCancelledError):
+    pass
+
+
+class _WireUnauthenticated(_Unformattable, flight.FlightUnauthenticatedError):
+    pass
+
+
+class _WirePermissionDenied(_Unformattable, flight.FlightUnauthorizedError):
+    pass
+
+
+class _WireUnavailable(_Unformattable, flight.FlightUnavailableError):
+    pass
+
+
+class _WireFailed(_Unformattable, flight.FlightServerError):
+    pass
+
+
+for _cls, _name in ((_WireNotFound, "NotFound"), (_WireInvalid, "InvalidArgument"), (_WireUnimplemented, "Unimplemented"),
+                    (_WireInternal, "Internal"), (_WireTimedOut, "TimedOut"), (_WireCancelled, "Cancelled"),
+                    (_WireUnauthenticated, "Unauthenticated"), (_WirePermissionDenied, "PermissionDenied"),
+                    (_WireUnavailable, "Unavailable"), (_WireFailed, "Failed")):
     _cls.__module__, _cls.__name__, _cls.__qualname__ = "builtins", _name, _name
+
+# most derived first: FlightServerError is the base of Internal, TimedOut and Cancelled
+_FLIGHT_TWINS: tuple[tuple[type[flight.FlightError], type[flight.FlightError]], ...] = (
+    (flight.FlightInternalError, _WireInternal), (flight.FlightTimedOutError, _WireTimedOut),
+    (flight.FlightCancelledError, _WireCancelled), (flight.FlightUnauthenticatedError, _WireUnauthenticated),
+    (flight.FlightUnauthorizedError, _WirePermissionDenied), (flight.FlightUnavailableError, _WireUnavailable),
+    (flight.FlightServerError, _WireFailed),
+)
+_WIRE: tuple[type[BaseException], ...] = (_WireNotFound, _WireInvalid, _WireUnimplemented,
+                                          *(twin for _, twin in _FLIGHT_TWINS))
+
+
+def _unformattable(exc: flight.FlightError) -> BaseException:
+    """A FlightError raised as it is (ours, or a library's) in its unformattable twin: same status, text
+    and extra_info, no traceback on GetSchema."""
+    for cls, twin in _FLIGHT_TWINS:
+        if isinstance(exc, cls):
+            return twin(_text(str(exc)), getattr(exc, "extra_info", b""))
+    return _WireFailed(_text(str(exc)), getattr(exc, "extra_info", b""))
 
 
 def _engine_rejected_query(exc: BaseException) -> bool:
@@ -79,7 +134,8 @@ def _engine_rejected_query(exc: BaseException) -> bool:
                             duckdb.TypeMismatchException, duckdb.NotImplementedException))
 
 def _text(message: str) -> str:
-    text = mask(message)
+    # a lone surrogate (from a JSON "\\ud800" the message echoes) cannot become the status's UTF-8: escaped
+    text = mask(message).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "... (truncated)"
 
 
@@ -102,9 +158,12 @@ def over_memory_limit(upload: bool = True) -> MemoryLimitExceeded:
 
 
 def to_flight_error(exc: BaseException) -> BaseException:
-    """Map any exception raised in a handler to what the client may see."""
-    if isinstance(exc, flight.FlightError):
+    """Map any exception raised in a handler to what the client may see: an exception pyarrow cannot format
+    (no traceback reaches a client, from any RPC), with a text that is UTF-8."""
+    if isinstance(exc, _WIRE):
         return exc
+    if isinstance(exc, flight.FlightError):
+        return _unformattable(exc)
     if isinstance(exc, MemoryError):  # pa.ArrowMemoryError too: the Arrow pool's ceiling (transport/memory.py)
         exc = over_memory_limit(upload=False)
     if isinstance(exc, NotFound):
@@ -116,15 +175,13 @@ def to_flight_error(exc: BaseException) -> BaseException:
     if isinstance(exc, Unsupported):
         return _WireUnimplemented(_text(exc.message))
     if isinstance(exc, Forbidden):
-        return flight.FlightUnauthorizedError(_text(exc.message), _detail(exc))
+        return _WirePermissionDenied(_text(exc.message), _detail(exc))
     if isinstance(exc, Unauthenticated):
-        return flight.FlightUnauthenticatedError(_text(exc.message), _detail(exc))
+        return _WireUnauthenticated(_text(exc.message), _detail(exc))
     if isinstance(exc, Unavailable):
-        return flight.FlightUnavailableError(_text(exc.message), _detail(exc))
+        return _WireUnavailable(_text(exc.message), _detail(exc))
     if isinstance(exc, Cancelled):
-        return flight.FlightCancelledError(_text(exc.message), _detail(exc))
-    if isinstance(exc, (_WireNotFound, _WireInvalid, _WireUnimplemented)):
-        return exc
+        return _WireCancelled(_text(exc.message), _detail(exc))
     log.error("internal error", exc_info=exc)
-    return flight.FlightInternalError("internal server error; see the server log")
+    return _WireInternal("internal server error; see the server log")
 

@@ -5,6 +5,9 @@ A ticket is ``fst1.<payload>.<mac>``, both parts base64url without padding; the 
 the encoded payload with a key derived from the server's signing secret. Clients treat tickets as
 opaque bytes. DoGet accepts a ticket only if the MAC matches, it has not expired, and the caller is
 the user it was issued to; the profile grant is checked again on DoGet as well.
+
+Flight SQL statement tickets are made the same way (:func:`~flight_server.transport.flight_sql.handles.encode_ticket`:
+the statement handle is the command), so they expire and are bound to their caller alike.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from flight_server.domain.errors import Forbidden, InvalidRequest
 PREFIX = b"fst1."
 MAX_TICKET_BYTES = 2 * MAX_COMMAND_BYTES
 _BAD = "ticket is not a valid flight-share ticket; get one from GetFlightInfo"
+
+
+class TicketExpired(Forbidden):
+    """A genuine ticket past its expiry (``expired``: unix seconds)."""
+
+
+class TicketNotYours(Forbidden):
+    """A genuine, current ticket that was issued to another caller."""
 
 
 def _b64(data: bytes) -> bytes:
@@ -58,10 +69,11 @@ class TicketSigner:
         payload = _b64(body.encode("utf-8"))
         return PREFIX + payload + b"." + _b64(self._mac(payload)), float(expires)
 
-    def open(self, ticket: bytes, user: str, now: float | None = None) -> bytes:
-        """The command inside a ticket, if it is genuine, current and this user's."""
-        if len(ticket) > MAX_TICKET_BYTES:
-            raise InvalidRequest(f"ticket is {len(ticket)} bytes; at most {MAX_TICKET_BYTES} allowed")
+    def open(self, ticket: bytes, user: str, now: float | None = None, limit: int = MAX_TICKET_BYTES) -> bytes:
+        """The command inside a ticket, if it is genuine (else :class:`InvalidRequest`), current (else
+        :class:`TicketExpired`) and this user's (else :class:`TicketNotYours`); ``limit``: its largest size."""
+        if len(ticket) > limit:
+            raise InvalidRequest(f"ticket is {len(ticket)} bytes; at most {limit} allowed")
         if not ticket.startswith(PREFIX) or ticket.count(b".") != 2:
             raise InvalidRequest(_BAD)
         payload, _, mac = ticket[len(PREFIX):].partition(b".")
@@ -77,7 +89,7 @@ class TicketSigner:
         except (binascii.Error, ValueError, KeyError, TypeError, AttributeError):
             raise InvalidRequest(_BAD) from None
         if (now if now is not None else time.time()) >= expires:
-            raise Forbidden("ticket has expired; call GetFlightInfo again for a new one")
+            raise TicketExpired("ticket has expired; call GetFlightInfo again for a new one", expired=expires)
         if not hmac.compare_digest(str(owner).encode("utf-8"), user.encode("utf-8")):
-            raise Forbidden("ticket was issued to another caller; call GetFlightInfo for your own")
+            raise TicketNotYours("ticket was issued to another caller; call GetFlightInfo for your own")
         return command

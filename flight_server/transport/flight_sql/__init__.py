@@ -18,7 +18,8 @@ The modules, one job each:
 - ``surface.py``: :class:`FlightSqlSurface`, its parts' routes in one table;
 - ``statements.py``: statements and prepared statements (read-only SELECTs through the SQL sandbox, bound
   parameters, one endpoint per partition of a large table, CancelFlightInfo);
-- ``handles.py``: statement handles - the statement itself, sealed (the server keeps no statement state);
+- ``handles.py``: statement handles and tickets - the statement itself, sealed (the server keeps no statement
+  state); a ticket also signed for its caller and expiring, like a plain DoGet ticket;
 - ``metadata.py``: GetCatalogs, GetDbSchemas, GetTables, GetTableTypes, GetPrimaryKeys, GetXdbcTypeInfo,
   GetSqlInfo;
 - ``sql_info.py``: the SqlInfo values (what the server really does) and their union-typed table;
@@ -29,7 +30,14 @@ The modules, one job each:
 - ``wire.py``: what they share (the handler type, ``pack``, a one-endpoint FlightInfo, no transactions).
 """
 
-from flight_server.transport.flight_sql.handles import MAX_PARTITION_BYTES, Statement, decode_handle, encode_handle
+from flight_server.transport.flight_sql.handles import (
+    MAX_PARTITION_BYTES,
+    Statement,
+    decode_handle,
+    decode_ticket,
+    encode_handle,
+    encode_ticket,
+)
 from flight_server.transport.flight_sql.metadata import (
     CATALOGS_SCHEMA,
     DB_SCHEMAS_SCHEMA,
@@ -72,7 +80,9 @@ __all__ = [
     "Statement",
     "column_metadata",
     "decode_handle",
+    "decode_ticket",
     "encode_handle",
+    "encode_ticket",
     "like",
     "pack",
     "sql_info_table",

@@ -10,11 +10,16 @@ DoGet runs the sandbox again under the caller's profile.
 Large results in parallel: a row-wise statement over one table (:func:`~flight_server.domain.sql.row_wise_table`)
 whose table has several partitions (``Storage.partitions(table, server.sql_endpoint_rows)``) is answered as one
 endpoint per partition, ``ordered=False``, naming the replicas (``server.locations``) round-robin. Each
-endpoint's handle carries the statement and its partition ``{"dataset", "table", "spec"}``, sealed together
-(:func:`~flight_server.transport.flight_sql.handles.encode_handle`), and DoGet runs the statement over that
-partition only; a partition this server did not plan for this statement, or planned for another dataset, is
-refused. Each endpoint is a query of its own under the sandbox's limits. The plain ``sql`` command stays one
-endpoint.
+endpoint's ticket carries the statement and its partition ``{"dataset", "table", "spec"}``, signed together
+like a plain DoGet ticket (:func:`~flight_server.transport.flight_sql.handles.encode_ticket`), and DoGet runs
+the statement over that partition only; a partition this server did not plan for this statement, or planned
+for another dataset, is refused. Each endpoint is a query of its own under the sandbox's limits. The plain
+``sql`` command stays one endpoint.
+
+Statement tickets (one endpoint or many) are the caller's and expire after ``server.ticket_ttl`` seconds
+(their endpoints say when): another caller's, or an expired one, is refused (INVALID_ARGUMENT, "run the query
+again"). Within the ttl a ticket reads a snapshot: a Delta partition reads the files of the table version it
+was planned on, even if the owner replaced the table since; after the ttl nothing of it can be read.
 
 Bound parameters (``?``, ``$1``): ``CreatePreparedStatement`` answers the parameter schema (``$1``...,
 null-typed); ``DoPut(CommandPreparedStatementQuery)`` with a batch of values (one row per execution, at
@@ -66,11 +71,13 @@ from flight_server.transport.flight_sql.handles import (
     a_run_of,
     canonical,
     decode_handle,
+    decode_ticket,
     encode_handle,
+    encode_ticket,
     ipc_stream,
 )
 from flight_server.transport.flight_sql.sessions import SessionActions
-from flight_server.transport.flight_sql.wire import Routes, no_transaction, one_endpoint_info, pack
+from flight_server.transport.flight_sql.wire import Routes, an_endpoint, no_transaction, one_endpoint_info, pack
 from flight_server.transport.session import LastBound
 from flight_server.transport.tickets import TicketSigner
 from flight_server.transport.upload import Uploads
@@ -182,8 +189,8 @@ class Statements:
     def _statement_flight_info(self, call: Call, statement: Statement) -> flight.FlightInfo:
         """GetFlightInfo of a statement: one endpoint, or one per partition of the table a row-wise
         statement reads (each ticket seals the statement with its partition); endpoints name the
-        replicas round-robin, and their order means nothing (``ordered=False``)."""
-        statement = dataclasses.replace(statement, partition=None)  # a ticket's handle sent back: plan anew
+        replicas round-robin, and their order means nothing (``ordered=False``). Each ticket is the caller's
+        and expires (``server.ticket_ttl``), as its endpoint says."""
         storage, checked, values, row_wise = self._prepare(call, statement)
         schema = self.sql.schema(storage, checked, call.cancelled, values, user=call.share_key)
         run = a_run_of(statement)
@@ -193,12 +200,14 @@ class Statements:
         specs = [{"dataset": checked.dataset, "table": row_wise.table, "spec": p.spec} for p in parts] \
             if row_wise is not None else []
         if row_wise is None or len(parts) <= 1 or any(len(canonical(spec)) > MAX_PARTITION_BYTES for spec in specs):
-            ticket = pack(pb.TicketStatementQuery(statement_handle=self._encode(run)))
-            return one_endpoint_info(schema, call.descriptor, ticket)
+            handle, expires = encode_ticket(run, self.signer, call.identity.user)
+            return one_endpoint_info(schema, call.descriptor, pack(pb.TicketStatementQuery(statement_handle=handle)),
+                                     expires)
         locations = self.locations.assign(len(parts))
-        endpoints = [flight.FlightEndpoint(
-            pack(pb.TicketStatementQuery(statement_handle=self._encode(dataclasses.replace(run, partition=spec)))),
-            locations[i]) for i, spec in enumerate(specs)]
+        endpoints = []
+        for i, spec in enumerate(specs):
+            handle, expires = encode_ticket(dataclasses.replace(run, partition=spec), self.signer, call.identity.user)
+            endpoints.append(an_endpoint(pack(pb.TicketStatementQuery(statement_handle=handle)), locations[i], expires))
         # rows are known when nothing filters them (and bound values do not run the query several times);
         # per endpoint they are estimates on some destinations, so no endpoint says its count
         total = sum(p.records for p in parts) if not row_wise.filtered and values is None else -1
@@ -209,7 +218,7 @@ class Statements:
 
     def _statement_get(self, call: Call, request: Request) -> flight.FlightDataStream:
         handle = request.message.statement_handle
-        statement = self._decode(handle)
+        statement = decode_ticket(handle, self.signer, call.identity.user)  # GetFlightInfo's, the caller's, current
         storage, checked, values, row_wise = self._prepare(call, statement)
         partition = None
         if statement.partition is not None:

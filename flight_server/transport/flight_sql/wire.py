@@ -1,5 +1,5 @@
 """What every part of the Flight SQL surface shares: the handler type, a message packed in
-``google.protobuf.Any``, a FlightInfo of one endpoint, and the refusal of transactions."""
+``google.protobuf.Any``, an endpoint and a FlightInfo of one, and the refusal of transactions."""
 
 from __future__ import annotations
 
@@ -27,9 +27,18 @@ def pack(message: Message) -> bytes:
     return wrapped.SerializeToString()
 
 
-def one_endpoint_info(schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes) -> flight.FlightInfo:
-    """A FlightInfo whose one endpoint is ``ticket``, on this server; row and byte counts unknown."""
-    return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+def one_endpoint_info(schema: pa.Schema, descriptor: flight.FlightDescriptor, ticket: bytes,
+                      expires: float | None = None) -> flight.FlightInfo:
+    """A FlightInfo whose one endpoint is ``ticket``, on this server (valid until ``expires``, unix seconds, if
+    given); row and byte counts unknown."""
+    return flight.FlightInfo(schema, descriptor, [an_endpoint(ticket, [], expires)], -1, -1)
+
+
+def an_endpoint(ticket: bytes, locations: list[Any], expires: float | None = None) -> flight.FlightEndpoint:
+    """An endpoint of ``ticket`` at ``locations`` (none: this server), saying its expiry if it has one."""
+    if expires is None:
+        return flight.FlightEndpoint(ticket, locations)
+    return flight.FlightEndpoint(ticket, locations, pa.scalar(int(expires * 1_000_000), pa.timestamp("us", tz="UTC")))
 
 
 def no_transaction(command: Any) -> None:
