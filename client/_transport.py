@@ -101,10 +101,10 @@ class _Renewal(flight.ClientMiddleware):
     def received_headers(self, headers: dict[str, Any]) -> None:
         for value in headers.get(protocol.AUTH_HEADER, ()):
             text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            if text.startswith(protocol.BEARER_PREFIX) and self.connection._token is not None:
+            if text.startswith(protocol.BEARER_PREFIX):
                 token = text.removeprefix(protocol.BEARER_PREFIX)
                 if token != self.connection._token and _token_expiry(token) is not None:
-                    self.connection._adopt(token)
+                    self.connection._adopt(token)  # a login's bearer, or a renewal
 
 
 def _is_loopback(host: str) -> bool:
@@ -141,9 +141,14 @@ class Connection:
         :data:`LOGIN_PATIENCE_SECONDS`: a team's notebooks started together all get in."""
         if self._username is not None or self._password is not None:
             deadline, pause = time.monotonic() + LOGIN_PATIENCE_SECONDS, 0.1
+            # Basic credentials on an ordinary call, not the Handshake: there the server knows the caller's
+            # address, so guessing from elsewhere neither throttles nor queues this login (the server's
+            # transport/logins.py); the bearer comes back in the answer's headers (adopted by _Renewals)
+            basic = base64.b64encode(f"{self._username or ''}:{self._password or ''}".encode()).decode()
+            login = flight.FlightCallOptions(headers=[(protocol.AUTH_HEADER.encode(), f"Basic {basic}".encode())])
             while True:
                 try:
-                    _, value = self.client.authenticate_basic_token(self._username or "", self._password or "")
+                    list(self.client.do_action(flight.Action(protocol.ACTION_LIST_DATASETS, b""), login))
                     break
                 except (flight.FlightError, pa.ArrowException, OSError) as exc:
                     error = translate(exc)
@@ -160,7 +165,8 @@ class Connection:
                     raise ServerUnavailableError(
                         f"cannot log in to {self.url}: {getattr(error, 'message', exc)} (is the address right, "
                         "and for grpc+tls:// does tls_root_certs name the server's CA?)") from None
-            self._adopt(value.decode().removeprefix(protocol.BEARER_PREFIX))
+            if self._token is None:  # no bearer: the anonymous profile (empty user name and password)
+                self.options = flight.FlightCallOptions()
         elif self._token is not None:
             self._adopt(self._token)
 

@@ -1,28 +1,35 @@
-"""Password checks under load and under attack: a cap on checks at once, and failed logins slowed down.
+"""Password checks under load and under attack: a fair cap on checks at once, and failed logins slowed down.
 
 A password check (scrypt) takes tens of milliseconds and 16 MiB or more. :class:`LoginGuard` runs at most
-``server.logins.concurrent`` of them at once (default: half the cores); a login that cannot start one
-within :data:`WAIT_SECONDS`, or finds :data:`WAITING_PER_SLOT` callers per check already waiting, is
-UNAVAILABLE "busy" at once, without any work.
+``server.logins.concurrent`` of them at once (default: half the cores). The check slots are shared fairly
+by *source* - the caller's address (an IPv6 address by its /64), or one source for all Handshake logins,
+whose address pyarrow does not give (below) - round-robin between sources, so one source's flood of logins
+only queues behind itself (:class:`~flight_server.domain.fair.FairShare`). A login that cannot start a
+check within :data:`WAIT_SECONDS`, or finds :data:`WAITING_PER_SLOT` of its source's logins per slot
+already waiting, is UNAVAILABLE "busy" without any work.
 
-Failed logins are counted per peer address (an IPv6 address by its /64) and per user name tried (whether
-or not the user exists), each count halving every :data:`PEER_HALF_LIFE` / :data:`USER_HALF_LIFE`
-seconds. A login whose address has ``peer_failures`` or whose name has ``user_failures`` recent failures
-is UNAVAILABLE "too many failed logins ...; retry in N s", checked against nothing. The penalty is
-bounded: a throttled attempt from an address counts against that address (hammering keeps it throttled,
-at most about one half-life), never against the user name, so the user's throttle lasts seconds once
-the guessing stops - an attacker cannot lock a real user out for long. A login that succeeds takes back
-its own count. Both tables keep at most :data:`MAX_KEYS` entries (least recently used go first).
+A login for a user name the project does not have takes its turn and its slot like any other, but holds
+the slot only as long as recent real checks took, without scrypt's work or memory: it answers as a
+wrong password does, in the same time, also under load - so neither its timing nor a "busy" tells
+whether a name exists (review of issue 22, R2).
 
-A login for a user name the project does not have checks no password: it takes no check slot and no CPU,
-and waits as long as a recent real check took (:meth:`LoginGuard.check`, ``known=False``), so its answer
-is as slow as a wrong password's. A spray of made-up names from a caller without credentials therefore
-cannot keep the real users' checks waiting (review of issue 22, F1: one attacker's random names let 1 of 10
-of alice's correct logins through); at most :data:`PRETENDING` such waits run at once, beyond them "busy".
+Failed logins are counted per address (``peer_failures``) and per user name *and source*
+(``user_failures``), each count halving every :data:`PEER_HALF_LIFE` / :data:`USER_HALF_LIFE` seconds,
+and per user name over all sources (``user_failures`` x :data:`SOURCES_PER_NAME`). A login over a limit is
+UNAVAILABLE "too many failed logins ...; retry in N s", checked against nothing; a login that succeeds takes
+back its own count; a login is counted as its check starts, not as it queues (correct logins waiting together
+are not guesses in flight). So guessing a user's password from one address throttles that user's logins
+from that address (and the address itself: a refused attempt counts against its address, never against a
+name), not the user's logins from elsewhere - an attacker cannot lock a real user out by guessing (review
+of issue 22, R1: two threads of wrong passwords kept alice out for as long as they ran). Only guessing from
+many addresses at once reaches the limit over all sources. Each table keeps at most :data:`MAX_KEYS`
+entries (least recently used go first).
 
 pyarrow's Python API does not tell the Handshake who the peer is (``ServerCallContext`` reaches only the
-handlers; `apache/arrow#35442` gave it to C++ middleware only): a Handshake login is throttled by user
-name and capped, a Basic login on any other call by its address too.
+handlers; `apache/arrow#35442` gave it to C++ middleware only): all Handshake logins are one source, which
+a flood of Handshakes can keep busy or throttle for a user name. The Python client therefore logs in with
+Basic credentials on an ordinary call, where the address is known; Handshake clients (ADBC) share the
+Handshake source.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from collections.abc import Callable, Iterator
 
 from flight_server.domain.config import LoginLimits
 from flight_server.domain.errors import Unauthenticated, Unavailable
+from flight_server.domain.fair import FairShare
 
 WAIT_SECONDS = 5.0  # how long a login waits for a free check before it is told "busy"
 # callers allowed to wait, per concurrent check: a waiting login holds a thread, not scrypt's memory, so a
 # team's notebooks started together queue rather than fail (F4: 7 of 16 correct logins were refused)
 WAITING_PER_SLOT = 32
-PRETENDING = 256  # logins for unknown names waiting out a check's time at once (each holds a thread)
+SOURCES_PER_NAME = 5  # a user name's limit over all sources, in multiples of user_failures
+HANDSHAKE = "(handshake)"  # the source of every Handshake login (pyarrow gives it no address)
 PEER_HALF_LIFE = 60.0  # seconds in which an address's failure count halves
 USER_HALF_LIFE = 15.0  # ... and a user name's: short, so an attacker cannot keep a user locked out long
 MAX_KEYS = 10_000  # addresses / user names remembered (each table)
@@ -118,39 +127,16 @@ class FailureCounts:
 
 
 class LoginGuard:
-    """Admits password checks: throttled per peer and user name, at most ``concurrent`` at once."""
+    """Admits password checks: fair by source, throttled per address and per user name and source."""
 
     def __init__(self, limits: LoginLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self.slots = limits.concurrent or max(1, (os.cpu_count() or 2) // 2)
-        self._checks = threading.BoundedSemaphore(self.slots)
-        self._waiting, self._waiting_lock = 0, threading.Lock()
+        self._checks = FairShare(self.slots, self.slots, WAITING_PER_SLOT * self.slots, "login check",
+                                 "server.logins.concurrent", "login checks")
         self.peers = FailureCounts(limits.peer_failures, PEER_HALF_LIFE, clock=clock)
-        self.users = FailureCounts(limits.user_failures, USER_HALF_LIFE, clock=clock)
+        self.users = FailureCounts(limits.user_failures, USER_HALF_LIFE, clock=clock)  # "name\0source"
+        self.names = FailureCounts(limits.user_failures * SOURCES_PER_NAME, USER_HALF_LIFE, clock=clock)
         self._check_seconds: float | None = None  # a moving average of real checks' time (None: none yet)
-        self._pretending = 0
-
-    def _acquire(self) -> bool:
-        with self._waiting_lock:
-            if self._waiting >= WAITING_PER_SLOT * self.slots:
-                return False
-            self._waiting += 1
-        try:
-            return self._checks.acquire(timeout=WAIT_SECONDS)
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-
-    def _pretend(self) -> None:
-        """Wait as long as a real check takes, holding no check slot (for a user name nobody has)."""
-        with self._waiting_lock:
-            if self._pretending >= PRETENDING:
-                raise Unavailable(BUSY, limit="server.logins.concurrent")
-            self._pretending += 1
-        try:
-            _sleep((self._check_seconds or 0.0) * random.uniform(0.9, 1.1))
-        finally:
-            with self._waiting_lock:
-                self._pretending -= 1
 
     @contextlib.contextmanager
     def check(self, user: str, peer: str | None, known: bool = True) -> Iterator[bool]:
@@ -158,56 +144,54 @@ class LoginGuard:
         :class:`Unauthenticated` raised inside counts as a failure, anything else does not.
 
         Yields whether to run the check: False for a user name that is not ``known`` once a real check's
-        time is known - the caller refuses it without work, after as long a wait (see the module's docstring).
+        time is known - the caller refuses it without work, having held the slot as long as a check takes.
         """
         address, name = peer_key(peer), user[:128]
-        self._throttle(address, name, look=True)  # what is throttled already is refused before it queues
-        counted = False
-        failed = False
+        source = address or HANDSHAKE
+        self._throttle(address, name, source, look=True)  # what is throttled already is refused before it queues
         try:
-            if not known and self._check_seconds is not None:
-                self._throttle(address, name)
-                counted = True
-                self._pretend()
-                try:
-                    yield False
-                except Unauthenticated:
-                    failed = True
-                    raise
-                return
-            if not self._acquire():
-                raise Unavailable(BUSY, limit="server.logins.concurrent")
-            started = None
-            try:
-                # counted as it runs, not as it queues: correct logins waiting together are not guesses in
-                # flight (41 at once tripped the user name's throttle with none failed)
-                self._throttle(address, name)
-                counted, started = True, time.monotonic()
-                yield True
-            except Unauthenticated:
-                failed = True
-                raise
-            finally:
-                if started is not None:
-                    took = time.monotonic() - started
-                    self._check_seconds = took if self._check_seconds is None else 0.8 * self._check_seconds + 0.2 * took
-                self._checks.release()
+            self._checks.acquire(source, WAIT_SECONDS)
+        except Unavailable:
+            raise Unavailable(BUSY, limit="server.logins.concurrent") from None
+        counted = failed = False
+        real = known or self._check_seconds is None
+        started: float | None = None
+        try:
+            self._throttle(address, name, source)
+            counted, started = True, time.monotonic()
+            if not real:
+                _sleep(self._check_seconds * random.uniform(0.9, 1.1))  # type: ignore[operator]
+            yield real
+        except Unauthenticated:
+            failed = True
+            raise
         finally:
+            if real and started is not None:
+                took = time.monotonic() - started
+                self._check_seconds = took if self._check_seconds is None else 0.8 * self._check_seconds + 0.2 * took
+            self._checks.release(source)
             if counted and not failed:
-                self.users.give_back(name)
+                self.users.give_back(f"{name}\0{source}")
+                self.names.give_back(name)
                 if address is not None:
                     self.peers.give_back(address)
 
-    def _throttle(self, address: str | None, name: str, look: bool = False) -> None:
-        """Count an attempt against its address and user name (``look``: only refuse what is throttled)."""
+    def _throttle(self, address: str | None, name: str, source: str, look: bool = False) -> None:
+        """Count an attempt against its address, its user name and source, and its user name (``look``: only
+        refuse what is throttled; a refusal still counts against the address)."""
         if address is not None:
             wait = self.peers.take(address, count_refusal=True, look=look)
             if wait is not None:
                 raise Unavailable(f"too many failed logins from this address; retry in {wait:.0f} s",
                                   retry_after=wait, limit="server.logins.peer_failures")
-        wait = self.users.take(name, look=look)
+        key = f"{name}\0{source}"
+        wait = self.users.take(key, look=look)
+        if wait is None:
+            wait = self.names.take(name, look=look)
+            if wait is not None and not look:
+                self.users.give_back(key)
         if wait is not None:
-            if address is not None and not look:
-                self.peers.give_back(address)
+            if address is not None and look:
+                self.peers.take(address, count_refusal=True)  # a refused attempt counts against its address
             raise Unavailable(f"too many failed logins for this user name; retry in {wait:.0f} s",
                               retry_after=wait, limit="server.logins.user_failures")
