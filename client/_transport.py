@@ -333,32 +333,40 @@ class Connection:
         """Stream batches with DoPut; a contract violation raises PipelineStepFailed like dlt.
 
         The upload ends with the protocol's commit marker: if the data source fails half way, the
-        stream ends without it and the server stores nothing.
+        stream ends without it and the server stores nothing. A connection lost (or never made) raises
+        :class:`ServerUnavailableError` in our words (:func:`lost_connection`), with the fields ``save_id``
+        and ``may_be_stored``: False while the upload was not wholly sent (the server stores nothing
+        without its end), True once it was (the server may have stored it, or finish it at its restart).
         """
         command = replace(command, commit_marker=True)
         descriptor = flight.FlightDescriptor.for_command(protocol.encode_command(command))
+        uploaded = False  # every batch, the commit marker and the end of the stream went out
         try:
             with _errors(**_context(command)):
-                writer, results = self.client.do_put(descriptor, reader.schema, self._fresh())
                 try:
-                    for batch in _source(reader):
-                        writer.write_batch(batch)
-                    writer.write_metadata(pa.py_buffer(protocol.COMMIT_METADATA))
-                    writer.done_writing()
-                    answer = results.read()
-                except _SourceFailed:
-                    with contextlib.suppress(flight.FlightError, pa.ArrowException):
-                        writer.close()  # no commit marker went out: the server stores nothing
+                    writer, results = self.client.do_put(descriptor, reader.schema, self._fresh())
+                    try:
+                        for batch in _source(reader):
+                            writer.write_batch(batch)
+                        writer.write_metadata(pa.py_buffer(protocol.COMMIT_METADATA))
+                        writer.done_writing()
+                        uploaded = True
+                        answer = results.read()
+                    except _SourceFailed:
+                        with contextlib.suppress(flight.FlightError, pa.ArrowException):
+                            writer.close()  # no commit marker went out: the server stores nothing
+                        raise
+                    writer.close()
+                except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                    if _connection_lost(exc):
+                        raise _Lost() from None
                     raise
-                writer.close()
         except _SourceFailed as failed:
             raise failed.__cause__ from None  # type: ignore[misc]
-        except ServerUnavailableError as exc:
-            if not any(mark in exc.message for mark in _HUNG_UP):
-                raise
-            # the server ends an upload that leaves it waiting (it can only hang up: the status it sets
-            # cannot reach a client that is not reading); say so instead of gRPC's "Socket closed"
-            raise ServerUnavailableError(_HUNG_UP_MESSAGE, **{**exc.fields, **_context(command)}) from None
+        except _Lost:
+            # gRPC's own words ("Socket closed", "failed to connect to all addresses ...") say nothing
+            # the user can act on: say whether the save may be stored, and how to retry it safely
+            raise lost_connection(self.url, command.save_id, uploaded, **_context(command)) from None
         except DataValidationError as exc:
             raise PipelineStepFailed.wrapping(exc, exc.fields.get("step", "extract"), exc.fields.get("load_id")) from exc
         return LoadInfo.from_json(protocol.PutResult.from_bytes(answer.to_pybytes() if answer is not None else None).load_info)
@@ -371,10 +379,38 @@ class Connection:
 
 #: gRPC's words for a connection the server closed while a call was open
 _HUNG_UP = ("Socket closed", "Stream removed", "Connection reset")
-_HUNG_UP_MESSAGE = ("the server closed the connection while the save was uploading, so nothing was saved: it ends an "
-                    "upload that sends nothing for server.upload_idle_seconds (send the data as it is read, or "
-                    "read it into a table first), or the server restarted; a retry with the same save_id is "
-                    "stored once")
+
+
+class _Lost(Exception):
+    """The connection to the server was lost, or could not be made, during a put."""
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """True for a failure of the connection itself - UNAVAILABLE without the server's error detail (the
+    server's own UNAVAILABLE statuses always carry one), or gRPC's words for a closed stream - and not for
+    a status the server sent."""
+    if protocol.ErrorDetail.from_bytes(getattr(exc, "extra_info", None)) is not None:
+        return False
+    return isinstance(exc, flight.FlightUnavailableError) or any(mark in str(exc) for mark in _HUNG_UP)
+
+
+def lost_connection(url: str, save_id: str | None, uploaded: bool, **fields: Any) -> ServerUnavailableError:
+    """The error for a save whose connection was lost: before the upload was wholly sent nothing was saved
+    (the server stores an upload only once its end arrived); after, the save may be stored - the server may
+    have stored it before it went away, or finishes it when it starts again - and only a retry with the
+    same ``save_id`` is safe."""
+    again = f"save_id={save_id!r}" if save_id else "the same save_id"
+    if not uploaded:
+        text = (f"the server at {url} closed the connection (or could not be reached) while the save was uploading, "
+                "so nothing was saved: it ends an upload that sends nothing for server.upload_idle_seconds (send "
+                "the data as it is read, or read it into a table first), or it stopped or restarted; a retry with "
+                f"{again} is stored once")
+    else:
+        text = (f"the connection to the server at {url} was lost after the save was uploaded, before the server "
+                "answered, so the save may have been stored (a save the server had begun to load is finished when "
+                f"it starts again): retry only with {again} (the error's save_id), which stores it once and answers "
+                "as the first time if it was stored; a save with a new id could store the rows twice")
+    return ServerUnavailableError(text, **fields, save_id=save_id, may_be_stored=uploaded)
 
 
 class _SourceFailed(Exception):

@@ -318,12 +318,15 @@ class Dataset:
         stored primary key, any other table (and a new one) appends. ``merge`` without ``primary_key``
         uses the stored key.
 
-        Each call sends a ``save_id`` (a fresh one unless given): the server stores a save once per id, so
-        a save whose answer was lost (the connection or the server went away: ``ServerUnavailableError``,
-        whose ``save_id`` field names it) may be sent again with the same ``save_id`` and is not stored
-        twice. Data that can be sent again (a table, a DataFrame, record batches) is retried once by
-        itself after a lost connection, with the same id, and after a refusal because another save changed
-        the same table at the same moment (nothing of it was written; it is checked again)."""
+        Each call sends a ``save_id`` (a fresh one unless given): the server stores a save once per id and
+        user, so a save whose answer was lost (the connection or the server went away:
+        ``ServerUnavailableError``, whose ``save_id`` field names it and whose ``may_be_stored`` field says
+        whether the upload was wholly sent) may be sent again with the same ``save_id`` and is not stored
+        twice. An id reused for a different save (another write disposition, primary key, columns or row
+        count) is refused with ``InvalidRequestError``. Data that can be sent again (a table, a DataFrame,
+        record batches) is retried once by itself after a lost connection, with the same id, and after a
+        refusal because another save changed the same table at the same moment (nothing of it was written;
+        it is checked again)."""
         keys = (primary_key,) if isinstance(primary_key, str) else tuple(primary_key or ())
         command = WriteCommand(self.name, table_name, write_disposition, keys,  # type: ignore[arg-type]
                                save_id=save_id or uuid.uuid4().hex)
@@ -333,6 +336,7 @@ class Dataset:
             raise InvalidRequestError(str(exc), dataset=self.name, table=table_name) from None
         replayable = isinstance(data, (pa.Table, pa.RecordBatch, list, tuple)) or \
             type(data).__module__.startswith(("pandas", "polars"))  # a reader or stream is read once
+        earlier: ServerUnavailableError | None = None  # the first attempt's error, when it is retried
         for attempt in (1, 2):
             try:
                 info = self._connection.put(command, as_reader(data))
@@ -340,11 +344,18 @@ class Dataset:
             except ServerUnavailableError as exc:
                 exc.fields.setdefault("save_id", command.save_id)
                 exc.save_id = command.save_id  # type: ignore[attr-defined]
+                if earlier is not None and earlier.fields.get("may_be_stored"):
+                    # the first attempt may be stored: that is what the user must hear, not the resend's fate
+                    resend = ("could not reach the server either" if "may_be_stored" in exc.fields
+                              else f"failed too: {exc.message}")
+                    raise ServerUnavailableError(f"{earlier.message} (a resend with this save_id {resend})",
+                                                 **earlier.fields) from None
                 # a lost connection may have stored it (the same id makes that safe); a save refused because
                 # another changed the same table at the same time stored nothing and is checked anew
                 conflict = exc.fields.get("retry") == "conflict"
                 if attempt == 2 or not replayable or ("nothing was written" in exc.message and not conflict):
                     raise
+                earlier = exc
         self.refresh()
         return info
 

@@ -15,6 +15,8 @@ class LoadInfo:
     destination_name: str
     destination_type: str
     dataset_name: str
+    # the destination's name from the project file, as ``destination_name`` (servers before 2026-12 sent its
+    # address: a connection string without its password, or the server's file path)
     location: str
     table_name: str
     load_ids: tuple[str, ...]
@@ -46,7 +48,7 @@ class LoadInfo:
             f"Pipeline {self.pipeline_name} load step completed in {self.load_seconds:.2f} seconds",
             f"{len(self.load_ids)} load package(s) were loaded to destination {self.destination_name} "
             f"and into dataset {self.dataset_name}",
-            f"The {self.destination_name} destination used {self.location} location to store data",
+            f"The {self.destination_type} destination '{self.destination_name}' stored the data",
         ]
         for load_id in self.load_ids:
             state = "contains no failed jobs" if not self.failed_jobs else f"contains {self.failed_jobs} failed job(s)"

@@ -11,7 +11,9 @@ each point of a save's load step, on every destination kind the save tests use:
 
 After the restart the save is either wholly there - its rows AND its ``_dlt_loads`` record - or not there at
 all; the owner's rows are untouched; and the client's retry with the same ``save_id`` (what ``Dataset.save``
-sends on its own) stores the rows exactly once.
+sends on its own) stores the rows exactly once. The client, whose connection was lost after the upload, is told
+that the save may have been stored and which id to retry with (review 22, F3); a retry with that id but other
+rows is refused (the journal keeps the request's fingerprint across the crash, F6).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pytest
 
 from client import connect
-from client.errors import FlightShareError
+from client.errors import FlightShareError, InvalidRequestError, ServerUnavailableError
 from flight_server.domain import faults
 from flight_server.testing.servers import ServerProcess, environment
 from tests.test_owner_data import DATASET, Owner, make_owner
@@ -79,16 +81,30 @@ def _owner_rows(state: dict[str, Any]) -> list[tuple[int, str]]:
     return sorted((r["id"], r["v"]) for r in state["rows"] if r["v"].startswith("owner"))
 
 
+def _told_it_may_be_stored(error: ServerUnavailableError, save_id: str) -> None:
+    """Regression (review 22, F3): a client whose server died in the save's load step was told "the server
+    closed the connection while the save was uploading, so nothing was saved" (the save was finished at the
+    restart), or - after its own resend of a table hit the dead server - gRPC's "failed to connect to all
+    addresses ... gRPC client debug context ...". It is told the save may be stored, and the id to retry with."""
+    text = str(error)
+    assert error.fields["may_be_stored"] is True and error.fields["save_id"] == save_id, error.fields
+    assert "the save may have been stored" in text and f"retry only with save_id={save_id!r}" in text, text
+    assert "nothing was saved" not in text and "gRPC" not in text and "failed to connect" not in text, text
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_a_save_killed_at_any_point_is_whole_or_absent_after_restart_and_its_retry_stores_it_once(
         owner: Owner, point: str, tmp_path: Path) -> None:
     table = _table(point)
     upload = pa.table({"id": list(range(100, 100 + ROWS)), "v": [f"saved {i}" for i in range(ROWS)]})
+    # a table is sent again by the client on its own (to the dead server); a reader is read once, not resent
+    data = upload if point != "loaded" else pa.RecordBatchReader.from_batches(upload.schema, upload.to_batches(1000))
     before = _state(owner, table)
     with ServerProcess(owner.project, env={**owner.env, faults.VARIABLE: f"{point}:kill"}) as server:
-        with pytest.raises(FlightShareError):  # the server died under the call
-            connect(server.url)[DATASET].save(upload, table_name=table, save_id=f"crash-{point}")
+        with pytest.raises(ServerUnavailableError) as lost:  # the server died under the call
+            connect(server.url)[DATASET].save(data, table_name=table, save_id=f"crash-{point}")
         assert server.proc.wait(60) == -9, server.output()
+    _told_it_may_be_stored(lost.value, f"crash-{point}")
     crashed = _state(owner, table)
     print(f"\n{owner.kind} {point} after the kill: save rows by load id "
           f"{ {k: n for k, n in crashed['by_load'].items() if k not in before['by_load']} }, "
@@ -102,6 +118,8 @@ def test_a_save_killed_at_any_point_is_whole_or_absent_after_restart_and_its_ret
         assert set(new) <= recovered["recorded"], "a save's rows without their _dlt_loads record"
         print(f"{owner.kind} {point} after the restart: {new}, recorded: {sorted(set(new) & recovered['recorded'])}")
 
+        with pytest.raises(InvalidRequestError, match=f"save_id crash-{point} was already used for a different save"):
+            connect(server.url)[DATASET].save(upload.slice(0, 10), table_name=table, save_id=f"crash-{point}")
         info = connect(server.url)[DATASET].save(upload, table_name=table, save_id=f"crash-{point}")  # the retry
         assert info.rows == ROWS
         after = _state(owner, table)

@@ -229,7 +229,9 @@ def test_the_seed_workflow(dest: Destination) -> None:
     lines = str(info).splitlines()
     assert lines[0].startswith("Pipeline save_aggregated_issues_pipeline load step completed in ")
     assert lines[1] == "1 load package(s) were loaded to destination store and into dataset reports_dataset"
-    assert lines[2] == f"The store destination used {catalog.reports_dataset.info.location} location to store data"
+    # the destination by its name, never its address (review 22, F7: "postgres://loader:***@127.0.0.1:...")
+    assert lines[2] == f"The {info.destination_type} destination 'store' stored the data"
+    assert info.location == "store" and catalog.reports_dataset.info.location not in str(info.to_json())
     assert lines[3] == f"Load package {info.load_ids[0]} is LOADED and contains no failed jobs"
     assert info.rows == len(reports_df)
     stored = catalog.reports_dataset.aggregated_issues.df().sort_values("payload__action")

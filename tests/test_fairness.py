@@ -251,8 +251,26 @@ def test_a_save_whose_source_stalls_is_told_why_it_ended(fair: ServerProcess) ->
         assert "server.upload_idle_seconds" in str(raised.value) and "nothing was saved" in str(raised.value)
         assert "Socket closed" not in str(raised.value)
         save_id = raised.value.fields["save_id"]
+        assert raised.value.fields["may_be_stored"] is False and f"save_id={save_id!r}" in str(raised.value)
         assert catalog[REPORTS].save(pa.table({"id": [1, 2, 3]}), "stalled_source", save_id=save_id).rows == 3
         assert catalog[REPORTS]["stalled_source"].arrow().column("id").to_pylist() == [1, 2, 3]
+
+
+def test_a_save_id_is_each_callers_own(fair: ServerProcess) -> None:
+    """Regression (review 22, F6): a save id was one per profile, so natural ids collided - ben's save and an
+    anonymous caller's with the id ann had used ("daily-2026-12-06") were answered with ann's LoadInfo and
+    nothing of them was stored. Each caller's id is its own; ann's retry still answers as her first save."""
+    table, save_id = "daily_by_caller", "daily-2026-12-06"
+    with connect(fair.url, token=TOKENS["ann"]) as ann, connect(fair.url, token=TOKENS["ben"]) as ben, \
+            connect(fair.url) as anonymous:
+        first = ann[REPORTS].save(pa.table({"who": ["ann"] * 3}), table, save_id=save_id)
+        bens = ben[REPORTS].save(pa.table({"who": ["ben"] * 5}), table, save_id=save_id)
+        anonymous_one = anonymous[REPORTS].save(pa.table({"who": ["anonymous"] * 2}), table, save_id=save_id)
+        assert len({first.load_ids, bens.load_ids, anonymous_one.load_ids}) == 3
+        assert (bens.rows, anonymous_one.rows) == (5, 2)
+        assert ann[REPORTS].save(pa.table({"who": ["ann"] * 3}), table, save_id=save_id).load_ids == first.load_ids
+        stored = ann[REPORTS].refresh()[table].arrow().column("who").to_pylist()
+        assert sorted(stored) == ["ann"] * 3 + ["anonymous"] * 2 + ["ben"] * 5
 
 
 def test_upload_folders_left_by_a_crash_are_removed_at_start(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -93,7 +94,9 @@ def test_the_seed_workflow(ws: WriteServer) -> None:
     assert lines[0].startswith("Pipeline save_aggregated_issues_pipeline load step completed in ")
     assert lines[0].endswith(" seconds")
     assert lines[1] == "1 load package(s) were loaded to destination warehouse and into dataset reports_dataset"
-    assert lines[2] == f"The warehouse destination used duckdb:///{str(ws.data / 'warehouse.duckdb').lstrip('/')} location to store data"
+    # the destination by its name, never its address (the server's file path, a connection string)
+    assert lines[2] == "The duckdb destination 'warehouse' stored the data"
+    assert info.location == "warehouse" and str(ws.data) not in json.dumps(info.to_json())
     assert lines[3] == f"Load package {info.load_ids[0]} is LOADED and contains no failed jobs"
     assert info.rows == len(reports_df)
     assert str(catalog.reports_dataset).splitlines() == ["Dataset reports_dataset tables in logical schema out_source@v2", "aggregated_issues"]
@@ -298,9 +301,21 @@ def test_reads_never_wait_on_saves_and_see_the_last_committed_data(loaded_projec
         ws.proc.stop()
 
 
-def test_a_save_sent_again_with_its_save_id_is_stored_once(ws: WriteServer) -> None:
+# a save id reused for a different save, and what the refusal names
+CHANGES: list[tuple[dict[str, Any], str]] = [
+    ({"write_disposition": "replace"}, "write disposition"),
+    ({"write_disposition": "merge", "primary_key": "i"}, "write disposition and primary key"),
+    ({"data": pa.table({"i": [1, 2, 3], "j": ["a", "b", "c"]})}, "columns"),
+    ({"data": pa.table({"i": [9]})}, "row count"),
+]
+
+
+def test_a_save_sent_again_with_its_save_id_is_stored_once_and_a_different_one_is_refused(ws: WriteServer) -> None:
     """Issue 22 §4: a client whose answer was lost sends the save again with the same save id; the server
-    answers as the first time and stores nothing more. The same id for another table is another save."""
+    answers as the first time and stores nothing more. The same id for another table is another save.
+    Regression (review 22, F6): the same id sent with another write disposition, key, columns or row count was
+    answered with the first save's LoadInfo ("LOADED") and nothing of it was stored; it is refused
+    (INVALID_ARGUMENT, naming what differs) and stores nothing."""
     rows = pa.table({"i": [1, 2, 3]})
     dataset = connect(ws.url).open_dataset
     first = dataset.save(rows, table_name="once", save_id="abc-1")
@@ -309,6 +324,14 @@ def test_a_save_sent_again_with_its_save_id_is_stored_once(ws: WriteServer) -> N
     assert connect(ws.url).open_dataset.once.arrow().num_rows == 3
     other = dataset.save(rows, table_name="twice", save_id="abc-1")
     assert other.load_ids != first.load_ids and connect(ws.url).open_dataset.twice.arrow().num_rows == 3
+    for change, differs in CHANGES:
+        with pytest.raises(InvalidRequestError) as refused:
+            dataset.save(**{"data": rows, "table_name": "once", "save_id": "abc-1", **change})
+        assert str(refused.value).startswith(
+            f"save_id abc-1 was already used for a different save to 'open_dataset.once' (another {differs}); "
+            "choose a new id; nothing was written"), change
+    assert connect(ws.url).open_dataset.once.arrow().column("i").to_pylist() == [1, 2, 3]
+    assert dataset.save(rows, table_name="once", save_id="abc-1").load_ids == first.load_ids  # still the same
     dataset.save(rows, table_name="once")  # a new save (a fresh id)
     assert connect(ws.url).open_dataset.once.arrow().num_rows == 6
     with pytest.raises(InvalidRequestError, match="save_id"):

@@ -11,10 +11,14 @@ and the schema it was checked against; once answered, the entry holds the answer
 finished with dlt's own resume - a package loaded half way is loaded again from where it stopped: jobs
 done are skipped, the ``_dlt_loads`` record is written - so the save is wholly there, never half.
 
-Entries are keyed by the client's ``save_id`` (with the profile, dataset and table): a save sent again with
-the same id gets the first answer and stores nothing. Answered entries are kept :data:`KEEP_SECONDS` (a
-client retries within minutes), at most :data:`KEEP_ENTRIES`, holding the answer only; a save sent without
-an id (plain pyarrow, Flight SQL ingest) is forgotten once answered.
+Entries are keyed by the client's ``save_id`` with the caller (its user; an anonymous caller by its
+fair-share key), profile, dataset and table: natural ids ("daily-2026-12-06") chosen by two users are two
+saves. A save sent again by the same caller with the same id gets the first answer and stores nothing - if it
+is the same request: the entry carries the request's fingerprint (:func:`fingerprint`: write disposition,
+primary key, the upload's Arrow schema; its row count is the entry's ``rows``), and a reused id whose request
+differs is refused rather than answered as done (the writer's ``SaveIdReused``). Answered entries are kept
+:data:`KEEP_SECONDS` (a client retries within minutes), at most :data:`KEEP_ENTRIES`, holding the answer only;
+a save sent without an id (plain pyarrow, Flight SQL ingest) is forgotten once answered.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 log = logging.getLogger("flight_share.saves")
 
@@ -58,6 +64,8 @@ class Entry:
     rows: int
     bytes: int
     answer: dict[str, Any] | None = None  # the LoadInfo answered (JSON); None while unfinished
+    # what the client asked for (fingerprint()); None in entries written before it was kept
+    request: dict[str, Any] | None = None
     attempts: int = 0  # recoveries tried
     at: float = field(default_factory=time.time)
     process: list[Any] = field(default_factory=lambda: list(this_process()))  # who runs it: host, pid, start
@@ -93,6 +101,29 @@ def running_elsewhere(entry: Entry) -> bool:
     return bool(_started(int(pid)) == started)
 
 
+def fingerprint(write_disposition: str | None, primary_key: Sequence[str], schema: pa.Schema) -> dict[str, Any]:
+    """What a save asked for, known before any row is read: the write disposition and primary key as sent,
+    and a hash of the upload's Arrow schema (names, types, nullability; no metadata). The row count is
+    compared once the upload was read (``Entry.rows``)."""
+    fields = [[f.name, str(f.type), f.nullable] for f in schema]
+    return {"write_disposition": write_disposition, "primary_key": list(primary_key),
+            "schema": hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]}
+
+
+_PARTS = {"write_disposition": "write disposition", "primary_key": "primary key", "schema": "columns"}
+
+
+def differences(entry: Entry, request: dict[str, Any], rows: int | None = None) -> list[str]:
+    """What of ``request`` (and its row count, once read) differs from the save ``entry`` recorded; empty for
+    the same save, or for an entry that recorded no request."""
+    if entry.request is None:
+        return []
+    differ = [_PARTS[k] for k in _PARTS if entry.request.get(k) != request.get(k)]
+    if rows is not None and rows != entry.rows:
+        differ.append("row count")
+    return differ
+
+
 class SaveJournal:
     """Entries as one JSON file each under ``root`` (the server's data folder)."""
 
@@ -101,12 +132,13 @@ class SaveJournal:
         self._lock = threading.Lock()  # short: file names and renames only (writer.py, lock rank 3)
 
     @staticmethod
-    def key(profile: str, dataset: str, table: str, save_id: str | None) -> str:
-        """The entry's key: the client's id within its profile, dataset and table (another profile cannot
-        reach the answer; an id reused for another table is another save), or a fresh one without an id."""
+    def key(user: str, profile: str, dataset: str, table: str, save_id: str | None) -> str:
+        """The entry's key: the client's id within its caller, profile, dataset and table (another user or
+        profile cannot reach the answer; an id reused for another table is another save), or a fresh one
+        without an id."""
         if not save_id:
             return uuid.uuid4().hex
-        return hashlib.sha256(json.dumps([profile, dataset, table, save_id]).encode()).hexdigest()[:40]
+        return hashlib.sha256(json.dumps([user, profile, dataset, table, save_id]).encode()).hexdigest()[:40]
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"

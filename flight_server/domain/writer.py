@@ -42,9 +42,10 @@ they were whatever step fails - extract, normalize, load, or a client that vanis
    record), so before it the save is written to the journal (:mod:`flight_server.domain.save_journal`)
    with its packages' folder, which is kept. At the next start (or before the dataset's next save) an
    unfinished save is finished with dlt's own resume of its packages - wholly there, with its
-   ``_dlt_loads`` record and the owner's hints put back - and a save sent again with the same
-   ``save_id`` answers as the first time without storing anything. Only saves of a dead process are
-   recovered (replicas may share the data folder).
+   ``_dlt_loads`` record and the owner's hints put back - and a save sent again by the same caller with the
+   same ``save_id`` answers as the first time without storing anything (the same id with a different
+   request - disposition, keys, columns, row count - is refused, :class:`SaveIdReused`). Only saves of a
+   dead process are recovered (replicas may share the data folder).
 
 **Concurrency: the client's stream is read without the dataset's lock** (optimistic). The contract
 is decided from the upload's Arrow schema against the stored schema *before any row is read*; then
@@ -94,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -134,7 +136,15 @@ from flight_server.domain.errors import (
 from flight_server.domain.fair import FairShare
 from flight_server.domain.lifetime import isolated
 from flight_server.domain.reachability import is_unreachable, unreachable
-from flight_server.domain.save_journal import SAVES, Entry, SaveJournal, running_elsewhere, this_process
+from flight_server.domain.save_journal import (
+    SAVES,
+    Entry,
+    SaveJournal,
+    differences,
+    fingerprint,
+    running_elsewhere,
+    this_process,
+)
 from flight_server.domain.storage import LOADS_TABLE, WRITE_LOCK_TIMEOUT, StoredSchema
 
 log = logging.getLogger("flight_share.writer")
@@ -197,6 +207,17 @@ class PutCancelled(InvalidRequest):
     """The client went away before the upload was complete; nothing was written."""
 
 
+class SaveIdReused(InvalidRequest):
+    """A ``save_id`` this caller used already for a different save (``differs``: what differs); nothing
+    was written."""
+
+    def __init__(self, save_id: str, dataset: str, table: str, differs: list[str]) -> None:
+        what = " and ".join(filter(None, (", ".join(differs[:-1]), differs[-1])))
+        super().__init__(f"save_id {save_id} was already used for a different save to '{dataset}.{table}' (another "
+                         f"{what}); choose a new id; nothing was written",
+                         save_id=save_id, dataset=dataset, table=table, differs=differs)
+
+
 def _load_id() -> str:
     """A package id in dlt's format, for a put refused before dlt made a package."""
     return str(time.time())
@@ -232,19 +253,21 @@ class Writer:
         ``user``: the caller; one user has at most ``server.uploads_per_user`` uploads open; a further one
         waits (at most :data:`UPLOAD_WAIT_SECONDS`, :data:`UPLOADS_WAITING_PER_USER` of them) and is then
         refused "busy" (UNAVAILABLE: it may succeed once one of them ends) before anything is read. A save whose
-        ``save_id`` was stored already (the client retries after a lost answer) answers as the first time
-        and stores nothing; one attempt of a save id runs at a time.
+        ``save_id`` was stored already by the same caller (the client retries after a lost answer) answers as
+        the first time and stores nothing, when it asks for the same save (else :class:`SaveIdReused`); one
+        attempt of a save id runs at a time.
         """
         self.uploads.acquire(user or "", UPLOAD_WAIT_SECONDS, cancelled, dataset=command.dataset)
         try:
-            return self._put_once(profile, command, upload, cancelled, must_exist, must_be_new)
+            return self._put_once(profile, command, upload, cancelled, must_exist, must_be_new, user or "")
         finally:
             self.uploads.release(user or "")
 
     def _put_once(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-                  must_exist: str | None, must_be_new: str | None) -> LoadInfo:
+                  must_exist: str | None, must_be_new: str | None, user: str) -> LoadInfo:
         """One attempt per save id at a time (see :meth:`put`)."""
-        key = self.journal.key(profile, command.dataset, command.table, command.save_id)
+        key = self.journal.key(user, profile, command.dataset, command.table, command.save_id)
+        request = fingerprint(command.write_disposition, command.primary_key, upload.schema)
         while True:
             with self._running_lock:
                 earlier = self._running.get(key)
@@ -256,10 +279,10 @@ class Writer:
                                   "running; retry with the same save id", dataset=command.dataset, table=command.table)
         try:
             if command.save_id:
-                answer = self._answered(profile, command, upload, cancelled, key)
+                answer = self._answered(profile, command, upload, cancelled, key, request)
                 if answer is not None:
                     return answer
-            return self._put(profile, command, upload, cancelled, must_exist, must_be_new, key)
+            return self._put(profile, command, upload, cancelled, must_exist, must_be_new, key, request)
         except Unavailable as exc:  # the destination busy or away: always before the commit (see _load)
             if "nothing was written" not in exc.message:
                 exc.message += "; nothing was written"
@@ -270,13 +293,17 @@ class Writer:
             done.set()
 
     def _answered(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-                  key: str) -> LoadInfo | None:
+                  key: str, request: dict[str, Any]) -> LoadInfo | None:
         """The first answer to a save sent again with the same id (finishing it first if a crash interrupted
-        it); None when no attempt of it reached its load step."""
+        it); None when no attempt of it reached its load step. An id whose entry records another request
+        (:func:`~flight_server.domain.save_journal.differences`) is refused: :class:`SaveIdReused`."""
         entry = self.journal.get(key)
         if entry is None:
             return None
         self.catalog.require_write(profile, command.dataset)  # a profile that lost the grant learns nothing
+        differs = differences(entry, request)
+        if differs:  # before a recovery: the earlier save is finished at the start or before the next save
+            raise SaveIdReused(str(command.save_id), command.dataset, command.table, differs)
         if entry.answer is None:
             if running_elsewhere(entry) and list(entry.process) != list(this_process()):
                 raise Unavailable(f"an earlier attempt of this save to '{command.dataset}.{command.table}' is still "
@@ -288,9 +315,15 @@ class Writer:
             entry = self.journal.get(key)
             if entry is None or entry.answer is None:
                 return None  # undone: nothing of it is stored, it runs as a new save
-        for _ in upload.batches():  # the client's stream, read and dropped: its rows are stored already
-            pass
-        return LoadInfo.from_json(entry.answer)
+        rows = 0
+        for batch in upload.batches():  # the client's stream, read and dropped: its rows are stored already
+            rows += batch.num_rows
+        differs = differences(entry, request, rows if upload.complete else None)
+        if differs:
+            raise SaveIdReused(str(command.save_id), command.dataset, command.table, differs)
+        answer = LoadInfo.from_json(entry.answer)
+        # an answer kept before the destination's address was left out of answers (the location field)
+        return dataclasses.replace(answer, location=answer.destination_name)
 
     def recover(self) -> None:
         """At the server's start: finish every save a crash (of this or another process on this host that
@@ -404,12 +437,12 @@ class Writer:
         return LoadInfo(
             pipeline_name=entry.pipeline_name, destination_name=storage.destination_config.name,
             destination_type=storage.destination_config.type, dataset_name=entry.dataset,
-            location=storage.location, table_name=entry.table, load_ids=tuple(entry.load_ids),
+            location=storage.destination_config.name, table_name=entry.table, load_ids=tuple(entry.load_ids),
             load_seconds=round(seconds, 2), rows=entry.rows, bytes=entry.bytes, schema_name=entry.schema_name,
             schema_version=new_schema.version if new_schema else None, failed_jobs=0)
 
     def _put(self, profile: str, command: WriteCommand, upload: Upload, cancelled: Callable[[], bool],
-             must_exist: str | None, must_be_new: str | None, key: str) -> LoadInfo:
+             must_exist: str | None, must_be_new: str | None, key: str, request: dict[str, Any]) -> LoadInfo:
         """Check, then load one upload; raise a ServiceError on refusal.
 
         The one write path of both surfaces (DoPut and Flight SQL ingest). ``must_exist`` /
@@ -529,7 +562,7 @@ class Writer:
                     self._recover_dataset(command.dataset)
                 entry = Entry(key, command.dataset, table, pipeline_name, str(folder),
                               list(pipeline.list_normalized_load_packages()), schema.name, _schema_json(stored),
-                              sorted(packaged), counts["rows"], counts["bytes"])
+                              sorted(packaged), counts["rows"], counts["bytes"], request=request)
                 info = self._load(storage, stored, schema.name, pipeline, packaged, command.dataset, table, cancelled,
                                   entry)
         except BaseException:
@@ -550,7 +583,7 @@ class Writer:
             destination_name=storage.destination_config.name,
             destination_type=storage.destination_config.type,
             dataset_name=command.dataset,
-            location=storage.location,
+            location=storage.destination_config.name,  # its name, never its address (LoadInfo.location)
             table_name=table,
             load_ids=tuple(info.loads_ids),
             load_seconds=round((finished - started).total_seconds(), 2) if started and finished else 0.0,
