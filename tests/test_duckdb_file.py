@@ -286,3 +286,44 @@ def test_saves_to_datasets_of_one_file_queue_for_the_window_in_arrival_order(
     assert str(tmp_path) not in str(refused.value)
     release.set()
     holder.join(30)
+
+
+def test_a_save_whose_client_left_while_it_waited_for_the_window_leaves_the_queue(tmp_path: Path) -> None:
+    """Review of issue 22, R3: a save queued for the file's write window behind another dataset's save was
+    written after its client had gone (and its answer then failed as INTERNAL). It now leaves the queue."""
+    from flight_server.domain.errors import Cancelled
+
+    handle = duckdb_storage.FileHandle(str(tmp_path / "f.duckdb"), "warehouse")
+    inside, release, gone = threading.Event(), threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def holder() -> None:
+        with handle.writing():
+            inside.set()
+            release.wait(30)
+
+    def queued() -> None:
+        try:
+            with handle.writing(cancelled=gone.is_set) as con:
+                con.execute("CREATE TABLE written AS SELECT 1 AS a")
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome.append(exc)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=queued)
+    second.start()
+    deadline = time.monotonic() + 30  # a bound against hanging, not a timing
+    while not handle._write_queue:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gone.set()
+    second.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
+    assert "nothing was written" in str(outcome[0]) and not handle._write_queue
+    release.set()
+    first.join(30)
+    with handle.reading() as cursor:
+        assert cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'written'").fetchone() == (0,)

@@ -5,6 +5,7 @@ logins throttled per address and user name."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import threading
@@ -19,8 +20,9 @@ import pytest
 
 from client import connect, protocol
 from flight_server.domain.credentials import hash_password, hash_token
+from flight_server.domain.errors import Unauthenticated, Unavailable
 from flight_server.testing.servers import ServerProcess
-from flight_server.transport.logins import WAITING_PER_SLOT, FailureCounts, peer_key
+from flight_server.transport.logins import WAITING_PER_SLOT, FailureCounts, LoginGuard, peer_key
 from tests import security
 from tests.security import BOT_TOKEN, EVENTS, JWT_SECRET, PASSWORDS
 
@@ -225,6 +227,10 @@ def test_repeated_failures_are_throttled_per_address_then_per_user_name(tmp_path
             assert isinstance(err, flight.FlightUnavailableError), err
             assert re.search(r"too many failed logins for this user name; retry in \d+ s", str(err))
         assert flight.connect(proc.url).authenticate_basic_token("bot", BOT_TOKEN)[1].startswith(b"Bearer ")
+        # guessing over the Handshake throttles alice's Handshake logins only: her login with a known address
+        # (the Python client's) still gets in (review of issue 22, R1)
+        assert {i.descriptor.path[0] for i in client.list_flights(b"", basic("alice", PASSWORDS["alice"]))} \
+            == {EVENTS.encode()}
         # per address (Basic on any other call), spraying names: 20 wrong, then throttled
         for i in range(20):
             assert isinstance(refusal(f"user{i}", "guess"), flight.FlightUnauthenticatedError), i
@@ -274,25 +280,23 @@ def test_parallel_password_checks_are_capped_and_the_rest_told_busy(tmp_path: Pa
 def test_a_spray_of_made_up_user_names_leaves_the_checks_to_real_users(tmp_path: Path, secure_data: Path) -> None:
     """Review of issue 22, F1: a caller without credentials sprayed Handshake logins with random user names
     (a new name each time, so no user name's throttle applies; the Handshake has no peer address) and filled
-    the check slot and its queue: 1 of 10 of carol's correct logins got in, 9 were "busy". A name nobody has
-    now checks no password and holds no slot: every one of carol's logins gets in during the spray."""
+    the check slot and its queue: 1 of 10 of carol's correct logins got in, 9 were "busy". The check slots
+    are now shared round-robin by source (an address; all Handshakes are one), and the Python client logs in
+    where its address is known: every one of carol's logins gets in during the spray."""
     project = security.secure_project(tmp_path / "p", secure_data,
                                       "  logins: {concurrent: 1, peer_failures: 1000, user_failures: 1000}\n")
     costly = hash_password("carols-password")  # the default cost
     project.write_text(project.read_text().replace("users:\n", f'users:\n  carol: {{profile: analysts, password_hash: "{costly}"}}\n', 1))
     with ServerProcess(project, env=security.ENV) as proc:
         _login(proc, "carol", "carols-password")  # one real check: the server knows what one costs
-        stop, sprayed, busy = threading.Event(), [0], [0]
+        carol = connect(proc.url, username="carol", password="carols-password")  # logs in where its address is known
+        stop, sprayed = threading.Event(), [0]
 
         def spray(i: int) -> None:
             client = flight.connect(proc.url)
             while not stop.is_set():
-                try:
+                with contextlib.suppress(flight.FlightUnavailableError, flight.FlightUnauthenticatedError):
                     client.authenticate_basic_token(f"nobody-{i}-{sprayed[0]}", "wrong")
-                except flight.FlightUnavailableError:
-                    busy[0] += 1
-                except flight.FlightUnauthenticatedError:
-                    pass
                 sprayed[0] += 1
 
         threads = [threading.Thread(target=spray, args=(i,), daemon=True) for i in range(2 * WAITING_PER_SLOT)]
@@ -301,13 +305,15 @@ def test_a_spray_of_made_up_user_names_leaves_the_checks_to_real_users(tmp_path:
         try:
             while sprayed[0] < 100:  # the spray is under way
                 time.sleep(0.01)
-            tokens = [_login(proc, "carol", "carols-password") for _ in range(5)]
+            for _ in range(5):
+                carol._connection._login()  # a fresh login each time, with the password
+                assert carol._connection._token is not None
+                assert _datasets(proc, carol._connection._token) == {EVENTS.encode()}
         finally:
             stop.set()
             for t in threads:
                 t.join(60)
-        assert all(_datasets(proc, token) == {EVENTS.encode()} for token in tokens)
-        assert busy[0] == 0, busy  # made-up names wait out a check's time; none needed a slot
+        carol.close()
         assert proc.alive
 
 
@@ -356,6 +362,74 @@ def test_failure_counts_decay_stay_bounded_and_forget_the_least_recent() -> None
     for i in range(500):
         counts.take(f"k{i}")
     assert len(counts) == 100
+
+
+def test_guessing_a_users_password_throttles_that_source_not_the_user() -> None:
+    """Review of issue 22, R1: two threads of wrong passwords for alice kept her out for as long as they ran.
+    A user name is throttled per source (an address; all Handshakes are one): the guesser's, not alice's."""
+    from flight_server.domain.config import LoginLimits
+
+    guard = LoginGuard(LoginLimits(concurrent=1, peer_failures=1000, user_failures=3))
+
+    def attempt(peer: str | None, right: bool) -> str:
+        try:
+            with guard.check("alice", peer) as check:
+                assert check
+                if not right:
+                    raise Unauthenticated("wrong")
+            return "in"
+        except Unauthenticated:
+            return "wrong"
+        except Unavailable as exc:
+            return "throttled" if "too many failed logins" in str(exc) else str(exc)
+
+    for peer in ("ipv4:10.0.0.66:1000", None):  # the guesser over Basic (an address), then over the Handshake
+        assert [attempt(peer, False) for _ in range(4)] == ["wrong"] * 3 + ["throttled"]
+        assert attempt(peer, True) == "throttled"
+    assert attempt("ipv4:10.0.0.7:2000", True) == "in"  # alice from her own address
+
+
+def test_a_made_up_name_takes_its_turn_and_a_slot_like_a_real_one() -> None:
+    """Review of issue 22, R2: made-up names waited side by side while real ones queued for the check slot,
+    so two logins at once told whether a name exists. A made-up name now holds the slot as long as a check
+    takes (without the work): the second of two waits for the first, as for a real name."""
+    from flight_server.domain.config import LoginLimits
+
+    guard = LoginGuard(LoginLimits(concurrent=1, peer_failures=1000, user_failures=1000))
+    with guard.check("alice", None) as check:  # a real check: the guard learns what one costs
+        assert check
+    holding, release = threading.Event(), threading.Event()
+    import flight_server.transport.logins as logins
+
+    def hold(seconds: float) -> None:  # the first made-up name's wait: held until released
+        holding.set()
+        release.wait(30)
+
+    original = logins._sleep
+    logins._sleep = hold
+    try:
+        first = threading.Thread(target=lambda: _refused(guard, "nobody-1"))
+        first.start()
+        assert holding.wait(30)
+        second = threading.Thread(target=lambda: _refused(guard, "nobody-2"))
+        second.start()
+        deadline = time.monotonic() + 30  # a bound against hanging, not a timing
+        while guard._checks.stats()["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert guard._checks.stats() == {"running": 1, "waiting": 1, "users": 1}
+        release.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        logins._sleep = original
+    assert guard._checks.stats()["running"] == 0
+
+
+def _refused(guard: LoginGuard, name: str) -> None:
+    with contextlib.suppress(Unauthenticated), guard.check(name, None, known=False) as check:
+        assert not check
+        raise Unauthenticated("wrong")
 
 
 def test_peer_keys() -> None:

@@ -103,11 +103,14 @@ class FairShare:
                     self._withdraw(ticket)
                     if gone:
                         raise Cancelled(f"the {self.what} was cancelled by its caller while it waited", dataset=dataset)
-                    running = self.size - self._free()
+                    running, mine = self.size - self._free(), self._running.get(user, 0)
+                    rule = ("the last free one is kept for a user who holds none" if mine and self._free() == 1
+                            else f"at most {self.per_user} {'while others wait' if self.lend_idle else 'at once'}, "
+                                 f"{self.setting}")
                     raise Unavailable(
                         f"busy: the server waited {wait:g} s for one of its {self.size} {self.what} slots "
-                        f"({running} in use; you hold {self._running.get(user, 0)}, at most {self.per_user} "
-                        f"{'while others wait' if self.lend_idle else 'at once'}, {self.setting}); retry", dataset=dataset, limit=self.setting, value=self.per_user)
+                        f"({running} in use; you hold {mine}; {rule}); retry",
+                        dataset=dataset, limit=self.setting, value=self.per_user)
                 self._lock.wait(min(left, _POLL_SECONDS) if cancelled is not None else left)
 
     def release(self, user: str) -> None:

@@ -402,9 +402,9 @@ class Storage(ABC):
     def dlt_destination(self) -> Any:
         """A dlt destination (factory) that loads into this dataset's destination."""
 
-    def writing(self) -> contextlib.AbstractContextManager[Any]:
+    def writing(self, cancelled: Callable[[], bool] | None = None) -> contextlib.AbstractContextManager[Any]:
         """The destination held for one write's load step (duckdb: its read-write connection); most
-        destinations need nothing held."""
+        destinations need nothing held. ``cancelled``: the caller's, polled while it waits for the hold."""
         return contextlib.nullcontext()
 
     def savepoint(self, tables: Sequence[str]) -> Callable[[], None] | None:

@@ -671,7 +671,8 @@ class Writer:
         try:
             # the destination is held for the load step only (duckdb: its read-write connection,
             # which dlt borrows; reads of the file share it, the owner's pipelines wait before and after)
-            with storage.writing():
+            with storage.writing(cancelled):
+                self._check_cancelled(cancelled, dataset, table)  # its client may have left while it waited
                 undo = storage.savepoint(family)
                 faults.at("load")
                 info = pipeline.load()

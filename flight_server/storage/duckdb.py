@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from flight_server.domain.config import DatasetConfig, DestinationConfig
-from flight_server.domain.errors import Unavailable
+from flight_server.domain.errors import Cancelled, Unavailable
 from flight_server.domain.identifiers import quote
 from flight_server.domain.lifetime import owning_reader
 from flight_server.domain.pushdown import Predicate, applicable, where_sql
@@ -86,6 +86,7 @@ GAP_SECONDS = 0.3
 # a file modified less than this long ago may change again within the same file-system timestamp
 # tick without its size changing: its stamp is not trusted yet (git's "racily clean" index entries)
 RACY_NS = 1_000_000_000
+_POLL_SECONDS = 0.05  # how often a save waiting for the write window looks whether its client went away
 
 
 
@@ -221,8 +222,9 @@ class FileHandle:
             self.release_read(cursor)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The read-write connection, for one write (re-entrant in its thread)."""
+    def writing(self, cancelled: Callable[[], bool] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The read-write connection, for one write (re-entrant in its thread). ``cancelled``: the caller's,
+        polled while it waits: a save whose client went away leaves the queue (review of issue 22, R3)."""
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:
@@ -238,7 +240,10 @@ class FileHandle:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Unavailable(f"{self.label} is busy with another save; nothing was written, retry")
-                    self._cond.wait(left)
+                    if cancelled is not None and cancelled():
+                        raise Cancelled("the save was cancelled by its client while it waited for another save "
+                                        "to end; nothing was written")
+                    self._cond.wait(min(left, _POLL_SECONDS) if cancelled is not None else left)
                 # read-only reads must end (one process cannot hold the file both ways); reads of a
                 # read-write instance go on while the save uses the same instance
                 deadline = time.monotonic() + BUSY_TIMEOUT
@@ -307,9 +312,9 @@ class DuckDBStorage(Storage):
         with self.file.reading() as cursor:
             return cursor.execute(sql, params or []).fetchone()
 
-    def writing(self) -> Any:
+    def writing(self, cancelled: Callable[[], bool] | None = None) -> Any:
         """The write window of the file: one read-write connection that dlt borrows for the load."""
-        return self.file.writing()
+        return self.file.writing(cancelled)
 
     def _load_stored_schemas(self) -> list[StoredSchema]:
         if not self.file.exists() and self.file.write_connection is None:
