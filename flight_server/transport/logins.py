@@ -15,15 +15,16 @@ whether a name exists (review of issue 22, R2).
 
 Failed logins are counted per address (``peer_failures``) and per user name *and source*
 (``user_failures``), each count halving every :data:`PEER_HALF_LIFE` / :data:`USER_HALF_LIFE` seconds,
-and per user name over all sources (``user_failures`` x :data:`SOURCES_PER_NAME`). A login over a limit is
-UNAVAILABLE "too many failed logins ...; retry in N s", checked against nothing; a login that succeeds takes
-back its own count; a login is counted as its check starts, not as it queues (correct logins waiting together
-are not guesses in flight). So guessing a user's password from one address throttles that user's logins
-from that address (and the address itself: a refused attempt counts against its address, never against a
-name), not the user's logins from elsewhere - an attacker cannot lock a real user out by guessing (review
-of issue 22, R1: two threads of wrong passwords kept alice out for as long as they ran). Only guessing from
-many addresses at once reaches the limit over all sources. Each table keeps at most :data:`MAX_KEYS`
-entries (least recently used go first).
+and per user name over all sources (``user_failures`` x :data:`SOURCES_PER_NAME`). A login for a name over
+its limits is UNAVAILABLE "too many failed logins for this user name; retry in N s", checked against
+nothing. An address over its limit refuses ("... from this address") only the names that already failed
+from there: a spray from an address gets one guess per name per half-life, and everyone else behind that
+address (an office, a JupyterHub, a proxy) still logs in (review of issue 22, B1). Refusals never count;
+a login is counted as its check starts, not as it queues (correct logins waiting together are not guesses
+in flight); a login that succeeds takes back its own count. So guessing a user's password from one address
+throttles that user's logins from that address, not from elsewhere (R1: two threads of wrong passwords kept
+alice out for as long as they ran). Only guessing from many addresses at once reaches a name's limit over
+all sources. Each table keeps at most :data:`MAX_KEYS` entries (least recently used go first).
 
 pyarrow's Python API does not tell the Handshake who the peer is (``ServerCallContext`` reaches only the
 handlers; `apache/arrow#35442` gave it to C++ middleware only): all Handshake logins are one source, which
@@ -114,6 +115,25 @@ class FailureCounts:
             self._set(key, count, now)
             return max(1.0, math.ceil(self.half_life * math.log2(count / (self.limit - 0.5))))
 
+    def wait_for(self, key: str) -> float | None:
+        """None when one more attempt may go ahead, else the seconds until one may (nothing counted)."""
+        with self._lock:
+            count = self._now_count(key, self.clock())
+            if count <= self.limit - 0.5:
+                return None
+            return max(1.0, math.ceil(self.half_life * math.log2(count / (self.limit - 0.5))))
+
+    def current(self, key: str) -> float:
+        """The recent failures of ``key`` (decayed)."""
+        with self._lock:
+            return self._now_count(key, self.clock())
+
+    def add(self, key: str) -> None:
+        """Count one attempt (up to twice the limit)."""
+        with self._lock:
+            now = self.clock()
+            self._set(key, min(self._now_count(key, now) + 1, 2.0 * self.limit), now)
+
     def give_back(self, key: str) -> None:
         """Take back one counted attempt (it succeeded, or never ran)."""
         with self._lock:
@@ -177,21 +197,24 @@ class LoginGuard:
                     self.peers.give_back(address)
 
     def _throttle(self, address: str | None, name: str, source: str, look: bool = False) -> None:
-        """Count an attempt against its address, its user name and source, and its user name (``look``: only
-        refuse what is throttled; a refusal still counts against the address)."""
+        """Refuse what is throttled; unless ``look``, count the attempt against its address, its user name and
+        source, and its user name. An address over its limit refuses only user names that already failed from
+        there: the others behind a shared address (an office, a JupyterHub, a proxy) still log in, while a
+        spray from it gets one guess per name per half-life (review of issue 22, B1). Refusals never count."""
+        key = f"{name}\0{source}"
         if address is not None:
-            wait = self.peers.take(address, count_refusal=True, look=look)
-            if wait is not None:
+            wait = self.peers.wait_for(address)
+            if wait is not None and self.users.current(key) >= 0.5:
                 raise Unavailable(f"too many failed logins from this address; retry in {wait:.0f} s",
                                   retry_after=wait, limit="server.logins.peer_failures")
-        key = f"{name}\0{source}"
-        wait = self.users.take(key, look=look)
+        wait = self.users.wait_for(key)
         if wait is None:
-            wait = self.names.take(name, look=look)
-            if wait is not None and not look:
-                self.users.give_back(key)
+            wait = self.names.wait_for(name)
         if wait is not None:
-            if address is not None and look:
-                self.peers.take(address, count_refusal=True)  # a refused attempt counts against its address
             raise Unavailable(f"too many failed logins for this user name; retry in {wait:.0f} s",
                               retry_after=wait, limit="server.logins.user_failures")
+        if not look:
+            if address is not None:
+                self.peers.add(address)
+            self.users.add(key)
+            self.names.add(name)
