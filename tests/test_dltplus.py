@@ -14,7 +14,7 @@ import pytest
 
 from client import connect
 from flight_server.domain.config import ConfigError, check_project, load_project
-from flight_server.testing.servers import ServerProcess, cli
+from flight_server.testing.servers import ServerProcess, cli, wait_until
 
 
 def project_file(folder: Path, text: str, files: dict[str, str] | None = None) -> Path:
@@ -481,10 +481,8 @@ def test_the_owners_pipeline_keeps_loading_while_the_server_serves(tmp_path: Pat
         rows = [{"id": i, "name": f"n{i}", "tags": []} for i in range(5, 8)]
         owner.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
         assert len(dlt.dataset(dlt.destinations.duckdb(str(database)), "events_data").events.arrow()) == 8
-        deadline = time.monotonic() + 10
-        while catalog.events_data.events.arrow().num_rows != 8 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert catalog.events_data.events.arrow().num_rows == 8  # the owner's new load, seen by the server
+        # the owner's new load, seen by the server within seconds (polled with a bound, not slept)
+        wait_until(lambda: catalog.events_data.events.arrow().num_rows == 8, "the owner's load served", every=0.2)
 
         # reads while the owner's load holds the file wait for it; none fails
         errors: list[BaseException] = []
