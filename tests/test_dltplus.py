@@ -14,7 +14,7 @@ import pytest
 
 from client import connect
 from flight_server.domain.config import ConfigError, check_project, load_project
-from flight_server.testing.servers import ServerProcess, cli
+from flight_server.testing.servers import ServerProcess, cli, wait_until
 
 
 def project_file(folder: Path, text: str, files: dict[str, str] | None = None) -> Path:
@@ -443,7 +443,9 @@ def test_one_broken_dataset_never_takes_the_catalog_down(tmp_path: Path, duckdb2
         assert "newer duckdb" in text and "storage version 69" in text and "64" in text and "68" in text, text
         with pytest.raises(ServerUnavailableError) as err:
             catalog["damaged"]
-        assert "broken.duckdb" in str(err.value) and "internal" not in str(err.value).lower()
+        # named by its destination, never by where it lives (issue 22 §1)
+        assert "destination 'broken'" in str(err.value) and "internal" not in str(err.value).lower()
+        assert str(root) not in str(err.value)
         assert catalog.healthy.events.arrow().num_rows == 5  # still healthy after the failures
         # Flight SQL browsing (BI tools, get_objects) lists the healthy datasets' tables too
         import adbc_driver_flightsql.dbapi as flight_sql
@@ -481,10 +483,8 @@ def test_the_owners_pipeline_keeps_loading_while_the_server_serves(tmp_path: Pat
         rows = [{"id": i, "name": f"n{i}", "tags": []} for i in range(5, 8)]
         owner.run(rows, table_name="events", primary_key="id", write_disposition="merge").raise_on_failed_jobs()
         assert len(dlt.dataset(dlt.destinations.duckdb(str(database)), "events_data").events.arrow()) == 8
-        deadline = time.monotonic() + 10
-        while catalog.events_data.events.arrow().num_rows != 8 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert catalog.events_data.events.arrow().num_rows == 8  # the owner's new load, seen by the server
+        # the owner's new load, seen by the server within seconds (polled with a bound, not slept)
+        wait_until(lambda: catalog.events_data.events.arrow().num_rows == 8, "the owner's load served", every=0.2)
 
         # reads while the owner's load holds the file wait for it; none fails
         errors: list[BaseException] = []

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import queue
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
@@ -29,7 +30,7 @@ from client.protocol import ReadCommand
 from flight_server.domain.config import ConfigError, load_project
 from flight_server.domain.storage import contiguous_groups
 from flight_server.storage import open_storage
-from flight_server.testing.servers import ServerProcess, environment
+from flight_server.testing.servers import ServerProcess, environment, wait_until
 
 KINDS = ["duckdb", "delta_local", "delta_s3", "postgres"]
 TARGET = 10_000
@@ -352,13 +353,44 @@ def test_endpoint_settings_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert defaults.endpoint_rows == 5000
 
 
+class _ReadAhead(queue.Queue):
+    """An endpoint's read-ahead buffer in the client that tells whether its fetcher has waited to put into it
+    while it was full (it then waits for the consumer) and whether its fetcher has put its last item."""
+
+    made: list[_ReadAhead] = []
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.fetcher_waited = threading.Event()
+        self.ended = threading.Event()
+        self.made.append(self)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if self.full():
+            self.fetcher_waited.set()
+        super().put(item, block, timeout)
+        if not isinstance(item, pa.RecordBatch):  # the end of the endpoint, or its error
+            self.ended.set()
+
+
 def test_stopping_early_never_waits_on_a_full_read_ahead(split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
     import client._transport
 
     monkeypatch.setattr(client._transport, "PREFETCH_BATCHES", 1)  # every endpoint's buffer full at once
+    monkeypatch.setattr(client._transport, "queue", SimpleNamespace(Queue=_ReadAhead, Full=queue.Full))
+    monkeypatch.setattr(_ReadAhead, "made", [])
     stream = connect(split.url).big_dataset.numbers.iter_batches()
     assert next(stream).num_rows > 0
-    time.sleep(0.5)  # let every fetcher fill its buffer and block on the next put
+    buffers = _ReadAhead.made
+    assert len(buffers) >= 2
+
+    def every_fetcher_waits() -> bool:
+        """Each fetcher that runs (one per endpoint not yet at its end, at most parallel_endpoints of them)
+        has filled its buffer and waits to put the next batch: nothing more happens until the consumer acts."""
+        live = [b for b in buffers if not b.ended.is_set()]
+        return sum(b.fetcher_waited.is_set() for b in live) >= min(Connection.parallel_endpoints, len(live))
+
+    wait_until(every_fetcher_waits, "every fetcher waiting on its full buffer")
     closer = threading.Thread(target=stream.close, daemon=True)
     closer.start()
     closer.join(timeout=20)

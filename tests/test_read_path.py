@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pandas as pd
 import polars as pl
@@ -13,7 +12,7 @@ import pytest
 
 from client import Catalog, InvalidRequestError, NotFoundError, connect, protocol
 from flight_server.cli.demo import CHILD_TABLES, EVENT_TABLES
-from flight_server.testing.servers import ServerProcess
+from flight_server.testing.servers import InProcessServer, ServerProcess, wait_until
 
 ALL_TABLES = [*EVENT_TABLES, *CHILD_TABLES]
 
@@ -209,17 +208,13 @@ def test_a_hot_table_is_served_from_memory_and_a_load_makes_it_stale(demo_projec
     """Read twice, a table is kept as Arrow in server memory; the same bytes come back; a save
     changes the data version so the next read sees the new rows."""
     import shutil
-    import time
 
     shutil.copytree(demo_project.parent, tmp_path / "p")
     with ServerProcess(tmp_path / "p" / "dlt.yml") as proc, connect(proc.url) as cat:
         table = cat.github_events_dataset.push_event
         first = table.arrow()
         table.arrow()  # the second request makes it hot: filled in the background
-        deadline = time.monotonic() + 20
-        while "cached github_events_dataset.push_event" not in proc.output() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "cached github_events_dataset.push_event" in proc.output()
+        wait_until(lambda: "cached github_events_dataset.push_event" in proc.output(), "push_event cached")
         client = flight.connect(proc.url)
         info = client.get_flight_info(flight.FlightDescriptor.for_path("github_events_dataset", "push_event"))
         assert len(info.endpoints) == 1 and info.total_bytes > 0
@@ -230,19 +225,22 @@ def test_a_hot_table_is_served_from_memory_and_a_load_makes_it_stale(demo_projec
         reports.save(pd.DataFrame({"n": [1]}), table_name="marker")
         reports.marker.arrow()
         reports.marker.arrow()
-        while "cached reports_dataset.marker" not in proc.output() and time.monotonic() < deadline + 20:
-            time.sleep(0.1)
-        assert "cached reports_dataset.marker" in proc.output()
+        wait_until(lambda: "cached reports_dataset.marker" in proc.output(), "marker cached")
         reports.save(pd.DataFrame({"n": [2]}), table_name="marker")
         assert sorted(reports.marker.arrow().column("n").to_pylist()) == [1, 2]
         assert table.arrow().equals(first)
         assert proc.alive
 
 
-def test_the_cache_budget_holds_while_a_table_loads(demo_project, tmp_path) -> None:
+def test_the_cache_budget_holds_while_a_table_loads(demo_project, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """Regression: the cache checked its budget after loading a whole table (estimated from a sample of
     short rows), so a table with one huge value past the sample grew the server on every read. A fill
-    stops once its batches pass the budget, and is not tried again at that data version."""
+    stops once its batches pass the budget, and is not tried again at that data version.
+
+    In process (InProcessServer, the code path of ``serve``), so that the test can wait for a background fill
+    to end (the cache's own state) instead of guessing how long one takes; the memory sampled is therefore
+    the client's and the server's together."""
+    import logging
     import shutil
 
     import psutil
@@ -252,23 +250,33 @@ def test_the_cache_budget_holds_while_a_table_loads(demo_project, tmp_path) -> N
     project.write_text(project.read_text().replace("server:\n", "server:\n  cache_bytes: 5000000\n", 1))
     big = "x" * (60 << 20)
     df = pd.DataFrame({"n": range(20_001), "v": ["short"] * 20_000 + [big]})
-    with ServerProcess(project) as proc, connect(proc.url) as cat:
+    caplog.set_level(logging.INFO, logger="flight_share.cache")
+    with InProcessServer(project) as unit, connect(unit.url) as cat:
+        cache = unit.server.cache
+        fills: list[object] = []
+        fill = cache._fill
+
+        def counted_fill(*args: object) -> None:
+            fills.append(args[-1])
+            fill(*args)
+
+        cache._fill = counted_fill  # type: ignore[method-assign]  # the fill thread's target, looked up per fill
         cat.reports_dataset.save(df, table_name="lumpy")
-        server = psutil.Process(proc.proc.pid)
+        this_process = psutil.Process()
         table = cat.reports_dataset.lumpy
         rss = []
         for _ in range(8):
             assert table.arrow().num_rows == 20_001
-            time.sleep(0.3)  # a background fill, if one started, runs now
-            rss.append(server.memory_info().rss)
-        deadline = time.monotonic() + 20
-        while "larger than the budget" not in proc.output() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.output().count("not caching reports_dataset.lumpy: larger than the budget") == 1
-        assert "cached reports_dataset.lumpy" not in proc.output()
+            # a fill this read started (in GetFlightInfo, before the rows were sent) is still listed until it ends
+            wait_until(lambda: not cache._filling, "the background fill ended")
+            rss.append(this_process.memory_info().rss)
+        refused = [r.getMessage() for r in caplog.records if r.name == "flight_share.cache"]
+        assert len(fills) == 1, fills  # the second read started the only fill
+        assert [m for m in refused if "reports_dataset.lumpy" in m] == [
+            "not caching reports_dataset.lumpy: larger than the budget of 5000000 bytes"]
+        assert cache.used == 0
         # reads after the first few hold steady: no fill per read (before the fix each read grew it by >100 MB)
         assert rss[-1] - rss[3] < 80 << 20, [r >> 20 for r in rss]
-        assert proc.alive
 
 
 def test_where_and_order_by_read_like_dlts_relation(catalog: Catalog) -> None:

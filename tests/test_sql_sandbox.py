@@ -306,21 +306,19 @@ def test_table_references_resolve_cte_names_by_scope(query: str, tables: list[st
 
 
 @pytest.mark.slow  # analyses 4,000 CTEs under tracemalloc: seconds of CPU, kept out of the quick tier
-def test_many_ctes_are_analysed_in_bounded_time_and_memory() -> None:
-    """sqlglot's traverse_scope peaked at 480 MB (traced) for 4,000 CTEs; the scope walk stays small."""
-    import time
+def test_many_ctes_are_analysed_in_bounded_memory() -> None:
+    """sqlglot's traverse_scope copied every enclosing scope's sources into each scope: for 4,000 CTEs it
+    peaked at 480 MB (traced), and that copying was also its time (1.2 s); the scope walk stays small. The
+    peak is the outcome measured: it does not depend on how busy the machine is (a stopwatch would)."""
     import tracemalloc
 
     query = "WITH " + ", ".join(f"c{i} AS (SELECT 1 x)" for i in range(4000)) + " SELECT * FROM c0"
     tracemalloc.start()
     try:
-        started = time.perf_counter()
         assert check_query(query, EVENTS, {"push_event": ["id"]}).tables == {}
-        elapsed = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert elapsed < 30
     assert peak < 150 << 20, peak
 
 
