@@ -13,7 +13,8 @@ two users, ann and ben (static tokens). Phases, each ``--seconds`` long while be
    ``list_flights`` is measured instead;
 5. ``half_read``: ann opens 4 SQL result streams, reads one batch of each and stops reading;
 6. ``login_flood``: 96 threads send wrong passwords for carl (a password user) as fast as they can;
-   ``name_spray``: 40 threads send Handshake logins for made-up user names; carl's correct login is measured;
+   ``name_spray``: 40 threads send Handshake logins for made-up user names; cara's correct login is measured,
+   with the Python client and over the Handshake;
    ``dashboard_burst``: ben sends 10 cheap queries at once, 5 times, on an otherwise idle server;
 7. ``concurrent_saves``: 4 clients save 200 rows into one dataset 3 times each, at once; ben's
    ``SELECT 1`` meanwhile, and each save's latency and outcome.
@@ -192,8 +193,13 @@ def name_spray(server: ServerProcess, seconds: float) -> dict[str, Any]:
     pool = [threading.Thread(target=spray, args=(i,), daemon=True) for i in range(40)]
     for t in pool:
         t.start()
+    def python_client() -> None:  # logs in with Basic on an ordinary call: its own source (its address)
+        connect(server.url, username="cara", password="cara-secret-password").close()
+
     cara = flight.connect(server.url)
-    result = measure(seconds, lambda: cara.authenticate_basic_token("cara", "cara-secret-password"))
+    result = measure(seconds / 2, python_client)
+    # a Handshake client (ADBC) shares one source with every Handshake, the spray's included (docs/security.md)
+    result["handshake"] = measure(seconds / 2, lambda: cara.authenticate_basic_token("cara", "cara-secret-password"))
     stop.set()
     for t in pool:
         t.join(60)

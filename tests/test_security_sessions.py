@@ -421,13 +421,55 @@ def test_a_made_up_name_takes_its_turn_and_a_slot_like_a_real_one() -> None:
         while guard._checks.stats()["waiting"] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert guard._checks.stats() == {"running": 1, "waiting": 1, "users": 1}
+        assert guard._checks.stats() == {"running": 1, "waiting": 1, "users": 2}
         release.set()
         first.join(30)
         second.join(30)
     finally:
         logins._sleep = original
     assert guard._checks.stats()["running"] == 0
+
+
+def test_a_handshake_login_waits_its_turn_behind_a_spray_of_made_up_names() -> None:
+    """Review of issue 22, B2: every Handshake login was one source, so a spray of made-up names over the
+    Handshake filled that source's queue and every ADBC login was refused "busy" (0 of 10 with 40 threads).
+    A Handshake login's source is the name it tries: carol's is queued behind the spray, then checked."""
+    import flight_server.transport.logins as logins
+    from flight_server.domain.config import LoginLimits
+
+    guard = LoginGuard(LoginLimits(concurrent=1, peer_failures=1000, user_failures=1000))
+    with guard.check("alice", None) as check:  # a real check: the guard learns what one costs
+        assert check
+    release = threading.Event()
+    original = logins._sleep
+    logins._sleep = lambda seconds: release.wait(30)  # the made-up names hold the slot until released
+    try:
+        spray = [threading.Thread(target=_refused, args=(guard, f"nobody-{i}")) for i in range(WAITING_PER_SLOT + 5)]
+        for t in spray:
+            t.start()
+        deadline = time.monotonic() + 30  # a bound against hanging, not a timing
+        while guard._checks.stats()["waiting"] < WAITING_PER_SLOT + 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        checked: list[bool] = []
+        carol = threading.Thread(target=lambda: checked.append(_checked(guard, "carol")))
+        carol.start()
+        while guard._checks.stats()["waiting"] < WAITING_PER_SLOT + 5 and not checked:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not checked, checked  # queued, not refused "busy"
+        release.set()
+        carol.join(30)
+        for t in spray:
+            t.join(30)
+    finally:
+        logins._sleep = original
+    assert checked == [True]
+
+
+def _checked(guard: LoginGuard, name: str) -> bool:
+    with guard.check(name, None) as check:
+        return check
 
 
 def _refused(guard: LoginGuard, name: str) -> None:

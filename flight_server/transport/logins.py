@@ -2,8 +2,8 @@
 
 A password check (scrypt) takes tens of milliseconds and 16 MiB or more. :class:`LoginGuard` runs at most
 ``server.logins.concurrent`` of them at once (default: half the cores). The check slots are shared fairly
-by *source* - the caller's address (an IPv6 address by its /64), or one source for all Handshake logins,
-whose address pyarrow does not give (below) - round-robin between sources, so one source's flood of logins
+by *source* - the caller's address (an IPv6 address by its /64), or for a Handshake login, whose address
+pyarrow does not give, the user name it tries (below) - round-robin between sources, so one source's flood of logins
 only queues behind itself (:class:`~flight_server.domain.fair.FairShare`). A login that cannot start a
 check within :data:`WAIT_SECONDS`, or finds :data:`WAITING_PER_SLOT` of its source's logins per slot
 already waiting, is UNAVAILABLE "busy" without any work.
@@ -27,10 +27,12 @@ alice out for as long as they ran). Only guessing from many addresses at once re
 all sources. Each table keeps at most :data:`MAX_KEYS` entries (least recently used go first).
 
 pyarrow's Python API does not tell the Handshake who the peer is (``ServerCallContext`` reaches only the
-handlers; `apache/arrow#35442` gave it to C++ middleware only): all Handshake logins are one source, which
-a flood of Handshakes can keep busy or throttle for a user name. The Python client therefore logs in with
-Basic credentials on an ordinary call, where the address is known; Handshake clients (ADBC) share the
-Handshake source.
+handlers; `apache/arrow#35442` gave it to C++ middleware only): a Handshake login's source is the user name
+it tries. A spray of made-up names over the Handshake is then many sources with one login each, and a real
+Handshake login (ADBC) waits its turn behind them rather than being refused for one shared queue (review of
+issue 22, B2: 40 spraying threads refused every ADBC login); guessing alice's password over the Handshake
+throttles alice's Handshake logins. The Python client logs in with Basic credentials on an ordinary call,
+where the address is known, and is not affected by either.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ WAIT_SECONDS = 5.0  # how long a login waits for a free check before it is told 
 # team's notebooks started together queue rather than fail (F4: 7 of 16 correct logins were refused)
 WAITING_PER_SLOT = 32
 SOURCES_PER_NAME = 5  # a user name's limit over all sources, in multiples of user_failures
-HANDSHAKE = "(handshake)"  # the source of every Handshake login (pyarrow gives it no address)
+HANDSHAKE = "(handshake)"  # a Handshake login's source, with the user name it tries (pyarrow gives no address)
 PEER_HALF_LIFE = 60.0  # seconds in which an address's failure count halves
 USER_HALF_LIFE = 15.0  # ... and a user name's: short, so an attacker cannot keep a user locked out long
 MAX_KEYS = 10_000  # addresses / user names remembered (each table)
@@ -167,7 +169,9 @@ class LoginGuard:
         time is known - the caller refuses it without work, having held the slot as long as a check takes.
         """
         address, name = peer_key(peer), user[:128]
-        source = address or HANDSHAKE
+        # no address (a Handshake): the name tried is the source, so a spray of made-up names is many sources
+        # of one login each - a Handshake login is queued behind them, not refused for their queue (B2)
+        source = address or f"{HANDSHAKE} {name}"
         self._throttle(address, name, source, look=True)  # what is throttled already is refused before it queues
         try:
             self._checks.acquire(source, WAIT_SECONDS)
