@@ -7,7 +7,9 @@ Within that, a user holds at most ``per_user`` slots; a share built with ``lend_
 lends more while no other user within her share waits (a lone user uses the idle server; review of issue
 22, finding F5). Uploads and warehouse connections do not lend: what they hold is threads and folders,
 or has a fallback. The price: while
-every user holds a slot, one slot stays idle for the next user who comes. An operator who lets one user
+every user holds a slot, one slot stays idle for the next user who comes. A slot lent to a lone user is
+not taken back: if others arrive meanwhile, the first of them may take the kept slot, and the next one is
+kept free again as soon as one of the lent slots is given back (at most one query's time). An operator who lets one user
 hold every slot (``per_user`` = ``size``) keeps no slot in reserve. Callers that find no slot
 wait in a queue of their own user, and a freed slot goes to the next *user* in turn (round-robin over
 users, oldest caller first within a user), not to whoever asked most often. A wait is bounded twice: a user may have at most
