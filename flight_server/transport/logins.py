@@ -101,16 +101,14 @@ class FailureCounts:
         while len(self._counts) > self.capacity:
             self._counts.popitem(last=False)
 
-    def take(self, key: str, count_refusal: bool = False, look: bool = False) -> float | None:
+    def take(self, key: str, count_refusal: bool = False) -> float | None:
         """Count one attempt; None when it may go ahead, else the seconds until one may (a refused attempt
-        counts too when ``count_refusal``, up to twice the limit). ``look``: do not count an attempt that
-        may go ahead (it is counted later, when it runs)."""
+        counts too when ``count_refusal``, up to twice the limit)."""
         with self._lock:
             now = self.clock()
             count = self._now_count(key, now)
             if count <= self.limit - 0.5:  # the limit-th failure in a burst still goes through, the next not
-                if not look:
-                    self._set(key, count + 1, now)
+                self._set(key, count + 1, now)
                 return None
             if count_refusal:
                 count = min(count + 1, 2.0 * self.limit)
